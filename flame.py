@@ -1,0 +1,437 @@
+"""FLAME, the articulated 3D face model of Li et al. 2017, with linear blend skinning.
+
+FLAME ("Learning a model of facial shape and expression from 4D scans", SIGGRAPH Asia 2017, Sec. 3)
+maps shape β, expression ψ and pose θ to vertices:
+
+    T_P(β, ψ, θ) = T̄ + B_S(β; S) + B_E(ψ; E) + B_P(θ; P)             (blendshapes, Eq. 2)
+    B_P(θ; P)    = Σ_n (R_n(θ) − R_n(θ*)) P_n                          (pose correctives, Eq. 5)
+    J(β)         = 𝒥 (T̄ + B_S(β; S))                                   (joint regressor)
+    M(β, ψ, θ)   = W(T_P, J, θ, 𝒲)                                     (skinning, Eq. 1)
+
+with 5 joints [global, neck, jaw, left eye, right eye] in a kinematic tree (global → neck → jaw, eyes).
+W is linear blend skinning: each vertex moves by the weight-blended rigid transforms of the joints,
+each joint's transform being the product of its ancestors' rotations about their rest positions.
+We follow the FLAME paper; the index conventions were checked against the public FLAME 2020 file
+layout (../shared/REFERENCE.md) and the smplx `lbs` function, whose per-index einsum notes we mirror.
+
+Two sources of model arrays, one code path:
+- `load_flame(path)` reads FLAME 2020's `generic_model.pkl` (chumpy-era Python-2 pickle) without
+  chumpy and without executing anything from the file, or an `.npz` with the same keys;
+- `head.builtin_head()` builds a procedural head in the same format (no licensed file needed).
+
+Letters: B batch, V vertices, F faces, J joints (5), K blendshape directions, P pose features (36).
+"""
+import argparse
+import io
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+JOINT_NAMES = ("global", "neck", "jaw", "left_eye", "right_eye")
+N_JOINTS = len(JOINT_NAMES)
+POSE_DIM = 3 * N_JOINTS
+# FLAME stores 300 shape directions followed by 100 expression directions in `shapedirs`.
+FLAME_SHAPE_BASIS = 300
+# Defaults used by DECA (Feng et al. 2021): 100 shape and 50 expression coefficients.
+DEFAULT_N_SHAPE = 100
+DEFAULT_N_EXP = 50
+# A small angle below which Rodrigues' formula is replaced by its Taylor expansion (no 0/0).
+RODRIGUES_EPS = 1e-8
+FLAME_URL = "https://flame.is.tue.mpg.de (free registration; the file is never redistributed)"
+REQUIRED_KEYS = ("v_template", "shapedirs", "posedirs", "J_regressor", "weights", "parents",
+                 "faces")
+
+
+class FlameModelError(ValueError):
+    """A FLAME model file that is missing, unreadable or not a FLAME model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading without chumpy: a restricted unpickler
+# ---------------------------------------------------------------------------------------------
+
+class _ChumpyPlaceholder:
+    """Stands in for a chumpy object; keeps the pickled state, runs nothing."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _SparsePlaceholder:
+    """Stands in for a scipy.sparse matrix; keeps (data, indices, indptr, shape)."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _new_placeholder(cls, base=object, state=None):
+    # Python 2's copy_reg._reconstructor(cls, base, state) creates `cls` instances; we only ever
+    # allow it to create our own placeholders.
+    if cls not in (_ChumpyPlaceholder, _SparsePlaceholder):
+        raise pickle.UnpicklingError(f"refused to reconstruct {cls!r}")
+    return cls.__new__(cls)
+
+
+def _encode_latin1(text, encoding="latin1"):
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _numpy_global(name):
+    # numpy ≥ 2 moved numpy.core to numpy._core; old pickles name the former.
+    core = getattr(np, "_core", None) or np.core
+    return getattr(core.multiarray, name)
+
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_global("_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_global("_reconstruct"),
+    ("numpy.core.multiarray", "scalar"): lambda: _numpy_global("scalar"),
+    ("numpy._core.multiarray", "scalar"): lambda: _numpy_global("scalar"),
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("copy_reg", "_reconstructor"): lambda: _new_placeholder,
+    ("copyreg", "_reconstructor"): lambda: _new_placeholder,
+    # protocol-2 pickles written by Python 3 wrap raw bytes as _codecs.encode(text, "latin1")
+    ("_codecs", "encode"): lambda: _encode_latin1,
+}
+for _module in ("__builtin__", "builtins"):  # inert containers chumpy objects keep in their state
+    for _type in (object, set, frozenset):
+        _ALLOWED_GLOBALS[(_module, _type.__name__)] = lambda t=_type: t
+for _module in ("scipy.sparse.csc", "scipy.sparse._csc", "scipy.sparse.csr", "scipy.sparse._csr"):
+    for _name in ("csc_matrix", "csr_matrix"):
+        _ALLOWED_GLOBALS[(_module, _name)] = lambda: _SparsePlaceholder
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Allows only the numpy / scipy.sparse / chumpy names a FLAME pickle needs.
+
+    chumpy classes become inert placeholders whose state we convert to arrays ourselves, so loading
+    never imports chumpy and never calls anything named by the file beyond the list above.
+    """
+
+    def find_class(self, module, name):
+        if module == "chumpy" or module.startswith("chumpy."):
+            return _ChumpyPlaceholder
+        factory = _ALLOWED_GLOBALS.get((module, name))
+        if factory is None:
+            raise pickle.UnpicklingError(f"refused global '{module}.{name}'")
+        return factory()
+
+
+def _to_array(value, key):
+    """Converts a loaded value (array, chumpy placeholder, sparse placeholder) to a numpy array."""
+    if isinstance(value, _ChumpyPlaceholder):
+        state = value.state if isinstance(value.state, dict) else {}
+        if "x" not in state:
+            raise FlameModelError(f"key '{key}' is a chumpy expression, not a plain array")
+        return _to_array(state["x"], key)
+    if isinstance(value, _SparsePlaceholder):
+        import scipy.sparse
+        state = value.state
+        shape = state.get("_shape", state.get("shape"))
+        fmt = scipy.sparse.csr_matrix if state.get("format") == "csr" else scipy.sparse.csc_matrix
+        matrix = fmt((state["data"], state["indices"], state["indptr"]), shape=shape)
+        return np.asarray(matrix.todense())
+    if hasattr(value, "todense"):
+        return np.asarray(value.todense())
+    return np.asarray(value)
+
+
+def load_flame(path):
+    """Reads a FLAME model file (`generic_model.pkl` or an `.npz` with the same keys).
+
+    Returns a dict of numpy arrays: v_template (V,3), shapedirs (V,3,K) (FLAME: 300 shape then 100
+    expression directions), posedirs (V,3,36), J_regressor (J,V) dense, weights (V,J),
+    parents (J,) int64 with -1 for the root, faces (F,3) int64. Loading never executes code from the
+    file: the pickle goes through a restricted unpickler that refuses every unexpected global.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FlameModelError(f"{path}: no such file; FLAME is obtained from {FLAME_URL}")
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as data:
+                raw = {key: data[key] for key in data.files}
+        else:
+            with open(path, "rb") as f:
+                raw = _RestrictedUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, OSError, zipfile.BadZipFile,
+            AttributeError, TypeError, IndexError, KeyError) as error:
+        raise FlameModelError(f"{path}: not a readable FLAME model ({error})") from None
+    if not isinstance(raw, dict):
+        raise FlameModelError(f"{path}: expected a dict of arrays, found {type(raw).__name__}")
+    raw = {_text(key): value for key, value in raw.items()}
+    if "faces" not in raw and "f" in raw:
+        raw["faces"] = raw["f"]
+    if "parents" not in raw and "kintree_table" in raw:
+        raw["parents"] = _to_array(raw["kintree_table"], "kintree_table")[0]
+    missing = [key for key in REQUIRED_KEYS if key not in raw]
+    if missing:
+        raise FlameModelError(f"{path}: not a FLAME model, missing keys {missing}")
+    model = {key: _to_array(raw[key], key) for key in REQUIRED_KEYS}
+    parents = model["parents"].astype(np.int64)
+    parents[parents >= 2**31] = -1  # FLAME stores the root's parent as 2**32 - 1
+    model["parents"] = parents
+    model["faces"] = model["faces"].astype(np.int64)
+    for key in ("v_template", "shapedirs", "posedirs", "J_regressor", "weights"):
+        model[key] = model[key].astype(np.float64)
+    for key, value in raw.items():  # optional extras of our own .npz files (UVs, albedo space)
+        if key not in model and key in ("face_uvs", "albedo_mean", "albedo_dirs", "n_shape_basis"):
+            model[key] = np.asarray(value)
+    _check_model(model, path)
+    return model
+
+
+def _text(key):
+    return key.decode("latin1") if isinstance(key, bytes) else key
+
+
+def _check_model(model, name):
+    n_vertices = model["v_template"].shape[0]
+    n_joints = model["parents"].shape[0]
+    expected = {"v_template": (n_vertices, 3), "J_regressor": (n_joints, n_vertices),
+                "weights": (n_vertices, n_joints)}
+    for key, shape in expected.items():
+        if model[key].shape != shape:
+            raise FlameModelError(f"{name}: '{key}' has shape {model[key].shape}, expected {shape}")
+    for key in ("shapedirs", "posedirs"):
+        if model[key].ndim != 3 or model[key].shape[:2] != (n_vertices, 3):
+            raise FlameModelError(f"{name}: '{key}' has shape {model[key].shape}, expected (V,3,K)")
+    if model["posedirs"].shape[2] != 9 * (n_joints - 1):
+        raise FlameModelError(f"{name}: posedirs has {model['posedirs'].shape[2]} pose features, "
+                              f"expected {9 * (n_joints - 1)}")
+    faces = model["faces"]
+    if faces.ndim != 2 or faces.shape[1] != 3 or faces.min() < 0 or faces.max() >= n_vertices:
+        raise FlameModelError(f"{name}: 'faces' must be (F,3) indices below {n_vertices}")
+
+
+def save_npz(model, path):
+    """Writes a model dict (from `load_flame` or `builtin_head`) as a plain `.npz` (no pickle)."""
+    np.savez(path, **{key: np.asarray(value) for key, value in model.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear blend skinning
+# ---------------------------------------------------------------------------------------------
+
+def rodrigues(axis_angle):
+    """Rotation matrices from axis-angle vectors, R = I + sin(a) K + (1 − cos(a)) K².
+
+    Parameters: axis_angle (..., 3), angle a = |axis_angle|, K the cross-product matrix of the unit
+    axis. Returns (..., 3, 3). Near a = 0 the Taylor forms sin(a)/a ≈ 1 − a²/6 and
+    (1 − cos a)/a² ≈ 1/2 − a²/24 keep values and gradients finite.
+    """
+    angle_sq = (axis_angle * axis_angle).sum(-1, keepdim=True)[..., None]  # (..., 1, 1)
+    small = angle_sq < RODRIGUES_EPS
+    safe_sq = torch.where(small, torch.ones_like(angle_sq), angle_sq)
+    angle = safe_sq.sqrt()
+    sin_term = torch.where(small, 1 - angle_sq / 6, torch.sin(angle) / angle)
+    cos_term = torch.where(small, 0.5 - angle_sq / 24, (1 - torch.cos(angle)) / safe_sq)
+    x, y, z = axis_angle.unbind(-1)
+    zero = torch.zeros_like(x)
+    cross = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1)
+    cross = cross.reshape(axis_angle.shape[:-1] + (3, 3))  # (..., 3, 3), unnormalised K·a
+    eye = torch.eye(3, dtype=axis_angle.dtype, device=axis_angle.device)
+    return eye + sin_term * cross + cos_term * (cross @ cross)
+
+
+def lbs(shape_offsets, v_template, pose, posedirs, J_regressor, parents, weights):
+    """Linear blend skinning of FLAME (Li et al. 2017, Eq. 1–5).
+
+    Parameters
+    ----------
+    shape_offsets : (B, V, 3) blendshape offsets B_S(β) + B_E(ψ).
+    v_template : (V, 3) mean template T̄.
+    pose : (B, J*3) axis-angle per joint.
+    posedirs : (P, V*3) pose-corrective directions, P = 9 (J − 1).
+    J_regressor : (J, V).   parents : list of J ints (-1 for the root).   weights : (V, J).
+
+    Returns
+    -------
+    vertices (B, V, 3), joints (B, J, 3) posed, transforms (B, J, 4, 4): the rest-relative rigid
+    transform of each joint (maps a rest-pose point skinned fully to that joint to its posed place).
+    """
+    batch = pose.shape[0]
+    v_shaped = v_template + shape_offsets  # (B, V, 3)
+    # J_jc = Σ_v 𝒥_jv · v_vc: joints regressed from the shaped (not yet posed) mesh
+    joints = torch.einsum("jv,bvc->bjc", J_regressor, v_shaped)  # (B, J, 3)
+    rotations = rodrigues(pose.reshape(batch, -1, 3))  # (B, J, 3, 3)
+    eye = torch.eye(3, dtype=pose.dtype, device=pose.device)
+    # pose features: (R_n(θ) − I) for the non-root joints, flattened (FLAME Eq. 5, θ* = 0)
+    pose_feature = (rotations[:, 1:] - eye).reshape(batch, -1)  # (B, P)
+    v_posed = v_shaped + (pose_feature @ posedirs).reshape(batch, -1, 3)  # (B, V, 3)
+
+    # Kinematic chain: G_j = G_parent(j) · [R_j | J_j − J_parent(j)]
+    rel_joints = joints.clone()
+    rel_joints[:, 1:] = joints[:, 1:] - joints[:, parents[1:]]
+    local = torch.zeros(batch, len(parents), 4, 4, dtype=pose.dtype, device=pose.device)
+    local[..., :3, :3] = rotations
+    local[..., :3, 3] = rel_joints
+    local[..., 3, 3] = 1
+    chain = [local[:, 0]]
+    for j in range(1, len(parents)):  # J = 5 joints: a loop over the tree, not over data
+        chain.append(chain[parents[j]] @ local[:, j])
+    world = torch.stack(chain, 1)  # (B, J, 4, 4)
+    posed_joints = world[..., :3, 3]  # (B, J, 3)
+    # remove the rest position: A_j = G_j · [I | −J_j]
+    transforms = world.clone()
+    transforms[..., :3, 3] = posed_joints - torch.einsum("bjik,bjk->bji", world[..., :3, :3],
+                                                         joints)
+    # T_v = Σ_j w_vj A_j, then v' = T_v [v; 1]
+    blended = torch.einsum("vj,bjmn->bvmn", weights, transforms)  # (B, V, 4, 4)
+    vertices = torch.einsum("bvmn,bvn->bvm", blended[..., :3, :3], v_posed) + blended[..., :3, 3]
+    return vertices, posed_joints, transforms
+
+
+class FLAME(nn.Module):
+    """FLAME as an nn.Module: (shape, expression, pose) → vertices.
+
+    Parameters
+    ----------
+    model : dict from `load_flame` or `head.builtin_head`, a path to a FLAME file, or None for the
+        built-in procedural head.
+    n_shape, n_exp : how many shape / expression coefficients to use (None: DECA's 100 / 50, capped
+        by what the model has). Expression directions start after the model's shape basis
+        (column 300 for FLAME files, as DECA does).
+
+    Attributes: n_shape, n_exp, faces (F,3) long buffer; face_uvs (F,3,2) and the albedo space
+    (albedo_mean (3,T,T), albedo_dirs (A,3,T,T), n_albedo) when the model carries them.
+    """
+
+    def __init__(self, model=None, n_shape=None, n_exp=None):
+        super().__init__()
+        if model is None:
+            from head import builtin_head
+            model = builtin_head()
+        elif not isinstance(model, dict):
+            model = load_flame(model)
+        _check_model(model, "FLAME model")
+        shape_basis = int(model.get("n_shape_basis", FLAME_SHAPE_BASIS))
+        n_exp_available = model["shapedirs"].shape[2] - shape_basis
+        self.n_shape = min(DEFAULT_N_SHAPE, shape_basis) if n_shape is None else int(n_shape)
+        self.n_exp = min(DEFAULT_N_EXP, n_exp_available) if n_exp is None else int(n_exp)
+        if not 0 <= self.n_shape <= shape_basis:
+            raise ValueError(f"n_shape={self.n_shape}: the model has {shape_basis} shape directions")
+        if not 0 <= self.n_exp <= n_exp_available:
+            raise ValueError(f"n_exp={self.n_exp}: the model has {n_exp_available} expression "
+                             "directions")
+        self.parents = [int(p) for p in model["parents"]]
+        if self.parents[0] != -1 or any(p >= j for j, p in enumerate(self.parents[1:], 1)):
+            raise ValueError(f"parents {self.parents}: the root must come first, parents before "
+                             "children")
+        dirs = np.concatenate([model["shapedirs"][..., :self.n_shape],
+                               model["shapedirs"][..., shape_basis:shape_basis + self.n_exp]], 2)
+        n_vertices = model["v_template"].shape[0]
+        posedirs = model["posedirs"].reshape(n_vertices * 3, -1).T  # (P, V*3)
+        buffers = {"v_template": model["v_template"], "blenddirs": dirs, "posedirs": posedirs,
+                   "J_regressor": model["J_regressor"], "weights": model["weights"]}
+        for name, value in buffers.items():
+            self.register_buffer(name, torch.as_tensor(np.asarray(value), dtype=torch.float32))
+        self.register_buffer("faces", torch.as_tensor(model["faces"], dtype=torch.long))
+        for name in ("face_uvs", "albedo_mean", "albedo_dirs"):  # None when the model lacks them
+            value = torch.as_tensor(model[name], dtype=torch.float32) if name in model else None
+            self.register_buffer(name, value)
+        self.n_albedo = 0 if self.albedo_dirs is None else self.albedo_dirs.shape[0]
+
+    def forward(self, shape, expression, pose, return_transforms=False):
+        """shape (B, n_shape), expression (B, n_exp), pose (B, 15) axis-angle in FLAME's joint
+        order [global, neck, jaw, left eye, right eye] → vertices (B, V, 3).
+
+        With return_transforms, also the joints' rest-relative transforms (B, 5, 4, 4), which move
+        geometry attached rigidly to a joint (hair to the neck joint, say) with the head.
+        """
+        batch = shape.shape[0]
+        expected = {"shape": (shape, self.n_shape), "expression": (expression, self.n_exp),
+                    "pose": (pose, POSE_DIM)}
+        for name, (value, size) in expected.items():
+            if value.ndim != 2 or value.shape != (batch, size):
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected ({batch}, {size})")
+        coefficients = torch.cat([shape, expression], 1).to(self.blenddirs.dtype)  # (B, K)
+        # B_S + B_E: offsets_bvc = Σ_k dirs_vck · coeff_bk
+        offsets = torch.einsum("vck,bk->bvc", self.blenddirs, coefficients)  # (B, V, 3)
+        vertices, _, transforms = lbs(offsets, self.v_template, pose.to(offsets.dtype),
+                                      self.posedirs, self.J_regressor, self.parents, self.weights)
+        return (vertices, transforms) if return_transforms else vertices
+
+    def albedo(self, coefficients):
+        """Albedo texture (B, 3, T, T) in [0, 1] = mean + Σ_a coefficients_a · direction_a."""
+        if self.albedo_dirs is None:
+            raise ValueError("this FLAME model has no albedo space (the built-in head has one)")
+        if coefficients.ndim != 2 or coefficients.shape[1] != self.n_albedo:
+            raise ValueError(f"albedo coefficients have shape {tuple(coefficients.shape)}, "
+                             f"expected (B, {self.n_albedo})")
+        texture = self.albedo_mean + torch.einsum("ba,achw->bchw", coefficients.to(
+            self.albedo_dirs.dtype), self.albedo_dirs)  # (B, 3, T, T)
+        return texture.clamp(0, 1)
+
+
+def _preview(path, size=128):
+    """Renders a grid of shapes, expressions, jaw and eye poses of the model to a PNG."""
+    from PIL import Image
+    from render import Renderer
+    from head import EXPRESSION_NAMES
+    flame = FLAME().double()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    n = 8
+    shapes = torch.zeros(n, flame.n_shape, dtype=torch.float64)
+    shapes[1:] = 1.5 * torch.randn(n - 1, flame.n_shape, generator=gen, dtype=torch.float64)
+    rows.append((shapes, torch.zeros(n, flame.n_exp, dtype=torch.float64), torch.zeros(n, 15)))
+    for start in range(0, flame.n_exp, n):
+        exp = torch.zeros(n, flame.n_exp, dtype=torch.float64)
+        ids = torch.arange(start, min(start + n, flame.n_exp))
+        exp[torch.arange(len(ids)), ids] = 1.0
+        rows.append((torch.zeros(n, flame.n_shape, dtype=torch.float64), exp, torch.zeros(n, 15)))
+    pose = torch.zeros(n, 15)
+    pose[:4, 6] = torch.linspace(0, 0.4, 4)  # jaw opening (rotation about x)
+    gaze = torch.tensor([[-0.3, 0.0], [0.3, 0.0], [0.0, 0.4], [0.0, -0.4]])  # up, down, left, right
+    pose[4:, 9:11] = gaze
+    pose[4:, 12:14] = gaze
+    rows.append((torch.zeros(n, flame.n_shape, dtype=torch.float64),
+                 torch.zeros(n, flame.n_exp, dtype=torch.float64), pose))
+    yaw = torch.zeros(n, 15)
+    yaw[:, 1] = torch.linspace(-0.8, 0.8, n)
+    rows.append((torch.zeros(n, flame.n_shape, dtype=torch.float64),
+                 torch.zeros(n, flame.n_exp, dtype=torch.float64), yaw))
+    renderer = Renderer(flame.faces, flame.face_uvs, size).double()
+    light = torch.zeros(n, 9, 3, dtype=torch.float64)
+    light[:, 0] = 2.6
+    light[:, 1] = -0.35
+    light[:, 2] = 0.3
+    light[:, 3] = 0.5
+    cam = torch.tensor([[7.0, 0.0, 0.0]], dtype=torch.float64).repeat(n, 1)
+    albedo = flame.albedo(torch.zeros(n, flame.n_albedo, dtype=torch.float64))
+    images = []
+    for shape, exp, pose in rows:
+        vertices = flame(shape, exp, pose.double())
+        out = renderer(vertices, albedo, light, cam)
+        image = out["image"] + (1 - out["mask"]) * 0.25
+        images.append(torch.cat(list(image), 2))  # (3, H, n*W)
+    grid = torch.cat(images, 1).clamp(0, 1).permute(1, 2, 0).numpy()
+    Image.fromarray((grid * 255).round().astype(np.uint8)).save(path)
+    print(f"wrote {path}; rows: shapes, expressions {', '.join(EXPRESSION_NAMES)}, jaw/eyes, yaw")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preview", metavar="PNG", help="render a grid of shapes and expressions")
+    parser.add_argument("--export", metavar="NPZ", help="write the built-in head as .npz")
+    args = parser.parse_args()
+    if args.preview:
+        _preview(args.preview)
+    if args.export:
+        from head import builtin_head
+        save_npz(builtin_head(), args.export)
+        print(f"wrote {args.export}")
+    if not (args.preview or args.export):
+        parser.print_help()
+
+
+if __name__ == "__main__":
+    main()

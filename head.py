@@ -1,0 +1,618 @@
+"""The built-in head: a procedural, deterministic face model in FLAME's format.
+
+FLAME (Li et al. 2017) is licensed and cannot ship with the project, so `builtin_head()` builds
+arrays with exactly the keys and meaning of `flame.load_flame` — template, shape and expression
+directions (shape first, expression after, like FLAME's `shapedirs`), pose correctives, a joint
+regressor, skinning weights for the same 5 joints [global, neck, jaw, left eye, right eye] — plus
+what DECA (Feng et al. 2021) adds on top of FLAME: per-corner UV coordinates and a linear albedo
+(texture) space. Everything is numpy arithmetic on fixed constants: no randomness, no files.
+
+Construction. The head skin is a star-shaped surface around the origin, r(θ, φ)·d(θ, φ) with
+d = (sin θ sin φ, cos θ, sin θ cos φ): θ is the polar angle from +y (up), φ the azimuth from +z
+(the face looks along +z, FLAME's axes; +x is the subject's left). r is a smooth maximum of an
+ellipsoidal skull and a neck cylinder, plus Gaussian bumps in (θ, φ) for brows, nose, cheekbones,
+lips, chin and ears. Sampling it on a latitude-longitude grid (denser over the face) gives a closed,
+consistently oriented mesh. Two tricks make it a face rather than a blob:
+- the mouth is a deep groove between the lips, its upper wall skinned to the head and its lower wall
+  to the jaw, so a jaw rotation opens it and reveals the (painted) teeth and mouth interior;
+- each eye opening is a dip of the skin behind a separate eyeball sphere driven by its eye joint;
+  the eyelid line is where skin and eyeball meet, and "eyes closed" lifts the skin back over it.
+UV coordinates are grid-index coordinates, so texture resolution follows mesh density.
+
+Letters: V vertices, F faces, R grid rows (θ), C grid columns (φ), T texture size.
+"""
+import functools
+
+import numpy as np
+
+TEXTURE_SIZE = 256  # DECA's UV texture size (REFERENCE.md)
+EYE_UV_TOP = 0.08   # texture rows v < EYE_UV_TOP hold the eyeball; the head skin uses the rest
+
+# Skull ellipsoid semi-axes in metres (a 0.24 m tall, 0.15 m wide head, FLAME's scale).
+SKULL_X, SKULL_Y_TOP, SKULL_Y_BOTTOM, SKULL_Z_FRONT, SKULL_Z_BACK = 0.074, 0.115, 0.125, 0.092, 0.105
+JAW_TAPER = 0.22               # how much narrower the lower face is than the skull
+NECK_RADIUS, NECK_Z, NECK_BOTTOM = 0.054, -0.015, -0.23
+SMOOTH_MAX_SHARPNESS = 130.0   # 1/m; the skull-to-neck blend spans about 1 cm
+SMOOTH_SHAPE_RMS = 0.0015      # RMS radial displacement of a degree-2 smooth shape direction
+
+# Feature positions in degrees (θ from the top, φ from the front).
+EYE_THETA, EYE_PHI = 88.5, 21.0
+EYE_HALF_WIDTH, EYE_HALF_HEIGHT = 9.5, 3.8
+EYE_DIP = 0.012                # depth of the skin behind the eye opening
+EYEBALL_RADIUS = 0.012
+MOUTH_THETA, MOUTH_CORNER_PHI = 119.0, 16.0
+MOUTH_GAP = 0.45               # angular half-gap between the lips' outer rows
+MOUTH_DEPTH = 0.014            # depth of the mouth groove
+NOSE_TOP, NOSE_TIP, NOSE_HEIGHT = 84.0, 103.0, 0.022
+CHIN_THETA = 143.0
+
+# Grid sampling: (start, stop, count) in degrees; finer over the face, symmetric in φ.
+THETA_SPANS = ((0.0, 72.0, 12), (72.0, 152.0, 67), (152.0, 180.0, 7))
+PHI_SPANS = ((-180.0, -66.0, 12), (-66.0, 66.0, 72), (66.0, 180.0, 12))
+EYE_ROWS, EYE_COLS = 13, 16    # eyeball latitude-longitude grid
+
+# Colours (linear albedo in [0, 1]).
+SKIN = (0.80, 0.62, 0.52)
+LIPS = (0.72, 0.40, 0.40)
+BROWS = (0.30, 0.22, 0.17)
+MOUTH_INSIDE = (0.25, 0.08, 0.08)
+TEETH = (0.92, 0.90, 0.84)
+SCLERA = (0.93, 0.91, 0.88)
+IRIS = (0.36, 0.25, 0.15)
+PUPIL = (0.03, 0.03, 0.03)
+NOSTRIL = (0.28, 0.16, 0.14)
+LASH_LINE = (0.22, 0.16, 0.14)
+
+EXPRESSION_NAMES = (
+    "smile", "frown", "brows_up", "brows_down", "brows_inner_up", "eyes_closed", "blink_left",
+    "blink_right", "eyes_wide", "squint", "lips_pressed", "lips_pursed", "mouth_stretch",
+    "cheek_puff", "sneer_left", "sneer_right", "smile_left", "smile_right", "lower_lip_down",
+    "upper_lip_up", "mouth_left", "mouth_right", "nose_wrinkle")
+ALBEDO_NAMES = ("skin_dark", "skin_warm", "lip_red", "brow_dark", "iris_blue", "blush",
+                "stubble", "eye_shadow")
+
+
+def _spans(spans):
+    """Concatenated evenly spaced pieces, each from start (inclusive) to stop (exclusive)."""
+    return np.concatenate([np.linspace(a, b, n, endpoint=False) for a, b, n in spans])
+
+
+def _smoothstep(edge0, edge1, x):
+    t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+def _bump(theta, phi, theta0, phi0, sigma_theta, sigma_phi):
+    """Gaussian bump in angular coordinates (degrees)."""
+    return np.exp(-0.5 * ((theta - theta0) / sigma_theta) ** 2
+                  - 0.5 * ((phi - phi0) / sigma_phi) ** 2)
+
+
+def _pair(theta, phi, theta0, phi0, sigma_theta, sigma_phi):
+    """A left/right symmetric pair of bumps at ±phi0."""
+    return (_bump(theta, phi, theta0, phi0, sigma_theta, sigma_phi)
+            + _bump(theta, phi, theta0, -phi0, sigma_theta, sigma_phi))
+
+
+def _direction(theta, phi):
+    t, p = np.radians(theta), np.radians(phi)
+    return np.stack([np.sin(t) * np.sin(p), np.cos(t), np.sin(t) * np.cos(p)], -1)  # (..., 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid topology
+# ---------------------------------------------------------------------------------------------
+
+def _latlong_faces(n_rows, n_cols):
+    """Faces and per-corner (row, col) grid coordinates of a closed latitude-longitude sphere.
+
+    Row 0 and row n_rows-1 are single pole vertices; rows in between are rings of n_cols vertices.
+    Vertex index: 0 for the first pole, 1 + (r-1)·n_cols + c for ring r, last for the other pole.
+    Corner coordinates use column n_cols (not 0) where a face wraps around, so UVs have no seam.
+    Faces are ordered so that for a sphere with the first pole at +y and φ increasing towards +x
+    from +z, normals point outward (counter-clockwise seen from outside).
+    """
+    rings = n_rows - 2
+    last = 1 + rings * n_cols
+    col = np.arange(n_cols)
+    nxt = col + 1
+
+    def index(r, c):
+        return 1 + (r - 1) * n_cols + c % n_cols
+
+    faces, corners = [], []
+    # top fan: pole, (1, c+1), (1, c)
+    faces.append(np.stack([np.zeros(n_cols, int), index(1, nxt), index(1, col)], 1))
+    corners.append(np.stack([np.stack([np.zeros(n_cols), col + 0.5], 1),
+                             np.stack([np.ones(n_cols), nxt], 1),
+                             np.stack([np.ones(n_cols), col], 1)], 1))
+    r = np.arange(1, rings)[:, None]  # quads between ring r and r+1
+    c = col[None, :]
+    r, c = np.broadcast_arrays(r, c)
+    r, c = r.ravel(), c.ravel()
+    a, b = index(r, c), index(r, c + 1)
+    d, e = index(r + 1, c), index(r + 1, c + 1)
+    faces += [np.stack([a, b, d], 1), np.stack([b, e, d], 1)]
+    rf, cf = r.astype(float), c.astype(float)
+    corners += [np.stack([np.stack([rf, cf], 1), np.stack([rf, cf + 1], 1),
+                          np.stack([rf + 1, cf], 1)], 1),
+                np.stack([np.stack([rf, cf + 1], 1), np.stack([rf + 1, cf + 1], 1),
+                          np.stack([rf + 1, cf], 1)], 1)]
+    # bottom fan: (rings, c), (rings, c+1), pole
+    faces.append(np.stack([index(rings, col), index(rings, nxt), np.full(n_cols, last)], 1))
+    corners.append(np.stack([np.stack([np.full(n_cols, rings), col], 1),
+                             np.stack([np.full(n_cols, rings), nxt], 1),
+                             np.stack([np.full(n_cols, n_rows - 1.0), col + 0.5], 1)], 1))
+    faces, corners = np.concatenate(faces), np.concatenate(corners)
+    # the orders above wind clockwise seen from outside; swap two corners to make them CCW
+    return faces[:, [0, 2, 1]].astype(np.int64), corners[:, [0, 2, 1]].astype(np.float64)
+
+
+def _grid_angles(rows, cols):
+    """Per-vertex (θ, φ) for the latitude-longitude vertex order of `_latlong_faces`."""
+    theta = np.concatenate([[rows[0]], np.repeat(rows[1:-1], len(cols)), [rows[-1]]])
+    phi = np.concatenate([[0.0], np.tile(cols, len(rows) - 2), [0.0]])
+    return theta, phi
+
+
+def _theta_rows():
+    """Polar angles of the head's rows, with the mouth groove's five rows inserted.
+
+    Returns the angles and the row indices of the groove: [outer upper lip, inner upper wall,
+    bottom, inner lower wall, outer lower lip].
+    """
+    base = np.append(_spans(THETA_SPANS), 180.0)
+    base = base[np.abs(base - MOUTH_THETA) > 1.5 * MOUTH_GAP]
+    groove = MOUTH_THETA + MOUTH_GAP * np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
+    rows = np.sort(np.concatenate([base, groove]))
+    return rows, np.searchsorted(rows, groove)
+
+
+# ---------------------------------------------------------------------------------------------
+# The skin surface
+# ---------------------------------------------------------------------------------------------
+
+def _skull_radius(d):
+    """Radius of the ellipsoidal skull along unit directions d (..., 3), narrower at the jaw."""
+    lower_front = np.clip(-d[..., 1], 0, 1) * np.clip(d[..., 2], 0, 1)
+    ax = SKULL_X * (1 - JAW_TAPER * lower_front)
+    ay = np.where(d[..., 1] > 0, SKULL_Y_TOP, SKULL_Y_BOTTOM)
+    az = np.where(d[..., 2] > 0, SKULL_Z_FRONT, SKULL_Z_BACK)
+    return 1 / np.sqrt((d[..., 0] / ax) ** 2 + (d[..., 1] / ay) ** 2 + (d[..., 2] / az) ** 2)
+
+
+def _neck_radius(d):
+    """Distance from the origin along d to a vertical cylinder capped at y = 0 and NECK_BOTTOM."""
+    horizontal = np.maximum(d[..., 0] ** 2 + d[..., 2] ** 2, 1e-12)
+    # ray t·d meets x² + (z − NECK_Z)² = NECK_RADIUS² at the positive root of a quadratic in t
+    half_b = d[..., 2] * NECK_Z
+    t_side = (half_b + np.sqrt(half_b ** 2 - horizontal * (NECK_Z ** 2 - NECK_RADIUS ** 2)))
+    t_side = t_side / horizontal
+    down = d[..., 1] < 0
+    t_cap = np.where(down, NECK_BOTTOM / np.where(down, d[..., 1], -1.0), 0.0)
+    return np.minimum(t_side, t_cap)
+
+
+def _smooth_max(a, b, k=SMOOTH_MAX_SHARPNESS):
+    m = np.maximum(a, b)
+    return m + np.log(np.exp(k * (a - m)) + np.exp(k * (b - m))) / k
+
+
+def _eye_opening(theta, phi):
+    """1 inside each almond-shaped eye opening, falling smoothly to 0 at its rim."""
+    opening = np.zeros_like(theta)
+    for side in (1.0, -1.0):
+        a = (phi - side * EYE_PHI) / EYE_HALF_WIDTH
+        # almond: the opening is tallest in its middle and pinches towards the corners
+        b = (theta - EYE_THETA) / (EYE_HALF_HEIGHT * np.sqrt(np.clip(1 - 0.55 * a ** 2, 0.05, 1)))
+        opening = opening + _smoothstep(1.0, 0.55, np.sqrt(a ** 2 + b ** 2))
+    return opening
+
+
+def _mouth_window(phi, inset=0.0):
+    """1 between the mouth corners, 0 beyond them."""
+    return _smoothstep(MOUTH_CORNER_PHI - inset + 2.5, MOUTH_CORNER_PHI - inset - 2.5, np.abs(phi))
+
+
+def _lip_mask(theta, phi):
+    """Upper and lower lip: bands along the mouth line that thin out towards the corners."""
+    taper = np.sqrt(np.clip(1 - (phi / (MOUTH_CORNER_PHI + 1.5)) ** 2, 0.05, 1))
+    bow = 0.6 * np.exp(-0.5 * (phi / 2.5) ** 2)  # the dip of the cupid's bow in the upper lip
+    upper = np.exp(-0.5 * ((theta - MOUTH_THETA + 2.2) / (1.6 * taper)) ** 2)
+    upper = upper * (1 - 0.35 * np.exp(-0.5 * ((theta - MOUTH_THETA + 3.6) / 0.7) ** 2) * bow)
+    lower = np.exp(-0.5 * ((theta - MOUTH_THETA - 2.8) / (2.1 * taper)) ** 2)
+    return np.clip(upper + lower, 0, 1) * _mouth_window(phi, 0.5)
+
+
+def _nose(theta, phi):
+    """Radial height of the nose: a ridge from the brows to the tip, with nostril wings."""
+    t = np.clip((theta - NOSE_TOP) / (NOSE_TIP - NOSE_TOP), 0, 1)
+    profile = 0.12 + 0.88 * t ** 1.6
+    profile = profile * np.where(theta > NOSE_TIP, np.exp(-0.5 * ((theta - NOSE_TIP) / 2.0) ** 2),
+                                 1.0)
+    profile = profile * np.where(theta < NOSE_TOP, np.exp(-0.5 * ((theta - NOSE_TOP) / 3.0) ** 2),
+                                 1.0)
+    width = 3.2 + 4.0 * t
+    ridge = NOSE_HEIGHT * profile * np.exp(-0.5 * (phi / width) ** 2)
+    wings = 0.007 * _pair(theta, phi, NOSE_TIP - 1.0, 6.5, 2.2, 2.6)
+    return ridge + wings
+
+
+def _features(theta, phi):
+    """Radial displacement (metres) of all facial features except the eye and mouth openings."""
+    brow = 0.005 * _pair(theta, phi, 78.0, 18.0, 3.0, 10.0)
+    socket = -0.005 * _pair(theta, phi, EYE_THETA, EYE_PHI, 5.5, 8.5)
+    cheekbones = 0.006 * _pair(theta, phi, 97.0, 40.0, 6.0, 10.0)
+    lips = _lip_mask(theta, phi) * 0.006
+    philtrum = -0.002 * _bump(theta, phi, MOUTH_THETA - 6.0, 0.0, 3.0, 2.0)
+    chin = 0.008 * _bump(theta, phi, CHIN_THETA, 0.0, 5.0, 14.0)
+    ears = 0.014 * _pair(theta, phi, 96.0, 92.0, 7.0, 5.0)
+    return _nose(theta, phi) + brow + socket + cheekbones + lips + philtrum + chin + ears
+
+
+def _groove_profile(n_rows, groove_rows):
+    """Per-row depth (fraction of MOUTH_DEPTH) and jaw side (0 head, 1 jaw) of the mouth groove."""
+    depth = np.zeros(n_rows)
+    jaw_side = (np.arange(n_rows) > groove_rows[2]).astype(float)
+    depth[groove_rows] = [0.0, 0.8, 1.0, 0.8, 0.0]
+    jaw_side[groove_rows[2]] = 0.5
+    return depth, jaw_side
+
+
+# ---------------------------------------------------------------------------------------------
+# Blendshape directions
+# ---------------------------------------------------------------------------------------------
+
+def _shape_fields(P, D, theta, phi, neckness):
+    """Shape directions of the skin (S, V, 3), each scaled to about one standard deviation.
+
+    First named proportions (width, jaw, nose, ...), then smooth radial deformations (monomials of
+    the direction of degrees 2–4, orthonormalised), as FLAME's PCA would find in a population.
+    """
+    x, y, z = P[:, 0], P[:, 1], P[:, 2]
+    zero = np.zeros_like(x)
+    head = 1 - neckness
+    front = _smoothstep(-0.2, 0.5, D[:, 2])
+    lower_face = _smoothstep(105, 130, theta) * _smoothstep(165, 150, theta)
+    eyes = _pair(theta, phi, EYE_THETA, EYE_PHI, 7.0, 11.0)
+    mouth = _bump(theta, phi, MOUTH_THETA, 0.0, 6.0, 22.0)
+
+    def vec(fx, fy, fz):
+        return np.stack(np.broadcast_arrays(fx, fy, fz), 1)
+
+    def radial(f):
+        return D * f[:, None]
+
+    named = [
+        vec(0.05 * x * head, zero, zero),                                 # head width
+        vec(zero, 0.06 * np.maximum(y, 0), zero),                         # cranium height
+        vec(zero, zero, 0.07 * np.minimum(z, 0) * head),                  # head depth
+        vec(zero, 0.05 * np.minimum(y, 0) * front * head, zero),          # face length
+        vec(0.09 * x * lower_face * front, zero, zero),                   # jaw width
+        radial(0.006 * _bump(theta, phi, CHIN_THETA, 0, 6, 16)),          # chin forward
+        vec(zero, -0.005 * _bump(theta, phi, CHIN_THETA + 2, 0, 8, 20), zero),  # chin length
+        radial(0.005 * _nose(theta, phi) / NOSE_HEIGHT),                  # nose length
+        vec(0.25 * x * _bump(theta, phi, 100, 0, 6, 8), zero, zero),      # nose width
+        radial(0.003 * _bump(theta, phi, 91, 0, 4, 4)),                   # nose bridge
+        vec(zero, 0.003 * _bump(theta, phi, NOSE_TIP, 0, 3, 5), zero),    # nose tip up
+        radial(0.003 * _pair(theta, phi, 78, 18, 3.5, 12)),               # brow ridge
+        radial(0.004 * _pair(theta, phi, 97, 40, 6, 10)),                 # cheekbones
+        vec(0.003 * np.sign(x) * eyes, zero, zero),                       # eye spacing
+        vec(zero, 0.003 * eyes, zero),                                    # eye height
+        radial(-0.003 * eyes),                                            # deep-set eyes
+        radial(0.0025 * _bump(theta, phi, MOUTH_THETA - 2.4, 0, 2, 12)),  # upper lip
+        radial(0.0025 * _bump(theta, phi, MOUTH_THETA + 3, 0, 2.5, 12)),  # lower lip
+        vec(0.15 * x * mouth, zero, zero),                                # mouth width
+        vec(zero, 0.004 * mouth, zero),                                   # mouth height
+        vec(zero, zero, -0.008 * _bump(theta, phi, 62, 0, 12, 28)),       # forehead slope
+        vec(0.12 * x * neckness, zero, 0.12 * (z - NECK_Z) * neckness),   # neck thickness
+        radial(0.005 * _pair(theta, phi, 96, 92, 8, 6)),                  # ear size
+        radial(0.004 * _pair(theta, phi, 118, 35, 8, 10)),                # cheek fullness
+        vec(0.06 * x * _pair(theta, phi, 70, 70, 15, 15), zero, zero),    # temple width
+        vec(zero, zero, 0.006 * _bump(theta, phi, 105, 0, 25, 30)),       # face protrusion
+        radial(0.005 * _pair(theta, phi, 135, 62, 8, 10)),                # jaw angle
+    ]
+    coefficients = _harmonic_coefficients()  # (M, H)
+    smooth = _monomials(D) @ coefficients  # (V, H): spherical harmonics of degrees 2-5
+    degree = np.repeat([2, 3, 4, 5], [5, 7, 9, 11])  # 2n + 1 harmonics of degree n
+    scale = SMOOTH_SHAPE_RMS * 2.0 / degree  # finer deformations vary less, as in a population
+    smooth = D[None] * (scale[:, None] * smooth.T * head)[..., None]  # (H, V, 3)
+    return np.concatenate([np.stack(named), smooth])
+
+
+def _monomials(d, max_degree=5):
+    """All monomials x^a y^b z^c of the direction, ordered by degree a + b + c. (..., M)"""
+    powers = [(a, b, n - a - b) for n in range(max_degree + 1)
+              for a in range(n, -1, -1) for b in range(n - a, -1, -1)]
+    return np.stack([d[..., 0] ** a * d[..., 1] ** b * d[..., 2] ** c for a, b, c in powers], -1)
+
+
+@functools.lru_cache(maxsize=1)
+def _harmonic_coefficients(n_samples=4096, min_degree=2):
+    """Monomial coefficients (M, H) of an orthonormal basis of spherical harmonics of degrees
+    min_degree..5 on the unit sphere (mean square 1).
+
+    Gram-Schmidt of the monomials in degree order, with inner products averaged over evenly spread
+    (Fibonacci) directions: what remains of each degree-n monomial after removing all lower degrees
+    is a harmonic of degree n; monomials that add nothing new (x² + y² + z² = 1) drop out.
+    """
+    i = np.arange(n_samples) + 0.5
+    y = 1 - 2 * i / n_samples
+    azimuth = np.pi * (1 + 5 ** 0.5) * i
+    samples = np.stack([np.sqrt(1 - y ** 2) * np.cos(azimuth), y,
+                        np.sqrt(1 - y ** 2) * np.sin(azimuth)], 1)
+    values = _monomials(samples)  # (N, M)
+    n_low = 4  # monomials of degree 0 and 1 (scale and shift) come first and are left out
+    basis, coefficients = [], []
+    for m in range(values.shape[1]):
+        c = np.zeros(values.shape[1])
+        c[m] = 1.0
+        f = values[:, m].copy()
+        for b, bc in zip(basis, coefficients):
+            overlap = np.mean(f * b)
+            f, c = f - overlap * b, c - overlap * bc
+        norm = np.sqrt(np.mean(f ** 2))
+        if norm > 1e-6 * np.sqrt(np.mean(values[:, m] ** 2)):
+            basis.append(f / norm)
+            coefficients.append(c / norm)
+    return np.stack(coefficients[n_low:], 1)
+
+
+def _expression_fields(P, D, theta, phi, opening):
+    """Expression directions (E, V, 3) in the order of EXPRESSION_NAMES; 1 = a clear expression."""
+    x = P[:, 0]
+    zero = np.zeros_like(x)
+    left, right = (x > 0).astype(float), (x < 0).astype(float)  # +x is the subject's left
+    corners = _pair(theta, phi, MOUTH_THETA, MOUTH_CORNER_PHI, 4.0, 6.0)
+    corner_l = _bump(theta, phi, MOUTH_THETA, MOUTH_CORNER_PHI, 4.0, 6.0)
+    corner_r = _bump(theta, phi, MOUTH_THETA, -MOUTH_CORNER_PHI, 4.0, 6.0)
+    cheeks = _pair(theta, phi, 112, 30, 6, 8)
+    brows = _pair(theta, phi, 76, 18, 5, 14)
+    inner_brows = _pair(theta, phi, 77, 9, 4, 6)
+    lips = _mouth_window(phi) * (_bump(theta, phi, MOUTH_THETA - 2.4, 0, 2.5, 40)
+                                 + _bump(theta, phi, MOUTH_THETA + 3, 0, 3, 40))
+    upper_lip = _bump(theta, phi, MOUTH_THETA - 2.5, 0, 3, 14)
+    lower_lip = _bump(theta, phi, MOUTH_THETA + 3.5, 0, 3.5, 14)
+    mouth = _bump(theta, phi, MOUTH_THETA, 0, 6, 20)
+    upper_lid = _pair(theta, phi, EYE_THETA - EYE_HALF_HEIGHT, EYE_PHI, 1.5, 6)
+    lower_lid = _pair(theta, phi, EYE_THETA + EYE_HALF_HEIGHT * 0.8, EYE_PHI, 1.4, 6)
+    sneer_l = _bump(theta, phi, MOUTH_THETA - 4, 10, 4, 7) + _bump(theta, phi, NOSE_TIP, 6, 3, 3)
+    sneer_r = _bump(theta, phi, MOUTH_THETA - 4, -10, 4, 7) + _bump(theta, phi, NOSE_TIP, -6, 3, 3)
+
+    def vec(fx, fy, fz):
+        return np.stack(np.broadcast_arrays(fx, fy, fz), 1)
+
+    def radial(f):
+        return D * f[:, None]
+
+    fields = {
+        "smile": vec(0.004 * np.sign(x) * corners, 0.006 * corners, -0.004 * corners)
+        + vec(zero, 0.003 * cheeks, 0.002 * cheeks),
+        "frown": vec(zero, -0.005 * corners, -0.001 * corners),
+        "brows_up": vec(zero, 0.006 * brows, zero),
+        "brows_down": vec(-0.003 * np.sign(x) * inner_brows, -0.004 * inner_brows, zero),
+        "brows_inner_up": vec(zero, 0.005 * inner_brows, zero),
+        "eyes_closed": radial(EYE_DIP * opening),
+        "blink_left": radial(EYE_DIP * opening * left),
+        "blink_right": radial(EYE_DIP * opening * right),
+        "eyes_wide": radial(-0.005 * upper_lid),
+        "squint": radial(0.006 * lower_lid),
+        "lips_pressed": radial(-0.004 * lips),
+        "lips_pursed": radial(0.007 * lips) + vec(-0.25 * x * mouth, zero, zero),
+        "mouth_stretch": vec(0.006 * np.sign(x) * corners, -0.001 * corners, -0.002 * corners),
+        "cheek_puff": radial(0.008 * _pair(theta, phi, 120, 40, 8, 12)),
+        "sneer_left": vec(zero, 0.005 * sneer_l, zero),
+        "sneer_right": vec(zero, 0.005 * sneer_r, zero),
+        "smile_left": vec(0.004 * corner_l, 0.006 * corner_l, -0.004 * corner_l),
+        "smile_right": vec(-0.004 * corner_r, 0.006 * corner_r, -0.004 * corner_r),
+        "lower_lip_down": vec(zero, -0.004 * lower_lip, 0.001 * lower_lip),
+        "upper_lip_up": vec(zero, 0.003 * upper_lip, 0.001 * upper_lip),
+        "mouth_left": vec(0.006 * mouth, zero, zero),
+        "mouth_right": vec(-0.006 * mouth, zero, zero),
+        "nose_wrinkle": vec(zero, 0.004 * _bump(theta, phi, 92, 0, 4, 5), zero),
+    }
+    return np.stack([fields[name] for name in EXPRESSION_NAMES])
+
+
+# ---------------------------------------------------------------------------------------------
+# Texture: UV layout and the albedo space
+# ---------------------------------------------------------------------------------------------
+
+def _row_texture_positions(n_rows, groove_rows):
+    """Texture position of each head row in [0, 1]; the mouth groove gets extra texture rows."""
+    spacing = np.ones(n_rows - 1)
+    spacing[groove_rows[0]:groove_rows[-1]] = 5.0
+    position = np.concatenate([[0.0], np.cumsum(spacing)])
+    return position / position[-1]
+
+
+def _head_uv(row, col, row_positions, n_cols):
+    """UV of head grid coordinates: u along φ, v from 1 (top pole) down to EYE_UV_TOP."""
+    v = 1 - (1 - EYE_UV_TOP) * np.interp(row, np.arange(len(row_positions)), row_positions)
+    return np.stack([col / n_cols, v], -1)
+
+
+def _eye_uv(row, col):
+    """UV of eyeball grid coordinates: the strip v < EYE_UV_TOP, front pole at its top."""
+    return np.stack([col / EYE_COLS, EYE_UV_TOP * (1 - row / (EYE_ROWS - 1))], -1)
+
+
+def _paint_albedo(rows, cols, groove_rows):
+    """Mean albedo texture (3, T, T) and directions (A, 3, T, T), painted in (θ, φ)."""
+    size = TEXTURE_SIZE
+    u = (np.arange(size) + 0.5) / size
+    v = 1 - (np.arange(size) + 0.5) / size  # texture row 0 is the top (v = 1)
+    u, v = np.meshgrid(u, v)  # (T, T)
+    row_positions = _row_texture_positions(len(rows), groove_rows)
+    row = np.interp((1 - v) / (1 - EYE_UV_TOP), row_positions, np.arange(len(rows)))
+    theta = np.interp(row, np.arange(len(rows)), rows)
+    phi = np.interp(u * len(cols), np.arange(len(cols) + 1), np.append(cols, 180.0))
+    is_eye = v < EYE_UV_TOP
+    alpha = 180.0 * (1 - v / EYE_UV_TOP)  # angle from the eyeball's gaze axis
+
+    def colour(c):
+        return np.asarray(c, float)[:, None, None]
+
+    def over(base, c, weight):
+        return base + (colour(c) - base) * np.clip(weight, 0, 1)[None]
+
+    # mouth groove rows: outer walls lip-coloured, back wall dark with upper and lower teeth
+    g = groove_rows
+    window = _mouth_window(phi, 1.0)
+    inside = window * ((row > g[0]) & (row < g[4]))
+    teeth = window * (((row > g[1] - 0.1) & (row < g[1] + 0.6)) | ((row > g[3] - 0.35) & (row < g[3])))
+    lips = np.clip(1.4 * _lip_mask(theta, phi), 0, 1)
+    lips = np.maximum(lips, inside * ((row < g[1]) | (row > g[3])))
+    arch = 75.5 - 2.2 * np.sin(np.pi * np.clip((np.abs(phi) - 6) / 26, 0, 1))
+    brows = (np.exp(-0.5 * ((theta - arch) / 1.4) ** 2) * _smoothstep(4, 8, np.abs(phi))
+             * _smoothstep(34, 28, np.abs(phi)))
+    opening = _eye_opening(theta, phi)
+    lash = 4 * opening * (1 - opening) * np.where(theta < EYE_THETA, 1.0, 0.5)
+    nostrils = _pair(theta, phi, NOSE_TIP + 1.8, 3.4, 1.0, 1.6)
+    iris = _smoothstep(25, 23, alpha) * is_eye
+    texture = np.broadcast_to(colour(SKIN), (3, size, size)).copy()
+    texture = over(texture, LIPS, lips)
+    texture = over(texture, BROWS, 0.85 * brows)
+    texture = over(texture, LASH_LINE, lash)
+    texture = over(texture, NOSTRIL, nostrils)
+    texture = over(texture, MOUTH_INSIDE, inside * (1 - teeth) * ((row > g[1]) & (row < g[3])))
+    texture = over(texture, TEETH, teeth * inside)
+    eye = over(over(np.broadcast_to(colour(SCLERA), (3, size, size)).copy(), IRIS, iris),
+               PUPIL, _smoothstep(10, 8, alpha))
+    eye = eye * (1 - 0.35 * _smoothstep(20, 24, alpha) * _smoothstep(26, 24, alpha))  # limbus
+    texture = np.where(is_eye[None], eye, texture)
+
+    skin = (1 - is_eye) * (1 - inside)
+    cheeks = _pair(theta, phi, 108, 32, 6, 9)
+    beard = (_smoothstep(112, 122, theta) * _smoothstep(160, 150, theta)
+             * _smoothstep(65, 50, np.abs(phi)) + _bump(theta, phi, MOUTH_THETA - 5, 0, 2.5, 14))
+    beard = np.clip(beard, 0, 1) * (1 - lips) * skin
+    shadow = _pair(theta, phi, EYE_THETA - 4.5, EYE_PHI, 2.2, 8) * (1 - opening)
+    directions = [
+        -0.17 * texture * skin[None],                       # skin_dark
+        colour((0.04, 0.0, -0.05)) * skin[None],            # skin_warm
+        colour((0.08, -0.05, -0.03)) * (lips * skin)[None],  # lip_red
+        colour((-0.1, -0.1, -0.1)) * brows[None],           # brow_dark
+        colour((-0.1, 0.0, 0.14)) * iris[None],             # iris_blue
+        colour((0.06, -0.03, -0.02)) * cheeks[None],        # blush
+        colour((-0.12, -0.11, -0.10)) * beard[None],        # stubble
+        colour((-0.06, -0.09, -0.03)) * shadow[None],       # eye_shadow
+    ]
+    return texture, np.stack(directions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Assembly
+# ---------------------------------------------------------------------------------------------
+
+def _side_patch_weights(theta, phi, theta0, phi_abs, tolerance=(4.0, 6.0)):
+    """Regressor row averaging two mirror patches of skin: their mean lies on the midplane."""
+    patch = ((np.abs(theta - theta0) < tolerance[0])
+             & (np.abs(np.abs(phi) - phi_abs) < tolerance[1]))
+    return patch / patch.sum()
+
+
+@functools.lru_cache(maxsize=1)
+def _build():
+    rows, groove = _theta_rows()
+    cols = _spans(PHI_SPANS)
+    n_rows, n_cols = len(rows), len(cols)
+    faces, corners = _latlong_faces(n_rows, n_cols)
+    theta, phi = _grid_angles(rows, cols)
+    D = _direction(theta, phi)  # (Vh, 3)
+    row_index = np.concatenate([[0], np.repeat(np.arange(1, n_rows - 1), n_cols), [n_rows - 1]])
+
+    skull, neck = _skull_radius(D), _neck_radius(D)
+    neckness = 1 / (1 + np.exp(-SMOOTH_MAX_SHARPNESS * (neck - skull)))
+    opening = _eye_opening(theta, phi)
+    depth, jaw_side = _groove_profile(n_rows, groove)
+    groove_depth = MOUTH_DEPTH * depth[row_index] * _mouth_window(phi, 1.5)
+    radius = _smooth_max(skull, neck) + _features(theta, phi) - EYE_DIP * opening - groove_depth
+    P = D * radius[:, None]
+
+    # eyeballs: spheres in the sockets, front 1 mm behind the skin the opening was cut from
+    eye_rows = np.linspace(0, 180, EYE_ROWS)
+    eye_cols = np.linspace(0, 360, EYE_COLS, endpoint=False)
+    eye_faces, eye_corners = _latlong_faces(EYE_ROWS, EYE_COLS)
+    alpha, beta = _grid_angles(eye_rows, eye_cols)
+    a, b = np.radians(alpha), np.radians(beta)
+    sphere = np.stack([np.sin(a) * np.sin(b), -np.sin(a) * np.cos(b), np.cos(a)], 1)  # pole +z
+    eyeballs, anchors = [], []
+    for side in (1.0, -1.0):  # left eye (+x) first, as FLAME's joint order
+        d = _direction(EYE_THETA, side * EYE_PHI)
+        skin = _smooth_max(_skull_radius(d), _neck_radius(d)) + _features(EYE_THETA, side * EYE_PHI)
+        front = d * skin - np.array([0.0, 0.0, 0.001])
+        eyeballs.append(front - np.array([0.0, 0.0, EYEBALL_RADIUS]) + EYEBALL_RADIUS * sphere)
+        anchors.append(np.argmin(np.abs(theta - EYE_THETA) + np.abs(phi - side * EYE_PHI)))
+    n_head, n_eye = len(P), len(sphere)
+    v_template = np.concatenate([P] + eyeballs)
+    all_faces = np.concatenate([faces, eye_faces + n_head, eye_faces + n_head + n_eye])
+
+    # UVs per face corner
+    row_positions = _row_texture_positions(n_rows, groove)
+    head_uv = _head_uv(corners[..., 0], corners[..., 1], row_positions, n_cols)
+    eye_uv = _eye_uv(eye_corners[..., 0], eye_corners[..., 1])
+    face_uvs = np.concatenate([head_uv, eye_uv, eye_uv])
+
+    # skinning weights (V, 5): global, neck (the head), jaw, left eye, right eye
+    y = P[:, 1]
+    w_global = neckness * _smoothstep(-0.08, -0.15, y)
+    mouth = _mouth_window(phi)
+    jaw = (mouth * jaw_side[row_index]
+           + (1 - mouth) * _smoothstep(MOUTH_THETA - 2, MOUTH_THETA + 8, theta))
+    jaw = jaw * _smoothstep(88, 55, np.abs(phi)) * _smoothstep(162, 148, theta) * (1 - w_global)
+    weights = np.zeros((len(v_template), 5))
+    weights[:n_head, 0] = w_global
+    weights[:n_head, 2] = jaw
+    weights[:n_head, 1] = 1 - w_global - jaw
+    weights[n_head:n_head + n_eye, 3] = 1
+    weights[n_head + n_eye:, 4] = 1
+
+    # joint regressor (5, V): each joint a fixed average of template vertices
+    regressor = np.zeros((5, len(v_template)))
+    column_width = np.gradient(np.append(cols, 180.0))[:n_cols]
+    band = (neckness > 0.99) & (np.abs(y + 0.17) < 0.012) & (row_index > 0)
+    column = np.clip(np.arange(n_head) - 1, 0, None) % n_cols
+    ring = band * column_width[column]  # weight by angular width: the mean is the ring's centre
+    regressor[0, :n_head] = ring / ring.sum()
+    regressor[1, :n_head] = _side_patch_weights(theta, phi, 118.0, 90.0)
+    regressor[2, :n_head] = _side_patch_weights(theta, phi, 100.0, 78.0)
+    regressor[3, n_head:n_head + n_eye] = 1 / n_eye
+    regressor[4, n_head + n_eye:] = 1 / n_eye
+
+    # blendshapes: shape then expression; eyeballs ride rigidly on their socket's skin
+    shape = _shape_fields(P, D, theta, phi, neckness)
+    expression = _expression_fields(P, D, theta, phi, opening)
+
+    def with_eyes(fields, follow):
+        out = np.zeros((len(fields), len(v_template), 3))
+        out[:, :n_head] = fields
+        if follow:
+            out[:, n_head:n_head + n_eye] = fields[:, anchors[0], None]
+            out[:, n_head + n_eye:] = fields[:, anchors[1], None]
+        return out
+
+    dirs = np.concatenate([with_eyes(shape, True), with_eyes(expression, False)])
+    shapedirs = dirs.transpose(1, 2, 0)  # (V, 3, K)
+
+    # pose corrective: opening the jaw ((R − I)[2, 1] = sin of the jaw angle, pose feature 16)
+    # pulls the cheeks beside the mouth down and back
+    posedirs = np.zeros((len(v_template), 3, 36))
+    cheeks = _pair(theta, phi, 126, 28, 7, 9) * jaw  # only skin the jaw moves
+    posedirs[:n_head, 1, 16] = -0.008 * cheeks
+    posedirs[:n_head, 2, 16] = -0.003 * cheeks
+
+    albedo_mean, albedo_dirs = _paint_albedo(rows, cols, groove)
+    return {
+        "v_template": v_template, "shapedirs": shapedirs, "posedirs": posedirs,
+        "J_regressor": regressor, "weights": weights,
+        "parents": np.array([-1, 0, 1, 1, 1], dtype=np.int64), "faces": all_faces,
+        "n_shape_basis": np.array(len(shape)), "face_uvs": face_uvs,
+        "albedo_mean": albedo_mean, "albedo_dirs": albedo_dirs,
+    }
+
+
+def builtin_head():
+    """The procedural head as a dict in `flame.load_flame`'s format (plus face_uvs (F,3,2),
+    albedo_mean (3,T,T), albedo_dirs (A,3,T,T) and n_shape_basis). Fresh copies on every call."""
+    return {key: value.copy() for key, value in _build().items()}

@@ -1,0 +1,251 @@
+"""Tests for vqvae.py: shapes, nearest-code search, straight-through and VQ-loss gradients against
+hand-derived formulas, perplexity, dead-code restarts, hinge / adaptive GAN weights, validation."""
+import math
+
+import pytest
+import torch
+
+from vqvae import (PatchDiscriminator, VectorQuantizer, VQConfig, VQVAE, adaptive_disc_weight,
+                   discriminator_hinge_loss, generator_hinge_loss, reconstruction_loss, vq_loss)
+
+
+def small_config(**overrides) -> VQConfig:
+    fields = dict(base_channels=8, norm_groups=4, num_res_blocks=1, codebook_size=16)
+    fields.update(overrides)
+    return VQConfig(**fields)
+
+
+def quantizer_with_codes(codes: torch.Tensor, beta: float = 0.25, **kwargs) -> VectorQuantizer:
+    vq = VectorQuantizer(codes.shape[0], codes.shape[1], beta, **kwargs).to(codes.dtype)
+    with torch.no_grad():
+        vq.codebook.copy_(codes)
+    return vq
+
+
+def as_latent(z_flat: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+    return z_flat.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (N, D) -> (B, D, h, w)
+
+
+def test_default_config_is_ldm4_and_validates():
+    cfg = VQConfig()
+    assert cfg.downsample_factor == 4
+    assert (cfg.codebook_size, cfg.latent_channels, cfg.beta) == (8192, 3, 0.25)
+    assert VQConfig(channel_mult=[1, 2, 2, 4]).downsample_factor == 8
+    with pytest.raises(ValueError, match="norm_groups"):
+        VQConfig(base_channels=20)
+    with pytest.raises(ValueError, match="usage_decay"):
+        VQConfig(usage_decay=1.0)
+    with pytest.raises(ValueError, match="channel_mult"):
+        VQConfig(channel_mult=())
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_shapes_factor_four(size):
+    torch.manual_seed(0)
+    cfg = small_config(base_channels=4, norm_groups=2, use_mid_attention=(size == 64))
+    model = VQVAE(cfg)
+    x = torch.rand(1, 3, size, size) * 2 - 1
+    with torch.no_grad():
+        z = model.encode(x)
+        x_hat, info = model(x)
+        x_dec = model.decode(z)
+    assert z.shape == (1, 3, size // 4, size // 4)
+    assert x_hat.shape == x.shape and x_dec.shape == x.shape
+    assert info["indices"].shape == (1, size // 4, size // 4)
+    assert info["indices"].dtype == torch.long
+    assert torch.equal(info["z"], z)
+    # decode(encode(x)) is forward(x) (eval mode: no dropout, no state change)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.decode(model.encode(x)), model(x)[0])
+
+
+def test_nearest_code_matches_cdist_argmin():
+    torch.manual_seed(1)
+    codes = torch.randn(37, 5, dtype=torch.float64)
+    vq = quantizer_with_codes(codes)
+    z_flat = torch.randn(200, 5, dtype=torch.float64) * 1.5
+    expected = torch.cdist(z_flat, codes).argmin(dim=1)
+    assert torch.equal(vq.nearest_codes(z_flat), expected)
+    z_q, info = vq(as_latent(z_flat, 2, 10, 10))
+    assert torch.equal(info["indices"].reshape(-1), expected)
+    assert torch.allclose(as_latent(codes[expected], 2, 10, 10), z_q)
+
+
+def test_straight_through_gradient_is_identity():
+    torch.manual_seed(2)
+    vq = quantizer_with_codes(torch.randn(8, 3, dtype=torch.float64))
+    z = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    z_q, _ = vq(z)
+    (grad,) = torch.autograd.grad((w * z_q).sum(), z)
+    assert torch.allclose(grad, w)
+
+
+def test_beta_is_on_commitment_term():
+    # 2 codes in 2-D; 4 latent vectors placed by hand near them: assignment [0, 0, 1, 1].
+    codes = torch.tensor([[0.0, 0.0], [4.0, 4.0]], dtype=torch.float64)
+    z_flat = torch.tensor([[0.5, -0.2], [0.1, 0.3], [3.0, 4.5], [4.2, 3.9]], dtype=torch.float64)
+    assigned = torch.tensor([0, 0, 1, 1])
+    beta = 0.25
+    vq = quantizer_with_codes(codes, beta=beta)
+    z = as_latent(z_flat, 1, 2, 2).clone().requires_grad_(True)  # (1, 2, 2, 2)
+    _, info = vq(z)
+    assert torch.equal(info["indices"].reshape(-1), assigned)
+    n_elements = z_flat.numel()  # N·D: both terms are means over all elements
+    e = codes[assigned]  # (N, D)
+    sq = (z_flat - e).pow(2).sum()
+    assert torch.isclose(info["codebook_loss"], sq / n_elements)
+    assert torch.isclose(info["commitment_loss"], beta * sq / n_elements)
+    (info["codebook_loss"] + info["commitment_loss"]).backward()
+    grad_z_expected = 2 * beta * (z_flat - e) / n_elements  # (N, D)
+    assert torch.allclose(z.grad, as_latent(grad_z_expected, 1, 2, 2))
+    grad_e_expected = torch.stack([
+        (2 * (codes[k] - z_flat[assigned == k]) / n_elements).sum(0) for k in range(2)])
+    assert torch.allclose(vq.codebook.grad, grad_e_expected)
+    # the legacy taming placement would give the encoder 2(z−e)/(N·D): clearly different
+    assert not torch.allclose(z.grad, as_latent(2 * (z_flat - e) / n_elements, 1, 2, 2))
+
+
+def test_perplexity_uniform_and_single_code():
+    k = 4
+    codes = torch.eye(k, dtype=torch.float64) * 3.0  # well-separated codes
+    vq = quantizer_with_codes(codes)
+    uniform = codes[torch.arange(8) % k]  # every code used twice
+    _, info = vq(as_latent(uniform, 2, 2, 2))
+    assert math.isclose(info["perplexity"].item(), k, rel_tol=1e-12)
+    single = codes[torch.zeros(8, dtype=torch.long)]
+    _, info = vq(as_latent(single, 2, 2, 2))
+    assert math.isclose(info["perplexity"].item(), 1.0, rel_tol=1e-12)
+    mixed = codes[torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])]  # p = (3/4, 1/4)
+    _, info = vq(as_latent(mixed, 2, 2, 2))
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert math.isclose(info["perplexity"].item(), math.exp(entropy), rel_tol=1e-12)
+
+
+def test_usage_ema_updates_only_in_training():
+    k = 4
+    vq = quantizer_with_codes(torch.eye(k, dtype=torch.float64), usage_decay=0.5)
+    z = as_latent(torch.eye(k, dtype=torch.float64)[[0, 0, 0, 1]], 1, 2, 2)
+    vq.eval()
+    vq(z)
+    assert torch.allclose(vq.code_usage, torch.full((k,), 1 / k, dtype=torch.float64))
+    vq.train()
+    vq(z)
+    share = torch.tensor([0.75, 0.25, 0.0, 0.0], dtype=torch.float64)
+    assert torch.allclose(vq.code_usage, 0.5 * (1 / k) + 0.5 * share)
+
+
+def test_dead_code_restart_replaces_exactly_unused_codes():
+    torch.manual_seed(3)
+    k, d = 8, 3
+    codes = torch.randn(k, d, dtype=torch.float64) * 5
+    vq = quantizer_with_codes(codes, usage_decay=0.0)  # usage = this batch's share
+    vq.train()
+    used = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    vq(as_latent(codes[used], 2, 2, 2))  # codes 4..7 unused -> dead
+    before = vq.codebook.detach().clone()
+    z_new = torch.randn(2, d, 3, 3, dtype=torch.float64)
+    rows = z_new.permute(0, 2, 3, 1).reshape(-1, d)  # (N, D)
+    restarted = vq.restart_dead_codes(z_new, generator=torch.Generator().manual_seed(7))
+    assert restarted == 4
+    after = vq.codebook.detach()
+    assert torch.equal(after[:4], before[:4])
+    for code in after[4:]:
+        assert (rows == code).all(dim=1).any()
+    assert len({tuple(c.tolist()) for c in after[4:]}) == 4  # distinct rows (no replacement)
+    assert torch.allclose(vq.code_usage[4:], torch.full((4,), 1 / k, dtype=torch.float64))
+    assert vq.restart_dead_codes(z_new) == 0  # restarted codes are alive again
+    # deterministic given the generator
+    vq2 = quantizer_with_codes(codes, usage_decay=0.0)
+    vq2(as_latent(codes[used], 2, 2, 2))
+    vq2.restart_dead_codes(z_new, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(vq2.codebook.detach(), after)
+
+
+def test_hinge_losses_hand_computed():
+    real = torch.tensor([2.0, 0.5, -1.0])
+    fake = torch.tensor([-2.0, 0.0, 1.0])
+    # relu(1 − real) = [0, 0.5, 2], relu(1 + fake) = [0, 1, 2]
+    expected_d = 0.5 * (2.5 / 3 + 3.0 / 3)
+    assert math.isclose(discriminator_hinge_loss(real, fake).item(), expected_d, rel_tol=1e-6)
+    assert math.isclose(generator_hinge_loss(fake).item(), 1.0 / 3, rel_tol=1e-6)
+
+
+def test_adaptive_disc_weight_is_gradient_norm_ratio():
+    layer = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 4, dtype=torch.float64)
+    b = torch.randn(3, 4, dtype=torch.float64)
+    weight = adaptive_disc_weight((a * layer).sum(), (b * layer).sum(), layer)
+    assert torch.isclose(weight, a.norm() / (b.norm() + 1e-4))
+    assert not weight.requires_grad
+    huge = adaptive_disc_weight((1e6 * a * layer).sum(), (0 * layer).sum(), layer)
+    assert huge.item() == 1e4  # clamped
+
+
+def test_vq_loss_terms_and_total():
+    torch.manual_seed(4)
+    model = VQVAE(small_config(use_mid_attention=False)).double()
+    disc = PatchDiscriminator(3, 8, 2, norm_groups=4).double()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64) * 2 - 1
+    x_hat, info = model(x)
+    terms = vq_loss(x_hat, x, info)
+    l1 = (x_hat - x).abs().mean()
+    assert torch.isclose(terms["total"], l1 + info["codebook_loss"] + info["commitment_loss"])
+    fake_logits = disc(x_hat)
+    terms = vq_loss(x_hat, x, info, fake_logits, model.last_layer, disc_weight=0.5)
+    lam = adaptive_disc_weight(l1, -fake_logits.mean(), model.last_layer)
+    expected = l1 + info["codebook_loss"] + info["commitment_loss"] - 0.5 * lam * fake_logits.mean()
+    assert torch.isclose(terms["total"], expected)
+    with pytest.raises(ValueError, match="last_layer"):
+        vq_loss(x_hat, x, info, fake_logits)
+
+
+def test_patch_discriminator_shape():
+    disc = PatchDiscriminator(3, 8, 3, norm_groups=4)
+    logits = disc(torch.randn(2, 3, 64, 40))
+    assert logits.shape == (2, 1, 64 // 8 - 2, 40 // 8 - 2)  # floor(H / 2^L) − 2
+    with pytest.raises(ValueError, match="discriminator input"):
+        disc(torch.randn(1, 3, 16, 16))
+
+
+def test_bad_inputs_raise():
+    model = VQVAE(small_config(use_mid_attention=False))
+    with pytest.raises(ValueError, match="x must have shape"):
+        model.encode(torch.randn(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="x must have shape"):
+        model.encode(torch.randn(3, 16, 16))
+    with pytest.raises(ValueError, match="divisible"):
+        model.encode(torch.randn(1, 3, 18, 16))
+    with pytest.raises(ValueError, match="z must have shape"):
+        model.decode(torch.randn(1, 4, 4, 4))
+    with pytest.raises(ValueError, match="latent z"):
+        model.quantizer(torch.randn(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="differ in shape"):
+        reconstruction_loss(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 5))
+
+
+def test_tiny_overfit_reduces_l1():
+    torch.manual_seed(5)
+    cfg = small_config(channel_mult=(1, 2), use_mid_attention=False, codebook_size=32)
+    model = VQVAE(cfg)
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    with torch.no_grad():
+        start = reconstruction_loss(model(x)[0], x).item()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convs: thread overhead dominates on a shared CPU
+    try:
+        for step in range(100):
+            x_hat, info = model(x)
+            loss = vq_loss(x_hat, x, info)["total"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % 20 == 19:
+                model.quantizer.restart_dead_codes(info["z"], torch.Generator().manual_seed(step))
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        end = reconstruction_loss(model(x)[0], x).item()
+    assert end < 0.5 * start
