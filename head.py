@@ -94,7 +94,7 @@ def _pair(theta, phi, theta0, phi0, sigma_theta, sigma_phi):
             + _bump(theta, phi, theta0, -phi0, sigma_theta, sigma_phi))
 
 
-def _direction(theta, phi):
+def direction(theta, phi):
     t, p = np.radians(theta), np.radians(phi)
     return np.stack([np.sin(t) * np.sin(p), np.cos(t), np.sin(t) * np.cos(p)], -1)  # (..., 3)
 
@@ -103,7 +103,7 @@ def _direction(theta, phi):
 # Grid topology
 # ---------------------------------------------------------------------------------------------
 
-def _latlong_faces(n_rows, n_cols):
+def latlong_faces(n_rows, n_cols):
     """Faces and per-corner (row, col) grid coordinates of a closed latitude-longitude sphere.
 
     Row 0 and row n_rows-1 are single pole vertices; rows in between are rings of n_cols vertices.
@@ -148,8 +148,8 @@ def _latlong_faces(n_rows, n_cols):
     return faces[:, [0, 2, 1]].astype(np.int64), corners[:, [0, 2, 1]].astype(np.float64)
 
 
-def _grid_angles(rows, cols):
-    """Per-vertex (θ, φ) for the latitude-longitude vertex order of `_latlong_faces`."""
+def grid_angles(rows, cols):
+    """Per-vertex (θ, φ) for the latitude-longitude vertex order of `latlong_faces`."""
     theta = np.concatenate([[rows[0]], np.repeat(rows[1:-1], len(cols)), [rows[-1]]])
     phi = np.concatenate([[0.0], np.tile(cols, len(rows) - 2), [0.0]])
     return theta, phi
@@ -181,16 +181,24 @@ def _skull_radius(d):
     return 1 / np.sqrt((d[..., 0] / ax) ** 2 + (d[..., 1] / ay) ** 2 + (d[..., 2] / az) ** 2)
 
 
-def _neck_radius(d):
-    """Distance from the origin along d to a vertical cylinder capped at y = 0 and NECK_BOTTOM."""
-    horizontal = np.maximum(d[..., 0] ** 2 + d[..., 2] ** 2, 1e-12)
-    # ray t·d meets x² + (z − NECK_Z)² = NECK_RADIUS² at the positive root of a quadratic in t
-    half_b = d[..., 2] * NECK_Z
-    t_side = (half_b + np.sqrt(half_b ** 2 - horizontal * (NECK_Z ** 2 - NECK_RADIUS ** 2)))
+def capped_cylinder_radius(d, radius, axis_z, bottom):
+    """Distance from the origin along unit directions d (..., 3) to the surface of a vertical
+    cylinder (axis x = 0, z = axis_z) capped by the planes y = 0 and y = bottom < 0.
+
+    Works for numpy arrays and torch tensors alike. The origin must lie inside the cylinder.
+    """
+    horizontal = (d[..., 0] ** 2 + d[..., 2] ** 2).clip(1e-12)
+    # ray t·d meets x² + (z − axis_z)² = radius² at the positive root of a quadratic in t
+    half_b = d[..., 2] * axis_z
+    t_side = (half_b + (half_b ** 2 - horizontal * (axis_z ** 2 - radius ** 2)) ** 0.5)
     t_side = t_side / horizontal
     down = d[..., 1] < 0
-    t_cap = np.where(down, NECK_BOTTOM / np.where(down, d[..., 1], -1.0), 0.0)
-    return np.minimum(t_side, t_cap)
+    t_cap = (bottom / d[..., 1].clip(max=-1e-12)) * down  # the top plane y = 0 holds the origin
+    return t_side.clip(max=t_cap)
+
+
+def _neck_radius(d):
+    return capped_cylinder_radius(d, NECK_RADIUS, NECK_Z, NECK_BOTTOM)
 
 
 def _smooth_max(a, b, k=SMOOTH_MAX_SHARPNESS):
@@ -517,9 +525,9 @@ def _build():
     rows, groove = _theta_rows()
     cols = _spans(PHI_SPANS)
     n_rows, n_cols = len(rows), len(cols)
-    faces, corners = _latlong_faces(n_rows, n_cols)
-    theta, phi = _grid_angles(rows, cols)
-    D = _direction(theta, phi)  # (Vh, 3)
+    faces, corners = latlong_faces(n_rows, n_cols)
+    theta, phi = grid_angles(rows, cols)
+    D = direction(theta, phi)  # (Vh, 3)
     row_index = np.concatenate([[0], np.repeat(np.arange(1, n_rows - 1), n_cols), [n_rows - 1]])
 
     skull, neck = _skull_radius(D), _neck_radius(D)
@@ -533,13 +541,13 @@ def _build():
     # eyeballs: spheres in the sockets, front 1 mm behind the skin the opening was cut from
     eye_rows = np.linspace(0, 180, EYE_ROWS)
     eye_cols = np.linspace(0, 360, EYE_COLS, endpoint=False)
-    eye_faces, eye_corners = _latlong_faces(EYE_ROWS, EYE_COLS)
-    alpha, beta = _grid_angles(eye_rows, eye_cols)
+    eye_faces, eye_corners = latlong_faces(EYE_ROWS, EYE_COLS)
+    alpha, beta = grid_angles(eye_rows, eye_cols)
     a, b = np.radians(alpha), np.radians(beta)
     sphere = np.stack([np.sin(a) * np.sin(b), -np.sin(a) * np.cos(b), np.cos(a)], 1)  # pole +z
     eyeballs, anchors = [], []
     for side in (1.0, -1.0):  # left eye (+x) first, as FLAME's joint order
-        d = _direction(EYE_THETA, side * EYE_PHI)
+        d = direction(EYE_THETA, side * EYE_PHI)
         skin = _smooth_max(_skull_radius(d), _neck_radius(d)) + _features(EYE_THETA, side * EYE_PHI)
         front = d * skin - np.array([0.0, 0.0, 0.001])
         eyeballs.append(front - np.array([0.0, 0.0, EYEBALL_RADIUS]) + EYEBALL_RADIUS * sphere)
@@ -610,6 +618,13 @@ def _build():
         "n_shape_basis": np.array(len(shape)), "face_uvs": face_uvs,
         "albedo_mean": albedo_mean, "albedo_dirs": albedo_dirs,
     }
+
+
+def skin_grid():
+    """The latitude-longitude grid of the skin: row angles θ (R,) and column angles φ (C,) in
+    degrees. Skin vertex 0 is the top pole, 1 + (r − 1)·C + c the grid point (r, c), and the
+    last skin vertex the bottom pole; the eyeballs follow the skin's vertices."""
+    return _theta_rows()[0], _spans(PHI_SPANS)
 
 
 def builtin_head():

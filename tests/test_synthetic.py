@@ -1,0 +1,142 @@
+"""Synthetic portraits: determinism, regions, ground truth, and the export / preview commands."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import synthetic
+from data import FrameFolder, export_synthetic, load_image
+from synthetic import BACKGROUND, CLOTHES, FACE, HAIR, SyntheticPortraits
+
+
+@pytest.fixture(scope="module")
+def train():
+    return SyntheticPortraits(48, "train", length=64)
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return SyntheticPortraits(48, "test", length=8)
+
+
+def test_items_are_deterministic_and_independent_of_batching(train):
+    other = SyntheticPortraits(48, "train", length=64)
+    batch = train.__getitems__([3, 4, 5])
+    single = other[4]
+    assert torch.allclose(batch[1]["source"], single["source"], atol=1e-4)
+    assert torch.equal(batch[1]["query_regions"], single["query_regions"])
+    for key in synthetic.PARAM_KEYS:
+        assert torch.equal(batch[1]["query_params"][key], single["query_params"][key])
+    assert not torch.equal(batch[0]["source"], batch[1]["source"])
+    reseeded = SyntheticPortraits(48, "train", seed=1, length=64)[4]
+    assert not torch.allclose(reseeded["source"], single["source"])
+
+
+def test_shapes_ranges_and_parameters(train):
+    item = train[0]
+    for key in ("source", "query"):
+        assert item[key].shape == (3, 48, 48) and item[key].dtype == torch.float32
+        assert item[key].min() >= -1 and item[key].max() <= 1
+        assert item[f"{key}_regions"].shape == (48, 48)
+        assert item[f"{key}_regions"].dtype == torch.long
+    flame = train.renderer.flame
+    params = item["source_params"]
+    expected = {"shape": (flame.n_shape,), "expression": (flame.n_exp,), "pose": (15,),
+                "pose6": (6,), "albedo": (flame.n_albedo,), "light": (9, 3), "cam": (3,)}
+    assert {key: tuple(value.shape) for key, value in params.items()} == expected
+    # DECA's pose6 is FLAME's global and jaw rotations
+    assert torch.equal(params["pose6"], torch.cat([params["pose"][:3], params["pose"][6:9]]))
+    assert isinstance(item["identity"], int)
+
+
+def test_regions_are_substantial_and_the_face_dominates(train):
+    items = train.__getitems__(range(32))
+    regions = torch.stack([item[key] for item in items for key in ("source_regions",
+                                                                    "query_regions")])
+    fractions = torch.stack([(regions == k).float().mean() for k in range(4)])
+    assert (fractions > 0.03).all(), fractions
+    assert fractions[FACE] > max(fractions[HAIR], fractions[CLOTHES]), fractions
+    present = torch.stack([(regions == k).flatten(1).any(1) for k in range(4)], 1)
+    assert present[:, [BACKGROUND, FACE, CLOTHES]].all()
+    assert present[:, HAIR].float().mean() > 0.9
+
+
+def test_source_and_query_share_the_person_and_backdrop_but_not_the_frame(train):
+    for item in train.__getitems__(range(4)):
+        both = (item["source_regions"] == BACKGROUND) & (item["query_regions"] == BACKGROUND)
+        assert both.sum() > 100
+        assert torch.allclose(item["source"][:, both], item["query"][:, both])
+        s, q = item["source_params"], item["query_params"]
+        assert torch.equal(s["shape"], q["shape"]) and torch.equal(s["albedo"], q["albedo"])
+        assert not torch.equal(s["pose"], q["pose"])
+        assert not torch.equal(item["source_regions"], item["query_regions"])
+
+
+def test_test_split_is_cross_identity_with_the_exact_target(test_split, train):
+    item = test_split[2]
+    a, b = item["identity"], item["query_identity"]
+    assert a != b and min(a, b) >= synthetic.TEST_ID_OFFSET
+    train_ids = {train.identity_ids(i)[0] for i in range(len(train))}
+    assert max(train_ids) < synthetic.TEST_ID_OFFSET
+    # the target is identity A re-rendered with B's frame
+    images, regions = test_split.render([test_split.identity(a)], [test_split.frame(2, 1)])
+    assert torch.allclose(item["target"], images[0], atol=1e-4)  # batch-size rounding only
+    assert torch.equal(item["target_regions"], regions[0])
+    assert torch.equal(item["query_params"]["pose"], torch.as_tensor(
+        test_split.frame(2, 1)["pose"], dtype=torch.float32))
+    assert not torch.equal(item["source_params"]["shape"], item["query_params"]["shape"])
+
+
+def test_hair_is_geometry_that_turns_with_the_head(train):
+    identity = train.identity(7)
+    frame = train.frame(7, 0)
+    frames = []
+    for yaw in (-0.6, 0.6):
+        f = {key: value.copy() for key, value in frame.items()}
+        f["pose"][:3] = [0.0, yaw, 0.0]
+        frames.append(f)
+    _, regions = train.render([identity, identity], frames)
+    cols = torch.arange(48, dtype=torch.float32)
+    face_x = [cols[(r == FACE).nonzero()[:, 1]].mean() for r in regions]
+    hair_x = [cols[(r == HAIR).nonzero()[:, 1]].mean() for r in regions]
+    # turning to the subject's left (+x, image right) moves the face right and the hair behind it
+    # to the left; the hair's occlusion of the head changes
+    assert face_x[1] > face_x[0] + 1 and hair_x[1] < hair_x[0] - 1
+    assert not torch.equal(regions[0] == HAIR, regions[1].flip(1) == HAIR)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="split"):
+        SyntheticPortraits(32, "val")
+    with pytest.raises(ValueError, match="size"):
+        SyntheticPortraits(4)
+    with pytest.raises(IndexError):
+        SyntheticPortraits(32, length=2)[2]
+
+
+def test_export_round_trips_through_frame_folder(tmp_path):
+    clips = export_synthetic(tmp_path, 3, 32, "train", seed=0)
+    dataset = SyntheticPortraits(32, "train", length=3)
+    folder = FrameFolder(tmp_path, "train", size=32)
+    assert len(folder) == 3 and len(clips) == 3
+    for index, clip in enumerate(sorted(clips)):
+        item = dataset[index]
+        assert torch.allclose(load_image(clip / "0000000.png", 32), item["source"], atol=1 / 127)
+        assert torch.allclose(load_image(clip / "0000001.png", 32), item["query"], atol=1 / 127)
+        params = json.loads((clip / "params.json").read_text())
+        assert np.allclose(params["query"]["pose"], item["query_params"]["pose"].numpy())
+    assert folder.identities == sorted(f"id{dataset[i]['identity']:07d}" for i in range(3))
+
+
+def test_command_line(tmp_path):
+    out = tmp_path / "preview.png"
+    done = subprocess.run([sys.executable, "data.py", "--preview", str(out), "--size", "32"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert load_image(out, 32).shape == (3, 32, 32)
+    bad = subprocess.run([sys.executable, "data.py", "--export", str(tmp_path), "--n", "0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --n 0")
