@@ -307,11 +307,12 @@ class SyntheticPortraits(Dataset):
     Parameters
     ----------
     size : image side in pixels (8 to 1024).
-    split : "train": item i is two frames (source, query) of identity i mod 100,000.
+    split : "train": item i is two frames (source, query) of identity i mod `identities`.
         "test": item i is a cross-identity pair — source of identity A, query of identity B, both
         from ids disjoint from training — plus `target`, A rendered exactly with B's frame.
     seed : changes every identity and frame.
     length : number of items (default 100,000 train / 1,000 test).
+    identities : how many training identities items cycle through (at most 100,000).
 
     Items: source, query (3, H, W) in [-1, 1]; source_regions, query_regions (H, W) long
     (0 background, 1 clothes, 2 hair, 3 face); source_params, query_params: dicts of shape β,
@@ -320,7 +321,7 @@ class SyntheticPortraits(Dataset):
     A DataLoader batches through `__getitems__`, which renders the whole batch at once.
     """
 
-    def __init__(self, size=64, split="train", seed=0, length=None):
+    def __init__(self, size=64, split="train", seed=0, length=None, identities=TRAIN_IDENTITIES):
         if split not in DEFAULT_LENGTH:
             raise ValueError(f"split={split!r}: expected 'train' or 'test'")
         if not isinstance(size, int) or not 8 <= size <= 1024:
@@ -329,6 +330,9 @@ class SyntheticPortraits(Dataset):
         self.length = DEFAULT_LENGTH[split] if length is None else int(length)
         if self.length < 1:
             raise ValueError(f"length={length}: expected at least 1")
+        if not 1 <= identities <= TRAIN_IDENTITIES:
+            raise ValueError(f"identities={identities}: expected 1 to {TRAIN_IDENTITIES}")
+        self.identities = int(identities)
         self.renderer = PortraitRenderer(FLAME())
         self._split_code = ("train", "test").index(split)
 
@@ -338,7 +342,7 @@ class SyntheticPortraits(Dataset):
     def identity_ids(self, index):
         """(source identity, query identity) of item `index`."""
         if self.split == "train":
-            return index % TRAIN_IDENTITIES, index % TRAIN_IDENTITIES
+            return index % self.identities, index % self.identities
         return TEST_ID_OFFSET + 2 * index, TEST_ID_OFFSET + 2 * index + 1
 
     def identity(self, identity_id):

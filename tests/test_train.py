@@ -1,0 +1,104 @@
+"""The training program: config parsing, one step of every stage, resume, DDP, clear errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import stages
+import train
+from synthetic import SyntheticPortraits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--image_size=32", "--batch_size=2", "--pool=8", "--identities=4", "--eval_items=8",
+         "--log_every=1", "--warmup=1"]
+
+
+def run(args, out, **kwargs):
+    """Runs train.py in a subprocess (as a user would) and returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, *SMALL,
+                           f"--out={out}"], capture_output=True, text=True, cwd=ROOT, **kwargs)
+
+
+def test_overrides_are_typed_and_unknown_keys_rejected():
+    cfg, parts = train.build_configs(["--stage", "vqvae", "--lr=0.5", "--bf16=false",
+                                      "--vqvae.channel_mult=1,2", "--vqvae.codebook_size=64"])
+    assert cfg.lr == 0.5 and cfg.bf16 is False
+    assert parts["vqvae"].channel_mult == (1, 2) and parts["vqvae"].codebook_size == 64
+    assert cfg.steps == train.PRESETS["tiny"]["vqvae"]["train"]["steps"]
+    with pytest.raises(train.ConfigError, match="unknown key"):
+        train.build_configs(["--stage", "vqvae", "--learning_rate=1"])
+    with pytest.raises(train.ConfigError, match="expected int"):
+        train.build_configs(["--stage", "vqvae", "--steps=many"])
+    with pytest.raises(ValueError, match="norm_groups"):  # the part's own validation
+        train.build_configs(["--stage", "vqvae", "--vqvae.base_channels=12"])
+
+
+@pytest.fixture(scope="module")
+def batch():
+    items = SyntheticPortraits(32, "train", length=2, identities=2).__getitems__([0, 1])
+    return stages.collate(items)
+
+
+def small_configs(stage, tmp_path):
+    cfg, parts = train.build_configs(["--stage", stage, *SMALL, f"--out={tmp_path}"])
+    return cfg, parts
+
+
+@pytest.mark.parametrize("stage", ["vqvae", "estimator", "identity", "slots"])
+def test_a_few_steps_of_every_stage_lower_the_loss(stage, batch, tmp_path):
+    torch.manual_seed(0)
+    if stage == "slots":  # needs a VQ-VAE checkpoint
+        cfg, parts = small_configs("vqvae", tmp_path)
+        vq = stages.build(cfg, parts, torch.device("cpu"), 2)
+        train.atomic_save({"model": vq.state_dict(), "config": {"vqvae": vars(parts["vqvae"])}},
+                          tmp_path / "vqvae" / "ckpt.pt")
+    cfg, parts = small_configs(stage, tmp_path)
+    model = stages.build(cfg, parts, torch.device("cpu"), n_identities=2)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for step in range(6):
+        loss = model(batch, step)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.after_step(batch, step)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run(["--stage", "vqvae", "--steps=4", "--ckpt_every=1"], whole).returncode == 0
+    assert run(["--stage", "vqvae", "--steps=2", "--ckpt_every=1"], split).returncode == 0
+    resumed = run(["--stage", "vqvae", "--steps=4", "--ckpt_every=1"], split)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming vqvae" in resumed.stdout and "at step 2" in resumed.stdout
+    a = torch.load(whole / "vqvae" / "ckpt.pt", weights_only=True)
+    b = torch.load(split / "vqvae" / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_missing_prerequisite_is_a_clear_error(tmp_path):
+    done = run(["--stage", "slots", "--steps=1"], tmp_path)
+    assert done.returncode == 2
+    assert "vqvae/ckpt.pt is missing: run `python train.py --stage vqvae` first" in done.stderr
+    bad = run(["--stage", "vqvae", "--no_such_key=1"], tmp_path)
+    assert bad.returncode == 2 and "unknown key" in bad.stderr
+
+
+def test_two_process_ddp_run_of_the_slots_stage(tmp_path):
+    assert run(["--stage", "vqvae", "--steps=1"], tmp_path).returncode == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port=29517", os.path.join(ROOT, "train.py"), "--stage",
+                           "slots", "--steps=2", *SMALL, f"--out={tmp_path}"],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    checkpoint = torch.load(tmp_path / "slots" / "ckpt.pt", weights_only=True)
+    assert checkpoint["step"] == 2 and len(checkpoint["rng"]) == 2
+    assert sorted(p.name for p in (tmp_path / "slots").iterdir() if p.suffix == ".pt") == [
+        "ckpt.pt"]
