@@ -1,13 +1,16 @@
 """Benchmarks of the pipeline's hot parts on the current device (CUDA if available, else CPU).
 
-rasterizer: render.rasterize on the built-in FLAME head (256×256, batch 8) against a brute-force
-    reference written here — every face tested against every pixel of a box as large as the largest
-    face's bounding box, then a two-pass z-buffer (min depth, then lowest face index at that depth).
-    Prints ms per image, the speed-up and the fraction of pixels on which both pick the same face.
+rasterizer: render.rasterize on the built-in FLAME head (256×256, batch 8), with and without
+    back-face culling, against a brute-force reference written here — every face tested against
+    every pixel centre of its bounding box, then a two-pass z-buffer (minimum depth, then the
+    lowest face index at that depth) — with the speed-up and the fraction of pixels on which both
+    pick the same face.
+renderer: the whole render.Renderer forward, and forward + backward to the vertices.
 
-Run: python bench.py   (numbers vary when other processes share the CPU; rerun when it is quiet)
+Run: python bench.py   (prints a table of ms per image, median and best of REPEATS; numbers vary
+when other processes share the CPU — rerun when it is quiet)
 
-Shape letters: B batch, V vertices, F faces, H/W image size, M faces per chunk, K pixels per box.
+Shape letters: B batch, V vertices, F faces, H/W image size, K (face, pixel) pairs in a chunk.
 """
 import math
 import time
@@ -20,8 +23,8 @@ IMAGE_SIZE = 256
 BATCH = 8
 WARMUP = 1
 REPEATS = 5
-# Candidate (face, pixel) pairs per chunk of the reference, as render.CANDIDATE_BUDGET.
-REFERENCE_BUDGET = 2 ** 21
+# Faces per chunk of the brute-force reference (bounds its memory).
+REFERENCE_FACES = 2 ** 15
 # DECA-like framing: orthographic scale s and the half-height (m) of the head part of the mesh; the
 # image then spans 2/s = 0.25 m around the head's centre (the neck is cropped).
 FRAME_SCALE = 8.0
@@ -32,8 +35,9 @@ FALLBACK_RADIUS = 0.1
 
 
 def load_head(device):
-    """Vertices (1, V, 3) in metres and faces (F, 3) of the built-in FLAME head at zero
-    coefficients, or a stand-in hemisphere (with a printed note) if flame cannot be built."""
+    """The built-in FLAME head at zero coefficients: vertices (1, V, 3) in metres, faces (F, 3),
+    a description, and the FLAME module (None for the stand-in hemisphere, used with a printed
+    note if flame cannot be built)."""
     try:
         import flame
         model = flame.FLAME().to(device)
@@ -41,12 +45,12 @@ def load_head(device):
             vertices = model(torch.zeros(1, model.n_shape, device=device),
                              torch.zeros(1, model.n_exp, device=device),
                              torch.zeros(1, 15, device=device))
-        return vertices, model.faces, "FLAME head"
+        return vertices, model.faces, "FLAME head", model
     except Exception as error:  # any failure building the head falls back, said out loud
         print(f"note: FLAME unavailable ({type(error).__name__}: {error}); using an icosphere")
     verts, faces = render.icosphere(FALLBACK_SUBDIVISIONS, device=device)
     front = (verts[faces][..., 2] > 0).all(-1)  # faces of the hemisphere facing the camera
-    return verts[None] * FALLBACK_RADIUS, faces[front], "hemisphere (fallback)"
+    return verts[None] * FALLBACK_RADIUS, faces[front], "hemisphere (fallback)", None
 
 
 def frame_camera(vertices):
@@ -59,37 +63,36 @@ def frame_camera(vertices):
 
 
 def reference_rasterize(verts, faces, image_size):
-    """Brute force: each face against every pixel of a box of the largest bounding-box size.
-    verts (B, V, 3) screen space -> pix_to_face (B, H, W), −1 where empty."""
+    """Brute force: every face against every pixel centre of its bounding box (enumerated with
+    repeat_interleave), inclusive edge tests, then a two-pass z-buffer (minimum depth, then the
+    lowest face index at that depth). verts (B, V, 3) screen space -> pix_to_face (B, H, W)."""
     B, nF, H, W = verts.shape[0], faces.shape[0], image_size, image_size
     tri = verts[:, faces].reshape(B * nF, 3, 3)  # (B·F, 3, 3)
     x, y, z = tri.unbind(-1)  # (B·F, 3) each
     left = torch.ceil(x.amin(-1) - 0.5).clamp(0, W).long()
     top = torch.ceil(y.amin(-1) - 0.5).clamp(0, H).long()
-    box_w = int((torch.floor(x.amax(-1) - 0.5).clamp(-1, W - 1).long() - left).max()) + 1
-    box_h = int((torch.floor(y.amax(-1) - 0.5).clamp(-1, H - 1).long() - top).max()) + 1
-    rows = torch.arange(box_h, device=verts.device).repeat_interleave(box_w)  # (K,)
-    cols = torch.arange(box_w, device=verts.device).repeat(box_h)
+    box_w = (torch.floor(x.amax(-1) - 0.5).clamp(-1, W - 1).long() - left + 1).clamp(min=0)
+    box_h = (torch.floor(y.amax(-1) - 0.5).clamp(-1, H - 1).long() - top + 1).clamp(min=0)
     area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])
-    chunk = max(1, REFERENCE_BUDGET // (box_w * box_h))
+    count = torch.where(area != 0, box_w * box_h, 0)  # (B·F,) pixels to test per face
     depth_buf = torch.full((B * H * W,), math.inf, device=verts.device, dtype=verts.dtype)
     found = []
-    for start in range(0, B * nF, chunk):
-        ids = torch.arange(start, min(start + chunk, B * nF), device=verts.device)  # (M,)
-        row = top[ids, None] + rows  # (M, K)
-        col = left[ids, None] + cols
+    for ids in torch.arange(B * nF, device=verts.device).split(REFERENCE_FACES):
+        face = ids.repeat_interleave(count[ids])  # (K,) one entry per (face, pixel) pair
+        start = torch.cumsum(count[ids], 0) - count[ids]
+        k = torch.arange(len(face), device=verts.device) - start.repeat_interleave(count[ids])
+        row = top[face] + k // box_w[face]
+        col = left[face] + k % box_w[face]
         px = col + 0.5
         py = row + 0.5
-        w = [(x[ids, (k + 2) % 3, None] - x[ids, (k + 1) % 3, None]) * (py - y[ids, (k + 1) % 3, None])
-             - (y[ids, (k + 2) % 3, None] - y[ids, (k + 1) % 3, None]) * (px - x[ids, (k + 1) % 3, None])
-             for k in range(3)]  # 3 × (M, K) edge functions
-        same = ((w[0] >= 0) & (w[1] >= 0) & (w[2] >= 0)) | ((w[0] <= 0) & (w[1] <= 0) & (w[2] <= 0))
-        hit = same & (row < H) & (col < W) & (area[ids, None].abs() > 0)
-        depth = sum(w[k] * z[ids, k, None] for k in range(3)) / area[ids, None]  # (M, K)
-        m, c = hit.nonzero(as_tuple=True)
-        pixel = (ids[m] // nF * H + row[m, c]) * W + col[m, c]
-        depth_buf.scatter_reduce_(0, pixel, depth[m, c], "amin")
-        found.append((pixel, depth[m, c], ids[m] % nF))
+        w = [(x[face, (i + 2) % 3] - x[face, (i + 1) % 3]) * (py - y[face, (i + 1) % 3])
+             - (y[face, (i + 2) % 3] - y[face, (i + 1) % 3]) * (px - x[face, (i + 1) % 3])
+             for i in range(3)]  # 3 × (K,) edge functions
+        hit = ((w[0] >= 0) & (w[1] >= 0) & (w[2] >= 0)) | ((w[0] <= 0) & (w[1] <= 0) & (w[2] <= 0))
+        depth = (w[0] * z[face, 0] + w[1] * z[face, 1] + w[2] * z[face, 2]) / area[face]
+        pixel = (face // nF * H + row) * W + col
+        depth_buf.scatter_reduce_(0, pixel[hit], depth[hit], "amin")
+        found.append((pixel[hit], depth[hit], face[hit] % nF))
     face_buf = torch.full((B * H * W,), nF, device=verts.device)
     for pixel, depth, face in found:  # second pass: the lowest face index at the minimum depth
         nearest = depth == depth_buf[pixel]
@@ -97,48 +100,88 @@ def reference_rasterize(verts, faces, image_size):
     return torch.where(face_buf < nF, face_buf, -1).view(B, H, W)
 
 
-def time_ms(fn, device):
-    """Median wall time of fn() in ms over REPEATS runs after WARMUP runs."""
-    times = []
+def time_ms(fns, device):
+    """(median, best) wall time in ms of each function, run in turn REPEATS times after WARMUP
+    rounds, so that a load change from other processes hits all of them alike."""
+    times = [[] for _ in fns]
     for i in range(WARMUP + REPEATS):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= WARMUP:
-            times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+        for fn, kept in zip(fns, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= WARMUP:
+                kept.append((time.perf_counter() - start) * 1e3)
+    return [(sorted(t)[len(t) // 2] / BATCH, min(t) / BATCH) for t in times]
 
 
-def bench_rasterizer(device):
-    """Rows (name, ms per image, note) for render.rasterize and the brute-force reference."""
-    vertices, faces, mesh = load_head(device)
+def bench_rasterizer(device, head):
+    """Rows (name, (median, best) ms per image, note): render.rasterize with and without back-face
+    culling, and the brute-force reference on the same screen-space head."""
+    vertices, faces, mesh, _ = head
     vertices = vertices.expand(BATCH, -1, -1)
-    cam = frame_camera(vertices)
-    screen = render.project(vertices, cam, IMAGE_SIZE)  # (B, V, 3)
+    screen = render.project(vertices, frame_camera(vertices), IMAGE_SIZE)  # (B, V, 3)
     with torch.no_grad():
         ours = render.rasterize(screen, faces, IMAGE_SIZE).pix_to_face
+        culled = render.rasterize(screen, faces, IMAGE_SIZE, cull_backfaces=True).pix_to_face
         reference = reference_rasterize(screen, faces, IMAGE_SIZE)
-        fast = time_ms(lambda: render.rasterize(screen, faces, IMAGE_SIZE), device) / BATCH
-        slow = time_ms(lambda: reference_rasterize(screen, faces, IMAGE_SIZE), device) / BATCH
+        fast, cull, slow = time_ms([
+            lambda: render.rasterize(screen, faces, IMAGE_SIZE),
+            lambda: render.rasterize(screen, faces, IMAGE_SIZE, cull_backfaces=True),
+            lambda: reference_rasterize(screen, faces, IMAGE_SIZE)], device)
     agree = (ours == reference).double().mean().item()
+    agree_culled = (ours == culled).double().mean().item()
     covered = (ours >= 0).double().mean().item()
-    setting = f"{mesh}, F={faces.shape[0]}, {IMAGE_SIZE}², B={BATCH}"
-    return [("rasterize", fast, f"{setting}, {covered:.0%} covered"),
-            ("rasterize (brute force)", slow, f"speed-up {slow / fast:.1f}x, "
-                                              f"same face on {agree:.4%} of pixels")]
+    return [("rasterize", fast, f"{mesh}, F={faces.shape[0]}, {IMAGE_SIZE}², B={BATCH}, "
+                                f"{covered:.0%} covered; with bary + depth"),
+            ("rasterize, cull_backfaces", cull, f"same face on {agree_culled:.4%} of pixels"),
+            ("brute-force reference", slow, f"pix_to_face only; rasterize is "
+                                            f"{slow[0] / fast[0]:.1f}x faster (medians); "
+                                            f"same face on {agree:.4%} of pixels")]
+
+
+def bench_renderer(device, head):
+    """Rows for the whole Renderer (normals, texture or colours, SH shading, soft mask), forward and
+    forward + backward to the vertices."""
+    vertices, faces, _, model = head
+    vertices = vertices.expand(BATCH, -1, -1).contiguous()
+    cam = frame_camera(vertices)
+    if model is not None and model.face_uvs is not None and model.albedo_dirs is not None:
+        renderer = render.Renderer(faces, model.face_uvs, IMAGE_SIZE).to(device)
+        with torch.no_grad():
+            albedo = model.albedo(torch.zeros(BATCH, model.n_albedo, device=device))
+    else:
+        renderer = render.Renderer(faces, None, IMAGE_SIZE).to(device)
+        albedo = torch.full_like(vertices, 0.6)
+    light = torch.zeros(BATCH, render.N_SH, 3, device=device)
+    light[:, 0] = 3.0
+    light[:, 3] = 1.0
+
+    def forward_backward():
+        leaf = vertices.detach().requires_grad_(True)
+        renderer(leaf, albedo, light, cam)["image"].sum().backward()
+
+    def forward():
+        with torch.no_grad():
+            renderer(vertices, albedo, light, cam)
+
+    forward, both = time_ms([forward, forward_backward], device)
+    return [("Renderer forward", forward, "project, rasterize, normals, albedo, SH, soft mask"),
+            ("Renderer forward + backward", both, "gradient of the image sum to the vertices")]
 
 
 def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rows = bench_rasterizer(device)
+    print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"ms per image, median and best of {REPEATS} interleaved runs")
+    head = load_head(device)
+    rows = bench_rasterizer(device, head) + bench_renderer(device, head)
     width = max(len(name) for name, _, _ in rows)
-    print(f"{'part':<{width}}  {'ms/image':>9}  notes")
-    for name, ms, note in rows:
-        print(f"{name:<{width}}  {ms:>9.2f}  {note}")
+    print(f"{'part':<{width}}  {'median':>7}  {'best':>7}  notes")
+    for name, (median, best), note in rows:
+        print(f"{name:<{width}}  {median:>7.2f}  {best:>7.2f}  {note}")
 
 
 if __name__ == "__main__":

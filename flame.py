@@ -8,11 +8,12 @@ maps shape β, expression ψ and pose θ to vertices:
     J(β)         = 𝒥 (T̄ + B_S(β; S))                                   (joint regressor)
     M(β, ψ, θ)   = W(T_P, J, θ, 𝒲)                                     (skinning, Eq. 1)
 
-with 5 joints [global, neck, jaw, left eye, right eye] in a kinematic tree (global → neck → jaw, eyes).
+with 5 joints [global, neck, jaw, left eye, right eye] in a kinematic tree
+(global → neck → jaw, eyes).
 W is linear blend skinning: each vertex moves by the weight-blended rigid transforms of the joints,
 each joint's transform being the product of its ancestors' rotations about their rest positions.
 We follow the FLAME paper; the index conventions were checked against the public FLAME 2020 file
-layout (../shared/REFERENCE.md) and the smplx `lbs` function, whose per-index einsum notes we mirror.
+layout and the smplx `lbs` function, whose per-index einsum notes we mirror.
 
 Two sources of model arrays, one code path:
 - `load_flame(path)` reads FLAME 2020's `generic_model.pkl` (chumpy-era Python-2 pickle) without
@@ -317,7 +318,8 @@ class FLAME(nn.Module):
         self.n_shape = min(DEFAULT_N_SHAPE, shape_basis) if n_shape is None else int(n_shape)
         self.n_exp = min(DEFAULT_N_EXP, n_exp_available) if n_exp is None else int(n_exp)
         if not 0 <= self.n_shape <= shape_basis:
-            raise ValueError(f"n_shape={self.n_shape}: the model has {shape_basis} shape directions")
+            raise ValueError(f"n_shape={self.n_shape}: the model has {shape_basis} shape "
+                             "directions")
         if not 0 <= self.n_exp <= n_exp_available:
             raise ValueError(f"n_exp={self.n_exp}: the model has {n_exp_available} expression "
                              "directions")
@@ -351,7 +353,8 @@ class FLAME(nn.Module):
                     "pose": (pose, POSE_DIM)}
         for name, (value, size) in expected.items():
             if value.ndim != 2 or value.shape != (batch, size):
-                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected ({batch}, {size})")
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, "
+                                 f"expected ({batch}, {size})")
         coefficients = torch.cat([shape, expression], 1).to(self.blenddirs.dtype)  # (B, K)
         # B_S + B_E: offsets_bvc = Σ_k dirs_vck · coeff_bk
         offsets = torch.einsum("vck,bk->bvc", self.blenddirs, coefficients)  # (B, V, 3)

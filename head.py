@@ -29,7 +29,8 @@ TEXTURE_SIZE = 256  # DECA's UV texture size (REFERENCE.md)
 EYE_UV_TOP = 0.08   # texture rows v < EYE_UV_TOP hold the eyeball; the head skin uses the rest
 
 # Skull ellipsoid semi-axes in metres (a 0.24 m tall, 0.15 m wide head, FLAME's scale).
-SKULL_X, SKULL_Y_TOP, SKULL_Y_BOTTOM, SKULL_Z_FRONT, SKULL_Z_BACK = 0.074, 0.115, 0.125, 0.092, 0.105
+SKULL_X, SKULL_Y_TOP, SKULL_Y_BOTTOM = 0.074, 0.115, 0.125
+SKULL_Z_FRONT, SKULL_Z_BACK = 0.092, 0.105
 JAW_TAPER = 0.22               # how much narrower the lower face is than the skull
 NECK_RADIUS, NECK_Z, NECK_BOTTOM = 0.054, -0.015, -0.23
 SMOOTH_MAX_SHARPNESS = 130.0   # 1/m; the skull-to-neck blend spans about 1 cm
@@ -468,7 +469,9 @@ def _paint_albedo(rows, cols, groove_rows):
     g = groove_rows
     window = _mouth_window(phi, 1.0)
     inside = window * ((row > g[0]) & (row < g[4]))
-    teeth = window * (((row > g[1] - 0.1) & (row < g[1] + 0.6)) | ((row > g[3] - 0.35) & (row < g[3])))
+    upper_teeth = (row > g[1] - 0.1) & (row < g[1] + 0.6)
+    lower_teeth = (row > g[3] - 0.35) & (row < g[3])
+    teeth = window * (upper_teeth | lower_teeth)
     lips = np.clip(1.4 * _lip_mask(theta, phi), 0, 1)
     lips = np.maximum(lips, inside * ((row < g[1]) | (row > g[3])))
     arch = 75.5 - 2.2 * np.sin(np.pi * np.clip((np.abs(phi) - 6) / 26, 0, 1))

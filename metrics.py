@@ -5,7 +5,8 @@
   method relies on a fixed slot → region binding (the face token taken from the source, hair /
   clothes / background tokens swapped by index; DiffFAE §4.2, App. G). With as many slots as
   regions the assignment is one-to-one (Hungarian, Kuhn 1955, on the pixel-overlap matrix);
-  otherwise each slot goes to the region it overlaps most. IoU_r = |pred_r ∩ gt_r| / |pred_r ∪ gt_r|.
+  otherwise each slot goes to the region it overlaps most.
+  IoU_r = |pred_r ∩ gt_r| / |pred_r ∪ gt_r|.
 - Head-pose error: FLAME's global axis-angle → intrinsic yaw (y), pitch (x), roll (z) in degrees.
 - Face verification: accuracy of "same person" ⇔ cosine similarity > τ over all pairs, at the best
   τ for the set (an upper bound; we report it as such), and the mean similarity of same and

@@ -1,7 +1,8 @@
 """Synthetic portraits with exact ground truth: the project's built-in training and test data.
 
-DiffFAE trains on pairs of frames of one person (VoxCeleb1, paper §5.1): a source I_S and a query I_Q
-that share identity, hair, clothes and background but differ in pose, expression and lighting.
+DiffFAE trains on pairs of frames of one person (VoxCeleb1, paper §5.1): a source I_S and a
+query I_Q that share identity, hair, clothes and background but differ in pose, expression and
+lighting.
 VoxCeleb and FLAME cannot ship, so this module renders such pairs procedurally from the built-in
 head (head.py) with render.py, and — unlike any real dataset — knows every generating coefficient
 and, for cross-identity test pairs, the exact ground-truth edit.
@@ -32,6 +33,8 @@ import head
 from flame import FLAME
 from render import interpolate, project, rasterize, sample_texture, sh_shading, vertex_normals
 
+# Bump whenever a change alters the rendered images: cached pools are named by it.
+DATA_VERSION = 1
 REGION_NAMES = ("background", "clothes", "hair", "face")
 BACKGROUND, CLOTHES, HAIR, FACE = range(4)
 TEST_ID_OFFSET = 10 ** 6       # test identities are drawn from ids disjoint from training's

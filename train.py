@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import stages
-from synthetic import PARAM_KEYS
+from synthetic import DATA_VERSION, PARAM_KEYS
 
 
 @dataclasses.dataclass
@@ -71,14 +71,15 @@ PRESETS = {
                   "vqvae": {"base_channels": 16, "channel_mult": (1, 2, 4), "num_res_blocks": 1,
                             "norm_groups": 8, "codebook_size": 512, "restart_every": 25,
                             "disc_start": 10 ** 9}},
-        "slots": {"train": {"steps": 3000, "lr": 4e-4},
-                  "slots": {"image_size": 64, "base_channels": 32, "channel_mult": (1, 2, 2),
-                            "norm_groups": 8, "attn_heads": 4, "feature_dim": 64, "slot_dim": 64,
-                            "mlp_hidden": 128, "decoder_channels": 32, "decoder_layers": 3}},
-        "estimator": {"train": {"steps": 3000, "lr": 4e-4},
+        "slots": {"train": {"steps": 2500, "batch_size": 8, "lr": 4e-4},
+                  "slots": {"image_size": 64, "base_channels": 16, "channel_mult": (1, 2, 4),
+                            "num_res_blocks": 1, "norm_groups": 8, "attn_heads": 4,
+                            "feature_dim": 64, "slot_dim": 64, "mlp_hidden": 128,
+                            "decoder_channels": 32, "decoder_layers": 3}},
+        "estimator": {"train": {"steps": 2500, "batch_size": 8, "lr": 4e-4},
                       "estimator": {"image_size": 64, "base_channels": 32, "norm_groups": 8}},
-        "identity": {"train": {"steps": 3000, "lr": 4e-4},
-                     "identity": {"image_size": 64, "base_channels": 32, "norm_groups": 8,
+        "identity": {"train": {"steps": 2000, "batch_size": 16, "lr": 4e-4},
+                     "identity": {"image_size": 64, "base_channels": 16, "norm_groups": 8,
                                   "embedding_dim": 128}},
     },
     "paper": {  # DiffFAE §5.1: Adam, lr 1e-4, batch 16 (per GPU here), 256 px
@@ -196,7 +197,8 @@ class StepBatches(torch.utils.data.Sampler):
     resumed run sees exactly the batches an uninterrupted one would have."""
 
     def __init__(self, n, batch_size, start, steps, seed):
-        self.n, self.batch_size, self.start, self.steps, self.seed = n, batch_size, start, steps, seed
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start, self.steps = start, steps
 
     def __iter__(self):
         for step in range(self.start, self.steps):
@@ -209,7 +211,8 @@ class StepBatches(torch.utils.data.Sampler):
 
 def make_dataset(cfg, rank_zero):
     if cfg.data == "synthetic":
-        name = f"synthetic-{cfg.image_size}px-{cfg.pool}pairs-{cfg.identities}ids-seed{cfg.seed}.pt"
+        name = (f"synthetic-v{DATA_VERSION}-{cfg.image_size}px-{cfg.pool}pairs-"
+                f"{cfg.identities}ids-seed{cfg.seed}.pt")
         return PairPool.build(cfg, Path(cfg.out) / "data" / name, rank_zero)
     from data import FrameFolder
     return FrameFolder(cfg.data, "train", cfg.image_size, seed=cfg.seed)
