@@ -6,6 +6,8 @@ rasterizer: render.rasterize on the built-in FLAME head (256×256, batch 8), wit
     lowest face index at that depth) — with the speed-up and the fraction of pixels on which both
     pick the same face.
 renderer: the whole render.Renderer forward, and forward + backward to the vertices.
+flame: the FLAME forward for a batch of 64 random faces (ms per batch).
+data: synthetic training pairs rendered per second at 64 px and 256 px.
 
 Run: python bench.py   (prints a table of ms per image, median and best of REPEATS; numbers vary
 when other processes share the CPU — rerun when it is quiet)
@@ -31,6 +33,8 @@ FRAME_SCALE = 8.0
 HEAD_HALF_HEIGHT = 0.12
 # Fallback mesh: front half of a level-5 icosphere (~10k faces, like FLAME's 9976) 0.2 m across.
 FALLBACK_SUBDIVISIONS = 5
+FLAME_BATCH = 64
+DATA_SIZES = ((64, 64), (256, 16))  # (image size, pairs per batch) of the data benchmark
 FALLBACK_RADIUS = 0.1
 
 
@@ -100,9 +104,9 @@ def reference_rasterize(verts, faces, image_size):
     return torch.where(face_buf < nF, face_buf, -1).view(B, H, W)
 
 
-def time_ms(fns, device):
-    """(median, best) wall time in ms of each function, run in turn REPEATS times after WARMUP
-    rounds, so that a load change from other processes hits all of them alike."""
+def time_ms(fns, device, per=BATCH):
+    """(median, best) wall time in ms of each function divided by `per`, run in turn REPEATS
+    times after WARMUP rounds, so that a load change from other processes hits all alike."""
     times = [[] for _ in fns]
     for i in range(WARMUP + REPEATS):
         for fn, kept in zip(fns, times):
@@ -114,7 +118,7 @@ def time_ms(fns, device):
                 torch.cuda.synchronize()
             if i >= WARMUP:
                 kept.append((time.perf_counter() - start) * 1e3)
-    return [(sorted(t)[len(t) // 2] / BATCH, min(t) / BATCH) for t in times]
+    return [(sorted(t)[len(t) // 2] / per, min(t) / per) for t in times]
 
 
 def bench_rasterizer(device, head):
@@ -172,12 +176,46 @@ def bench_renderer(device, head):
             ("Renderer forward + backward", both, "gradient of the image sum to the vertices")]
 
 
+def bench_flame(device, head):
+    """FLAME forward (blendshapes, joints, skinning) for a batch of FLAME_BATCH random faces."""
+    model = head[3]
+    if model is None:
+        return []
+    gen = torch.Generator().manual_seed(0)
+    shape = torch.randn(FLAME_BATCH, model.n_shape, generator=gen).to(device)
+    expression = torch.randn(FLAME_BATCH, model.n_exp, generator=gen).to(device)
+    pose = (0.2 * torch.randn(FLAME_BATCH, 15, generator=gen)).to(device)
+    with torch.no_grad():
+        (forward,) = time_ms([lambda: model(shape, expression, pose)], device, per=1)
+    note = f"ms per batch of {FLAME_BATCH}, V={model.v_template.shape[0]}"
+    return [("FLAME forward", forward, note)]
+
+
+def bench_data(device, head):
+    """Synthetic training pairs per second (source + query rendered as one batch, on the CPU)."""
+    from synthetic import SyntheticPortraits
+    rows = []
+    for size, batch in DATA_SIZES:
+        data = SyntheticPortraits(size, "train", length=10 ** 5)
+        starts = iter(range(0, 10 ** 5, batch))  # fresh items every run: nothing cached
+
+        def render_batch():
+            start = next(starts)
+            data.__getitems__(range(start, start + batch))
+
+        (ms,) = time_ms([render_batch], torch.device("cpu"), per=batch)
+        rows.append((f"synthetic pair, {size}px", ms,
+                     f"{1000 / ms[0]:.0f} pairs/s (median), batches of {batch}"))
+    return rows
+
+
 def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"ms per image, median and best of {REPEATS} interleaved runs")
     head = load_head(device)
-    rows = bench_rasterizer(device, head) + bench_renderer(device, head)
+    rows = (bench_rasterizer(device, head) + bench_renderer(device, head)
+            + bench_flame(device, head) + bench_data(device, head))
     width = max(len(name) for name, _, _ in rows)
     print(f"{'part':<{width}}  {'median':>7}  {'best':>7}  notes")
     for name, (median, best), note in rows:

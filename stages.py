@@ -40,6 +40,10 @@ REQUIRES = {"slots": ("vqvae",)}
 # estimator's regression so that every group counts alike.
 COEFFICIENT_SCALE = {"shape": 1.0, "albedo": 0.9, "expression": 0.45, "pose": 0.3,
                      "cam": (0.17, 0.009, 0.009), "light": 0.5}
+# Region of each slot index under --slots_supervision, in SLOT_NAMES order (face, hair, clothes,
+# background); synthetic.py numbers regions 0 background, 1 clothes, 2 hair, 3 face.
+SLOT_REGIONS = (3, 2, 1, 0)
+MASK_EPS = 1e-6           # floor of mask probabilities before the log
 GRID_ITEMS = 8            # images shown in evaluation grids
 IDENTITY_EVAL = (32, 4)   # held-out identities × frames for the verification measurement
 MASK_COLOURS = torch.tensor([[0.95, 0.3, 0.3], [0.95, 0.75, 0.1], [0.1, 0.35, 0.95],
@@ -59,10 +63,6 @@ def count_identities(cfg, dataset):
     return cfg.identities if cfg.data == "synthetic" else len(dataset.identities)
 
 
-def collate(items):
-    return default_collate(items)
-
-
 def to_device(batch, device):
     if isinstance(batch, dict):
         return {key: to_device(value, device) for key, value in batch.items()}
@@ -76,12 +76,12 @@ def images_of(batch):
 
 def load_part(out, stage, device):
     """The trained network of an earlier stage, frozen, rebuilt from its checkpoint's config."""
+    if stage != "vqvae":
+        raise ValueError(f"loading a {stage} checkpoint as a prerequisite is not supported")
     path = Path(out) / stage / "ckpt.pt"
     if not path.exists():
         raise MissingCheckpoint(f"{path} is missing: run `python train.py --stage {stage}` first")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if stage != "vqvae":
-        raise ValueError(f"loading a {stage} checkpoint as a prerequisite is not supported")
     model = VQVAE(VQConfig(**checkpoint["config"]["vqvae"]))
     prefix = "vqvae."
     model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items()
@@ -90,6 +90,9 @@ def load_part(out, stage, device):
 
 
 def build(cfg, parts, device, n_identities):
+    """The stage's module on `device`. Stages complete their part config from the data (image size,
+    FLAME's coefficient counts, the VQ latent's shape) by replacing entries of `parts` in place,
+    so the config saved with a checkpoint is the one the network was built with."""
     builders = {"vqvae": VQStage, "slots": SlotsStage, "estimator": EstimatorStage,
                 "identity": IdentityStage}
     return builders[cfg.stage](cfg, parts, device, n_identities).to(device)
@@ -100,7 +103,7 @@ def eval_set(cfg):
     plus IDENTITY_EVAL identities × frames for the identity stage."""
     from synthetic import SyntheticPortraits
     test = SyntheticPortraits(cfg.image_size, "test", cfg.seed, length=cfg.eval_items)
-    batch = collate(test.__getitems__(range(cfg.eval_items)))
+    batch = default_collate(test.__getitems__(range(cfg.eval_items)))
     if cfg.stage == "identity":
         n_ids, n_frames = IDENTITY_EVAL
         ids = [test.identity_ids(i)[0] for i in range(n_ids)]
@@ -202,6 +205,10 @@ class SlotsStage(Stage):
         parts["slots"] = dataclasses.replace(parts["slots"], image_size=cfg.image_size, **target)
         self.slots = RegionSlots(parts["slots"])
         self.target = cfg.slots_target
+        self.supervision = cfg.slots_supervision
+        if self.supervision and (cfg.data != "synthetic" or parts["slots"].num_slots != 4):
+            raise ValueError("--slots_supervision needs synthetic data (ground-truth regions) "
+                             "and 4 slots")
 
     def _target(self, images):
         if self.target == "pixel":
@@ -212,8 +219,18 @@ class SlotsStage(Stage):
         images = images_of(batch)
         out = self.slots(images)
         decoded = self.slots.decode(out["slots"])
-        loss = F.mse_loss(decoded["recon"], self._target(images))
-        return {"loss": loss}
+        reconstruction = F.mse_loss(decoded["recon"], self._target(images))
+        if not self.supervision:
+            return {"loss": reconstruction}
+        # optional (not in the paper): pull slot k's mask towards region SLOT_REGIONS[k]
+        masks = masks_at(out["masks"], images.shape[-1])  # (2B, K, H, W)
+        regions = torch.cat([batch["source_regions"], batch["query_regions"]])
+        slot_of_region = torch.argsort(torch.as_tensor(SLOT_REGIONS, device=images.device))
+        target = slot_of_region[regions]  # (2B, H, W) the slot that should win each pixel
+        region_loss = F.nll_loss(masks.clamp(min=MASK_EPS).log(), target)
+        return {"loss": reconstruction + self.supervision * region_loss,
+                "reconstruction_loss": reconstruction.detach(),
+                "region_loss": region_loss.detach()}
 
     @torch.no_grad()
     def evaluate(self, batch, png):
@@ -242,7 +259,8 @@ class EstimatorStage(Stage):
         self.estimator = CoefficientEstimator(parts["estimator"])
         # fixed parts kept outside the state dict (no weights to save)
         self.fixed = {"flame": flame.to(device),
-                      "renderer": Renderer(flame.faces, flame.face_uvs, cfg.image_size).to(device),
+                      "renderer": Renderer(flame.faces, flame.face_uvs, cfg.image_size,
+                                           cull_backfaces=True).to(device),
                       "scale": {k: torch.as_tensor(v, dtype=torch.float32, device=device)
                                 for k, v in COEFFICIENT_SCALE.items()}}
         self.photometric_weight = cfg.photometric_weight
@@ -277,10 +295,12 @@ class EstimatorStage(Stage):
             error = (predicted[key] - truth[key]) / scale
             terms[f"{key}_loss"] = error.pow(2).mean()
         regression = sum(terms.values())
-        render, mask = self.render(predicted)
-        regions = torch.cat([batch["source_regions"], batch["query_regions"]])
-        face = mask * (regions == 3)[:, None].to(mask.dtype)  # rendered and truly skin
-        photometric = ((render - images).abs() * face).sum() / (3 * face.sum()).clamp(min=1)
+        # the photometric term on the sources only: rendering is the costly part of a step
+        n = len(batch["source"])
+        render, mask = self.render({key: value[:n] for key, value in predicted.items()})
+        face = mask * (batch["source_regions"] == 3)[:, None].to(mask.dtype)  # drawn and skin
+        error = (render - batch["source"]).abs() * face
+        photometric = error.sum() / (3 * face.sum()).clamp(min=1)
         loss = regression + self.photometric_weight * photometric
         return {"loss": loss, "photometric_loss": photometric.detach(),
                 **{k: v.detach() for k, v in terms.items()}}
@@ -327,7 +347,9 @@ class IdentityStage(Stage):
         device = next(self.parameters()).device
         embeddings = self.encoder(batch["identity_images"].to(device)).cpu()
         result = metrics.verification(embeddings, batch["identity_labels"])
-        similarity = (embeddings @ embeddings.T).clamp(-1, 1)  # (N, N)
-        picture = F.interpolate(similarity[None, None], scale_factor=4, mode="nearest")[0]
+        similarity = embeddings @ embeddings.T  # (N, N), frames of one identity are adjacent
+        low, high = similarity.min(), similarity.max()
+        stretched = (similarity - low) / (high - low).clamp(min=1e-8) * 2 - 1  # full grey range
+        picture = F.interpolate(stretched[None, None], scale_factor=4, mode="nearest")[0]
         save_image(picture.expand(3, -1, -1), png)
         return result

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 import stages
@@ -41,6 +41,7 @@ class TrainConfig:
     preset: str = "tiny"
     data: str = "synthetic"       # "synthetic" or a folder in the vox-png layout
     out: str = "runs"             # checkpoints go to <out>/<stage>/ckpt.pt
+    tag: str = ""                 # a variant's checkpoints go to <out>/<stage>-<tag>/ instead
     image_size: int = 64
     batch_size: int = 32          # per process
     steps: int = 3000
@@ -59,6 +60,7 @@ class TrainConfig:
     bf16: bool = True             # autocast to bfloat16 on CUDA
     # stage options
     slots_target: str = "latent"  # slots: reconstruct the VQ latent ("latent") or "pixel"s
+    slots_supervision: float = 0.0  # slots: weight of a mask loss on true regions (not in paper)
     photometric_weight: float = 1.0  # estimator: weight of the re-rendering loss
     arcface_scale: float = 30.0   # identity: ArcFace s (the paper's 64 suits 85k classes)
     arcface_margin: float = 0.5   # identity: ArcFace m (Deng et al. 2019)
@@ -248,8 +250,9 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_path(out, stage):
-    return Path(out) / stage / "ckpt.pt"
+def checkpoint_path(cfg):
+    folder = f"{cfg.stage}-{cfg.tag}" if cfg.tag else cfg.stage
+    return Path(cfg.out) / folder / "ckpt.pt"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,10 +271,10 @@ def train(cfg, parts):
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank = dist.get_rank()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
     else:
-        rank, world, local_rank = 0, 1, 0
+        rank, local_rank = 0, 0
     master = rank == 0
     device = pick_device(local_rank)
     if device.type == "cuda":
@@ -280,7 +283,7 @@ def train(cfg, parts):
     np.random.seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
 
-    path = checkpoint_path(cfg.out, cfg.stage)
+    path = checkpoint_path(cfg)
     resume = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
     if resume is not None:  # the model is rebuilt exactly as it was saved
         parts = {name: type(c)(**resume["config"][name]) for name, c in parts.items()}
@@ -301,7 +304,7 @@ def train(cfg, parts):
 
     loader = DataLoader(dataset, batch_sampler=StepBatches(len(dataset), cfg.batch_size, start,
                                                            cfg.steps, cfg.seed + rank),
-                        num_workers=cfg.num_workers, collate_fn=stages.collate)
+                        num_workers=cfg.num_workers, collate_fn=default_collate)
     eval_set = stages.eval_set(cfg) if master else None
     log = None
     if master:
@@ -331,12 +334,13 @@ def train(cfg, parts):
         with autocast:
             losses = model(batch, step)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: {cfg.stage} loss is {loss.item()} at step {step}; the last "
-                             f"good checkpoint is {path} — lower --lr or --grad_clip and rerun")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(stage.parameters(), cfg.grad_clip)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # before the weights change
+            raise SystemExit(f"error: {cfg.stage} loss {loss.item()}, gradient norm "
+                             f"{grad_norm.item()} at step {step}; the last good checkpoint is "
+                             f"{path}: lower --lr or --grad_clip and rerun")
         optimizer.step()
         stage.after_step(batch, step)
         done = step + 1

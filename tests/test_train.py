@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils.data import default_collate
 
 import stages
 import train
@@ -38,7 +39,7 @@ def test_overrides_are_typed_and_unknown_keys_rejected():
 @pytest.fixture(scope="module")
 def batch():
     items = SyntheticPortraits(32, "train", length=2, identities=2).__getitems__([0, 1])
-    return stages.collate(items)
+    return default_collate(items)
 
 
 def small_configs(stage, tmp_path):
