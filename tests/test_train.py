@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -103,3 +104,23 @@ def test_two_process_ddp_run_of_the_slots_stage(tmp_path):
     assert checkpoint["step"] == 2 and len(checkpoint["rng"]) == 2
     assert sorted(p.name for p in (tmp_path / "slots").iterdir() if p.suffix == ".pt") == [
         "ckpt.pt"]
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", "vqvae", "--steps=400",
+               "--ckpt_every=1", *SMALL, f"--out={tmp_path}"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "vqvae" / "ckpt.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    process.kill()  # SIGKILL: no cleanup, possibly in the middle of writing a checkpoint
+    process.wait()
+    saved = torch.load(checkpoint, weights_only=True)["step"]  # never a half-written file
+    assert 1 <= saved < 400
+    resumed = run(["--stage", "vqvae", f"--steps={saved + 2}", "--ckpt_every=1"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {saved}" in resumed.stdout
+    assert torch.load(checkpoint, weights_only=True)["step"] == saved + 2
