@@ -101,7 +101,6 @@ class PortraitRenderer:
         self.torso_direction = head.direction(t_theta, t_phi)  # (Vt, 3)
 
         n_head, n_hair = flame.v_template.shape[0], len(theta)
-        self.sizes = (n_head, n_hair, len(t_theta))
         self.faces = torch.as_tensor(np.concatenate([
             flame.faces.numpy(), hair_faces + n_head, torso_faces + n_head + n_hair]))
         head_uvs = flame.face_uvs.numpy()
