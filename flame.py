@@ -212,6 +212,37 @@ def _check_model(model, name):
         raise FlameModelError(f"{name}: 'faces' must be (F,3) indices below {n_vertices}")
 
 
+def load_obj_uvs(path, faces=None):
+    """Per-corner UVs (F, 3, 2) from a Wavefront OBJ such as DECA's `head_template.obj`.
+
+    FLAME's files carry no UVs; DECA ships them as an OBJ whose `f v/vt ...` lines list the faces
+    in FLAME's order. Pass the model's `faces` (F, 3) to check that the OBJ's vertex indices match
+    them. Use: `model["face_uvs"] = load_obj_uvs("head_template.obj", model["faces"])`.
+    """
+    path = os.fspath(path)
+    uvs, vertex_faces, uv_faces = [], [], []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                parts = line.split()
+                if parts[:1] == ["vt"]:
+                    uvs.append([float(parts[1]), float(parts[2])])
+                elif parts[:1] == ["f"]:
+                    corners = [corner.split("/") for corner in parts[1:]]
+                    if len(corners) != 3 or any(len(c) < 2 or not c[1] for c in corners):
+                        raise ValueError(f"line {number}: expected a triangle 'f v/vt v/vt v/vt'")
+                    vertex_faces.append([int(c[0]) - 1 for c in corners])  # OBJ counts from 1
+                    uv_faces.append([int(c[1]) - 1 for c in corners])
+    except (OSError, UnicodeDecodeError, ValueError, IndexError) as error:
+        raise FlameModelError(f"{path}: not a readable OBJ with UVs ({error})") from None
+    uvs, uv_faces = np.asarray(uvs), np.asarray(uv_faces, dtype=np.int64)
+    if len(uv_faces) == 0 or uv_faces.max() >= len(uvs) or uv_faces.min() < 0:
+        raise FlameModelError(f"{path}: no faces, or face UV indices outside the {len(uvs)} 'vt'")
+    if faces is not None and not np.array_equal(np.asarray(vertex_faces), np.asarray(faces)):
+        raise FlameModelError(f"{path}: its faces differ from the model's (another topology?)")
+    return uvs[uv_faces]  # (F, 3, 2)
+
+
 def save_npz(model, path):
     """Writes a model dict (from `load_flame` or `builtin_head`) as a plain `.npz` (no pickle)."""
     np.savez(path, **{key: np.asarray(value) for key, value in model.items()})

@@ -12,7 +12,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 import head
-from flame import FLAME, FlameModelError, lbs, load_flame, rodrigues, save_npz
+from flame import FLAME, FlameModelError, load_flame, load_obj_uvs, rodrigues, save_npz
 
 
 def random_model(n_vertices=30, n_dirs=6, seed=0):
@@ -338,3 +338,24 @@ def test_bad_files_give_clear_errors(tmp_path):
     np.savez(partial, v_template=np.zeros((3, 3)))
     with pytest.raises(FlameModelError, match="missing keys"):
         load_flame(partial)
+
+
+def test_obj_uvs_give_per_corner_uvs_in_face_order(tmp_path):
+    obj = tmp_path / "head_template.obj"
+    obj.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nv 1 1 0\n"
+                   "vt 0.0 0.0\nvt 1.0 0.0\nvt 0.0 1.0\nvt 0.5 0.5\n"
+                   "f 1/1 2/2 3/3\nf 2/2 4/4 3/3\n")
+    faces = np.array([[0, 1, 2], [1, 3, 2]])
+    uvs = load_obj_uvs(obj, faces)
+    assert uvs.shape == (2, 3, 2)
+    assert np.array_equal(uvs[1], [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+    with pytest.raises(FlameModelError, match="faces differ"):
+        load_obj_uvs(obj, faces[:, ::-1])
+    broken = tmp_path / "broken.obj"
+    broken.write_text("v 0 0 0\nf 1 2 3\n")
+    with pytest.raises(FlameModelError, match="broken.obj: not a readable OBJ"):
+        load_obj_uvs(broken)
+    model = random_model(n_vertices=4)
+    model["faces"] = faces
+    model["face_uvs"] = uvs
+    assert FLAME(model, n_shape=2, n_exp=1).face_uvs.shape == (2, 3, 2)
