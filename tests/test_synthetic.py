@@ -18,7 +18,7 @@ def train():
 
 
 @pytest.fixture(scope="module")
-def test_split():
+def cross_pairs():
     return SyntheticPortraits(48, "test", length=8)
 
 
@@ -75,18 +75,18 @@ def test_source_and_query_share_the_person_and_backdrop_but_not_the_frame(train)
         assert not torch.equal(item["source_regions"], item["query_regions"])
 
 
-def test_test_split_is_cross_identity_with_the_exact_target(test_split, train):
-    item = test_split[2]
+def test_test_split_is_cross_identity_with_the_exact_target(cross_pairs, train):
+    item = cross_pairs[2]
     a, b = item["identity"], item["query_identity"]
     assert a != b and min(a, b) >= synthetic.TEST_ID_OFFSET
     train_ids = {train.identity_ids(i)[0] for i in range(len(train))}
     assert max(train_ids) < synthetic.TEST_ID_OFFSET
     # the target is identity A re-rendered with B's frame
-    images, regions = test_split.render([test_split.identity(a)], [test_split.frame(2, 1)])
+    images, regions = cross_pairs.render([cross_pairs.identity(a)], [cross_pairs.frame(2, 1)])
     assert torch.allclose(item["target"], images[0], atol=1e-4)  # batch-size rounding only
     assert torch.equal(item["target_regions"], regions[0])
     assert torch.equal(item["query_params"]["pose"], torch.as_tensor(
-        test_split.frame(2, 1)["pose"], dtype=torch.float32))
+        cross_pairs.frame(2, 1)["pose"], dtype=torch.float32))
     assert not torch.equal(item["source_params"]["shape"], item["query_params"]["shape"])
 
 
