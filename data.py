@@ -470,19 +470,39 @@ def preview_grid(size=128, n=6, seed=0):
     return torch.cat(rows, 1)
 
 
+EXAMPLE_ITEMS = (0, 1)  # test items: the first gives src / qry / target, the second the swap
+
+
+def write_examples(out_dir, size, seed=0):
+    """The README's example inputs, from held-out test identities: src.png, qry.png (another
+    person), target.png (the exact edit: src's person in qry's frame) and other.png (a third
+    person, for --swap). Returns the paths written."""
+    from synthetic import SyntheticPortraits
+    first, second = SyntheticPortraits(size, "test", seed).__getitems__(EXAMPLE_ITEMS)
+    images = {"src": first["source"], "qry": first["query"], "target": first["target"],
+              "other": second["source"]}
+    paths = []
+    for name, image in images.items():
+        paths.append(Path(out_dir) / f"{name}.png")
+        save_image(image, paths[-1])
+    return paths
+
+
 def main(argv=None):
     import argparse
     import sys
-    parser = argparse.ArgumentParser(description="Export or preview the synthetic portraits.")
+    parser = argparse.ArgumentParser(description="Export, preview or sample the synthetic portraits.")
     parser.add_argument("--export", metavar="DIR", help="write items in the vox-png layout")
     parser.add_argument("--n", type=int, default=1000, help="items to export")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--split", choices=("train", "test"), default="train")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preview", metavar="PNG", help="write a grid of train and test items")
+    parser.add_argument("--examples", metavar="DIR", help="write src.png, qry.png, target.png "
+                        "and other.png from held-out identities")
     args = parser.parse_args(argv)
-    if not (args.export or args.preview):
-        parser.error("nothing to do: give --export DIR and/or --preview PNG")
+    if not (args.export or args.preview or args.examples):
+        parser.error("nothing to do: give --export DIR, --preview PNG or --examples DIR")
     try:
         if args.export:
             if args.n < 1:
@@ -492,6 +512,9 @@ def main(argv=None):
         if args.preview:
             save_image(preview_grid(args.size, seed=args.seed), args.preview)
             print(f"wrote {args.preview}")
+        if args.examples:
+            paths = write_examples(args.examples, args.size, args.seed)
+            print("wrote " + ", ".join(str(p) for p in paths))
     except (ValueError, OSError) as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         sys.exit(2)

@@ -1,6 +1,9 @@
 """Measurements shared by training, evaluation and benchmarks: one implementation of each.
 
 - PSNR = 10·log10(R² / MSE) with R the data range (2 for images in [-1, 1]).
+- SSIM (Wang et al. 2004, Eq. 13) with their constants: an 11×11 Gaussian window of σ = 1.5,
+  C1 = (0.01·R)², C2 = (0.03·R)², per channel, averaged over the valid (unpadded) windows:
+  SSIM = (2μxμy + C1)(2σxy + C2) / ((μx² + μy² + C1)(σx² + σy² + C2)).
 - Slot-mask IoU: slots are assigned to regions ONCE for a whole set (not per image), because the
   method relies on a fixed slot → region binding (the face token taken from the source, hair /
   clothes / background tokens swapped by index; DiffFAE §4.2, App. G). With as many slots as
@@ -16,16 +19,54 @@ Letters: B batch, K slots, R regions, H/W image size, D embedding size.
 """
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.transform import Rotation
 
 
-def psnr(prediction, target, data_range=2.0):
-    """Per-image PSNR in dB of (B, C, H, W) tensors (infinite for identical images)."""
+def psnr(prediction, target, data_range=2.0, mask=None):
+    """Per-image PSNR in dB of (B, C, H, W) tensors (infinite for identical images); with a
+    mask (B, 1, H, W) the mean squared error is taken over the masked pixels only."""
     if prediction.shape != target.shape:
         raise ValueError(f"psnr: shapes differ, {tuple(prediction.shape)} vs {tuple(target.shape)}")
-    mse = (prediction.double() - target.double()).pow(2).flatten(1).mean(1)  # (B,)
+    error = (prediction.double() - target.double()).pow(2)  # (B, C, H, W)
+    if mask is None:
+        mse = error.flatten(1).mean(1)  # (B,)
+    else:
+        weight = mask.double().expand_as(error)
+        mse = (error * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp(min=1)
     return 10 * torch.log10(data_range ** 2 / mse)
+
+
+SSIM_WINDOW = 11  # Wang et al. 2004 §III-C
+SSIM_SIGMA = 1.5
+SSIM_K = (0.01, 0.03)
+
+
+def ssim(prediction, target, data_range=2.0):
+    """Per-image SSIM (B,) of (B, C, H, W) tensors with H, W ≥ 11 (see the module docstring)."""
+    if prediction.shape != target.shape:
+        raise ValueError(f"ssim: shapes differ, {tuple(prediction.shape)} vs {tuple(target.shape)}")
+    if min(prediction.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"ssim: images must be at least {SSIM_WINDOW} pixels on each side")
+    x, y = prediction.double(), target.double()
+    channels = x.shape[1]
+    offsets = torch.arange(SSIM_WINDOW, dtype=torch.double) - (SSIM_WINDOW - 1) / 2
+    g = torch.exp(-offsets ** 2 / (2 * SSIM_SIGMA ** 2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :]).expand(channels, 1, -1, -1).to(x.device)  # (C, 1, 11, 11)
+
+    def blur(image):  # Gaussian-weighted local mean, one channel at a time (groups = C)
+        return F.conv2d(image, window, groups=channels)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x ** 2
+    var_y = blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (SSIM_K[0] * data_range) ** 2, (SSIM_K[1] * data_range) ** 2
+    index = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x ** 2 + mu_y ** 2 + c1)
+                                                       * (var_x + var_y + c2))
+    return index.flatten(1).mean(1)
 
 
 def region_confusion(slot_masks, regions, n_regions=4):

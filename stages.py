@@ -1,4 +1,4 @@
-"""What each pretraining stage optimises and measures; train.py runs them.
+"""What each training stage optimises and measures; train.py runs them.
 
 - vqvae: L1 + codebook + β·commitment (+ hinge PatchGAN after `disc_start`); dead codes restarted.
   Measured: PSNR of reconstructions of held-out identities, perplexity and codebook usage.
@@ -12,6 +12,9 @@
   2021 Eq. 8). Measured: head-pose error in degrees, jaw, expression, light and camera errors.
 - identity: ArcFace (Deng et al. 2019) classification of synthetic identities. Measured:
   verification accuracy and CSIM of same / different held-out identities.
+- ldm: DiffFAE itself (difffae.py), L = L_LDM + δ·L_ACR on same-person pairs, I_R rendered from
+  the query's coefficients. Measured: PSNR of cross-identity edits of held-out people against
+  the exact target image, whole and on the face, sampled with the EMA weights.
 
 Each stage is an nn.Module whose forward(batch, step) returns a dict of losses with "loss" the
 total, so DistributedDataParallel wraps it whole. Letters: B batch, K slots, H/W image size.
@@ -29,13 +32,16 @@ import metrics
 from data import save_image
 from estimator import ArcMarginHead, CoefficientEstimator, EstimatorConfig, IdentityConfig
 from estimator import IdentityEncoder, pose6_to_flame15
+from difffae import DiffFAE, DiffusionConfig
 from slots import RegionSlots, SlotsConfig, masks_at
+from unet import UNetConfig
 from vqvae import PatchDiscriminator, VQConfig, VQVAE, discriminator_hinge_loss, vq_loss
 
-STAGES = ("vqvae", "slots", "estimator", "identity")
+STAGES = ("vqvae", "slots", "estimator", "identity", "ldm")
 PARTS = {"vqvae": {"vqvae": VQConfig}, "slots": {"slots": SlotsConfig},
-         "estimator": {"estimator": EstimatorConfig}, "identity": {"identity": IdentityConfig}}
-REQUIRES = {"slots": ("vqvae",)}
+         "estimator": {"estimator": EstimatorConfig}, "identity": {"identity": IdentityConfig},
+         "ldm": {"unet": UNetConfig, "diffusion": DiffusionConfig}}
+REQUIRES = {"slots": ("vqvae",), "ldm": ("vqvae", "slots", "estimator", "identity")}
 # Spread of each coefficient in the synthetic data (synthetic.py's sampling), used to weigh the
 # estimator's regression so that every group counts alike.
 COEFFICIENT_SCALE = {"shape": 1.0, "albedo": 0.9, "expression": 0.45, "pose": 0.3,
@@ -43,6 +49,7 @@ COEFFICIENT_SCALE = {"shape": 1.0, "albedo": 0.9, "expression": 0.45, "pose": 0.
 # Region of each slot index under --slots_supervision, in SLOT_NAMES order (face, hair, clothes,
 # background); synthetic.py numbers regions 0 background, 1 clothes, 2 hair, 3 face.
 SLOT_REGIONS = (3, 2, 1, 0)
+FACE_REGION = 3
 MASK_EPS = 1e-6           # floor of mask probabilities before the log
 GRID_ITEMS = 8            # images shown in evaluation grids
 IDENTITY_EVAL = (32, 4)   # held-out identities × frames for the verification measurement
@@ -74,19 +81,25 @@ def images_of(batch):
     return torch.cat([batch["source"], batch["query"]])
 
 
+# The network each stage trains, its config class, and its key prefix in the stage's state.
+NETWORKS = {"vqvae": (VQVAE, VQConfig, "vqvae."), "slots": (RegionSlots, SlotsConfig, "slots."),
+            "estimator": (CoefficientEstimator, EstimatorConfig, "estimator."),
+            "identity": (IdentityEncoder, IdentityConfig, "encoder.")}
+
+
 def load_part(out, stage, device):
-    """The trained network of an earlier stage, frozen, rebuilt from its checkpoint's config."""
-    if stage != "vqvae":
-        raise ValueError(f"loading a {stage} checkpoint as a prerequisite is not supported")
+    """The trained network of an earlier stage, frozen, rebuilt from its checkpoint's config.
+    Returns (network, its config)."""
     path = Path(out) / stage / "ckpt.pt"
     if not path.exists():
         raise MissingCheckpoint(f"{path} is missing: run `python train.py --stage {stage}` first")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = VQVAE(VQConfig(**checkpoint["config"]["vqvae"]))
-    prefix = "vqvae."
+    network, config_class, prefix = NETWORKS[stage]
+    config = config_class(**checkpoint["config"][stage])
+    model = network(config)
     model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items()
                            if k.startswith(prefix)})
-    return model.to(device).eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False), config
 
 
 def build(cfg, parts, device, n_identities):
@@ -94,7 +107,7 @@ def build(cfg, parts, device, n_identities):
     FLAME's coefficient counts, the VQ latent's shape) by replacing entries of `parts` in place,
     so the config saved with a checkpoint is the one the network was built with."""
     builders = {"vqvae": VQStage, "slots": SlotsStage, "estimator": EstimatorStage,
-                "identity": IdentityStage}
+                "identity": IdentityStage, "ldm": LDMStage}
     return builders[cfg.stage](cfg, parts, device, n_identities).to(device)
 
 
@@ -124,6 +137,14 @@ def _overlay(images, masks):
     colours = MASK_COLOURS[:masks.shape[1]].to(images)  # (K, 3)
     tint = torch.einsum("bkhw,kc->bchw", masks, colours) * 2 - 1
     return 0.45 * images + 0.55 * tint
+
+
+def true_coefficients(batch, image):
+    """The exact coefficients of batch[image] ("source" or "query") in the estimator's keys."""
+    params = batch[f"{image}_params"]
+    return {"shape": params["shape"], "albedo": params["albedo"],
+            "expression": params["expression"], "pose": params["pose6"], "cam": params["cam"],
+            "light": params["light"]}
 
 
 class Stage(nn.Module):
@@ -193,8 +214,8 @@ class VQStage(Stage):
 class SlotsStage(Stage):
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
-        self.vq = {"model": load_part(cfg.out, "vqvae", device)}  # frozen, outside the state
-        vq_config = self.vq["model"].cfg
+        vqvae, vq_config = load_part(cfg.out, "vqvae", device)
+        self.vq = {"model": vqvae}  # frozen, outside the state
         if cfg.slots_target == "latent":
             size = cfg.image_size // vq_config.downsample_factor
             target = {"target_size": size, "target_channels": vq_config.latent_channels}
@@ -274,20 +295,12 @@ class EstimatorStage(Stage):
                                      coefficients["light"], coefficients["cam"])
         return out["image"] * 2 - 1, out["mask"]
 
-    @staticmethod
-    def truth(batch, image):
-        """The exact coefficients of batch[image] ("source" or "query") in the estimator's keys."""
-        params = batch[f"{image}_params"]
-        return {"shape": params["shape"], "albedo": params["albedo"],
-                "expression": params["expression"], "pose": params["pose6"], "cam": params["cam"],
-                "light": params["light"]}
-
     def forward(self, batch, step):
         if "source_params" not in batch:
             raise ValueError("the estimator stage needs ground-truth coefficients: use "
                              "--data=synthetic")
         images = images_of(batch)
-        truth = {k: torch.cat([self.truth(batch, "source")[k], self.truth(batch, "query")[k]])
+        truth = {k: torch.cat([true_coefficients(batch, "source")[k], true_coefficients(batch, "query")[k]])
                  for k in COEFFICIENT_SCALE}
         predicted = self.estimator(images)
         terms = {}
@@ -298,7 +311,7 @@ class EstimatorStage(Stage):
         # the photometric term on the sources only: rendering is the costly part of a step
         n = len(batch["source"])
         render, mask = self.render({key: value[:n] for key, value in predicted.items()})
-        face = mask * (batch["source_regions"] == 3)[:, None].to(mask.dtype)  # drawn and skin
+        face = mask * (batch["source_regions"] == FACE_REGION)[:, None].to(mask.dtype)  # drawn and skin
         error = (render - batch["source"]).abs() * face
         photometric = error.sum() / (3 * face.sum()).clamp(min=1)
         loss = regression + self.photometric_weight * photometric
@@ -310,7 +323,7 @@ class EstimatorStage(Stage):
         device = next(self.parameters()).device
         images = batch["source"].to(device)
         predicted = self.estimator(images)
-        truth = {k: v.to(device) for k, v in self.truth(batch, "source").items()}
+        truth = {k: v.to(device) for k, v in true_coefficients(batch, "source").items()}
         pose_error = metrics.angle_error_degrees(metrics.head_pose_degrees(predicted["pose"]),
                                                  metrics.head_pose_degrees(truth["pose"]))
         jaw = (predicted["pose"][:, 3] - truth["pose"][:, 3]).abs().rad2deg()
@@ -353,3 +366,74 @@ class IdentityStage(Stage):
         picture = F.interpolate(stretched[None, None], scale_factor=4, mode="nearest")[0]
         save_image(picture.expand(3, -1, -1), png)
         return result
+
+
+class LDMStage(Stage):
+    """DiffFAE's diffusion model (difffae.py): the UNet and the region encoder are trained, the
+    VQ-VAE, estimator and identity encoder are frozen; all start from their stages' checkpoints
+    and are saved together, so an ldm checkpoint is the whole method."""
+
+    def __init__(self, cfg, parts, device, n_identities):
+        super().__init__()
+        networks = {name: load_part(cfg.out, name, device) for name in REQUIRES["ldm"]}
+        for name, (_, config) in networks.items():
+            parts[name] = config
+        if parts["slots"].image_size != cfg.image_size:
+            raise ValueError(f"--image_size={cfg.image_size}, but the pretrained parts work at "
+                             f"{parts['slots'].image_size} px")
+        parts["unet"] = dataclasses.replace(
+            parts["unet"], in_channels=2 * parts["vqvae"].latent_channels,
+            out_channels=parts["vqvae"].latent_channels, context_dim=parts["slots"].slot_dim,
+            id_dim=parts["identity"].embedding_dim)
+        self.model = DiffFAE(parts)
+        for name, (network, _) in networks.items():
+            getattr(self.model, name).load_state_dict(network.state_dict())
+        for frozen in (self.model.vqvae, self.model.estimator, self.model.identity,
+                       self.model.slots.decoder):  # the slot decoder only served pretraining
+            frozen.requires_grad_(False)
+        if parts["diffusion"].render_from == "truth" and cfg.data != "synthetic":
+            raise ValueError("--diffusion.render_from=truth needs synthetic data (exact "
+                             "coefficients); use --diffusion.render_from=estimated")
+        self.generator = None
+
+    def train(self, mode=True):
+        super().train(mode)
+        for frozen in (self.model.vqvae, self.model.estimator, self.model.identity):
+            frozen.eval()  # frozen parts keep their inference behaviour
+        return self
+
+    def forward(self, batch, step):
+        model = self.model
+        if float(model.latent_scale) == 0:  # measured once, then saved with the model
+            model.set_latent_scale(batch["query"])
+            if dist.is_initialized():
+                dist.all_reduce(model.latent_scale)
+                model.latent_scale /= dist.get_world_size()
+        with torch.autocast(batch["query"].device.type, enabled=False):  # geometry in fp32
+            if model.diffusion.render_from == "truth":
+                coefficients = true_coefficients(batch, "query")
+            else:
+                with torch.no_grad():
+                    coefficients = model.estimator(batch["query"])
+            rendered, _ = model.render(coefficients)
+        return model.loss(batch["source"], batch["query"], rendered)
+
+    @torch.no_grad()
+    def evaluate(self, batch, png):
+        """Cross-identity edits of held-out people against the exact target: PSNR of the whole
+        image and of the target's face region, with a grid source | query | I_R | edit | target."""
+        model = self.model
+        device = model.latent_scale.device
+        batch = to_device(batch, device)
+        source = true_coefficients(batch, "source")
+        query = true_coefficients(batch, "query")
+        coefficients = {**query, "shape": source["shape"], "albedo": source["albedo"]}
+        rendered, _ = model.render(coefficients)
+        cond = model.conditions(batch["source"], rendered)
+        edited = model.decode_latent(model.sample(cond, seed=0))
+        face = (batch["target_regions"] == FACE_REGION)[:, None]
+        n = GRID_ITEMS
+        _grid([batch["source"][:n], batch["query"][:n], rendered[:n], edited[:n],
+               batch["target"][:n]], png)
+        return {"psnr": float(metrics.psnr(edited, batch["target"]).mean()),
+                "psnr_face": float(metrics.psnr(edited, batch["target"], mask=face).mean())}

@@ -1,0 +1,490 @@
+"""DiffFAE: one-shot facial appearance editing with latent diffusion (Wang et al., ECCV 2024,
+arXiv 2403.17664, §4), put together from the parts in the leaf modules.
+
+Space-sensitive Physical Customization (SPC, §4.1). The coefficient estimator reads shape β and
+albedo α from the source and expression ψ, pose θ (global + jaw), light l and camera c from the
+query (Eq. 3); FLAME and render.py turn them into the rendered face I_R, whose VQ latent f_r is
+concatenated with the noisy latent:  ε̂ = ε_θ([z_t ; f_r], t, S, f_id).
+Region-responsive Semantic Composition (RSC, §4.2). The source's slot tokens S (face, hair,
+clothes, background) are the UNet's cross-attention context; its identity embedding f_id enters
+every res block by AdaIN. The region encoder is trained jointly with the UNet, starting from the
+slots stage.
+Objective (Eq. 1, 7, 8), with z_0 the scaled VQ latent of the query:
+    z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε,   t ~ U{0..T−1},   ε ~ N(0, I)
+    L = ‖ε − ε̂‖² + δ·‖A_cross − M_Q‖²,   δ = 0.1
+A_cross: the UNet's cross-attention maps per slot token, averaged over heads and layers; M_Q: the
+slot-attention masks of the query (detached: the target of the consistency term, not a second
+route for the masks to drift towards the attention).
+Schedule: LDM's scaled-linear β, √β evenly spaced from √0.00085 to √0.012, T = 1000 (Rombach
+et al. 2022). Latents are scaled to unit variance by 1/std measured on the first training batch
+(LDM's scale_factor) and stored with the model.
+
+Samplers (pure functions; device and dtype come from the inputs):
+    DDIM (Song et al. 2021, Eq. 12), with x̂_0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t:
+        x_prev = √ᾱ_prev·x̂_0 + √(1−ᾱ_prev−σ_t²)·ε + σ_t·z,
+        σ_t = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev)
+    DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ = log(α/σ),
+    h_i = λ_{i+1} − λ_i, r = h_{i−1}/h_i:
+        D_i = (1 + 1/(2r))·x̂_0,i − 1/(2r)·x̂_0,i−1       (first step: D_0 = x̂_0,0)
+        x_{i+1} = (σ_{i+1}/σ_i)·x_i − α_{i+1}·(e^{−h_i} − 1)·D_i
+    The last step goes to ᾱ = 1, where both samplers return x̂_0 (a first-order step).
+Timesteps are "trailing" (Lin et al. 2024, Table 2): t_i = round(T−1 − i·T/steps), so sampling
+starts at the noisiest step t = T−1.
+
+Letters: B batch, K slots, C latent channels, h/w latent size, H/W image size.
+"""
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from estimator import CoefficientEstimator, EstimatorConfig, IdentityConfig, IdentityEncoder
+from estimator import pose6_to_flame15
+from slots import SLOT_NAMES, RegionSlots, SlotsConfig
+from unet import UNet, UNetConfig, average_cross_attention
+from vqvae import VQConfig, VQVAE
+
+SAMPLERS = ("ddim", "dpm++2m")
+EDIT_ATTRIBUTES = ("pose", "expression", "lighting")
+# Which estimator coefficients each attribute takes from the query. The jaw (pose6[3:]) is part
+# of the expression; the camera moves with the head pose (DiffFAE Eq. 3 takes both from I_Q).
+ATTRIBUTE_KEYS = {"pose": ("global", "cam"), "expression": ("expression", "jaw"),
+                  "lighting": ("light",)}
+# Networks of the pretraining stages that DiffFAE is built from, with their config classes.
+PARTS = {"vqvae": VQConfig, "slots": SlotsConfig, "estimator": EstimatorConfig,
+         "identity": IdentityConfig, "unet": UNetConfig}
+
+
+@dataclasses.dataclass
+class DiffusionConfig:
+    """The diffusion process, the loss and sampling defaults (DiffFAE §4, §5.1)."""
+    timesteps: int = 1000          # T (LDM)
+    beta_start: float = 0.00085    # LDM scaled-linear schedule
+    beta_end: float = 0.012
+    acr_weight: float = 0.1        # δ of Eq. 8; 0 is the "no ACR" ablation
+    use_identity: bool = True      # False: f_id = 0, the "no identity token" ablation
+    render_from: str = "truth"     # training I_R from "truth" (synthetic) or "estimated" coeffs
+    sample_steps: int = 50
+    sampler: str = "ddim"
+
+    def __post_init__(self):
+        if self.timesteps < 2:
+            raise ValueError(f"DiffusionConfig.timesteps must be >= 2, got {self.timesteps}")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError(f"DiffusionConfig: need 0 < beta_start < beta_end < 1, got "
+                             f"{self.beta_start}, {self.beta_end}")
+        if self.render_from not in ("truth", "estimated"):
+            raise ValueError(f"DiffusionConfig.render_from={self.render_from!r}: expected "
+                             f"'truth' or 'estimated'")
+        check_sampler(self.sampler)
+
+
+def check_sampler(sampler):
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule and samplers
+# ---------------------------------------------------------------------------------------------
+
+def scaled_linear_alphas_cumprod(timesteps, beta_start, beta_end):
+    """ᾱ_t = Π_{s≤t} (1 − β_s), t = 0..T−1, with √β linear in t (LDM). Returns (T,) float64."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def make_timesteps(steps, timesteps):
+    """Descending "trailing" timesteps t_i = round(T−1 − i·T/steps), i < steps."""
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"steps={steps}: expected 1..{timesteps}")
+    return [round(timesteps - 1 - i * timesteps / steps) for i in range(steps)]
+
+
+def _scalar(value, like):
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+
+
+def predict_x0(x_t, eps, alpha_bar_t):
+    """x̂_0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t (DDIM Eq. 12, "predicted x_0")."""
+    alpha_bar_t = _scalar(alpha_bar_t, x_t)
+    return (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
+
+
+def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None):
+    """One DDIM step (Song et al. 2021, Eq. 12) from ᾱ_t to ᾱ_prev; eta = 0 is deterministic,
+    eta = 1 is DDPM's ancestral step with σ_t² = β̃_t. `noise` defaults to fresh N(0, I)."""
+    alpha_bar_t, alpha_bar_prev = _scalar(alpha_bar_t, x_t), _scalar(alpha_bar_prev, x_t)
+    x0 = predict_x0(x_t, eps, alpha_bar_t)
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t)).sqrt() \
+        * (1 - alpha_bar_t / alpha_bar_prev).clamp(min=0).sqrt()
+    direction = (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps  # "pointing to x_t"
+    x_prev = alpha_bar_prev.sqrt() * x0 + direction
+    if eta > 0:
+        x_prev = x_prev + sigma * (torch.randn_like(x_t) if noise is None else noise)
+    return x_prev
+
+
+def sample_loop(eps_fn, x_T, alphas_cumprod, timesteps, sampler="ddim", eta=0.0,
+                generator=None):
+    """Integrates from x_T at timesteps[0] down to the clean sample (ᾱ = 1 after the last).
+
+    eps_fn(x, t) returns the predicted noise at integer timestep t; timesteps is a descending
+    list of ints indexing alphas_cumprod (T,). sampler "ddim" (eta as in ddim_step; its noise
+    drawn from `generator`) or "dpm++2m" (deterministic; eta must be 0).
+    """
+    check_sampler(sampler)
+    if sampler == "dpm++2m" and eta != 0:
+        raise ValueError("eta applies to the ddim sampler only; dpm++2m is deterministic")
+    if any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        raise ValueError(f"timesteps must be strictly descending, got {list(timesteps)}")
+    alpha_bar = [float(alphas_cumprod[t]) for t in timesteps] + [1.0]
+    x, previous_x0, previous_h = x_T, None, None
+    for i, t in enumerate(timesteps):
+        eps = eps_fn(x, t)
+        if sampler == "ddim":
+            noise = None
+            if eta > 0:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = ddim_step(x, eps, alpha_bar[i], alpha_bar[i + 1], eta, noise)
+            continue
+        x0 = predict_x0(x, eps, alpha_bar[i])
+        if alpha_bar[i + 1] >= 1.0:  # the step to σ = 0 (λ = ∞) is first order: x = x̂_0
+            return x0
+        lam, lam_next = _half_log_snr(alpha_bar[i]), _half_log_snr(alpha_bar[i + 1])
+        h = lam_next - lam
+        if previous_x0 is None:
+            data = x0
+        else:
+            r = previous_h / h
+            data = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous_x0
+        sigma, sigma_next = math.sqrt(1 - alpha_bar[i]), math.sqrt(1 - alpha_bar[i + 1])
+        x = (sigma_next / sigma) * x - math.sqrt(alpha_bar[i + 1]) * math.expm1(-h) * data
+        previous_x0, previous_h = x0, h
+    return x
+
+
+def _half_log_snr(alpha_bar):
+    """λ = log(α/σ) = ½·log(ᾱ/(1−ᾱ))."""
+    return 0.5 * math.log(alpha_bar / (1 - alpha_bar))
+
+
+# ---------------------------------------------------------------------------------------------
+# Coefficients: combining source and query, and editing by numbers
+# ---------------------------------------------------------------------------------------------
+
+def combine_coefficients(source, query, edit=EDIT_ATTRIBUTES):
+    """Eq. 3: shape and albedo always from the source; each attribute in `edit` from the query,
+    the others from the source. Coefficient dicts as CoefficientEstimator returns them."""
+    unknown = set(edit) - set(EDIT_ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"unknown attribute(s) {', '.join(sorted(unknown))}: expected some of "
+                         f"{', '.join(EDIT_ATTRIBUTES)}")
+    taken = {key for attribute in edit for key in ATTRIBUTE_KEYS[attribute]}
+    out = {key: value.clone() for key, value in source.items()}
+    for key in ("expression", "cam", "light"):
+        if key in taken:
+            out[key] = query[key].clone()
+    if "global" in taken:
+        out["pose"][:, :3] = query["pose"][:, :3]
+    if "jaw" in taken:
+        out["pose"][:, 3:] = query["pose"][:, 3:]
+    return out
+
+
+NUMBER_HELP = ("yaw, pitch, roll, jaw in degrees; light=x,y,z (a direction in camera space: "
+               "+x to the image's right, +y up, +z towards the camera); or an expression name "
+               "of the built-in head = its coefficient (e.g. smile=1.2)")
+
+
+def set_numbers(coefficients, numbers, expression_names=()):
+    """Edit by numbers: overwrite coefficients with explicit values.
+
+    numbers: {name: value}; yaw/pitch/roll/jaw in degrees (head rotation as intrinsic Y-X-Z
+    Euler angles, the convention of metrics.head_pose_degrees; jaw opening about the x axis);
+    light: a 3-vector direction — the first-order SH band is set to that direction with its
+    current strength per colour; any name in expression_names sets that expression coefficient.
+    """
+    from scipy.spatial.transform import Rotation
+    import metrics
+    out = {key: value.clone() for key, value in coefficients.items()}
+    euler = {}
+    for name, value in numbers.items():
+        if name in ("yaw", "pitch", "roll"):
+            euler[name] = float(value)
+        elif name == "jaw":
+            out["pose"][:, 3:] = 0
+            out["pose"][:, 3] = math.radians(float(value))
+        elif name == "light":
+            direction = torch.as_tensor(value, dtype=out["light"].dtype).flatten()
+            if direction.numel() != 3 or direction.norm() == 0:
+                raise ValueError(f"light={value}: expected a non-zero direction x,y,z")
+            strength = out["light"][:, 1:4].norm(dim=1, keepdim=True)  # (B, 1, 3) per colour
+            out["light"][:, 1:4] = strength * (direction / direction.norm())[None, :, None]
+        elif name in expression_names:
+            out["expression"][:, list(expression_names).index(name)] = float(value)
+        else:
+            known = ["yaw", "pitch", "roll", "jaw", "light", *expression_names]
+            raise ValueError(f"unknown number {name!r}: expected one of {', '.join(known)}")
+    if euler:
+        angles = metrics.head_pose_degrees(out["pose"])  # (B, 3) yaw, pitch, roll
+        for index, name in enumerate(("yaw", "pitch", "roll")):
+            if name in euler:
+                angles[:, index] = euler[name]
+        rotvec = Rotation.from_euler("YXZ", angles.numpy(), degrees=True).as_rotvec()
+        out["pose"][:, :3] = torch.as_tensor(rotvec, dtype=out["pose"].dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+class DiffFAE(nn.Module):
+    """All networks of the method; FLAME and the renderer are rebuilt, never saved (FLAME's
+    license forbids redistributing it, and the built-in head is deterministic).
+
+    configs: {"vqvae", "slots", "estimator", "identity", "unet": part config,
+              "diffusion": DiffusionConfig}; `flame` a FLAME module (default: built-in head).
+    """
+
+    def __init__(self, configs, flame=None):
+        super().__init__()
+        from flame import FLAME
+        from render import Renderer
+        self.configs = configs
+        self.diffusion = configs["diffusion"]
+        self.vqvae = VQVAE(configs["vqvae"])
+        self.slots = RegionSlots(configs["slots"])
+        self.estimator = CoefficientEstimator(configs["estimator"])
+        self.identity = IdentityEncoder(configs["identity"])
+        self.unet = UNet(configs["unet"])
+        flame = FLAME() if flame is None else flame
+        image_size = configs["slots"].image_size
+        self.physical = {"flame": flame,  # plain dict: outside state_dict and parameters()
+                         "renderer": Renderer(flame.faces, flame.face_uvs, image_size,
+                                              cull_backfaces=True)}
+        d = self.diffusion
+        self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod(
+            d.timesteps, d.beta_start, d.beta_end).float(), persistent=False)
+        self.register_buffer("latent_scale", torch.tensor(0.0))  # set from data before training
+        self._check_parts()
+
+    def _check_parts(self):
+        c = self.configs
+        latent = c["vqvae"].latent_channels
+        sizes = {"slots": c["slots"].image_size, "estimator": c["estimator"].image_size,
+                 "identity": c["identity"].image_size}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"DiffFAE: the parts were trained at different image sizes {sizes}")
+        unet = c["unet"]
+        expected = {"in_channels": 2 * latent, "out_channels": latent,
+                    "context_dim": c["slots"].slot_dim, "id_dim": c["identity"].embedding_dim}
+        for name, value in expected.items():
+            if getattr(unet, name) != value:
+                raise ValueError(f"DiffFAE: unet.{name}={getattr(unet, name)}, expected {value}")
+        flame = self.physical["flame"]
+        for name in ("shape", "exp", "albedo"):
+            if getattr(c["estimator"], f"n_{name}") != getattr(flame, f"n_{name}"):
+                raise ValueError(f"DiffFAE: the estimator predicts {name} coefficients for a "
+                                 f"different FLAME model than the one given")
+
+    def _apply(self, fn, *args, **kwargs):
+        """.to(device) etc. also move FLAME and the renderer (kept outside the state dict)."""
+        super()._apply(fn, *args, **kwargs)
+        for module in self.physical.values():
+            module._apply(fn, *args, **kwargs)
+        return self
+
+    @property
+    def image_size(self):
+        return self.configs["slots"].image_size
+
+    # -- the pieces of Eq. 3 and §4.2 ------------------------------------------------------
+    def encode_latent(self, image):
+        """(B, 3, H, W) in [-1, 1] → scaled pre-quantisation VQ latent (B, C, h, w)."""
+        return self.vqvae.encode(image) * self.latent_scale
+
+    def decode_latent(self, z):
+        """Scaled latent (B, C, h, w) → image (B, 3, H, W); the decoder quantises (LDM VQ-reg)."""
+        return self.vqvae.decode(z / self.latent_scale).clamp(-1, 1)
+
+    def render(self, coefficients):
+        """SPC: FLAME(β, ψ, θ) rendered with albedo α, SH light l and camera c → I_R in [-1, 1]
+        (black outside the head) and its mask (B, 1, H, W)."""
+        flame = self.physical["flame"]
+        vertices = flame(coefficients["shape"], coefficients["expression"],
+                         pose6_to_flame15(coefficients["pose"]))
+        out = self.physical["renderer"](vertices, flame.albedo(coefficients["albedo"]),
+                                        coefficients["light"], coefficients["cam"])
+        return out["image"] * 2 - 1, out["mask"]
+
+    def conditions(self, source, rendered):
+        """Everything the UNet is conditioned on: f_r (B, C, h, w), slot tokens (B, K, D),
+        the source's slot masks (B, K, h', w') and f_id (B, Di)."""
+        regions = self.slots(source)
+        identity = self.identity(source)
+        if not self.diffusion.use_identity:
+            identity = torch.zeros_like(identity)
+        return {"f_r": self.encode_latent(rendered), "slots": regions["slots"],
+                "masks": regions["masks"], "id": identity}
+
+    def denoise(self, z_t, t, cond, return_attn=False):
+        """ε_θ([z_t ; f_r], t, S, f_id)."""
+        return self.unet(torch.cat([z_t, cond["f_r"]], dim=1), t, cond["slots"], cond["id"],
+                         return_attn=return_attn)
+
+    # -- training ----------------------------------------------------------------------------
+    def loss(self, source, query, rendered, generator=None):
+        """L = ‖ε − ε̂‖² + δ·‖A_cross − M_Q‖² (Eq. 8) for a batch of same-person pairs; rendered
+        is I_R from the query's coefficients. Returns a dict with "loss" the total."""
+        if float(self.latent_scale) == 0:
+            raise ValueError("DiffFAE.latent_scale is unset: measure it with set_latent_scale")
+        z0 = self.encode_latent(query)  # (B, C, h, w)
+        cond = self.conditions(source, rendered)
+        batch = z0.shape[0]
+        t = torch.randint(self.diffusion.timesteps, (batch,), generator=generator,
+                          device=z0.device)
+        noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+        alpha_bar = self.alphas_cumprod[t].view(batch, 1, 1, 1)
+        z_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise
+        eps, attn = self.denoise(z_t, t, cond, return_attn=True)
+        ldm = F.mse_loss(eps.float(), noise.float())
+        with torch.no_grad():
+            query_masks = self.slots(query)["masks"]  # (B, K, h', w') M_Q, a fixed target
+        attention = average_cross_attention(attn, query_masks.shape[-2:])  # (B, K, h', w')
+        acr = F.mse_loss(attention.float(), query_masks.float())
+        return {"loss": ldm + self.diffusion.acr_weight * acr, "ldm_loss": ldm.detach(),
+                "acr_loss": acr.detach()}
+
+    @torch.no_grad()
+    def set_latent_scale(self, images):
+        """LDM's scale_factor: 1/std of the VQ latents of `images` (B, 3, H, W)."""
+        std = self.vqvae.encode(images).float().std()
+        self.latent_scale.fill_(1.0 / float(std))
+
+    # -- inference ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, cond, steps=None, sampler=None, seed=0, eta=0.0, x_T=None):
+        """Latent (B, C, h, w) from z_T ~ N(0, I) (seeded) under the given conditions."""
+        d = self.diffusion
+        steps = d.sample_steps if steps is None else steps
+        sampler = d.sampler if sampler is None else sampler
+        generator = torch.Generator(device=cond["f_r"].device).manual_seed(seed)
+        if x_T is None:
+            x_T = torch.randn(cond["f_r"].shape, generator=generator,
+                              device=cond["f_r"].device, dtype=cond["f_r"].dtype)
+        return sample_loop(lambda x, t: self.denoise(x, t, cond), x_T, self.alphas_cumprod,
+                           make_timesteps(steps, d.timesteps), sampler, eta, generator)
+
+    @torch.no_grad()
+    def edit(self, source, query=None, edit=EDIT_ATTRIBUTES, swap=None, numbers=None,
+             steps=None, sampler=None, seed=0, eta=0.0):
+        """The source person (B, 3, H, W in [-1, 1]) with the query's pose / expression /
+        lighting, any subset of EDIT_ATTRIBUTES (those not edited keep the source's).
+
+        swap: {"hair" | "clothes" | "background": images (B, 3, H, W)} replaces those slot
+        tokens by the other image's (expandable editing, App. G). numbers: explicit coefficient
+        values applied last (set_numbers); with no query, only numbers change the source.
+        Returns {"image", "render" (I_R), "mask", "coefficients"}.
+        """
+        self._check_images(source, "source")
+        source_coefficients = self.estimator(source)
+        coefficients = source_coefficients
+        if query is not None:
+            self._check_images(query, "query")
+            coefficients = combine_coefficients(source_coefficients, self.estimator(query), edit)
+        if numbers:
+            coefficients = set_numbers(coefficients, numbers, self.expression_names())
+        rendered, mask = self.render(coefficients)
+        cond = self.conditions(source, rendered)
+        for region, image in (swap or {}).items():
+            if region not in SLOT_NAMES[1:]:
+                raise ValueError(f"cannot swap {region!r}: expected one of "
+                                 f"{', '.join(SLOT_NAMES[1:])}")
+            self._check_images(image, region)
+            k = SLOT_NAMES.index(region)
+            cond["slots"][:, k] = self.slots(image)["slots"][:, k]
+        image = self.decode_latent(self.sample(cond, steps, sampler, seed, eta))
+        return {"image": image, "render": rendered, "mask": mask, "coefficients": coefficients}
+
+    def expression_names(self):
+        """Names of the expression coefficients (the built-in head's; none for real FLAME)."""
+        from head import EXPRESSION_NAMES
+        if self.physical["flame"].n_exp == len(EXPRESSION_NAMES):
+            return EXPRESSION_NAMES
+        return ()
+
+    def _check_images(self, images, name):
+        size = self.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise ValueError(f"{name}: expected images (B, 3, {size}, {size}), got "
+                             f"{tuple(images.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: a training checkpoint of the ldm stage, or the exported inference weights
+# ---------------------------------------------------------------------------------------------
+
+INFERENCE_FORMAT = "difffae-inference-1"
+
+
+def configs_from(saved):
+    """Part configs from a checkpoint's "config" dict (dataclass fields as plain values)."""
+    classes = {**PARTS, "diffusion": DiffusionConfig}
+    missing = [name for name in classes if name not in saved]
+    if missing:
+        raise ValueError(f"the checkpoint has no config for {', '.join(missing)}: it is not an "
+                         f"ldm checkpoint")
+    return {name: cls(**saved[name]) for name, cls in classes.items()}
+
+
+def inference_weights(checkpoint):
+    """The model's weights from an ldm training checkpoint, its EMA replacing trained ones."""
+    prefix = "model."
+    weights = {k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)}
+    for name, value in (checkpoint.get("ema") or {}).get("shadow", {}).items():
+        weights[name[len(prefix):]] = value
+    return weights
+
+
+def export_inference(checkpoint, path, dtype=torch.float16):
+    """Writes the EMA weights of an ldm training checkpoint (a dict) in `dtype`, with the
+    config: everything sample.py needs, nothing for training (no optimiser, no RNG)."""
+    weights = {k: v.to(dtype) if v.is_floating_point() else v
+               for k, v in inference_weights(checkpoint).items()}
+    torch.save({"format": INFERENCE_FORMAT, "step": checkpoint["step"],
+                "config": checkpoint["config"], "weights": weights}, path)
+
+
+def load_model(path, device="cpu"):
+    """DiffFAE from an exported inference file or an ldm training checkpoint (its EMA weights),
+    in eval mode, float32. Raises ValueError naming the file and the problem."""
+    from pathlib import Path
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and unsafe-global errors alike
+        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
+        raise ValueError(f"{path}: not a DiffFAE checkpoint (no config)")
+    if checkpoint.get("format") == INFERENCE_FORMAT:
+        weights = checkpoint["weights"]
+    elif checkpoint.get("stage") == "ldm":
+        weights = inference_weights(checkpoint)
+    else:
+        raise ValueError(f"{path}: a {checkpoint.get('stage', 'unknown')} checkpoint; DiffFAE "
+                         f"needs one of the ldm stage or an exported inference file")
+    try:
+        model = DiffFAE(configs_from(checkpoint["config"]))
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                               for k, v in weights.items()})
+    except (TypeError, RuntimeError, ValueError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise ValueError(f"{path}: incompatible with this version of the model ({first})") \
+            from None
+    return model.to(device).eval()

@@ -1,0 +1,129 @@
+"""Edit a portrait: `python sample.py SRC QRY` writes the SRC person with QRY's pose, expression
+and lighting (DiffFAE, Wang et al. 2024).
+
+    python sample.py examples/src.png examples/qry.png                    # → out.png
+    python sample.py SRC QRY --edit expression --panel                    # only the expression
+    python sample.py SRC QRY --swap hair=other.png                        # and another's hair
+    python sample.py SRC --set yaw=25 --set jaw=15 --set light=1,0,1      # edit by numbers
+    python sample.py SRC QRY --sampler dpm++2m --steps 20                 # the faster sampler
+
+The model is the bundled one (weights/difffae-tiny.pt, trained on synthetic 64 px portraits)
+unless --ckpt names another: an exported file or a `runs/ldm/ckpt.pt` training checkpoint (its
+EMA weights). Images are centre-cropped and resized to the model's size; with --panel the output
+is a strip source | query | I_R (the rendered face) | result. Runs on the CPU by default.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data import ImageError, load_image, save_image
+from difffae import EDIT_ATTRIBUTES, NUMBER_HELP, SAMPLERS, load_model
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "difffae-tiny.pt"
+
+
+def parse_swap(items):
+    """["hair=a.png", ...] → {"hair": "a.png", ...}."""
+    swap = {}
+    for item in items:
+        region, _, path = item.partition("=")
+        if not path:
+            raise ValueError(f"--swap {item}: expected REGION=IMAGE, e.g. hair=other.png")
+        swap[region] = path
+    return swap
+
+
+def parse_numbers(items):
+    """["yaw=20", "light=1,0,1", ...] → {"yaw": 20.0, "light": [1.0, 0.0, 1.0], ...}."""
+    numbers = {}
+    for item in items:
+        name, _, text = item.partition("=")
+        try:
+            values = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise ValueError(f"--set {item}: expected NAME=NUMBER or light=X,Y,Z") from None
+        if not text or (len(values) != 1 and name != "light"):
+            raise ValueError(f"--set {item}: expected NAME=NUMBER or light=X,Y,Z")
+        numbers[name] = values if name == "light" else values[0]
+    return numbers
+
+
+def parse_edit(text):
+    attributes = tuple(a.strip() for a in text.split(",") if a.strip())
+    unknown = [a for a in attributes if a not in EDIT_ATTRIBUTES]
+    if unknown or not attributes:
+        raise ValueError(f"--edit {text}: expected a comma-separated subset of "
+                         f"{','.join(EDIT_ATTRIBUTES)}")
+    return attributes
+
+
+def zoom(image, factor):
+    """Nearest-neighbour enlargement of a (3, H, W) image, for looking at 64 px results."""
+    if factor == 1:
+        return image
+    return F.interpolate(image[None], scale_factor=factor, mode="nearest")[0]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="the person to edit (any image Pillow reads)")
+    parser.add_argument("query", nargs="?", help="whose pose / expression / lighting to take")
+    parser.add_argument("--out", default="out.png", help="output PNG (default out.png)")
+    parser.add_argument("--ckpt", default=str(DEFAULT_CHECKPOINT),
+                        help="model file (default: the bundled weights/difffae-tiny.pt)")
+    parser.add_argument("--edit", default=",".join(EDIT_ATTRIBUTES),
+                        help="attributes taken from the query (default: all three)")
+    parser.add_argument("--swap", action="append", default=[], metavar="REGION=IMAGE",
+                        help="take hair, clothes or background from another image (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        dest="numbers", help=f"edit by numbers (repeatable): {NUMBER_HELP}")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the "
+                        "model's, 20 for the bundled one)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None)
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 "
+                        "ancestral")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    parser.add_argument("--panel", action="store_true",
+                        help="write source | query | I_R | result instead of the result alone")
+    parser.add_argument("--zoom", type=int, default=1, help="enlarge the output N× (nearest)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps")
+    args = parser.parse_args(argv)
+    try:
+        if args.query is None and not args.numbers:
+            raise ValueError("nothing to edit: give a query image or --set NAME=VALUE")
+        if args.zoom < 1:
+            raise ValueError(f"--zoom {args.zoom}: expected a positive integer")
+        edit = parse_edit(args.edit)
+        swap_paths = parse_swap(args.swap)
+        numbers = parse_numbers(args.numbers)
+        started = time.time()
+        model = load_model(args.ckpt, args.device)
+        size = model.image_size
+
+        def read(path):
+            return load_image(path, size)[None].to(args.device)
+
+        source = read(args.source)
+        query = read(args.query) if args.query else None
+        swap = {region: read(path) for region, path in swap_paths.items()}
+        result = model.edit(source, query, edit=edit, swap=swap, numbers=numbers,
+                            steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta)
+        image = result["image"][0].cpu()
+        if args.panel:
+            strip = [source[0].cpu(), (query if query is not None else source)[0].cpu(),
+                     result["render"][0].cpu(), image]
+            image = torch.cat(strip, dim=2)  # (3, H, 4·W)
+        save_image(zoom(image, args.zoom), args.out)
+    except (ImageError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {args.out} ({time.time() - started:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""DiffFAE as a whole: the loss and its ablation switches, what trains and what stays frozen,
+editing and swapping, the ldm stage with its EMA through train.py (resume included), the
+inference export, and the sample.py / evaluate.py programs with their error messages.
+
+Pretrained parts are random networks saved in the stages' checkpoint format, at 32 px: these
+tests check the plumbing and the numbers that do not depend on training."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+import stages
+import train
+from data import save_image
+from difffae import DiffFAE, configs_from, load_model
+from slots import SLOT_NAMES
+from synthetic import SyntheticPortraits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 32
+SMALL = [f"--image_size={SIZE}", "--batch_size=2", "--pool=8", "--identities=4",
+         "--eval_items=4", "--log_every=1", "--warmup=1", "--diffusion.sample_steps=2"]
+
+
+def write_prerequisites(out):
+    """Random-weight checkpoints of the four pretraining stages under `out`, as train.py
+    writes them (the slots stage reads the VQ-VAE's, so the VQ-VAE goes first)."""
+    for stage in stages.REQUIRES["ldm"]:
+        cfg, parts = train.build_configs(["--stage", stage, *SMALL[:4], f"--out={out}"])
+        built = stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
+        train.atomic_save({"stage": stage, "step": 0, "model": built.state_dict(),
+                           "config": {stage: vars(parts[stage])}}, out / stage / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    write_prerequisites(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ldm_stage(pretrained):
+    torch.manual_seed(0)
+    cfg, parts = train.build_configs(["--stage", "ldm", *SMALL, f"--out={pretrained}"])
+    return stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    items = SyntheticPortraits(SIZE, "test", length=2).__getitems__([0, 1])
+    return default_collate(items)
+
+
+def run(program, *args, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, program), *args],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def test_latent_scale_is_measured_once_and_makes_unit_variance(ldm_stage, batch):
+    model = ldm_stage.model
+    model.latent_scale.zero_()
+    ldm_stage(batch, 0)
+    scale = float(model.latent_scale)
+    assert scale > 0
+    with torch.no_grad():
+        z = model.encode_latent(batch["query"])
+    assert z.std().item() == pytest.approx(1.0, rel=1e-5)
+    ldm_stage(batch, 1)
+    assert float(model.latent_scale) == scale  # not re-measured on later batches
+
+
+def test_loss_terms_and_which_parts_train(ldm_stage, batch):
+    model = ldm_stage.model
+    ldm_stage.zero_grad()
+    torch.manual_seed(1)
+    out = ldm_stage(batch, 0)
+    expected = out["ldm_loss"] + model.diffusion.acr_weight * out["acr_loss"]
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert model.diffusion.acr_weight == 0.1  # δ of Eq. 8
+    out["loss"].backward()
+    trained = {name.split(".")[1] for name, p in ldm_stage.named_parameters()
+               if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained == {"slots", "unet"}
+    assert all(p.grad is None for p in model.slots.decoder.parameters())
+    for frozen in (model.vqvae, model.estimator, model.identity):
+        assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_acr_term_is_the_squared_distance_of_attention_to_query_masks(ldm_stage, batch):
+    """With the UNet's attention forced uniform (1/K everywhere), L_attn = mean (1/K − M_Q)²."""
+    model = ldm_stage.model
+    rendered, _ = model.render(stages.true_coefficients(batch, "query"))
+    unet_forward = model.unet.forward
+
+    def uniform(x, t, context, id_embed, return_attn=False):
+        eps = unet_forward(x, t, context, id_embed)
+        k = context.shape[1]
+        return eps, [torch.full((x.shape[0], 1, 4, 4, k), 1.0 / k)]
+
+    model.unet.forward = uniform
+    try:
+        out = model.loss(batch["source"], batch["query"], rendered)
+    finally:
+        del model.unet.forward
+    with torch.no_grad():
+        masks = model.slots(batch["query"])["masks"]
+    expected = (masks - 1.0 / masks.shape[1]).pow(2).mean()
+    assert out["acr_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_edit_swaps_slot_tokens_and_keeps_unedited_attributes(ldm_stage, batch):
+    model = ldm_stage.model.eval()
+    source, query = batch["source"][:1], batch["query"][:1]
+    seen = []
+    denoise = model.denoise
+
+    def spy(z_t, t, cond, return_attn=False):
+        seen.append(cond["slots"].clone())
+        return denoise(z_t, t, cond, return_attn)
+
+    model.denoise = spy
+    try:
+        out = model.edit(source, query, edit=("lighting",), swap={"hair": query}, steps=2)
+    finally:
+        del model.denoise
+    assert out["image"].shape == (1, 3, SIZE, SIZE) and out["image"].abs().max() <= 1
+    with torch.no_grad():
+        own, other = model.slots(source)["slots"], model.slots(query)["slots"]
+        mine, theirs = model.estimator(source), model.estimator(query)
+    hair = SLOT_NAMES.index("hair")
+    for k in range(len(SLOT_NAMES)):
+        expected = other[:, k] if k == hair else own[:, k]
+        assert torch.allclose(seen[0][:, k], expected, atol=1e-6)
+    c = out["coefficients"]
+    assert torch.equal(c["light"], theirs["light"])
+    assert torch.equal(c["pose"], mine["pose"]) and torch.equal(c["expression"],
+                                                               mine["expression"])
+    with pytest.raises(ValueError, match="cannot swap 'face'"):
+        model.edit(source, query, swap={"face": query}, steps=1)
+
+
+def test_same_seed_same_edit_and_sampler_choice(ldm_stage, batch):
+    model = ldm_stage.model.eval()
+    source, query = batch["source"][:1], batch["query"][:1]
+    a = model.edit(source, query, steps=3, seed=5)["image"]
+    b = model.edit(source, query, steps=3, seed=5)["image"]
+    c = model.edit(source, query, steps=3, seed=6)["image"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="sampler"):
+        model.edit(source, query, steps=3, sampler="euler")
+
+
+def test_ldm_stage_trains_resumes_with_its_ema_and_exports(pretrained, tmp_path):
+    """A run split 2 + 2 steps ends with the weights and EMA of an uninterrupted 4-step run."""
+    for folder in ("whole", "split"):
+        for stage in stages.REQUIRES["ldm"]:
+            (tmp_path / folder / stage).mkdir(parents=True)
+            os.link(pretrained / stage / "ckpt.pt", tmp_path / folder / stage / "ckpt.pt")
+    common = ["--stage", "ldm", *SMALL, "--ckpt_every=1", "--ema_decay=0.9"]
+    done = run("train.py", *common, "--steps=4", f"--out={tmp_path / 'whole'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert run("train.py", *common, "--steps=2", f"--out={tmp_path / 'split'}").returncode == 0
+    resumed = run("train.py", *common, "--steps=4", f"--out={tmp_path / 'split'}")
+    assert resumed.returncode == 0 and "at step 2" in resumed.stdout, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "whole" / "ldm" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "ldm" / "ckpt.pt", weights_only=True)
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 4
+    for key, value in a["ema"]["shadow"].items():
+        assert torch.equal(value, b["ema"]["shadow"][key]), key
+        assert not torch.equal(value, a["model"][key]), key  # an average, not the weights
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    log = [json.loads(line) for line in open(tmp_path / "whole" / "ldm" / "log.jsonl")]
+    assert "psnr_face" in log[-1]["eval"]
+
+    exported = tmp_path / "model.pt"
+    done = run("train.py", *common, f"--out={tmp_path / 'whole'}", f"--export={exported}")
+    assert done.returncode == 0, done.stderr
+    bundle = torch.load(exported, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in bundle["weights"].values()
+               if v.is_floating_point())
+    model = load_model(exported)
+    ema = a["ema"]["shadow"]["model.unet.conv_in.weight"]
+    assert torch.allclose(model.unet.conv_in.weight, ema.half().float())
+    reference = load_model(tmp_path / "whole" / "ldm" / "ckpt.pt")  # EMA in float32
+    assert torch.equal(reference.unet.conv_in.weight, ema)
+    assert float(model.latent_scale) == pytest.approx(float(reference.latent_scale), rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def exported(ldm_stage, tmp_path_factory):
+    """An inference file of the fixture's model, as train.py --export writes it."""
+    from difffae import export_inference
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    config = {name: vars(c) for name, c in ldm_stage.model.configs.items()}
+    export_inference({"step": 0, "config": config, "model": ldm_stage.state_dict()}, path)
+    return path
+
+
+def test_load_model_errors_name_the_file(exported, pretrained, tmp_path):
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        load_model(tmp_path / "nothing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt: not a readable checkpoint"):
+        load_model(junk)
+    with pytest.raises(ValueError, match="a vqvae checkpoint"):
+        load_model(pretrained / "vqvae" / "ckpt.pt")
+    bundle = torch.load(exported, weights_only=True)
+    bundle["config"]["unet"]["base_channels"] = 64
+    torch.save(bundle, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: incompatible"):
+        load_model(tmp_path / "other.pt")
+    assert isinstance(load_model(exported), DiffFAE)
+    assert configs_from(bundle["config"])["unet"].base_channels == 64
+
+
+def test_sample_program_writes_an_edit_and_fails_cleanly(exported, batch, tmp_path):
+    save_image(batch["source"][0], tmp_path / "src.png")
+    save_image(batch["query"][0], tmp_path / "qry.png")
+    out = tmp_path / "out.png"
+    done = run("sample.py", "src.png", "qry.png", f"--ckpt={exported}", "--steps=2", "--panel",
+               "--zoom=2", "--swap", "hair=qry.png", "--set", "yaw=10", f"--out={out}",
+               cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    from PIL import Image
+    assert Image.open(out).size == (4 * SIZE * 2, SIZE * 2)
+    failures = {
+        ("missing.png", "qry.png"): "missing.png: no such file",
+        ("src.png", "qry.png", "--edit=pose,hair"): "--edit pose,hair",
+        ("src.png", "qry.png", "--swap", "face=qry.png"): "cannot swap 'face'",
+        ("src.png", "qry.png", "--set", "nose=3"): "unknown number 'nose'",
+        ("src.png",): "nothing to edit",
+        ("src.png", "qry.png", "--ckpt=none.pt"): "none.pt: no such checkpoint",
+    }
+    for args, message in failures.items():
+        extra = [] if any(a.startswith("--ckpt") for a in args) else [f"--ckpt={exported}"]
+        done = run("sample.py", *args, *extra, "--steps=1", cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stderr)
+        assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_evaluate_program_scores_methods_against_the_target(exported, tmp_path):
+    import metrics
+    out = tmp_path / "results.json"
+    done = run("evaluate.py", f"--ckpt={exported}", "--n=3", "--steps=2", f"--json={out}",
+               f"--grid={tmp_path / 'grid.png'}", f"--ablation=again={exported}")
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert results["n"] == 3
+    methods = results["methods"]
+    assert set(methods) == {"difffae", "copy_source", "paste_render", "ground_truth", "again"}
+    assert methods["again"]["psnr"] == pytest.approx(methods["difffae"]["psnr"])
+    assert "psnr" not in methods["ground_truth"] and "apd" in methods["ground_truth"]
+    assert methods["copy_source"]["csim"] == pytest.approx(1.0, abs=1e-5)
+    items = default_collate(SyntheticPortraits(SIZE, "test", 0, length=3).__getitems__(range(3)))
+    expected = metrics.psnr(items["source"], items["target"]).mean().item()
+    assert methods["copy_source"]["psnr"] == pytest.approx(expected, rel=1e-5)
+    assert "| copy_source |" in done.stdout
+    from PIL import Image
+    assert Image.open(tmp_path / "grid.png").size == (9 * SIZE, 6 * SIZE)
