@@ -8,6 +8,10 @@ rasterizer: render.rasterize on the built-in FLAME head (256×256, batch 8), wit
 renderer: the whole render.Renderer forward, and forward + backward to the vertices.
 flame: the FLAME forward for a batch of 64 random faces (ms per batch).
 data: synthetic training pairs rendered per second at 64 px and 256 px.
+diffusion: one UNet forward (batch 1) at the paper's scale (64×64×3 latent, 256 px images) and at
+    the bundled tiny model's; a whole edit per image (estimator, FLAME, render, slots, identity,
+    sampling, decoding) with DDIM-50 and DPM-Solver++(2M)-20; and each sampler's own arithmetic
+    per step (with a free ε prediction), to show that the UNet is the cost.
 
 Run: python bench.py   (prints a table of ms per image, median and best of REPEATS; numbers vary
 when other processes share the CPU — rerun when it is quiet)
@@ -209,13 +213,58 @@ def bench_data(device, head):
     return rows
 
 
+def bench_diffusion(device, head):
+    """Rows for the denoiser and whole edits (see the module docstring)."""
+    from difffae import load_model, make_timesteps, sample_loop
+    from sample import DEFAULT_CHECKPOINT
+    from unet import UNet, UNetConfig
+    rows = []
+    paper = UNetConfig()
+    unet = UNet(paper).to(device).eval()
+    latent = torch.randn(1, paper.in_channels, 64, 64, device=device)
+    context = torch.randn(1, 4, paper.context_dim, device=device)
+    identity = torch.randn(1, paper.id_dim, device=device)
+    with torch.no_grad():
+        (forward,) = time_ms([lambda: unet(latent, 500, context, identity)], device, per=1)
+    parameters = sum(p.numel() for p in unet.parameters()) / 1e6
+    rows.append(("UNet forward, paper scale", forward, f"64×64 latent, {parameters:.0f}M "
+                 "parameters, batch 1"))
+    eps = torch.randn(1, paper.out_channels, 64, 64, device=device)
+    alphas = torch.linspace(0.9991, 0.0047, 1000, device=device)  # any decreasing ᾱ will do
+    for sampler, steps in (("ddim", 50), ("dpm++2m", 20)):
+        timesteps = make_timesteps(steps, 1000)
+        (ms,) = time_ms([lambda: sample_loop(lambda x, t: eps, eps, alphas, timesteps, sampler)],
+                        device, per=steps)
+        rows.append((f"{sampler} arithmetic per step", ms, "64×64×3 latent, ε given"))
+    if not DEFAULT_CHECKPOINT.exists():
+        print(f"note: {DEFAULT_CHECKPOINT} missing; skipping the tiny model's rows")
+        return rows
+    model = load_model(DEFAULT_CHECKPOINT, device)
+    size = model.image_size
+    images = torch.rand(2, 3, size, size, device=device) * 2 - 1
+    with torch.no_grad():
+        rendered, _ = model.render(model.estimator(images[:1]))
+        cond = model.conditions(images[:1], rendered)
+        z = torch.randn_like(cond["f_r"])
+        (forward,) = time_ms([lambda: model.denoise(z, 500, cond)], device, per=1)
+    parameters = sum(p.numel() for p in model.unet.parameters()) / 1e6
+    rows.append(("UNet forward, tiny", forward, f"{z.shape[-1]}×{z.shape[-1]} latent, "
+                 f"{parameters:.1f}M parameters, batch 1"))
+    for sampler, steps in (("ddim", 50), ("dpm++2m", 20)):
+        (ms,) = time_ms([lambda: model.edit(images[:1], images[1:], steps=steps,
+                                            sampler=sampler)], device, per=1)
+        rows.append((f"edit, {sampler} {steps} steps, tiny", ms, f"{size} px, one image"))
+    return rows
+
+
 def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"ms per image, median and best of {REPEATS} interleaved runs")
     head = load_head(device)
     rows = (bench_rasterizer(device, head) + bench_renderer(device, head)
-            + bench_flame(device, head) + bench_data(device, head))
+            + bench_flame(device, head) + bench_data(device, head)
+            + bench_diffusion(device, head))
     width = max(len(name) for name, _, _ in rows)
     print(f"{'part':<{width}}  {'median':>7}  {'best':>7}  notes")
     for name, (median, best), note in rows:

@@ -136,10 +136,15 @@ def sample_loop(eps_fn, x_T, alphas_cumprod, timesteps, sampler="ddim", eta=0.0,
     drawn from `generator`) or "dpm++2m" (deterministic; eta must be 0).
     """
     check_sampler(sampler)
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta={eta}: expected a value in [0, 1]")
     if sampler == "dpm++2m" and eta != 0:
         raise ValueError("eta applies to the ddim sampler only; dpm++2m is deterministic")
     if any(a <= b for a, b in zip(timesteps, timesteps[1:])):
         raise ValueError(f"timesteps must be strictly descending, got {list(timesteps)}")
+    if not timesteps or timesteps[-1] < 0 or timesteps[0] >= len(alphas_cumprod):
+        raise ValueError(f"timesteps must lie in [0, {len(alphas_cumprod)}), got "
+                         f"{list(timesteps)}")
     alpha_bar = [float(alphas_cumprod[t]) for t in timesteps] + [1.0]
     x, previous_x0, previous_h = x_T, None, None
     for i, t in enumerate(timesteps):
@@ -178,6 +183,8 @@ def _half_log_snr(alpha_bar):
 def combine_coefficients(source, query, edit=EDIT_ATTRIBUTES):
     """Eq. 3: shape and albedo always from the source; each attribute in `edit` from the query,
     the others from the source. Coefficient dicts as CoefficientEstimator returns them."""
+    if isinstance(edit, str):
+        raise ValueError(f"edit={edit!r}: expected a tuple of attributes, e.g. ('pose',)")
     unknown = set(edit) - set(EDIT_ATTRIBUTES)
     if unknown:
         raise ValueError(f"unknown attribute(s) {', '.join(sorted(unknown))}: expected some of "
@@ -218,7 +225,8 @@ def set_numbers(coefficients, numbers, expression_names=()):
             out["pose"][:, 3:] = 0
             out["pose"][:, 3] = math.radians(float(value))
         elif name == "light":
-            direction = torch.as_tensor(value, dtype=out["light"].dtype).flatten()
+            direction = torch.as_tensor(value, dtype=out["light"].dtype,
+                                        device=out["light"].device).flatten()
             if direction.numel() != 3 or direction.norm() == 0:
                 raise ValueError(f"light={value}: expected a non-zero direction x,y,z")
             strength = out["light"][:, 1:4].norm(dim=1, keepdim=True)  # (B, 1, 3) per colour
