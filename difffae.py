@@ -250,6 +250,16 @@ def set_numbers(coefficients, numbers, expression_names=()):
 # The model
 # ---------------------------------------------------------------------------------------------
 
+def render_face(flame, renderer, coefficients):
+    """SPC: FLAME(β, ψ, θ) rendered with albedo α, SH light l and camera c → I_R in [-1, 1]
+    (black outside the head) and its mask (B, 1, H, W). Coefficients as the estimator's."""
+    vertices = flame(coefficients["shape"], coefficients["expression"],
+                     pose6_to_flame15(coefficients["pose"]))
+    out = renderer(vertices, flame.albedo(coefficients["albedo"]), coefficients["light"],
+                   coefficients["cam"])
+    return out["image"] * 2 - 1, out["mask"]
+
+
 class DiffFAE(nn.Module):
     """All networks of the method; FLAME and the renderer are rebuilt, never saved (FLAME's
     license forbids redistributing it, and the built-in head is deterministic).
@@ -320,14 +330,8 @@ class DiffFAE(nn.Module):
         return self.vqvae.decode(z / self.latent_scale).clamp(-1, 1)
 
     def render(self, coefficients):
-        """SPC: FLAME(β, ψ, θ) rendered with albedo α, SH light l and camera c → I_R in [-1, 1]
-        (black outside the head) and its mask (B, 1, H, W)."""
-        flame = self.physical["flame"]
-        vertices = flame(coefficients["shape"], coefficients["expression"],
-                         pose6_to_flame15(coefficients["pose"]))
-        out = self.physical["renderer"](vertices, flame.albedo(coefficients["albedo"]),
-                                        coefficients["light"], coefficients["cam"])
-        return out["image"] * 2 - 1, out["mask"]
+        """SPC's I_R (see render_face)."""
+        return render_face(self.physical["flame"], self.physical["renderer"], coefficients)
 
     def conditions(self, source, rendered):
         """Everything the UNet is conditioned on: f_r (B, C, h, w), slot tokens (B, K, D),

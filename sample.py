@@ -69,7 +69,7 @@ def zoom(image, factor):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="the person to edit (any image Pillow reads)")
     parser.add_argument("query", nargs="?", help="whose pose / expression / lighting to take")

@@ -31,8 +31,8 @@ from torch.utils.data import default_collate
 import metrics
 from data import save_image
 from estimator import ArcMarginHead, CoefficientEstimator, EstimatorConfig, IdentityConfig
-from estimator import IdentityEncoder, pose6_to_flame15
-from difffae import DiffFAE, DiffusionConfig
+from estimator import IdentityEncoder
+from difffae import DiffFAE, DiffusionConfig, render_face
 from slots import RegionSlots, SlotsConfig, masks_at
 from unet import UNetConfig
 from vqvae import PatchDiscriminator, VQConfig, VQVAE, discriminator_hinge_loss, vq_loss
@@ -87,10 +87,10 @@ NETWORKS = {"vqvae": (VQVAE, VQConfig, "vqvae."), "slots": (RegionSlots, SlotsCo
             "identity": (IdentityEncoder, IdentityConfig, "encoder.")}
 
 
-def load_part(out, stage, device):
-    """The trained network of an earlier stage, frozen, rebuilt from its checkpoint's config.
-    Returns (network, its config)."""
-    path = Path(out) / stage / "ckpt.pt"
+def load_part(out, stage, device, tag=""):
+    """The trained network of an earlier stage (its variant `tag`), frozen, rebuilt from its
+    checkpoint's config. Returns (network, its config)."""
+    path = Path(out) / (f"{stage}-{tag}" if tag else stage) / "ckpt.pt"
     if not path.exists():
         raise MissingCheckpoint(f"{path} is missing: run `python train.py --stage {stage}` first")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -288,12 +288,7 @@ class EstimatorStage(Stage):
 
     def render(self, coefficients):
         """Re-renders predicted (or true) coefficients: the image I_R and its mask."""
-        flame = self.fixed["flame"]
-        vertices = flame(coefficients["shape"], coefficients["expression"],
-                         pose6_to_flame15(coefficients["pose"]))
-        out = self.fixed["renderer"](vertices, flame.albedo(coefficients["albedo"]),
-                                     coefficients["light"], coefficients["cam"])
-        return out["image"] * 2 - 1, out["mask"]
+        return render_face(self.fixed["flame"], self.fixed["renderer"], coefficients)
 
     def forward(self, batch, step):
         if "source_params" not in batch:
@@ -375,7 +370,8 @@ class LDMStage(Stage):
 
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
-        networks = {name: load_part(cfg.out, name, device) for name in REQUIRES["ldm"]}
+        networks = {name: load_part(cfg.out, name, device, cfg.slots_tag if name == "slots"
+                                    else "") for name in REQUIRES["ldm"]}
         for name, (_, config) in networks.items():
             parts[name] = config
         if parts["slots"].image_size != cfg.image_size:

@@ -66,6 +66,7 @@ class TrainConfig:
     slots_target: str = "latent"  # slots: reconstruct the VQ latent ("latent") or "pixel"s
     slots_supervision: float = 0.0  # slots: weight of a mask loss on true regions (not in paper)
     photometric_weight: float = 1.0  # estimator: weight of the re-rendering loss
+    slots_tag: str = ""           # ldm: start from runs/slots-<tag>/ instead of runs/slots/
     arcface_scale: float = 30.0   # identity: ArcFace s (the paper's 64 suits 85k classes)
     arcface_margin: float = 0.5   # identity: ArcFace m (Deng et al. 2019)
 
