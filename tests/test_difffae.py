@@ -192,6 +192,22 @@ def test_ldm_stage_trains_resumes_with_its_ema_and_exports(pretrained, tmp_path)
     assert float(model.latent_scale) == pytest.approx(float(reference.latent_scale), rel=1e-3)
 
 
+def test_two_process_ddp_run_of_the_ldm_stage(pretrained, tmp_path):
+    """Frozen parts and the unused slot decoder must not trip DDP's unused-parameter check."""
+    for stage in stages.REQUIRES["ldm"]:
+        (tmp_path / stage).mkdir()
+        os.link(pretrained / stage / "ckpt.pt", tmp_path / stage / "ckpt.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port=29519", os.path.join(ROOT, "train.py"), "--stage",
+                           "ldm", "--steps=2", "--ema_decay=0.9", *SMALL, f"--out={tmp_path}"],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    checkpoint = torch.load(tmp_path / "ldm" / "ckpt.pt", weights_only=True)
+    assert checkpoint["step"] == 2 and len(checkpoint["rng"]) == 2
+    assert checkpoint["ema"]["updates"] == 2
+
+
 @pytest.fixture(scope="module")
 def exported(ldm_stage, tmp_path_factory):
     """An inference file of the fixture's model, as train.py --export writes it."""
@@ -265,3 +281,19 @@ def test_evaluate_program_scores_methods_against_the_target(exported, tmp_path):
     assert "| copy_source |" in done.stdout
     from PIL import Image
     assert Image.open(tmp_path / "grid.png").size == (9 * SIZE, 6 * SIZE)
+
+
+def test_the_bundled_model_edits_the_examples(tmp_path):
+    """The shipped weights: float16, at most 20 MB, loadable with weights_only, and the README's
+    first command works as written."""
+    from sample import DEFAULT_CHECKPOINT
+    assert DEFAULT_CHECKPOINT.stat().st_size <= 20 * 2 ** 20
+    bundle = torch.load(DEFAULT_CHECKPOINT, weights_only=True)
+    assert {v.dtype for v in bundle["weights"].values() if v.is_floating_point()} == {
+        torch.float16}
+    out = tmp_path / "out.png"
+    done = run("sample.py", "examples/src.png", "examples/qry.png", f"--out={out}")
+    assert done.returncode == 0, done.stderr
+    from PIL import Image
+    size = load_model(DEFAULT_CHECKPOINT).image_size
+    assert Image.open(out).size == (size, size)
