@@ -69,13 +69,14 @@ def coefficient_distances(model, images, truth):
             "ald": (estimated["light"] - truth["light"]).abs().flatten(1).mean(1).cpu()}
 
 
-def image_scores(model, output, batch):
-    """Every per-image metric of `output` (B, 3, H, W) for a batch of test pairs."""
+def image_scores(model, output, batch, against_target=True):
+    """Every per-image metric of `output` (B, 3, H, W) for a batch of test pairs; without the
+    image comparisons when the output is the target itself."""
     target, source = batch["target"], batch["source"]
     face = (batch["target_regions"] == FACE_REGION)[:, None]
     scores = coefficient_distances(model, output, true_frame(batch["query_params"]))
     scores["csim"] = (model.identity(output) * model.identity(source)).sum(1).cpu()
-    if output is not target:
+    if against_target:
         scores["psnr"] = metrics.psnr(output, target).float()
         scores["ssim"] = metrics.ssim(output, target).float()
         scores["psnr_face"] = metrics.psnr(output, target, mask=face).float()
@@ -83,7 +84,7 @@ def image_scores(model, output, batch):
 
 
 def edit_methods(model, batch, steps, sampler, seed):
-    """Outputs (B, 3, H, W) of DiffFAE and the baselines, plus I_R, for one batch."""
+    """Outputs (B, 3, H, W) of DiffFAE, the baselines and the ground truth for one batch."""
     source = batch["source"]
     coefficients = combine_coefficients(model.estimator(source), model.estimator(batch["query"]))
     rendered, mask = model.render(coefficients)
@@ -91,7 +92,7 @@ def edit_methods(model, batch, steps, sampler, seed):
     edited = model.decode_latent(model.sample(cond, steps, sampler, seed))
     return {"difffae": edited, "copy_source": source,
             "paste_render": torch.where(mask > 0.5, rendered, source),
-            "ground_truth": batch["target"]}, rendered
+            "ground_truth": batch["target"]}
 
 
 @torch.no_grad()
@@ -106,10 +107,11 @@ def evaluate(models, n, steps, sampler, seed, device):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         batch["query_params"] = {k: v.to(device) for k, v in batch["query_params"].items()}
         for name, model in models.items():
-            outputs, _ = edit_methods(model, batch, steps, sampler, seed + index)
+            outputs = edit_methods(model, batch, steps, sampler, seed + index)
             rows = outputs if name == first else {name: outputs["difffae"]}
             for row, output in rows.items():
-                for metric, values in image_scores(model, output, batch).items():
+                scores = image_scores(model, output, batch, against_target=row != "ground_truth")
+                for metric, values in scores.items():
                     sums[(row, metric)] = sums.get((row, metric), 0.0) + float(values.sum())
                     counts[(row, metric)] = counts.get((row, metric), 0) + len(values)
             masks = masks_at(model.slots(batch["source"])["masks"], size)

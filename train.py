@@ -351,17 +351,18 @@ def train(cfg, parts):
     stage = stages.build(cfg, parts, device, n_identities=stages.count_identities(cfg, dataset))
     optimizer = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    ema = EMA(stage, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start = 0
     if resume is not None:
         stage.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(resume["ema"])
         set_rng_state(resume["rng"][min(rank, len(resume["rng"]) - 1)])
         start = resume["step"]
         if master:
             print(f"resuming {cfg.stage} from {path} at step {start}")
+    # made after loading: an average first asked for on resume starts from the loaded weights
+    ema = EMA(stage, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None and resume is not None and resume.get("ema"):
+        ema.load_state_dict(resume["ema"])
     model = DistributedDataParallel(stage, device_ids=[local_rank] if device.type == "cuda"
                                     else None) if ddp else stage
 

@@ -124,3 +124,21 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {saved}" in resumed.stdout
     assert torch.load(checkpoint, weights_only=True)["step"] == saved + 2
+
+
+def test_ema_follows_its_formula_and_swaps_weights_in_and_out():
+    layer = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    ema = train.EMA(layer, decay=0.5)
+    expected = torch.ones(1, 2)
+    for n, value in enumerate((3.0, 5.0, 9.0), 1):
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        ema.update(layer)
+        d = min(0.5, (1 + n) / (10 + n))  # the warm-up holds d below `decay` at first
+        expected = d * expected + (1 - d) * value
+    assert torch.allclose(ema.shadow["weight"], expected)
+    with ema.applied(layer):
+        assert torch.allclose(layer.weight, expected)
+    assert torch.equal(layer.weight, torch.full((1, 2), 9.0))
