@@ -491,7 +491,8 @@ def write_examples(out_dir, size, seed=0):
 def main(argv=None):
     import argparse
     import sys
-    parser = argparse.ArgumentParser(description="Export, preview or sample the synthetic portraits.")
+    parser = argparse.ArgumentParser(
+        description="Export, preview or sample the synthetic portraits.")
     parser.add_argument("--export", metavar="DIR", help="write items in the vox-png layout")
     parser.add_argument("--n", type=int, default=1000, help="items to export")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")

@@ -295,8 +295,8 @@ class EstimatorStage(Stage):
             raise ValueError("the estimator stage needs ground-truth coefficients: use "
                              "--data=synthetic")
         images = images_of(batch)
-        truth = {k: torch.cat([true_coefficients(batch, "source")[k], true_coefficients(batch, "query")[k]])
-                 for k in COEFFICIENT_SCALE}
+        source, query = true_coefficients(batch, "source"), true_coefficients(batch, "query")
+        truth = {k: torch.cat([source[k], query[k]]) for k in COEFFICIENT_SCALE}
         predicted = self.estimator(images)
         terms = {}
         for key, scale in self.fixed["scale"].items():
@@ -306,7 +306,8 @@ class EstimatorStage(Stage):
         # the photometric term on the sources only: rendering is the costly part of a step
         n = len(batch["source"])
         render, mask = self.render({key: value[:n] for key, value in predicted.items()})
-        face = mask * (batch["source_regions"] == FACE_REGION)[:, None].to(mask.dtype)  # drawn and skin
+        # drawn and skin
+        face = mask * (batch["source_regions"] == FACE_REGION)[:, None].to(mask.dtype)
         error = (render - batch["source"]).abs() * face
         photometric = error.sum() / (3 * face.sum()).clamp(min=1)
         loss = regression + self.photometric_weight * photometric
