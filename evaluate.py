@@ -36,9 +36,8 @@ from data import save_image
 from difffae import SAMPLERS, combine_coefficients, load_model
 from sample import DEFAULT_CHECKPOINT
 from slots import SLOT_NAMES, masks_at
-from synthetic import SyntheticPortraits
+from synthetic import FACE, SyntheticPortraits
 
-FACE_REGION = 3  # synthetic.py's region numbering: 0 background, 1 clothes, 2 hair, 3 face
 CHUNK = 50       # pairs per batch
 GRID_ROWS = 6
 METRICS = ("psnr", "ssim", "psnr_face", "apd", "aed", "ald", "csim", "slot_miou")
@@ -73,7 +72,7 @@ def image_scores(model, output, batch, against_target=True):
     """Every per-image metric of `output` (B, 3, H, W) for a batch of test pairs; without the
     image comparisons when the output is the target itself."""
     target, source = batch["target"], batch["source"]
-    face = (batch["target_regions"] == FACE_REGION)[:, None]
+    face = (batch["target_regions"] == FACE)[:, None]
     scores = coefficient_distances(model, output, true_frame(batch["query_params"]))
     scores["csim"] = (model.identity(output) * model.identity(source)).sum(1).cpu()
     if against_target:

@@ -34,6 +34,7 @@ from estimator import ArcMarginHead, CoefficientEstimator, EstimatorConfig, Iden
 from estimator import IdentityEncoder
 from difffae import DiffFAE, DiffusionConfig, render_face
 from slots import RegionSlots, SlotsConfig, masks_at
+from synthetic import FACE, SyntheticPortraits
 from unet import UNetConfig
 from vqvae import PatchDiscriminator, VQConfig, VQVAE, discriminator_hinge_loss, vq_loss
 
@@ -49,7 +50,6 @@ COEFFICIENT_SCALE = {"shape": 1.0, "albedo": 0.9, "expression": 0.45, "pose": 0.
 # Region of each slot index under --slots_supervision, in SLOT_NAMES order (face, hair, clothes,
 # background); synthetic.py numbers regions 0 background, 1 clothes, 2 hair, 3 face.
 SLOT_REGIONS = (3, 2, 1, 0)
-FACE_REGION = 3
 MASK_EPS = 1e-6           # floor of mask probabilities before the log
 GRID_ITEMS = 8            # images shown in evaluation grids
 IDENTITY_EVAL = (32, 4)   # held-out identities × frames for the verification measurement
@@ -114,7 +114,6 @@ def build(cfg, parts, device, n_identities):
 def eval_set(cfg):
     """Held-out synthetic identities (the test split): a collated batch of `eval_items` items,
     plus IDENTITY_EVAL identities × frames for the identity stage."""
-    from synthetic import SyntheticPortraits
     test = SyntheticPortraits(cfg.image_size, "test", cfg.seed, length=cfg.eval_items)
     batch = default_collate(test.__getitems__(range(cfg.eval_items)))
     if cfg.stage == "identity":
@@ -307,7 +306,7 @@ class EstimatorStage(Stage):
         n = len(batch["source"])
         render, mask = self.render({key: value[:n] for key, value in predicted.items()})
         # drawn and skin
-        face = mask * (batch["source_regions"] == FACE_REGION)[:, None].to(mask.dtype)
+        face = mask * (batch["source_regions"] == FACE)[:, None].to(mask.dtype)
         error = (render - batch["source"]).abs() * face
         photometric = error.sum() / (3 * face.sum()).clamp(min=1)
         loss = regression + self.photometric_weight * photometric
@@ -428,7 +427,7 @@ class LDMStage(Stage):
         rendered, _ = model.render(coefficients)
         cond = model.conditions(batch["source"], rendered)
         edited = model.decode_latent(model.sample(cond, seed=0))
-        face = (batch["target_regions"] == FACE_REGION)[:, None]
+        face = (batch["target_regions"] == FACE)[:, None]
         n = GRID_ITEMS
         _grid([batch["source"][:n], batch["query"][:n], rendered[:n], edited[:n],
                batch["target"][:n]], png)

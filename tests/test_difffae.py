@@ -209,9 +209,10 @@ def test_two_process_ddp_run_of_the_ldm_stage(pretrained, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def exported(ldm_stage, tmp_path_factory):
+def exported(ldm_stage, batch, tmp_path_factory):
     """An inference file of the fixture's model, as train.py --export writes it."""
     from difffae import export_inference
+    ldm_stage.model.set_latent_scale(batch["query"])  # as the first training step does
     path = tmp_path_factory.mktemp("model") / "model.pt"
     config = {name: vars(c) for name, c in ldm_stage.model.configs.items()}
     export_inference({"step": 0, "config": config, "model": ldm_stage.state_dict()}, path)
@@ -265,14 +266,20 @@ def test_sample_program_writes_an_edit_and_fails_cleanly(exported, batch, tmp_pa
 def test_evaluate_program_scores_methods_against_the_target(exported, tmp_path):
     import metrics
     out = tmp_path / "results.json"
+    other = torch.load(exported, weights_only=True)  # the same model with a different denoiser
+    other["weights"]["unet.conv_out.bias"] += 0.5
+    torch.save(other, tmp_path / "other.pt")
     done = run("evaluate.py", f"--ckpt={exported}", "--n=3", "--steps=2", f"--json={out}",
-               f"--grid={tmp_path / 'grid.png'}", f"--ablation=again={exported}")
+               f"--grid={tmp_path / 'grid.png'}", f"--ablation=again={exported}",
+               f"--ablation=other={tmp_path / 'other.pt'}")
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
     assert results["n"] == 3
     methods = results["methods"]
-    assert set(methods) == {"difffae", "copy_source", "paste_render", "ground_truth", "again"}
+    assert set(methods) == {"difffae", "copy_source", "paste_render", "ground_truth", "again",
+                            "other"}
     assert methods["again"]["psnr"] == pytest.approx(methods["difffae"]["psnr"])
+    assert methods["other"]["psnr"] != pytest.approx(methods["difffae"]["psnr"])  # its own row
     assert "psnr" not in methods["ground_truth"] and "apd" in methods["ground_truth"]
     assert methods["copy_source"]["csim"] == pytest.approx(1.0, abs=1e-5)
     items = default_collate(SyntheticPortraits(SIZE, "test", 0, length=3).__getitems__(range(3)))
