@@ -47,6 +47,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from layers import REGION_COLOURS
+
 MIN_SIZE = 8  # below this a face is no longer a face; also catches a swapped (size, path)
 MAX_SIZE = 4096  # 16× the paper's 256 px (DiffFAE §5.1); larger is almost surely a typo
 # Refuse sources above 64 Mi pixels (8192 × 8192): lower than Pillow's own decompression-bomb
@@ -257,13 +259,15 @@ def _read_index(path: Path) -> Optional[dict]:
         return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and os.replace, so readers never see half."""
+def write_atomic(path, write) -> None:
+    """Call write(file) on a new temporary file beside path, then rename it over path: readers,
+    and a crash or a full disk halfway, never leave half a file; the old one stays until then."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
+        with os.fdopen(handle, "wb") as file:
+            write(file)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -382,7 +386,7 @@ class FrameFolder(Dataset):
         problems = []
         for path in paths:
             try:
-                _write_atomic(path, text)
+                write_atomic(path, lambda file: file.write(text.encode()))
                 return index
             except OSError as error:
                 problems.append(f"{path} ({_one_line(error.strerror or error)})")
@@ -426,8 +430,6 @@ class FrameFolder(Dataset):
 # Command line: export the synthetic data set to disk, or preview it
 # ---------------------------------------------------------------------------------------------
 
-REGION_COLOURS = torch.tensor([[0.0, 0.0, 0.0], [0.1, 0.35, 0.95], [0.95, 0.75, 0.1],
-                               [0.95, 0.3, 0.3]])  # background, clothes, hair, face
 OVERLAY_ALPHA = 0.55
 EXPORT_BATCH = 32
 
@@ -451,7 +453,7 @@ def export_synthetic(out_dir, n, size, split="train", seed=0):
             params = {"source": item["source_params"], "query": item["query_params"]}
             text = json.dumps({frame: {key: value.tolist() for key, value in p.items()}
                                for frame, p in params.items()})
-            _write_atomic(clip / "params.json", text)
+            write_atomic(clip / "params.json", lambda file: file.write(text.encode()))
             clips.append(clip)
     return clips
 

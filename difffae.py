@@ -41,8 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from estimator import CoefficientEstimator, EstimatorConfig, IdentityConfig, IdentityEncoder
-from estimator import pose6_to_flame15
-from slots import SLOT_NAMES, RegionSlots, SlotsConfig
+from flame import pose6_to_flame15
+from layers import REGION_NAMES
+from slots import RegionSlots, SlotsConfig
 from unet import UNet, UNetConfig, average_cross_attention
 from vqvae import VQConfig, VQVAE
 
@@ -413,11 +414,11 @@ class DiffFAE(nn.Module):
         rendered, mask = self.render(coefficients)
         cond = self.conditions(source, rendered)
         for region, image in (swap or {}).items():
-            if region not in SLOT_NAMES[1:]:
+            if region not in REGION_NAMES[1:]:
                 raise ValueError(f"cannot swap {region!r}: expected one of "
-                                 f"{', '.join(SLOT_NAMES[1:])}")
+                                 f"{', '.join(REGION_NAMES[1:])}")
             self._check_images(image, region)
-            k = SLOT_NAMES.index(region)
+            k = REGION_NAMES.index(region)
             cond["slots"][:, k] = self.slots(image)["slots"][:, k]
         image = self.decode_latent(self.sample(cond, steps, sampler, seed, eta))
         return {"image": image, "render": rendered, "mask": mask, "coefficients": coefficients}

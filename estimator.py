@@ -44,18 +44,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flame import flame15_to_pose6, pose6_to_flame15  # noqa: F401  (re-exported)
+from render import SH_C0
+
 COEFFICIENT_KEYS = ("shape", "albedo", "expression", "pose", "cam", "light")
 N_POSE = 6  # DECA: global rotation 3 + jaw 3, axis-angle
 N_CAM = 3  # DECA orthographic camera [s, tx, ty]
 N_SH = 9  # second-order spherical harmonics (Ramamoorthi & Hanrahan 2001)
 N_RGB = 3
 N_LIGHT = N_SH * N_RGB  # DECA: 27
-FLAME_JOINTS = ("global", "neck", "jaw", "left_eye", "right_eye")  # Li et al. 2017
-N_FLAME_POSE = 3 * len(FLAME_JOINTS)  # 15
-GLOBAL_SLICE = slice(0, 3)  # global rotation in pose6 and in the FLAME 15-vector
-JAW_SLICE_POSE6 = slice(3, 6)
-JAW_SLICE_FLAME = slice(6, 9)  # joint index 2 (jaw) × 3
-SH_C0 = 1.0 / math.sqrt(4.0 * math.pi)  # DC basis constant (REFERENCE.md, DECA's SH constants)
 # Shading is Σ c_k·l_k·basis_k; with l_0 = 1/c_0 = √(4π) the DC term alone gives shading 1, so
 # the first render shows the albedo unchanged: neither black (no gradient) nor saturated.
 DEFAULT_LIGHT_DC = 1.0 / SH_C0
@@ -222,27 +219,6 @@ def _check_image(image, in_channels, image_size, who):
     if image.shape[2] != image_size or image.shape[3] != image_size:
         raise ValueError(f"{who}: image is {image.shape[2]}x{image.shape[3]}, expected "
                          f"{image_size}x{image_size}")
-
-
-def pose6_to_flame15(pose6):
-    """DECA's pose (B, 6) = [global, jaw] -> FLAME's full pose (B, 15).
-
-    FLAME's joint order is [global, neck, jaw, left eye, right eye]; neck and eyes are set to zero
-    (DECA does not estimate them).
-    """
-    if pose6.dim() != 2 or pose6.shape[1] != N_POSE:
-        raise ValueError(f"pose6 must be (B, {N_POSE}), got shape {tuple(pose6.shape)}")
-    flame15 = pose6.new_zeros(pose6.shape[0], N_FLAME_POSE)  # (B, 15)
-    flame15[:, GLOBAL_SLICE] = pose6[:, GLOBAL_SLICE]
-    flame15[:, JAW_SLICE_FLAME] = pose6[:, JAW_SLICE_POSE6]
-    return flame15
-
-
-def flame15_to_pose6(flame15):
-    """FLAME's full pose (B, 15) -> DECA's (B, 6) = [global, jaw]; neck and eyes are dropped."""
-    if flame15.dim() != 2 or flame15.shape[1] != N_FLAME_POSE:
-        raise ValueError(f"flame15 must be (B, {N_FLAME_POSE}), got shape {tuple(flame15.shape)}")
-    return torch.cat([flame15[:, GLOBAL_SLICE], flame15[:, JAW_SLICE_FLAME]], dim=1)  # (B, 6)
 
 
 class CoefficientEstimator(nn.Module):

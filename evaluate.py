@@ -35,8 +35,9 @@ import metrics
 from data import save_image
 from difffae import SAMPLERS, combine_coefficients, load_model
 from sample import DEFAULT_CHECKPOINT
-from slots import SLOT_NAMES, masks_at
-from synthetic import FACE, SyntheticPortraits
+from layers import FACE, REGION_NAMES
+from slots import masks_at
+from synthetic import SyntheticPortraits
 
 CHUNK = 50       # pairs per batch
 GRID_ROWS = 6
@@ -135,7 +136,7 @@ def picture(model, path, steps, sampler, seed, device):
     edited = model.edit(source, query, steps=steps, sampler=sampler, seed=seed)
     columns = [source, query, edited["render"], edited["image"], batch["target"][:GRID_ROWS],
                other]
-    for region in SLOT_NAMES[1:]:
+    for region in REGION_NAMES[1:]:
         swapped = model.edit(source, swap={region: other}, steps=steps, sampler=sampler,
                              seed=seed)
         columns.append(swapped["image"])

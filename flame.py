@@ -252,6 +252,20 @@ def save_npz(model, path):
 # Linear blend skinning
 # ---------------------------------------------------------------------------------------------
 
+def pose6_to_flame15(pose6):
+    """DECA's pose (B, 6) = [global, jaw] -> FLAME's full pose (B, 15); neck and eyes are zero
+    (DECA does not estimate them)."""
+    assert pose6.shape[-1] == 6, pose6.shape
+    zeros = pose6.new_zeros(pose6.shape[0], 3)
+    return torch.cat([pose6[:, :3], zeros, pose6[:, 3:], zeros, zeros], dim=1)  # (B, 15)
+
+
+def flame15_to_pose6(flame15):
+    """FLAME's full pose (B, 15) -> DECA's (B, 6) = [global, jaw]; neck and eyes are dropped."""
+    assert flame15.shape[-1] == POSE_DIM, flame15.shape
+    return torch.cat([flame15[:, 0:3], flame15[:, 6:9]], dim=1)  # (B, 6): joints 0 and 2
+
+
 def rodrigues(axis_angle):
     """Rotation matrices from axis-angle vectors, R = I + sin(a) K + (1 − cos(a)) K².
 

@@ -78,8 +78,10 @@ def _spans(spans):
     return np.concatenate([np.linspace(a, b, n, endpoint=False) for a, b, n in spans])
 
 
-def _smoothstep(edge0, edge1, x):
-    t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
+def smoothstep(edge0, edge1, x):
+    """0 below edge0, 1 above edge1 (or the reverse when edge1 < edge0), a cubic in between;
+    x is a numpy array or a torch tensor."""
+    t = ((x - edge0) / (edge1 - edge0)).clip(0.0, 1.0)
     return t * t * (3 - 2 * t)
 
 
@@ -214,13 +216,13 @@ def _eye_opening(theta, phi):
         a = (phi - side * EYE_PHI) / EYE_HALF_WIDTH
         # almond: the opening is tallest in its middle and pinches towards the corners
         b = (theta - EYE_THETA) / (EYE_HALF_HEIGHT * np.sqrt(np.clip(1 - 0.55 * a ** 2, 0.05, 1)))
-        opening = opening + _smoothstep(1.0, 0.55, np.sqrt(a ** 2 + b ** 2))
+        opening = opening + smoothstep(1.0, 0.55, np.sqrt(a ** 2 + b ** 2))
     return opening
 
 
 def _mouth_window(phi, inset=0.0):
     """1 between the mouth corners, 0 beyond them."""
-    return _smoothstep(MOUTH_CORNER_PHI - inset + 2.5, MOUTH_CORNER_PHI - inset - 2.5, np.abs(phi))
+    return smoothstep(MOUTH_CORNER_PHI - inset + 2.5, MOUTH_CORNER_PHI - inset - 2.5, np.abs(phi))
 
 
 def _lip_mask(theta, phi):
@@ -281,8 +283,8 @@ def _shape_fields(P, D, theta, phi, neckness):
     x, y, z = P[:, 0], P[:, 1], P[:, 2]
     zero = np.zeros_like(x)
     head = 1 - neckness
-    front = _smoothstep(-0.2, 0.5, D[:, 2])
-    lower_face = _smoothstep(105, 130, theta) * _smoothstep(165, 150, theta)
+    front = smoothstep(-0.2, 0.5, D[:, 2])
+    lower_face = smoothstep(105, 130, theta) * smoothstep(165, 150, theta)
     eyes = _pair(theta, phi, EYE_THETA, EYE_PHI, 7.0, 11.0)
     mouth = _bump(theta, phi, MOUTH_THETA, 0.0, 6.0, 22.0)
 
@@ -475,12 +477,12 @@ def _paint_albedo(rows, cols, groove_rows):
     lips = np.clip(1.4 * _lip_mask(theta, phi), 0, 1)
     lips = np.maximum(lips, inside * ((row < g[1]) | (row > g[3])))
     arch = 75.5 - 2.2 * np.sin(np.pi * np.clip((np.abs(phi) - 6) / 26, 0, 1))
-    brows = (np.exp(-0.5 * ((theta - arch) / 1.4) ** 2) * _smoothstep(4, 8, np.abs(phi))
-             * _smoothstep(34, 28, np.abs(phi)))
+    brows = (np.exp(-0.5 * ((theta - arch) / 1.4) ** 2) * smoothstep(4, 8, np.abs(phi))
+             * smoothstep(34, 28, np.abs(phi)))
     opening = _eye_opening(theta, phi)
     lash = 4 * opening * (1 - opening) * np.where(theta < EYE_THETA, 1.0, 0.5)
     nostrils = _pair(theta, phi, NOSE_TIP + 1.8, 3.4, 1.0, 1.6)
-    iris = _smoothstep(25, 23, alpha) * is_eye
+    iris = smoothstep(25, 23, alpha) * is_eye
     texture = np.broadcast_to(colour(SKIN), (3, size, size)).copy()
     texture = over(texture, LIPS, lips)
     texture = over(texture, BROWS, 0.85 * brows)
@@ -489,14 +491,14 @@ def _paint_albedo(rows, cols, groove_rows):
     texture = over(texture, MOUTH_INSIDE, inside * (1 - teeth) * ((row > g[1]) & (row < g[3])))
     texture = over(texture, TEETH, teeth * inside)
     eye = over(over(np.broadcast_to(colour(SCLERA), (3, size, size)).copy(), IRIS, iris),
-               PUPIL, _smoothstep(10, 8, alpha))
-    eye = eye * (1 - 0.35 * _smoothstep(20, 24, alpha) * _smoothstep(26, 24, alpha))  # limbus
+               PUPIL, smoothstep(10, 8, alpha))
+    eye = eye * (1 - 0.35 * smoothstep(20, 24, alpha) * smoothstep(26, 24, alpha))  # limbus
     texture = np.where(is_eye[None], eye, texture)
 
     skin = (1 - is_eye) * (1 - inside)
     cheeks = _pair(theta, phi, 108, 32, 6, 9)
-    beard = (_smoothstep(112, 122, theta) * _smoothstep(160, 150, theta)
-             * _smoothstep(65, 50, np.abs(phi)) + _bump(theta, phi, MOUTH_THETA - 5, 0, 2.5, 14))
+    beard = (smoothstep(112, 122, theta) * smoothstep(160, 150, theta)
+             * smoothstep(65, 50, np.abs(phi)) + _bump(theta, phi, MOUTH_THETA - 5, 0, 2.5, 14))
     beard = np.clip(beard, 0, 1) * (1 - lips) * skin
     shadow = _pair(theta, phi, EYE_THETA - 4.5, EYE_PHI, 2.2, 8) * (1 - opening)
     directions = [
@@ -567,11 +569,11 @@ def _build():
 
     # skinning weights (V, 5): global, neck (the head), jaw, left eye, right eye
     y = P[:, 1]
-    w_global = neckness * _smoothstep(-0.08, -0.15, y)
+    w_global = neckness * smoothstep(-0.08, -0.15, y)
     mouth = _mouth_window(phi)
     jaw = (mouth * jaw_side[row_index]
-           + (1 - mouth) * _smoothstep(MOUTH_THETA - 2, MOUTH_THETA + 8, theta))
-    jaw = jaw * _smoothstep(88, 55, np.abs(phi)) * _smoothstep(162, 148, theta) * (1 - w_global)
+           + (1 - mouth) * smoothstep(MOUTH_THETA - 2, MOUTH_THETA + 8, theta))
+    jaw = jaw * smoothstep(88, 55, np.abs(phi)) * smoothstep(162, 148, theta) * (1 - w_global)
     weights = np.zeros((len(v_template), 5))
     weights[:n_head, 0] = w_global
     weights[:n_head, 2] = jaw

@@ -56,14 +56,14 @@ _EMPTY_KEY = torch.iinfo(torch.int64).max
 _LOW32 = 2 ** 32
 _SIGN_BITS = 0x7FFFFFFF
 
-# DECA's SH constants (REFERENCE.md): the real SH normalisations of Y_00 .. Y_22 times the
+# DECA's SH constants (Feng et al. 2021, its code): the real SH normalisations of Y_00 .. Y_22 times the
 # Lambertian kernel Â_0 = π, Â_1 = 2π/3, Â_2 = π/4 of Ramamoorthi & Hanrahan (2001).
-_C0 = 1 / math.sqrt(4 * math.pi)
+SH_C0 = 1 / math.sqrt(4 * math.pi)
 _C1 = (2 * math.pi / 3) * math.sqrt(3 / (4 * math.pi))
 _C2 = (math.pi / 4) * 3 * math.sqrt(5 / (12 * math.pi))
 _C3 = (math.pi / 4) * (3 / 2) * math.sqrt(5 / (12 * math.pi))
 _C4 = (math.pi / 4) * (1 / 2) * math.sqrt(5 / (4 * math.pi))
-SH_CONSTANTS = (_C0, _C1, _C1, _C1, _C2, _C2, _C2, _C3, _C4)
+SH_CONSTANTS = (SH_C0, _C1, _C1, _C1, _C2, _C2, _C2, _C3, _C4)
 N_SH = len(SH_CONSTANTS)
 
 

@@ -38,12 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Region roles of slots 0..3. The binding is LEARNED, not forced: the learned initial slots make
-# it consistent across images, but which slot ends up on which region is only known after
-# pretraining (inspect the masks). With num_slots != 4 (the 2 / 8 slot ablations, §5.3) the names
-# do not apply.
-SLOT_NAMES = ("face", "hair", "clothes", "background")
-
 GROUP_NORM_EPS = 1e-6  # LDM's Normalize() uses GroupNorm(eps=1e-6)
 GRID_CHANNELS = 4  # [x, y, 1−x, 1−y], Locatello et al. 2020 soft position embedding
 # 3×3 stride-1 convs as in Watters et al. 2019; they broadcast to size + 8 and do not pad, we pad

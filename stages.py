@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 import metrics
+from layers import FACE, REGION_COLOURS
 from data import save_image
 from estimator import ArcMarginHead, CoefficientEstimator, EstimatorConfig, IdentityConfig
 from estimator import IdentityEncoder
 from difffae import DiffFAE, DiffusionConfig, render_face
 from slots import RegionSlots, SlotsConfig, masks_at
-from synthetic import FACE, SyntheticPortraits
+from synthetic import SyntheticPortraits
 from unet import UNetConfig
 from vqvae import PatchDiscriminator, VQConfig, VQVAE, discriminator_hinge_loss, vq_loss
 
@@ -47,15 +48,9 @@ REQUIRES = {"slots": ("vqvae",), "ldm": ("vqvae", "slots", "estimator", "identit
 # estimator's regression so that every group counts alike.
 COEFFICIENT_SCALE = {"shape": 1.0, "albedo": 0.9, "expression": 0.45, "pose": 0.3,
                      "cam": (0.17, 0.009, 0.009), "light": 0.5}
-# Region of each slot index under --slots_supervision, in SLOT_NAMES order (face, hair, clothes,
-# background); synthetic.py numbers regions 0 background, 1 clothes, 2 hair, 3 face.
-SLOT_REGIONS = (3, 2, 1, 0)
 MASK_EPS = 1e-6           # floor of mask probabilities before the log
 GRID_ITEMS = 8            # images shown in evaluation grids
 IDENTITY_EVAL = (32, 4)   # held-out identities × frames for the verification measurement
-MASK_COLOURS = torch.tensor([[0.95, 0.3, 0.3], [0.95, 0.75, 0.1], [0.1, 0.35, 0.95],
-                             [0.2, 0.8, 0.3], [0.8, 0.3, 0.9], [0.3, 0.9, 0.9],
-                             [0.6, 0.6, 0.6], [0.9, 0.5, 0.2]])
 
 
 class MissingCheckpoint(ValueError):
@@ -133,7 +128,7 @@ def _grid(rows, path):
 
 def _overlay(images, masks):
     """Images (B, 3, H, W) in [-1, 1] tinted by soft masks (B, K, H, W), one colour per slot."""
-    colours = MASK_COLOURS[:masks.shape[1]].to(images)  # (K, 3)
+    colours = REGION_COLOURS[:masks.shape[1]].to(images)  # (K, 3)
     tint = torch.einsum("bkhw,kc->bchw", masks, colours) * 2 - 1
     return 0.45 * images + 0.55 * tint
 
@@ -242,12 +237,10 @@ class SlotsStage(Stage):
         reconstruction = F.mse_loss(decoded["recon"], self._target(images))
         if not self.supervision:
             return {"loss": reconstruction}
-        # optional (not in the paper): pull slot k's mask towards region SLOT_REGIONS[k]
+        # optional (not in the paper): pull slot k's mask towards region k
         masks = masks_at(out["masks"], images.shape[-1])  # (2B, K, H, W)
-        regions = torch.cat([batch["source_regions"], batch["query_regions"]])
-        slot_of_region = torch.argsort(torch.as_tensor(SLOT_REGIONS, device=images.device))
-        target = slot_of_region[regions]  # (2B, H, W) the slot that should win each pixel
-        region_loss = F.nll_loss(masks.clamp(min=MASK_EPS).log(), target)
+        regions = torch.cat([batch["source_regions"], batch["query_regions"]])  # (2B, H, W)
+        region_loss = F.nll_loss(masks.clamp(min=MASK_EPS).log(), regions)
         return {"loss": reconstruction + self.supervision * region_loss,
                 "reconstruction_loss": reconstruction.detach(),
                 "region_loss": region_loss.detach()}

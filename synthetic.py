@@ -30,13 +30,12 @@ from scipy.spatial.transform import Rotation
 from torch.utils.data import Dataset
 
 import head
-from flame import FLAME
+from flame import FLAME, flame15_to_pose6
+from layers import BACKGROUND, CLOTHES, FACE, HAIR
 from render import interpolate, project, rasterize, sample_texture, sh_shading, vertex_normals
 
 # Bump whenever a change alters the rendered images: cached pools are named by it.
-DATA_VERSION = 1
-REGION_NAMES = ("background", "clothes", "hair", "face")
-BACKGROUND, CLOTHES, HAIR, FACE = range(4)
+DATA_VERSION = 2
 TEST_ID_OFFSET = 10 ** 6       # test identities are drawn from ids disjoint from training's
 TRAIN_IDENTITIES = 100_000
 DEFAULT_LENGTH = {"train": 100_000, "test": 1000}
@@ -116,16 +115,16 @@ class PortraitRenderer:
         theta = torch.as_tensor(self.hair_theta, dtype=skin.dtype)  # (Vh,)
         phi = torch.as_tensor(self.hair_phi, dtype=skin.dtype).abs()
         front, side, back, thickness, long_radius = hair[:, 3:8].T[..., None]  # (B, 1) each
-        limit = (front + (side - front) * _smoothstep(30, 90, phi)
-                 + (back - side) * _smoothstep(90, 150, phi))  # (B, Vh) lowest θ with hair
-        covered = _smoothstep(limit + 3, limit - 3, theta)  # (B, Vh) 1 where hair grows
+        limit = (front + (side - front) * head.smoothstep(30, 90, phi)
+                 + (back - side) * head.smoothstep(90, 150, phi))  # (B, Vh) lowest θ with hair
+        covered = head.smoothstep(limit + 3, limit - 3, theta)  # (B, Vh) 1 where hair grows
         radius = skin.norm(dim=-1)  # (B, Vh)
         direction = skin / radius[..., None]
         shell = radius + thickness * covered + HAIR_HIDDEN * (1 - covered)
         # long hair falls from behind the ears as a capped cylinder down to the shoulders
-        bottom = -0.02 - 0.2 * _smoothstep(125, 170, back)
+        bottom = -0.02 - 0.2 * head.smoothstep(125, 170, back)
         curtain = head.capped_cylinder_radius(direction, long_radius, -0.01, bottom)
-        shell = torch.maximum(shell, curtain * covered * _smoothstep(85, 110, phi))
+        shell = torch.maximum(shell, curtain * covered * head.smoothstep(85, 110, phi))
         return direction * shell[..., None]
 
     def torso(self, clothes):
@@ -246,11 +245,6 @@ def _stack(dicts):
 # ---------------------------------------------------------------------------------------------
 # Rendering (torch, batched)
 # ---------------------------------------------------------------------------------------------
-
-def _smoothstep(edge0, edge1, x):
-    t = ((x - edge0) / (edge1 - edge0)).clamp(0, 1)
-    return t * t * (3 - 2 * t)
-
 
 def _strand_pattern():
     """A fixed (T, T) brightness pattern of hair strands running down the head (along v)."""
@@ -398,7 +392,7 @@ class SyntheticPortraits(Dataset):
 
 def _params(identity, frame):
     """The coefficients of one rendered image, in the names the rest of the project uses."""
-    pose6 = np.concatenate([frame["pose"][:3], frame["pose"][6:9]])
+    pose6 = flame15_to_pose6(torch.as_tensor(frame["pose"])[None])[0]
     values = {"shape": identity["shape"], "expression": frame["expression"], "pose": frame["pose"],
               "pose6": pose6, "albedo": identity["albedo"], "light": frame["light"],
               "cam": frame["cam"]}

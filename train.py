@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 import stages
+from data import write_atomic
 from synthetic import DATA_VERSION, PARAM_KEYS
 
 
@@ -242,12 +243,8 @@ def make_dataset(cfg, rank_zero):
 # ---------------------------------------------------------------------------------------------
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
+    """torch.save that never leaves half a checkpoint (data.write_atomic)."""
+    write_atomic(path, lambda file: torch.save(obj, file))
 
 
 def rng_state():

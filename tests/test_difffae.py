@@ -17,7 +17,7 @@ import stages
 import train
 from data import save_image
 from difffae import DiffFAE, configs_from, load_model
-from slots import SLOT_NAMES
+from layers import REGION_NAMES
 from synthetic import SyntheticPortraits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,8 +132,8 @@ def test_edit_swaps_slot_tokens_and_keeps_unedited_attributes(ldm_stage, batch):
     with torch.no_grad():
         own, other = model.slots(source)["slots"], model.slots(query)["slots"]
         mine, theirs = model.estimator(source), model.estimator(query)
-    hair = SLOT_NAMES.index("hair")
-    for k in range(len(SLOT_NAMES)):
+    hair = REGION_NAMES.index("hair")
+    for k in range(len(REGION_NAMES)):
         expected = other[:, k] if k == hair else own[:, k]
         assert torch.allclose(seen[0][:, k], expected, atol=1e-6)
     c = out["coefficients"]

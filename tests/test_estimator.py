@@ -62,9 +62,9 @@ def test_pose6_flame15_mapping():
     assert flame15.tolist() == [expected]
     assert torch.equal(flame15_to_pose6(flame15), pose6)
     assert torch.equal(CoefficientEstimator.pose6_to_flame15(pose6), flame15)
-    with pytest.raises(ValueError, match="pose6"):
+    with pytest.raises(AssertionError):
         pose6_to_flame15(torch.zeros(1, 5))
-    with pytest.raises(ValueError, match="flame15"):
+    with pytest.raises(AssertionError):
         flame15_to_pose6(torch.zeros(1, 9))
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import slots as rsc
+from layers import REGION_NAMES
 
 TINY = dict(image_size=32, base_channels=32, channel_mult=(1, 2, 2), feature_dim=32, slot_dim=32,
             mlp_hidden=64, decoder_channels=16, decoder_layers=2, target_size=8)
@@ -156,7 +157,7 @@ def test_paper_config_shapes():
     assert out["slots"].shape == (1, 4, 192)
     assert out["masks"].shape == (1, 4, 32, 32)
     torch.testing.assert_close(out["masks"].sum(dim=1), torch.ones(1, 32, 32))
-    assert len(rsc.SLOT_NAMES) == cfg.num_slots
+    assert len(REGION_NAMES) == cfg.num_slots
 
 
 def test_region_slots_forward_decode_and_every_parameter_trains():

@@ -9,7 +9,8 @@ import torch
 
 import synthetic
 from data import FrameFolder, export_synthetic, load_image
-from synthetic import BACKGROUND, CLOTHES, FACE, HAIR, SyntheticPortraits
+from layers import BACKGROUND, CLOTHES, FACE, HAIR
+from synthetic import SyntheticPortraits
 
 
 @pytest.fixture(scope="module")
