@@ -40,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layers import UNET_NORM_EPS, check_network, require, zero_init
+
 MAX_PERIOD = 10000.0  # Vaswani et al. 2017 §3.5; DDPM and LDM timestep embeddings
 TIME_EMBED_MULT = 4  # time-MLP width = 4·base_channels (DDPM, LDM)
 FF_MULT = 4  # GEGLU inner width = 4·C (LDM FeedForward, Vaswani et al. 2017 d_ff = 4·d_model)
-GROUPNORM_EPS = 1e-5  # PyTorch's default; LDM res blocks use it too
 
 
 @dataclass
@@ -64,36 +65,21 @@ class UNetConfig:
     context_dim: int = 192  # slot size, DiffFAE App. B
     id_dim: int = 512  # ArcFace embedding size
     norm_groups: int = 32  # GroupNorm groups (Wu & He 2018; LDM)
-    dropout: float = 0.0
 
     def __post_init__(self):
-        self.channel_mult = tuple(self.channel_mult)
         self.attention_resolutions = tuple(self.attention_resolutions)
-        for name in ("in_channels", "out_channels", "base_channels", "num_res_blocks",
-                     "head_channels", "context_dim", "id_dim", "norm_groups"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"UNetConfig.{name} must be a positive int, got {value!r}")
-        if not self.channel_mult or any(not isinstance(m, int) or m < 1
-                                        for m in self.channel_mult):
-            raise ValueError(f"UNetConfig.channel_mult must be positive ints, "
-                             f"got {self.channel_mult!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        check_network(self, "in_channels", "out_channels", "num_res_blocks", "head_channels",
+                      "context_dim", "id_dim")
+        require(self.base_channels % self.norm_groups == 0, f"UNetConfig.norm_groups="
+                f"{self.norm_groups} does not divide base_channels={self.base_channels}")
         factors = [2 ** level for level in range(len(self.channel_mult))]
         for factor in self.attention_resolutions:
-            if factor not in factors:
-                raise ValueError(f"UNetConfig.attention_resolutions: factor {factor!r} is not "
-                                 f"one of the level factors {factors}")
-        for channels in (self.base_channels, *self.level_channels()):
-            if channels % self.norm_groups:
-                raise ValueError(f"UNetConfig: {channels} channels not divisible by "
-                                 f"norm_groups={self.norm_groups}")
+            require(factor in factors, f"UNetConfig.attention_resolutions: factor {factor!r} is "
+                    f"not one of the level factors {factors}")
         attended = [self.level_channels()[level] for level in self.attention_levels()]
         for channels in attended + [self.level_channels()[-1]]:
-            if channels % self.head_channels:
-                raise ValueError(f"UNetConfig: attention over {channels} channels not "
-                                 f"divisible by head_channels={self.head_channels}")
+            require(channels % self.head_channels == 0, f"UNetConfig.head_channels="
+                    f"{self.head_channels} does not divide the {channels} attended channels")
 
     def level_channels(self):
         """Channels of each resolution level: base_channels·mult."""
@@ -106,18 +92,9 @@ class UNetConfig:
 
 
 def timestep_embedding(t, dim, max_period=MAX_PERIOD):
-    """Sinusoidal embedding [sin(t·ω_i), cos(t·ω_i)], ω_i = max_period^(−i/half), i < half.
-
-    Parameters
-    ----------
-    t : (B,) tensor of timesteps (integer or real); computed in t's dtype if floating, else
-        float32.
-    dim : embedding size; an odd dim gets one zero column at the end.
-
-    Returns
-    -------
-    (B, dim) tensor.
-    """
+    """Sinusoidal embedding (B, dim) of timesteps t (B,), integer or real:
+    [sin(t·ω_i), cos(t·ω_i)], ω_i = max_period^(−i/half), i < half = dim // 2; an odd dim gets a
+    zero last column. Computed in t's dtype if floating, else in float32."""
     dtype = t.dtype if t.is_floating_point() else torch.float32
     half = dim // 2
     index = torch.arange(half, device=t.device, dtype=dtype)
@@ -125,13 +102,6 @@ def timestep_embedding(t, dim, max_period=MAX_PERIOD):
     angle = t.to(dtype)[:, None] * omega[None, :]  # (B, half)
     embedding = torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)  # (B, 2·half)
     return F.pad(embedding, (0, dim - 2 * half))  # (B, dim)
-
-
-def zero_init(module):
-    """Zero a layer's weight and bias so its branch starts as the identity (LDM zero_module)."""
-    nn.init.zeros_(module.weight)
-    nn.init.zeros_(module.bias)
-    return module
 
 
 class AdaIN(nn.Module):
@@ -146,7 +116,7 @@ class AdaIN(nn.Module):
 
     def __init__(self, channels, id_dim, groups):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=GROUPNORM_EPS, affine=False)
+        self.norm = nn.GroupNorm(groups, channels, eps=UNET_NORM_EPS, affine=False)
         self.to_scale_shift = zero_init(nn.Linear(id_dim, 2 * channels))
 
     def forward(self, h, id_embed):
@@ -155,18 +125,17 @@ class AdaIN(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GN+SiLU+conv, + time projection, AdaIN(f_id)+SiLU+dropout+conv (zero-init), + skip.
+    """GN+SiLU+conv, + time projection, AdaIN(f_id)+SiLU+conv (zero-init), + skip.
 
     Input x (B, C_in, H, W), temb (B, 4·base), f_id (B, Di); output (B, C_out, H, W).
     """
 
-    def __init__(self, in_channels, out_channels, temb_dim, id_dim, groups, dropout):
+    def __init__(self, in_channels, out_channels, temb_dim, id_dim, groups):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=GROUPNORM_EPS)
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=UNET_NORM_EPS)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_proj = nn.Linear(temb_dim, out_channels)
         self.adain = AdaIN(out_channels, id_dim, groups)
-        self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = (nn.Identity() if in_channels == out_channels
                      else nn.Conv2d(in_channels, out_channels, 1))
@@ -174,48 +143,16 @@ class ResBlock(nn.Module):
     def forward(self, x, temb, id_embed):
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.time_proj(F.silu(temb))[:, :, None, None]  # (B, C_out, 1, 1) over pixels
-        h = self.conv2(self.dropout(F.silu(self.adain(h, id_embed))))
+        h = self.conv2(F.silu(self.adain(h, id_embed)))
         return self.skip(x) + h
-
-
-def split_heads(x, heads):
-    """(B, N, heads·d) -> (B, heads, N, d)."""
-    batch, tokens, _ = x.shape
-    return x.view(batch, tokens, heads, -1).transpose(1, 2)  # (B, heads, N, d)
-
-
-def merge_heads(x):
-    """(B, heads, N, d) -> (B, N, heads·d)."""
-    batch, heads, tokens, head_dim = x.shape
-    return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)  # (B, N, heads·d)
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over pixels; F.scaled_dot_product_attention (scale 1/√d).
-
-    Input (B, N, C); output (B, N, C). q/k/v without bias, output with bias (as LDM).
-    """
-
-    def __init__(self, channels, heads):
-        super().__init__()
-        self.heads = heads
-        self.to_q = nn.Linear(channels, channels, bias=False)
-        self.to_k = nn.Linear(channels, channels, bias=False)
-        self.to_v = nn.Linear(channels, channels, bias=False)
-        self.to_out = nn.Linear(channels, channels)
-
-    def forward(self, x):
-        q = split_heads(self.to_q(x), self.heads)  # (B, heads, N, d)
-        k = split_heads(self.to_k(x), self.heads)  # (B, heads, N, d)
-        v = split_heads(self.to_v(x), self.heads)  # (B, heads, N, d)
-        return self.to_out(merge_heads(F.scaled_dot_product_attention(q, k, v)))
 
 
 class CrossAttention(nn.Module):
     """Multi-head attention from pixels to context tokens with explicit probabilities.
 
     Input x (B, N, C), context (B, K, Dc); returns (out (B, N, C), probs (B, heads, N, K)) where
-    probs = softmax(Q·Kᵀ/√d) over the K tokens (the maps of DiffFAE Eq. 7).
+    probs = softmax(Q·Kᵀ/√d) over the K tokens (the maps of DiffFAE Eq. 7). q/k/v without bias,
+    output with bias (as LDM).
     """
 
     def __init__(self, channels, context_dim, heads):
@@ -226,30 +163,44 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, channels, bias=False)
         self.to_out = nn.Linear(channels, channels)
 
+    def project(self, x, context):
+        """q (B, heads, N, d) from x; k, v (B, heads, K, d) from the context."""
+        return [linear(tokens).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, ·, d)
+                for linear, tokens in ((self.to_q, x), (self.to_k, context), (self.to_v, context))]
+
     def forward(self, x, context):
-        q = split_heads(self.to_q(x), self.heads)  # (B, heads, N, d)
-        k = split_heads(self.to_k(context), self.heads)  # (B, heads, K, d)
-        v = split_heads(self.to_v(context), self.heads)  # (B, heads, K, d)
+        q, k, v = self.project(x, context)
         # b batch, h head, n pixel, k token, d channel within the head
         logits = torch.einsum("bhnd,bhkd->bhnk", q, k) / math.sqrt(q.shape[-1])  # (B,heads,N,K)
         probs = logits.softmax(dim=-1)  # each pixel's distribution over the K tokens
         out = torch.einsum("bhnk,bhkd->bhnd", probs, v)  # (B, heads, N, d)
-        return self.to_out(merge_heads(out)), probs
+        return self.to_out(out.transpose(1, 2).flatten(2)), probs  # heads merged: (B, N, C)
+
+
+class SelfAttention(CrossAttention):
+    """Multi-head self-attention over pixels, (B, N, C) → (B, N, C). No map is needed here, so
+    F.scaled_dot_product_attention computes softmax(Q·Kᵀ/√d)·V."""
+
+    def __init__(self, channels, heads):
+        super().__init__(channels, channels, heads)
+
+    def forward(self, x):
+        q, k, v = self.project(x, x)  # (B, heads, N, d) each
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
+        return self.to_out(out.transpose(1, 2).flatten(2))  # heads merged: (B, N, C)
 
 
 class GEGLUFeedForward(nn.Module):
     """GEGLU feed-forward (Shazeer 2020): W_2·(a ⊙ GELU(g)), [a, g] = W_1·x; inner 4·C (LDM)."""
 
-    def __init__(self, channels, dropout):
+    def __init__(self, channels):
         super().__init__()
-        inner = FF_MULT * channels
-        self.proj_in = nn.Linear(channels, 2 * inner)
-        self.dropout = nn.Dropout(dropout)
-        self.proj_out = nn.Linear(inner, channels)
+        self.proj_in = nn.Linear(channels, 2 * FF_MULT * channels)
+        self.proj_out = nn.Linear(FF_MULT * channels, channels)
 
     def forward(self, x):
         value, gate = self.proj_in(x).chunk(2, dim=-1)  # (B, N, inner) each
-        return self.proj_out(self.dropout(value * F.gelu(gate)))
+        return self.proj_out(value * F.gelu(gate))
 
 
 class SpatialTransformer(nn.Module):
@@ -259,16 +210,16 @@ class SpatialTransformer(nn.Module):
     Input x (B, C, H, W), context (B, K, Dc); returns (x' (B, C, H, W), probs (B, heads, H, W, K)).
     """
 
-    def __init__(self, channels, heads, context_dim, groups, dropout):
+    def __init__(self, channels, heads, context_dim, groups):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=GROUPNORM_EPS)
+        self.norm = nn.GroupNorm(groups, channels, eps=UNET_NORM_EPS)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.norm_self = nn.LayerNorm(channels)
         self.self_attn = SelfAttention(channels, heads)
         self.norm_cross = nn.LayerNorm(channels)
         self.cross_attn = CrossAttention(channels, context_dim, heads)
         self.norm_ff = nn.LayerNorm(channels)
-        self.ff = GEGLUFeedForward(channels, dropout)
+        self.ff = GEGLUFeedForward(channels)
         self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
 
     def forward(self, x, context):
@@ -291,13 +242,12 @@ class UNetStage(nn.Module):
     def __init__(self, in_channels, out_channels, temb_dim, config, attend):
         super().__init__()
         self.res = ResBlock(in_channels, out_channels, temb_dim, config.id_dim,
-                            config.norm_groups, config.dropout)
+                            config.norm_groups)
         self.transformer = None
         if attend:
             self.transformer = SpatialTransformer(out_channels,
                                                   out_channels // config.head_channels,
-                                                  config.context_dim, config.norm_groups,
-                                                  config.dropout)
+                                                  config.context_dim, config.norm_groups)
 
     def forward(self, h, temb, id_embed, context):
         h = self.res(h, temb, id_embed)
@@ -305,28 +255,6 @@ class UNetStage(nn.Module):
             return h, []
         h, probs = self.transformer(h, context)
         return h, [probs]
-
-
-class Downsample(nn.Module):
-    """3×3 conv with stride 2 (LDM conv_resample): (B, C, H, W) -> (B, C, H/2, W/2)."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest ×2 then 3×3 conv (LDM): (B, C, H, W) -> (B, C, 2H, 2W)."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
 class UNet(nn.Module):
@@ -362,48 +290,35 @@ class UNet(nn.Module):
                 skip_channels.append(channels)
             self.down.append(stages)
             if level < len(levels) - 1:
-                self.downsample.append(Downsample(channels))
+                # LDM's conv_resample: a 3×3 conv of stride 2, (B, C, H, W) → (B, C, H/2, W/2)
+                self.downsample.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1))
                 skip_channels.append(channels)
         self.mid_stage = UNetStage(channels, channels, temb_dim, config, attend=True)
-        self.mid_res = ResBlock(channels, channels, temb_dim, config.id_dim,
-                                config.norm_groups, config.dropout)
+        self.mid_res = ResBlock(channels, channels, temb_dim, config.id_dim, config.norm_groups)
         self.up = nn.ModuleList([nn.ModuleList() for _ in levels])  # indexed by level
-        self.upsample = nn.ModuleList([Upsample(c) for c in levels[1:]])  # level l -> l−1
+        self.upsample = nn.ModuleList(  # level l → l−1: nearest ×2, then a 3×3 conv (LDM)
+            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                          nn.Conv2d(c, c, 3, padding=1)) for c in levels[1:])
         for level in reversed(range(len(levels))):
             for _ in range(config.num_res_blocks + 1):
                 self.up[level].append(UNetStage(channels + skip_channels.pop(), levels[level],
                                                 temb_dim, config, level in attend))
                 channels = levels[level]
-        self.norm_out = nn.GroupNorm(config.norm_groups, channels, eps=GROUPNORM_EPS)
+        self.norm_out = nn.GroupNorm(config.norm_groups, channels, eps=UNET_NORM_EPS)
         self.conv_out = zero_init(nn.Conv2d(channels, config.out_channels, 3, padding=1))
 
-    def _check_inputs(self, x, t, context, id_embed):
-        """Raise ValueError on inconsistent inputs; return t as a (B,) tensor."""
-        config = self.config
-        if x.dim() != 4 or x.shape[1] != config.in_channels:
-            raise ValueError(f"UNet: x must be (B, {config.in_channels}, H, W), "
-                             f"got {tuple(x.shape)}")
-        batch, _, height, width = x.shape
-        multiple = 2 ** (len(config.channel_mult) - 1)
-        if height % multiple or width % multiple:
-            raise ValueError(f"UNet: spatial size {height}×{width} not divisible by {multiple}")
-        if context.dim() != 3 or context.shape[0] != batch or context.shape[1] < 1 \
-                or context.shape[2] != config.context_dim:
-            raise ValueError(f"UNet: context must be ({batch}, K, {config.context_dim}), "
-                             f"got {tuple(context.shape)}")
-        if tuple(id_embed.shape) != (batch, config.id_dim):
-            raise ValueError(f"UNet: id_embed must be ({batch}, {config.id_dim}), "
-                             f"got {tuple(id_embed.shape)}")
-        t = torch.as_tensor(t, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(batch)
-        if tuple(t.shape) != (batch,):
-            raise ValueError(f"UNet: t must be ({batch},) or a scalar, got {tuple(t.shape)}")
-        return t
-
     def forward(self, x, t, context, id_embed, return_attn=False):
-        t = self._check_inputs(x, t, context, id_embed)
-        temb = self.time_mlp(timestep_embedding(t.to(x.dtype), self.config.base_channels))
+        config, batch = self.config, x.shape[0]
+        factor = 2 ** (len(config.channel_mult) - 1)
+        assert x.dim() == 4 and x.shape[1] == config.in_channels, f"x {tuple(x.shape)}"
+        assert x.shape[2] % factor == 0 and x.shape[3] % factor == 0, f"x not divisible by {factor}"
+        assert context.dim() == 3 and context.shape[::2] == (batch, config.context_dim), \
+            f"context {tuple(context.shape)}"
+        assert id_embed.shape == (batch, config.id_dim), f"id_embed {tuple(id_embed.shape)}"
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(batch) if t.dim() == 0 else t  # a scalar t: one timestep for the batch
+        assert t.shape == (batch,), f"t {tuple(t.shape)}"
+        temb = self.time_mlp(timestep_embedding(t.to(x.dtype), config.base_channels))
         attn = []
         h = self.conv_in(x)  # (B, base, H, W)
         skips = [h]
@@ -432,31 +347,18 @@ class UNet(nn.Module):
 
 
 def average_cross_attention(attn_list, size):
-    """A_cross of DiffFAE Eq. 7: mean over heads, bilinear resize to size, mean over layers.
+    """A_cross of DiffFAE Eq. 7: attn_list, the (B, heads_l, H_l, W_l, K) maps of UNet.forward
+    with return_attn, averaged over heads, resized bilinearly to size (int or (height, width)) and
+    averaged over layers: (B, K, height, width).
 
-    Each input map is a softmax over the K tokens, so it sums to 1 over K at every pixel. The head
-    mean, the layer mean and bilinear resizing (every output pixel is a convex combination of input
-    pixels with the same weights for every token) are all convex combinations, so the result
-    still sums to 1 over K.
-
-    Parameters
-    ----------
-    attn_list : list of (B, heads_l, H_l, W_l, K) tensors (UNet.forward with return_attn).
-    size : int or (height, width) of the output maps.
-
-    Returns
-    -------
-    (B, K, height, width) tensor.
+    Each map is a softmax over the K tokens, so it sums to 1 over K at every pixel; the means and
+    bilinear resizing (every output pixel a convex combination of input pixels with the same
+    weights for every token) are convex combinations, so the result still sums to 1 over K.
     """
-    if not attn_list:
-        raise ValueError("average_cross_attention: attn_list is empty")
+    assert attn_list, "no cross-attention maps"
     size = (size, size) if isinstance(size, int) else tuple(size)
-    batch, tokens = attn_list[0].shape[0], attn_list[0].shape[-1]
     resized = []
-    for index, probs in enumerate(attn_list):  # a loop over layers (a handful), not pixels
-        if probs.dim() != 5 or probs.shape[0] != batch or probs.shape[-1] != tokens:
-            raise ValueError(f"average_cross_attention: layer {index} must be ({batch}, heads, "
-                             f"H, W, {tokens}), got {tuple(probs.shape)}")
+    for probs in attn_list:  # a loop over layers (a handful), not pixels
         maps = probs.mean(dim=1).permute(0, 3, 1, 2)  # (B, K, H_l, W_l)
         resized.append(F.interpolate(maps, size=size, mode="bilinear", align_corners=False))
     return torch.stack(resized).mean(dim=0)  # (B, K, height, width)

@@ -3,7 +3,8 @@
 DiffFAE retrains a VQ-VAE on faces because the generic LDM autoencoder gave entangled slots
 (Wang et al. 2024, §5.4, Fig. 8). We follow LDM-4 on CelebA-HQ (Rombach et al. 2022): downsampling
 factor f = 4, |Z| = 8192 codes, latent 64×64×3 at 256 px; encoder/decoder widths 128·(1, 2, 4),
-two residual blocks per level (checked against latent-diffusion's vq-f4 config).
+two residual blocks per level (checked against latent-diffusion's vq-f4 config); the encoder and
+the blocks are layers.py's, the decoder mirrors the encoder.
 
 Quantisation (van den Oord et al. 2017, "Neural Discrete Representation Learning", Eq. 1-3):
     k*(n) = argmin_k ||z_n − e_k||²  = argmin_k ( ||z_n||² − 2 z_n·e_k + ||e_k||² )
@@ -27,18 +28,17 @@ decoder's last layer G_L (Eq. 7), clamped; δ = 1e-4 and the clamp [0, 1e4] foll
 (the paper writes δ = 1e-6). Hinge losses follow taming's `hinge_d_loss` (factor ½).
 
 Shape letters: B batch, C image channels, H/W image height/width, D latent channels (code dim),
-h/w latent height/width, N = B·h·w latent vectors, K codebook size, F feature channels,
-T = h·w tokens, P patch-logit map size.
+h/w latent height/width, N = B·h·w latent vectors, K codebook size, P patch-logit map size.
 """
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-NORM_EPS = 1e-6  # GroupNorm eps of LDM's autoencoder (`Normalize`)
+from layers import NORM_EPS, Encoder, check_network, levels, mid_block, require
+
 LEAKY_SLOPE = 0.2  # PatchGAN LeakyReLU slope (Isola et al. 2017, appendix, discriminator)
 DISC_KERNEL = 4  # PatchGAN 4×4 convolutions (Isola et al. 2017, appendix, discriminator)
 DISC_MAX_MULT = 8  # PatchGAN width stops doubling at 8× (512 channels for base 64)
@@ -54,7 +54,7 @@ class VQConfig:
 
     in_channels: int = 3
     base_channels: int = 128
-    channel_mult: Sequence[int] = (1, 2, 4)  # len − 1 = number of 2× downsamplings
+    channel_mult: tuple = (1, 2, 4)  # len − 1 = number of 2× downsamplings
     num_res_blocks: int = 2
     norm_groups: int = 32
     use_mid_attention: bool = True  # single-head self-attention at the lowest resolution (LDM)
@@ -70,165 +70,62 @@ class VQConfig:
     disc_weight: float = 0.75  # latent-diffusion vq-f4 config
 
     def __post_init__(self):
-        self.channel_mult = tuple(int(m) for m in self.channel_mult)
-        positive = {"in_channels": self.in_channels, "base_channels": self.base_channels,
-                    "num_res_blocks": self.num_res_blocks, "norm_groups": self.norm_groups,
-                    "latent_channels": self.latent_channels, "disc_channels": self.disc_channels,
-                    "disc_layers": self.disc_layers}
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"VQConfig.{name} must be >= 1, got {value}")
-        if len(self.channel_mult) == 0 or min(self.channel_mult) < 1:
-            raise ValueError(f"VQConfig.channel_mult must be non-empty positive ints, "
-                             f"got {self.channel_mult}")
-        for mult in self.channel_mult:
-            if (self.base_channels * mult) % self.norm_groups != 0:
-                raise ValueError(f"VQConfig.norm_groups={self.norm_groups} must divide "
-                                 f"base_channels·mult={self.base_channels * mult}")
-        if self.codebook_size < 2:
-            raise ValueError(f"VQConfig.codebook_size must be >= 2, got {self.codebook_size}")
-        if self.beta < 0:
-            raise ValueError(f"VQConfig.beta must be >= 0, got {self.beta}")
-        if not 0.0 <= self.usage_decay < 1.0:
-            raise ValueError(f"VQConfig.usage_decay must be in [0, 1), got {self.usage_decay}")
-        if not 0.0 <= self.dead_code_threshold <= 1.0:
-            raise ValueError(f"VQConfig.dead_code_threshold must be in [0, 1], "
-                             f"got {self.dead_code_threshold}")
-        for name in ("restart_every", "disc_start"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"VQConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.disc_weight < 0:
-            raise ValueError(f"VQConfig.disc_weight must be >= 0, got {self.disc_weight}")
+        check_network(self, "in_channels", "num_res_blocks", "latent_channels", "disc_channels",
+                      "disc_layers")
+        require(self.codebook_size >= 2, f"VQConfig.codebook_size={self.codebook_size}: need >= 2")
+        for name in ("beta", "restart_every", "disc_start", "disc_weight"):
+            require(getattr(self, name) >= 0, f"VQConfig.{name}={getattr(self, name)}: need >= 0")
+        require(0 <= self.usage_decay < 1,
+                f"VQConfig.usage_decay={self.usage_decay}: need 0 <= usage_decay < 1")
+        require(0 <= self.dead_code_threshold <= 1,
+                f"VQConfig.dead_code_threshold={self.dead_code_threshold}: need a value in [0, 1]")
 
     @property
-    def downsample_factor(self) -> int:
+    def downsample_factor(self):
         """f: image size / latent size."""
         return 2 ** (len(self.channel_mult) - 1)
 
-    def disc_active(self, step: int) -> bool:
+    def disc_active(self, step):
         """Whether the GAN terms are on at training step `step` (0-based)."""
         return step >= self.disc_start
-
-
-# ----------------------------------------------------------------------------------------------
-# Encoder / decoder
-# ----------------------------------------------------------------------------------------------
-
-class ResBlock(nn.Module):
-    """GroupNorm → SiLU → conv3×3, twice, plus a skip (1×1 conv when channels change)."""
-
-    def __init__(self, in_ch: int, out_ch: int, groups: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch, eps=NORM_EPS)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, out_ch, eps=NORM_EPS)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
-
-
-class SelfAttention(nn.Module):
-    """Single-head spatial self-attention with a residual connection (as in LDM's AttnBlock)."""
-
-    def __init__(self, channels: int, groups: int):
-        super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=NORM_EPS)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, f, h, w = x.shape
-        qkv = self.qkv(self.norm(x))  # (B, 3F, h, w)
-        qkv = qkv.reshape(b, 3, f, h * w).transpose(-1, -2)  # (B, 3, T, F)
-        q, k, v = qkv.unbind(dim=1)  # 3 × (B, T, F)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, T, F), softmax(qkᵀ/√F) v
-        out = out.transpose(-1, -2).reshape(b, f, h, w)  # (B, F, h, w)
-        return x + self.proj(out)
-
-
-def _mid_block(channels: int, cfg: VQConfig) -> nn.Sequential:
-    attention = SelfAttention(channels, cfg.norm_groups) if cfg.use_mid_attention else nn.Identity()
-    return nn.Sequential(ResBlock(channels, channels, cfg.norm_groups), attention,
-                         ResBlock(channels, channels, cfg.norm_groups))
-
-
-class Encoder(nn.Module):
-    """x (B, C, H, W) → z (B, D, H/f, W/f); strided 3×3 convs downsample."""
-
-    def __init__(self, cfg: VQConfig):
-        super().__init__()
-        widths = [cfg.base_channels * m for m in cfg.channel_mult]
-        layers = [nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)]
-        ch = widths[0]
-        for level, width in enumerate(widths):
-            for _ in range(cfg.num_res_blocks):
-                layers.append(ResBlock(ch, width, cfg.norm_groups))
-                ch = width
-            if level < len(widths) - 1:
-                layers.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))  # H → H/2 (H even)
-        layers += [_mid_block(ch, cfg), nn.GroupNorm(cfg.norm_groups, ch, eps=NORM_EPS), nn.SiLU(),
-                   nn.Conv2d(ch, cfg.latent_channels, 3, padding=1)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class Decoder(nn.Module):
     """z_q (B, D, h, w) → x̂ (B, C, h·f, w·f); mirrors the encoder with nearest-upsample + conv."""
 
-    def __init__(self, cfg: VQConfig):
+    def __init__(self, cfg):
         super().__init__()
         widths = [cfg.base_channels * m for m in cfg.channel_mult][::-1]
-        ch = widths[0]
-        layers = [nn.Conv2d(cfg.latent_channels, ch, 3, padding=1), _mid_block(ch, cfg)]
-        for level, width in enumerate(widths):
-            for _ in range(cfg.num_res_blocks):
-                layers.append(ResBlock(ch, width, cfg.norm_groups))
-                ch = width
-            if level < len(widths) - 1:
-                layers += [nn.Upsample(scale_factor=2, mode="nearest"),
-                           nn.Conv2d(ch, ch, 3, padding=1)]
-        layers += [nn.GroupNorm(cfg.norm_groups, ch, eps=NORM_EPS), nn.SiLU()]
-        self.net = nn.Sequential(*layers)
-        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+        groups = cfg.norm_groups
 
-    def forward(self, z_q: torch.Tensor) -> torch.Tensor:
+        def up(c):  # h → 2h
+            return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
+
+        self.net = nn.Sequential(
+            nn.Conv2d(cfg.latent_channels, widths[0], 3, padding=1),
+            mid_block(widths[0], groups, attention=cfg.use_mid_attention),
+            *levels(widths[0], widths, cfg.num_res_blocks, groups, up),
+            nn.GroupNorm(groups, widths[-1], eps=NORM_EPS), nn.SiLU())
+        self.conv_out = nn.Conv2d(widths[-1], cfg.in_channels, 3, padding=1)
+
+    def forward(self, z_q):
         return self.conv_out(self.net(z_q))
 
 
-# ----------------------------------------------------------------------------------------------
-# Vector quantiser
-# ----------------------------------------------------------------------------------------------
-
-def _flatten_latent(z: torch.Tensor, dim: int) -> torch.Tensor:
-    if z.dim() != 4 or z.shape[1] != dim:
-        raise ValueError(f"latent z must have shape (B, {dim}, h, w), got {tuple(z.shape)}")
-    return z.permute(0, 2, 3, 1).reshape(-1, dim)  # (N, D)
+def _flatten_latent(z):
+    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B, D, h, w) → (N, D)
 
 
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour codebook with straight-through gradients and dead-code restarts.
 
-    Parameters
-    ----------
-    codebook_size : int
-        K, number of codes.
-    dim : int
-        D, code dimension (= latent channels).
-    beta : float
-        Commitment weight β (on the encoder-side term, van den Oord et al. 2017 Eq. 3).
-    usage_decay, dead_code_threshold : float
-        EMA decay of per-code usage; a code is dead when its EMA share < threshold / K.
+    K = codebook_size codes of size D = dim (the latent channels); beta = β weighs the commitment
+    (encoder-side) term, van den Oord et al. 2017 Eq. 3. A code is dead when its share of the
+    batches, an EMA with decay usage_decay, falls below dead_code_threshold / K.
     """
 
-    def __init__(self, codebook_size: int, dim: int, beta: float,
-                 usage_decay: float = VQConfig.usage_decay,
-                 dead_code_threshold: float = VQConfig.dead_code_threshold):
+    def __init__(self, codebook_size, dim, beta, usage_decay=VQConfig.usage_decay,
+                 dead_code_threshold=VQConfig.dead_code_threshold):
         super().__init__()
         self.codebook_size = codebook_size
         self.dim = dim
@@ -240,7 +137,7 @@ class VectorQuantizer(nn.Module):
         self.codebook = nn.Parameter(torch.empty(codebook_size, dim).uniform_(-bound, bound))
         self.register_buffer("code_usage", torch.full((codebook_size,), bound))  # (K,)
 
-    def nearest_codes(self, z_flat: torch.Tensor) -> torch.Tensor:
+    def nearest_codes(self, z_flat):
         """Indices (N,) of the nearest codes to z_flat (N, D) in squared L2."""
         e = self.codebook
         # ||z||² − 2 z·e + ||e||², all pairs at once; ||z||² does not change the argmin but is
@@ -250,16 +147,11 @@ class VectorQuantizer(nn.Module):
                      + e.pow(2).sum(1)[None, :])  # (1, K)
         return distances.argmin(dim=1)  # (N,)
 
-    def forward(self, z: torch.Tensor):
-        """Quantise z (B, D, h, w).
-
-        Returns
-        -------
-        z_q : (B, D, h, w), straight-through quantised latent (forward value = codes).
-        info : dict with codebook_loss, commitment_loss (β included), perplexity (scalars) and
-            indices (B, h, w) long.
-        """
-        z_flat = _flatten_latent(z, self.dim)  # (N, D)
+    def forward(self, z):
+        """z (B, D, h, w) → z_q (B, D, h, w), the codes with straight-through gradients, and info:
+        codebook_loss, commitment_loss (β included), perplexity (scalars), indices (B, h, w)."""
+        assert z.dim() == 4 and z.shape[1] == self.dim, f"latent {tuple(z.shape)}"
+        z_flat = _flatten_latent(z)  # (N, D)
         b, _, h, w = z.shape
         indices = self.nearest_codes(z_flat.detach())  # (N,)
         e = self.codebook[indices]  # (N, D)
@@ -278,24 +170,14 @@ class VectorQuantizer(nn.Module):
         return z_q, info
 
     @torch.no_grad()
-    def restart_dead_codes(self, z: torch.Tensor,
-                           generator: Optional[torch.Generator] = None) -> int:
-        """Re-initialise dead codes to random encoder outputs of this batch; return how many.
-
-        Parameters
-        ----------
-        z : (B, D, h, w) or (N, D)
-            Encoder outputs (pre-quantisation) of the current batch.
-        generator : torch.Generator, optional
-            Source of randomness; the result is a deterministic function of (codebook, usage, z,
-            generator state). Under DDP every rank must end with the same codebook: either run
-            this on rank 0 and broadcast `codebook` and `code_usage`, or give every rank the same
-            gathered z and a generator with a shared seed. `generator=None` uses the global RNG.
-            (DDP's default broadcast_buffers also copies rank 0's `code_usage` at each forward.)
+    def restart_dead_codes(self, z, generator=None):
+        """Re-initialise dead codes to random rows of z, the encoder outputs (B, D, h, w) or (N, D)
+        of this batch; return how many. The rows are drawn from `generator` (None: the global
+        RNG). Under DDP every rank must end with the same codebook: run this on rank 0 and
+        broadcast `codebook` and `code_usage`, or give every rank the same z and generator seed.
         """
-        z_flat = z if z.dim() == 2 else _flatten_latent(z, self.dim)  # (N, D)
-        if z_flat.shape[1] != self.dim or z_flat.shape[0] == 0:
-            raise ValueError(f"z must have shape (N, {self.dim}) with N > 0, got {tuple(z.shape)}")
+        z_flat = z if z.dim() == 2 else _flatten_latent(z)  # (N, D)
+        assert z_flat.shape[1] == self.dim and len(z_flat) > 0, f"latent {tuple(z.shape)}"
         dead = self.code_usage < self.dead_code_threshold / self.codebook_size  # (K,)
         num_dead = int(dead.sum())
         if num_dead == 0:
@@ -311,60 +193,41 @@ class VectorQuantizer(nn.Module):
         return num_dead
 
 
-# ----------------------------------------------------------------------------------------------
-# The autoencoder
-# ----------------------------------------------------------------------------------------------
-
 class VQVAE(nn.Module):
-    """Encoder → VectorQuantizer → Decoder.
+    """Encoder → VectorQuantizer → Decoder; x̂ is in about [−1, 1]."""
 
-    `encode(x)` gives the continuous latent z (B, D, H/f, W/f) the diffusion model works in;
-    `decode(z)` quantises (unless quantize=False) and decodes to x̂ (B, C, H, W) in about [−1, 1].
-    """
-
-    def __init__(self, cfg: VQConfig):
+    def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
+        self.encoder = Encoder(cfg, cfg.latent_channels, attention=cfg.use_mid_attention)
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.latent_channels, cfg.beta,
                                          cfg.usage_decay, cfg.dead_code_threshold)
         self.decoder = Decoder(cfg)
 
     @property
-    def last_layer(self) -> nn.Parameter:
+    def last_layer(self):
         """Weight of the decoder's last conv, G_L in Esser et al. 2021 Eq. 7."""
         return self.decoder.conv_out.weight
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x):
         """x (B, C, H, W) in [−1, 1] → z (B, D, H/f, W/f), pre-quantisation."""
         f = self.cfg.downsample_factor
-        if x.dim() != 4 or x.shape[1] != self.cfg.in_channels:
-            raise ValueError(f"x must have shape (B, {self.cfg.in_channels}, H, W), "
-                             f"got {tuple(x.shape)}")
-        if x.shape[2] % f != 0 or x.shape[3] % f != 0:
-            raise ValueError(f"image size {tuple(x.shape[2:])} must be divisible by the "
-                             f"downsample factor {f}")
+        assert x.dim() == 4 and x.shape[1] == self.cfg.in_channels, f"image {tuple(x.shape)}"
+        assert x.shape[2] % f == 0 and x.shape[3] % f == 0, f"image side not divisible by {f}"
         return self.encoder(x)
 
-    def decode(self, z: torch.Tensor, quantize: bool = True) -> torch.Tensor:
+    def decode(self, z, quantize=True):
         """z (B, D, h, w) → x̂ (B, C, h·f, w·f); quantises z first unless quantize=False."""
-        if z.dim() != 4 or z.shape[1] != self.cfg.latent_channels:
-            raise ValueError(f"z must have shape (B, {self.cfg.latent_channels}, h, w), "
-                             f"got {tuple(z.shape)}")
         z_q = self.quantizer(z)[0] if quantize else z
         return self.decoder(z_q)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x):
         """Reconstruct x (B, C, H, W); info = quantizer info plus `z` (B, D, h, w) for restarts."""
         z = self.encode(x)
         z_q, info = self.quantizer(z)
         info["z"] = z
         return self.decoder(z_q), info
 
-
-# ----------------------------------------------------------------------------------------------
-# Losses
-# ----------------------------------------------------------------------------------------------
 
 class PatchDiscriminator(nn.Module):
     """PatchGAN (Isola et al. 2017): image (B, C, H, W) → patch logits (B, 1, P, P').
@@ -374,8 +237,7 @@ class PatchDiscriminator(nn.Module):
     discriminator does not depend on the batch split across DDP ranks (our choice).
     """
 
-    def __init__(self, in_channels: int = 3, channels: int = 64, num_layers: int = 3,
-                 norm_groups: int = 32):
+    def __init__(self, in_channels=3, channels=64, num_layers=3, norm_groups=32):
         super().__init__()
         self.min_size = 3 * 2 ** num_layers  # each stride-2 conv halves, the last two take −1
         widths = [channels * min(2 ** i, DISC_MAX_MULT) for i in range(num_layers + 1)]
@@ -393,35 +255,30 @@ class PatchDiscriminator(nn.Module):
                 nn.init.normal_(module.weight, 0.0, DISC_INIT_STD)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or min(x.shape[2:]) < self.min_size:
-            raise ValueError(f"discriminator input must be (B, C, H, W) with H, W >= "
-                             f"{self.min_size}, got {tuple(x.shape)}")
+    def forward(self, x):
+        assert min(x.shape[2:]) >= self.min_size, f"discriminator input {tuple(x.shape)}"
         return self.net(x)
 
 
-def reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def reconstruction_loss(x_hat, x):
     """Mean absolute error |x̂ − x| over all elements."""
-    if x_hat.shape != x.shape:
-        raise ValueError(f"x_hat {tuple(x_hat.shape)} and x {tuple(x.shape)} differ in shape")
+    assert x_hat.shape == x.shape, f"{tuple(x_hat.shape)} vs {tuple(x.shape)}"
     return (x_hat - x).abs().mean()
 
 
-def discriminator_hinge_loss(real_logits: torch.Tensor,
-                             fake_logits: torch.Tensor) -> torch.Tensor:
+def discriminator_hinge_loss(real_logits, fake_logits):
     """½·(mean relu(1 − D(x)) + mean relu(1 + D(x̂))) over patch logits."""
     loss_real = F.relu(HINGE_MARGIN - real_logits).mean()
     loss_fake = F.relu(HINGE_MARGIN + fake_logits).mean()
     return 0.5 * (loss_real + loss_fake)
 
 
-def generator_hinge_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+def generator_hinge_loss(fake_logits):
     """−mean D(x̂) (the generator side of the hinge GAN)."""
     return -fake_logits.mean()
 
 
-def adaptive_disc_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor,
-                         last_layer: torch.Tensor) -> torch.Tensor:
+def adaptive_disc_weight(rec_loss, g_loss, last_layer):
     """λ = ||∇_{G_L} L_rec|| / (||∇_{G_L} L_GAN|| + δ), clamped, detached (Esser et al. Eq. 7).
 
     Both losses must still hold their graphs through `last_layer` (the graphs are retained).
@@ -432,9 +289,7 @@ def adaptive_disc_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor,
     return weight.clamp(0.0, ADAPTIVE_WEIGHT_MAX).detach()
 
 
-def vq_loss(x_hat: torch.Tensor, x: torch.Tensor, info: dict,
-            fake_logits: Optional[torch.Tensor] = None,
-            last_layer: Optional[torch.Tensor] = None, disc_weight: float = 1.0) -> dict:
+def vq_loss(x_hat, x, info, fake_logits=None, last_layer=None, disc_weight=1.0):
     """Autoencoder-side training loss.
 
     total = L1 + codebook_loss + commitment_loss [+ disc_weight · λ · generator_loss]
@@ -447,8 +302,7 @@ def vq_loss(x_hat: torch.Tensor, x: torch.Tensor, info: dict,
              "commitment_loss": info["commitment_loss"]}
     total = terms["reconstruction_loss"] + terms["codebook_loss"] + terms["commitment_loss"]
     if fake_logits is not None:
-        if last_layer is None:
-            raise ValueError("vq_loss: last_layer is required when fake_logits is given")
+        assert last_layer is not None, "the GAN term needs last_layer for its weight λ"
         g_loss = generator_hinge_loss(fake_logits)
         weight = disc_weight * adaptive_disc_weight(terms["reconstruction_loss"], g_loss,
                                                     last_layer)

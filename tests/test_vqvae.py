@@ -1,5 +1,6 @@
 """Tests for vqvae.py: shapes, nearest-code search, straight-through and VQ-loss gradients against
-hand-derived formulas, perplexity, dead-code restarts, hinge / adaptive GAN weights, validation."""
+hand-derived formulas, perplexity, dead-code restarts, hinge / adaptive GAN weights, config checks
+and input asserts."""
 import math
 
 import pytest
@@ -37,6 +38,10 @@ def test_default_config_is_ldm4_and_validates():
         VQConfig(usage_decay=1.0)
     with pytest.raises(ValueError, match="channel_mult"):
         VQConfig(channel_mult=())
+    with pytest.raises(ValueError, match="codebook_size=1"):
+        VQConfig(codebook_size=1)
+    with pytest.raises(ValueError, match="disc_weight=-1"):
+        VQConfig(disc_weight=-1.0)
 
 
 @pytest.mark.parametrize("size", [64, 256])
@@ -197,7 +202,7 @@ def test_vq_loss_terms_and_total():
     lam = adaptive_disc_weight(l1, -fake_logits.mean(), model.last_layer)
     expected = l1 + info["codebook_loss"] + info["commitment_loss"] - 0.5 * lam * fake_logits.mean()
     assert torch.isclose(terms["total"], expected)
-    with pytest.raises(ValueError, match="last_layer"):
+    with pytest.raises(AssertionError, match="last_layer"):
         vq_loss(x_hat, x, info, fake_logits)
 
 
@@ -205,23 +210,23 @@ def test_patch_discriminator_shape():
     disc = PatchDiscriminator(3, 8, 3, norm_groups=4)
     logits = disc(torch.randn(2, 3, 64, 40))
     assert logits.shape == (2, 1, 64 // 8 - 2, 40 // 8 - 2)  # floor(H / 2^L) − 2
-    with pytest.raises(ValueError, match="discriminator input"):
+    with pytest.raises(AssertionError, match="discriminator input"):
         disc(torch.randn(1, 3, 16, 16))
 
 
-def test_bad_inputs_raise():
+def test_bad_inputs_assert():
     model = VQVAE(small_config(use_mid_attention=False))
-    with pytest.raises(ValueError, match="x must have shape"):
+    with pytest.raises(AssertionError, match="image"):
         model.encode(torch.randn(1, 1, 16, 16))
-    with pytest.raises(ValueError, match="x must have shape"):
+    with pytest.raises(AssertionError, match="image"):
         model.encode(torch.randn(3, 16, 16))
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(AssertionError, match="divisible"):
         model.encode(torch.randn(1, 3, 18, 16))
-    with pytest.raises(ValueError, match="z must have shape"):
+    with pytest.raises(AssertionError, match="latent"):
         model.decode(torch.randn(1, 4, 4, 4))
-    with pytest.raises(ValueError, match="latent z"):
+    with pytest.raises(AssertionError, match="latent"):
         model.quantizer(torch.randn(1, 2, 4, 4))
-    with pytest.raises(ValueError, match="differ in shape"):
+    with pytest.raises(AssertionError):
         reconstruction_loss(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 5))
 
 
