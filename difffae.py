@@ -1,15 +1,15 @@
 """DiffFAE: one-shot facial appearance editing with latent diffusion (Wang et al., ECCV 2024,
-arXiv 2403.17664, §4), put together from the parts in the leaf modules.
+arXiv 2403.17664, §4), put together from the parts in the leaf modules. Start reading here.
 
 Space-sensitive Physical Customization (SPC, §4.1). The coefficient estimator reads shape β and
 albedo α from the source and expression ψ, pose θ (global + jaw), light l and camera c from the
-query (Eq. 3); FLAME and render.py turn them into the rendered face I_R, whose VQ latent f_r is
-concatenated with the noisy latent:  ε̂ = ε_θ([z_t ; f_r], t, S, f_id).
-Region-responsive Semantic Composition (RSC, §4.2). The source's slot tokens S (face, hair,
-clothes, background) are the UNet's cross-attention context; its identity embedding f_id enters
-every res block by AdaIN. The region encoder is trained jointly with the UNet, starting from the
-slots stage.
-Objective (Eq. 1, 7, 8), with z_0 the scaled VQ latent of the query:
+query; FLAME and render.py turn them into the rendered face I_R (Eq. 2-3), whose VQ latent f_r
+is concatenated with the noisy latent:  ε̂ = ε_θ([z_t ; f_r], t, F, f_id).
+Region-responsive Semantic Composition (RSC, §4.2). The source's slot tokens F (face, hair,
+clothes, background) are the UNet's cross-attention context (Eq. 6); its identity embedding f_id
+enters every res block by AdaIN (Eq. 4-5). The region encoder is trained jointly with the UNet,
+starting from the slots stage.
+Objective (§4.3, Eq. 1, 7, 8; every step in DiffFAE.loss), with z_0 the scaled VQ latent of I_Q:
     z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε,   t ~ U{0..T−1},   ε ~ N(0, I)
     L = ‖ε − ε̂‖² + δ·‖A_cross − M_Q‖²,   δ = 0.1
 A_cross: the UNet's cross-attention maps per slot token, averaged over heads and layers; M_Q: the
@@ -35,24 +35,32 @@ Letters: B batch, K slots, C latent channels, h/w latent size, H/W image size.
 """
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy.spatial.transform import Rotation
 
+import metrics
 from estimator import CoefficientEstimator, EstimatorConfig, IdentityConfig, IdentityEncoder
-from flame import pose6_to_flame15
+from flame import FLAME, pose6_to_flame15
+from head import EXPRESSION_NAMES
 from layers import REGION_NAMES
+from render import Renderer
 from slots import RegionSlots, SlotsConfig
 from unet import UNet, UNetConfig, average_cross_attention
 from vqvae import VQConfig, VQVAE
 
 SAMPLERS = ("ddim", "dpm++2m")
 EDIT_ATTRIBUTES = ("pose", "expression", "lighting")
-# Which estimator coefficients each attribute takes from the query. The jaw (pose6[3:]) is part
-# of the expression; the camera moves with the head pose (DiffFAE Eq. 3 takes both from I_Q).
-ATTRIBUTE_KEYS = {"pose": ("global", "cam"), "expression": ("expression", "jaw"),
-                  "lighting": ("light",)}
+# The estimator coefficients (key, columns) each attribute takes from the query. The jaw
+# (pose6[3:]) is part of the expression; the camera moves with the head pose (DiffFAE Eq. 3 takes
+# both from I_Q).
+ATTRIBUTE_KEYS = {"pose": (("pose", slice(0, 3)), ("cam", slice(None))),
+                  "expression": (("expression", slice(None)), ("pose", slice(3, None))),
+                  "lighting": (("light", slice(None)),)}
 # Networks of the pretraining stages that DiffFAE is built from, with their config classes.
 PARTS = {"vqvae": VQConfig, "slots": SlotsConfig, "estimator": EstimatorConfig,
          "identity": IdentityConfig, "unet": UNetConfig}
@@ -71,25 +79,21 @@ class DiffusionConfig:
     sampler: str = "ddim"
 
     def __post_init__(self):
-        if self.timesteps < 2:
-            raise ValueError(f"DiffusionConfig.timesteps must be >= 2, got {self.timesteps}")
-        if not 0 < self.beta_start < self.beta_end < 1:
-            raise ValueError(f"DiffusionConfig: need 0 < beta_start < beta_end < 1, got "
-                             f"{self.beta_start}, {self.beta_end}")
-        if self.render_from not in ("truth", "estimated"):
-            raise ValueError(f"DiffusionConfig.render_from={self.render_from!r}: expected "
-                             f"'truth' or 'estimated'")
-        check_sampler(self.sampler)
+        for ok, problem in (
+                (self.timesteps >= 2, f"timesteps={self.timesteps}: expected >= 2"),
+                (0 < self.beta_start < self.beta_end < 1, f"beta_start={self.beta_start}, "
+                 f"beta_end={self.beta_end}: expected 0 < beta_start < beta_end < 1"),
+                (self.render_from in ("truth", "estimated"),
+                 f"render_from={self.render_from!r}: expected 'truth' or 'estimated'"),
+                (1 <= self.sample_steps <= self.timesteps,
+                 f"sample_steps={self.sample_steps}: expected 1..{self.timesteps}"),
+                (self.sampler in SAMPLERS,
+                 f"sampler={self.sampler!r}: expected one of {', '.join(SAMPLERS)}")):
+            if not ok:
+                raise ValueError(f"DiffusionConfig.{problem}")
 
 
-def check_sampler(sampler):
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Schedule and samplers
-# ---------------------------------------------------------------------------------------------
+# -- Schedule and samplers -------------------------------------------------------------------------
 
 def scaled_linear_alphas_cumprod(timesteps, beta_start, beta_end):
     """ᾱ_t = Π_{s≤t} (1 − β_s), t = 0..T−1, with √β linear in t (LDM). Returns (T,) float64."""
@@ -99,8 +103,7 @@ def scaled_linear_alphas_cumprod(timesteps, beta_start, beta_end):
 
 def make_timesteps(steps, timesteps):
     """Descending "trailing" timesteps t_i = round(T−1 − i·T/steps), i < steps."""
-    if not 1 <= steps <= timesteps:
-        raise ValueError(f"steps={steps}: expected 1..{timesteps}")
+    assert 1 <= steps <= timesteps, f"steps={steps}: expected 1..{timesteps}"
     return [round(timesteps - 1 - i * timesteps / steps) for i in range(steps)]
 
 
@@ -136,16 +139,9 @@ def sample_loop(eps_fn, x_T, alphas_cumprod, timesteps, sampler="ddim", eta=0.0,
     list of ints indexing alphas_cumprod (T,). sampler "ddim" (eta as in ddim_step; its noise
     drawn from `generator`) or "dpm++2m" (deterministic; eta must be 0).
     """
-    check_sampler(sampler)
-    if not 0 <= eta <= 1:
-        raise ValueError(f"eta={eta}: expected a value in [0, 1]")
-    if sampler == "dpm++2m" and eta != 0:
-        raise ValueError("eta applies to the ddim sampler only; dpm++2m is deterministic")
-    if any(a <= b for a, b in zip(timesteps, timesteps[1:])):
-        raise ValueError(f"timesteps must be strictly descending, got {list(timesteps)}")
-    if not timesteps or timesteps[-1] < 0 or timesteps[0] >= len(alphas_cumprod):
-        raise ValueError(f"timesteps must lie in [0, {len(alphas_cumprod)}), got "
-                         f"{list(timesteps)}")
+    assert sampler in SAMPLERS and 0 <= eta <= 1 and (sampler == "ddim" or eta == 0)
+    assert all(a > b for a, b in zip(timesteps, timesteps[1:])) and timesteps \
+        and 0 <= timesteps[-1] and timesteps[0] < len(alphas_cumprod), timesteps
     alpha_bar = [float(alphas_cumprod[t]) for t in timesteps] + [1.0]
     x, previous_x0, previous_h = x_T, None, None
     for i, t in enumerate(timesteps):
@@ -159,7 +155,7 @@ def sample_loop(eps_fn, x_T, alphas_cumprod, timesteps, sampler="ddim", eta=0.0,
         x0 = predict_x0(x, eps, alpha_bar[i])
         if alpha_bar[i + 1] >= 1.0:  # the step to σ = 0 (λ = ∞) is first order: x = x̂_0
             return x0
-        lam, lam_next = _half_log_snr(alpha_bar[i]), _half_log_snr(alpha_bar[i + 1])
+        lam, lam_next = (0.5 * math.log(a / (1 - a)) for a in alpha_bar[i:i + 2])  # λ = log(α/σ)
         h = lam_next - lam
         if previous_x0 is None:
             data = x0
@@ -172,39 +168,20 @@ def sample_loop(eps_fn, x_T, alphas_cumprod, timesteps, sampler="ddim", eta=0.0,
     return x
 
 
-def _half_log_snr(alpha_bar):
-    """λ = log(α/σ) = ½·log(ᾱ/(1−ᾱ))."""
-    return 0.5 * math.log(alpha_bar / (1 - alpha_bar))
-
-
-# ---------------------------------------------------------------------------------------------
-# Coefficients: combining source and query, and editing by numbers
-# ---------------------------------------------------------------------------------------------
+# -- Coefficients: combining source and query, and editing by numbers ------------------------------
 
 def combine_coefficients(source, query, edit=EDIT_ATTRIBUTES):
     """Eq. 3: shape and albedo always from the source; each attribute in `edit` from the query,
     the others from the source. Coefficient dicts as CoefficientEstimator returns them."""
-    if isinstance(edit, str):
-        raise ValueError(f"edit={edit!r}: expected a tuple of attributes, e.g. ('pose',)")
-    unknown = set(edit) - set(EDIT_ATTRIBUTES)
-    if unknown:
-        raise ValueError(f"unknown attribute(s) {', '.join(sorted(unknown))}: expected some of "
-                         f"{', '.join(EDIT_ATTRIBUTES)}")
-    taken = {key for attribute in edit for key in ATTRIBUTE_KEYS[attribute]}
+    assert not isinstance(edit, str) and set(edit) <= set(EDIT_ATTRIBUTES), edit
     out = {key: value.clone() for key, value in source.items()}
-    for key in ("expression", "cam", "light"):
-        if key in taken:
-            out[key] = query[key].clone()
-    if "global" in taken:
-        out["pose"][:, :3] = query["pose"][:, :3]
-    if "jaw" in taken:
-        out["pose"][:, 3:] = query["pose"][:, 3:]
+    for attribute in edit:
+        for key, columns in ATTRIBUTE_KEYS[attribute]:
+            out[key][:, columns] = query[key][:, columns]
     return out
 
 
-NUMBER_HELP = ("yaw, pitch, roll, jaw in degrees; light=x,y,z (a direction in camera space: "
-               "+x to the image's right, +y up, +z towards the camera); or an expression name "
-               "of the built-in head = its coefficient (e.g. smile=1.2)")
+NUMBERS = ("yaw", "pitch", "roll", "jaw", "light")  # and the built-in head's expression names
 
 
 def set_numbers(coefficients, numbers, expression_names=()):
@@ -212,11 +189,11 @@ def set_numbers(coefficients, numbers, expression_names=()):
 
     numbers: {name: value}; yaw/pitch/roll/jaw in degrees (head rotation as intrinsic Y-X-Z
     Euler angles, the convention of metrics.head_pose_degrees; jaw opening about the x axis);
-    light: a 3-vector direction — the first-order SH band is set to that direction with its
-    current strength per colour; any name in expression_names sets that expression coefficient.
+    light: a non-zero 3-vector direction — the first-order SH band is set to that direction with
+    its current strength per colour; any name in expression_names sets that expression
+    coefficient.
     """
-    from scipy.spatial.transform import Rotation
-    import metrics
+    assert set(numbers) <= {*NUMBERS, *expression_names}, numbers
     out = {key: value.clone() for key, value in coefficients.items()}
     euler = {}
     for name, value in numbers.items():
@@ -228,15 +205,11 @@ def set_numbers(coefficients, numbers, expression_names=()):
         elif name == "light":
             direction = torch.as_tensor(value, dtype=out["light"].dtype,
                                         device=out["light"].device).flatten()
-            if direction.numel() != 3 or direction.norm() == 0:
-                raise ValueError(f"light={value}: expected a non-zero direction x,y,z")
+            assert direction.numel() == 3 and direction.norm() > 0, value
             strength = out["light"][:, 1:4].norm(dim=1, keepdim=True)  # (B, 1, 3) per colour
             out["light"][:, 1:4] = strength * (direction / direction.norm())[None, :, None]
-        elif name in expression_names:
-            out["expression"][:, list(expression_names).index(name)] = float(value)
         else:
-            known = ["yaw", "pitch", "roll", "jaw", "light", *expression_names]
-            raise ValueError(f"unknown number {name!r}: expected one of {', '.join(known)}")
+            out["expression"][:, list(expression_names).index(name)] = float(value)
     if euler:
         angles = metrics.head_pose_degrees(out["pose"])  # (B, 3) yaw, pitch, roll
         for index, name in enumerate(("yaw", "pitch", "roll")):
@@ -247,13 +220,11 @@ def set_numbers(coefficients, numbers, expression_names=()):
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# The model
-# ---------------------------------------------------------------------------------------------
+# -- The model -------------------------------------------------------------------------------------
 
 def render_face(flame, renderer, coefficients):
-    """SPC: FLAME(β, ψ, θ) rendered with albedo α, SH light l and camera c → I_R in [-1, 1]
-    (black outside the head) and its mask (B, 1, H, W). Coefficients as the estimator's."""
+    """SPC, Eq. 2-3: FLAME(β, ψ, θ) rendered with albedo α, SH light l and camera c → I_R in
+    [-1, 1] (black outside the head) and its mask (B, 1, H, W). Coefficients as the estimator's."""
     vertices = flame(coefficients["shape"], coefficients["expression"],
                      pose6_to_flame15(coefficients["pose"]))
     out = renderer(vertices, flame.albedo(coefficients["albedo"]), coefficients["light"],
@@ -262,53 +233,36 @@ def render_face(flame, renderer, coefficients):
 
 
 class DiffFAE(nn.Module):
-    """All networks of the method; FLAME and the renderer are rebuilt, never saved (FLAME's
-    license forbids redistributing it, and the built-in head is deterministic).
+    """All networks of the method; FLAME (the built-in head) and the renderer are rebuilt, never
+    saved (FLAME's license forbids redistributing it, and the built-in head is deterministic).
 
     configs: {"vqvae", "slots", "estimator", "identity", "unet": part config,
-              "diffusion": DiffusionConfig}; `flame` a FLAME module (default: built-in head).
+              "diffusion": DiffusionConfig}, consistent with each other (the ldm stage makes
+              them so; load_model refuses a checkpoint whose parts do not fit).
     """
 
-    def __init__(self, configs, flame=None):
+    def __init__(self, configs):
         super().__init__()
-        from flame import FLAME
-        from render import Renderer
         self.configs = configs
-        self.diffusion = configs["diffusion"]
+        self.diffusion = d = configs["diffusion"]
         self.vqvae = VQVAE(configs["vqvae"])
         self.slots = RegionSlots(configs["slots"])
         self.estimator = CoefficientEstimator(configs["estimator"])
         self.identity = IdentityEncoder(configs["identity"])
         self.unet = UNet(configs["unet"])
-        flame = FLAME() if flame is None else flame
-        image_size = configs["slots"].image_size
+        flame = FLAME()
         self.physical = {"flame": flame,  # plain dict: outside state_dict and parameters()
-                         "renderer": Renderer(flame.faces, flame.face_uvs, image_size,
+                         "renderer": Renderer(flame.faces, flame.face_uvs, self.image_size,
                                               cull_backfaces=True)}
-        d = self.diffusion
         self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod(
             d.timesteps, d.beta_start, d.beta_end).float(), persistent=False)
-        self.register_buffer("latent_scale", torch.tensor(0.0))  # set from data before training
-        self._check_parts()
-
-    def _check_parts(self):
-        c = self.configs
-        latent = c["vqvae"].latent_channels
-        sizes = {"slots": c["slots"].image_size, "estimator": c["estimator"].image_size,
-                 "identity": c["identity"].image_size}
-        if len(set(sizes.values())) != 1:
-            raise ValueError(f"DiffFAE: the parts were trained at different image sizes {sizes}")
-        unet = c["unet"]
-        expected = {"in_channels": 2 * latent, "out_channels": latent,
-                    "context_dim": c["slots"].slot_dim, "id_dim": c["identity"].embedding_dim}
-        for name, value in expected.items():
-            if getattr(unet, name) != value:
-                raise ValueError(f"DiffFAE: unet.{name}={getattr(unet, name)}, expected {value}")
-        flame = self.physical["flame"]
-        for name in ("shape", "exp", "albedo"):
-            if getattr(c["estimator"], f"n_{name}") != getattr(flame, f"n_{name}"):
-                raise ValueError(f"DiffFAE: the estimator predicts {name} coefficients for a "
-                                 f"different FLAME model than the one given")
+        self.register_buffer("latent_scale", torch.tensor(0.0))  # set by the first loss()
+        c, unet, latent = configs, configs["unet"], configs["vqvae"].latent_channels
+        assert c["slots"].image_size == c["estimator"].image_size == c["identity"].image_size
+        assert (unet.in_channels, unet.out_channels, unet.context_dim, unet.id_dim) == (
+            2 * latent, latent, c["slots"].slot_dim, c["identity"].embedding_dim), unet
+        assert all(getattr(c["estimator"], f"n_{name}") == getattr(flame, f"n_{name}")
+                   for name in ("shape", "exp", "albedo")), "estimator and FLAME disagree"
 
     def _apply(self, fn, *args, **kwargs):
         """.to(device) etc. also move FLAME and the renderer (kept outside the state dict)."""
@@ -335,41 +289,61 @@ class DiffFAE(nn.Module):
         return render_face(self.physical["flame"], self.physical["renderer"], coefficients)
 
     def conditions(self, source, rendered):
-        """Everything the UNet is conditioned on: f_r (B, C, h, w), slot tokens (B, K, D),
-        the source's slot masks (B, K, h', w') and f_id (B, Di)."""
-        regions = self.slots(source)
+        """Everything the UNet is conditioned on: f_r (B, C, h, w), the slot tokens F (B, K, D)
+        and f_id (B, Di)."""
+        slots = self.slots(source)["slots"]
         identity = self.identity(source)
         if not self.diffusion.use_identity:
             identity = torch.zeros_like(identity)
-        return {"f_r": self.encode_latent(rendered), "slots": regions["slots"],
-                "masks": regions["masks"], "id": identity}
+        return {"f_r": self.encode_latent(rendered), "slots": slots, "id": identity}
 
     def denoise(self, z_t, t, cond, return_attn=False):
-        """ε_θ([z_t ; f_r], t, S, f_id)."""
+        """ε_θ([z_t ; f_r], t, F, f_id)."""
         return self.unet(torch.cat([z_t, cond["f_r"]], dim=1), t, cond["slots"], cond["id"],
                          return_attn=return_attn)
 
     # -- training ----------------------------------------------------------------------------
-    def loss(self, source, query, rendered, generator=None):
-        """L = ‖ε − ε̂‖² + δ·‖A_cross − M_Q‖² (Eq. 8) for a batch of same-person pairs; rendered
-        is I_R from the query's coefficients. Returns a dict with "loss" the total."""
-        if float(self.latent_scale) == 0:
-            raise ValueError("DiffFAE.latent_scale is unset: measure it with set_latent_scale")
-        z0 = self.encode_latent(query)  # (B, C, h, w)
+    def loss(self, source, query, coefficients=None):
+        """The whole training objective, L = L_LDM + δ·L_attn (Eq. 8), for a batch of
+        same-person pairs: source I_S and query I_Q (B, 3, H, W) in [-1, 1]. coefficients: the
+        query's exact ones (the estimator's keys), used when diffusion.render_from is "truth";
+        with "estimated" the estimator reads them from I_Q, as at inference.
+        Returns {"loss": L, "ldm_loss", "acr_loss"} (the last two detached).
+        """
+        d = self.diffusion
+        if float(self.latent_scale) == 0:  # LDM's scale_factor: measured once, then saved
+            self.set_latent_scale(query)
+            if dist.is_initialized():  # each rank measured its own batch: take the mean
+                dist.all_reduce(self.latent_scale)
+                self.latent_scale /= dist.get_world_size()
+        # 1. SPC, Eq. 3: the query's coefficients drawn through FLAME into I_R (B, 3, H, W);
+        #    the geometry stays in fp32 under autocast
+        with torch.autocast(query.device.type, enabled=False):
+            if d.render_from == "estimated":
+                with torch.no_grad():
+                    coefficients = self.estimator(query)
+            rendered, _ = self.render(coefficients)
+        # 2. the target latent z_0 = φ^E(I_Q) (B, C, h, w), scaled to unit variance
+        z0 = self.encode_latent(query)
+        # 3. the conditions: f_r = φ^E(I_R); RSC (§4.2): the slot tokens F of I_S, context of
+        #    the cross-attention (Eq. 6), and f_id, the input of AdaIN (Eq. 4-5)
         cond = self.conditions(source, rendered)
+        # 4. forward diffusion (Eq. 1): t ~ U{0..T−1}, ε ~ N(0, I), z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε
         batch = z0.shape[0]
-        t = torch.randint(self.diffusion.timesteps, (batch,), generator=generator,
-                          device=z0.device)
-        noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+        t = torch.randint(d.timesteps, (batch,), device=z0.device)
+        noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype)
         alpha_bar = self.alphas_cumprod[t].view(batch, 1, 1, 1)
         z_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise
+        # 5. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖²
         eps, attn = self.denoise(z_t, t, cond, return_attn=True)
         ldm = F.mse_loss(eps.float(), noise.float())
+        # 6. ACR (Eq. 7): L_attn = ‖A_cross − M_Q‖², the query's slot masks a fixed target
         with torch.no_grad():
-            query_masks = self.slots(query)["masks"]  # (B, K, h', w') M_Q, a fixed target
+            query_masks = self.slots(query)["masks"]  # (B, K, h', w') M_Q
         attention = average_cross_attention(attn, query_masks.shape[-2:])  # (B, K, h', w')
         acr = F.mse_loss(attention.float(), query_masks.float())
-        return {"loss": ldm + self.diffusion.acr_weight * acr, "ldm_loss": ldm.detach(),
+        # 7. L = L_LDM + δ·L_attn (Eq. 8)
+        return {"loss": ldm + d.acr_weight * acr, "ldm_loss": ldm.detach(),
                 "acr_loss": acr.detach()}
 
     @torch.no_grad()
@@ -380,15 +354,14 @@ class DiffFAE(nn.Module):
 
     # -- inference ---------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, cond, steps=None, sampler=None, seed=0, eta=0.0, x_T=None):
+    def sample(self, cond, steps=None, sampler=None, seed=0, eta=0.0):
         """Latent (B, C, h, w) from z_T ~ N(0, I) (seeded) under the given conditions."""
         d = self.diffusion
         steps = d.sample_steps if steps is None else steps
         sampler = d.sampler if sampler is None else sampler
         generator = torch.Generator(device=cond["f_r"].device).manual_seed(seed)
-        if x_T is None:
-            x_T = torch.randn(cond["f_r"].shape, generator=generator,
-                              device=cond["f_r"].device, dtype=cond["f_r"].dtype)
+        x_T = torch.randn(cond["f_r"].shape, generator=generator, device=cond["f_r"].device,
+                          dtype=cond["f_r"].dtype)
         return sample_loop(lambda x, t: self.denoise(x, t, cond), x_T, self.alphas_cumprod,
                            make_timesteps(steps, d.timesteps), sampler, eta, generator)
 
@@ -403,55 +376,30 @@ class DiffFAE(nn.Module):
         values applied last (set_numbers); with no query, only numbers change the source.
         Returns {"image", "render" (I_R), "mask", "coefficients"}.
         """
-        self._check_images(source, "source")
-        source_coefficients = self.estimator(source)
-        coefficients = source_coefficients
+        coefficients = self.estimator(source)
         if query is not None:
-            self._check_images(query, "query")
-            coefficients = combine_coefficients(source_coefficients, self.estimator(query), edit)
+            coefficients = combine_coefficients(coefficients, self.estimator(query), edit)
         if numbers:
-            coefficients = set_numbers(coefficients, numbers, self.expression_names())
+            coefficients = set_numbers(coefficients, numbers, EXPRESSION_NAMES)
         rendered, mask = self.render(coefficients)
         cond = self.conditions(source, rendered)
         for region, image in (swap or {}).items():
-            if region not in REGION_NAMES[1:]:
-                raise ValueError(f"cannot swap {region!r}: expected one of "
-                                 f"{', '.join(REGION_NAMES[1:])}")
-            self._check_images(image, region)
+            assert region in REGION_NAMES[1:], f"cannot swap {region!r}"  # the face is the edit
             k = REGION_NAMES.index(region)
             cond["slots"][:, k] = self.slots(image)["slots"][:, k]
         image = self.decode_latent(self.sample(cond, steps, sampler, seed, eta))
         return {"image": image, "render": rendered, "mask": mask, "coefficients": coefficients}
 
-    def expression_names(self):
-        """Names of the expression coefficients (the built-in head's; none for real FLAME)."""
-        from head import EXPRESSION_NAMES
-        if self.physical["flame"].n_exp == len(EXPRESSION_NAMES):
-            return EXPRESSION_NAMES
-        return ()
 
-    def _check_images(self, images, name):
-        size = self.image_size
-        if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise ValueError(f"{name}: expected images (B, 3, {size}, {size}), got "
-                             f"{tuple(images.shape)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: a training checkpoint of the ldm stage, or the exported inference weights
-# ---------------------------------------------------------------------------------------------
+# -- Checkpoints: a training checkpoint of the ldm stage, or the exported inference weights --------
 
 INFERENCE_FORMAT = "difffae-inference-1"
 
 
 def configs_from(saved):
     """Part configs from a checkpoint's "config" dict (dataclass fields as plain values)."""
-    classes = {**PARTS, "diffusion": DiffusionConfig}
-    missing = [name for name in classes if name not in saved]
-    if missing:
-        raise ValueError(f"the checkpoint has no config for {', '.join(missing)}: it is not an "
-                         f"ldm checkpoint")
-    return {name: cls(**saved[name]) for name, cls in classes.items()}
+    return {name: cls(**saved[name])
+            for name, cls in {**PARTS, "diffusion": DiffusionConfig}.items()}
 
 
 def inference_weights(checkpoint):
@@ -475,7 +423,6 @@ def export_inference(checkpoint, path, dtype=torch.float16):
 def load_model(path, device="cpu"):
     """DiffFAE from an exported inference file or an ldm training checkpoint (its EMA weights),
     in eval mode, float32. Raises ValueError naming the file and the problem."""
-    from pathlib import Path
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such checkpoint")
@@ -483,21 +430,20 @@ def load_model(path, device="cpu"):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and unsafe-global errors alike
         raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
-        raise ValueError(f"{path}: not a DiffFAE checkpoint (no config)")
-    if checkpoint.get("format") == INFERENCE_FORMAT:
+    kind = isinstance(checkpoint, dict) and (checkpoint.get("format") or checkpoint.get("stage"))
+    if kind == INFERENCE_FORMAT:
         weights = checkpoint["weights"]
-    elif checkpoint.get("stage") == "ldm":
+    elif kind == "ldm":
         weights = inference_weights(checkpoint)
     else:
-        raise ValueError(f"{path}: a {checkpoint.get('stage', 'unknown')} checkpoint; DiffFAE "
-                         f"needs one of the ldm stage or an exported inference file")
-    try:
+        raise ValueError(f"{path}: a {kind or 'non-DiffFAE'} checkpoint; DiffFAE needs one of "
+                         f"the ldm stage or an exported inference file")
+    try:  # a part's config missing or refused, parts that do not fit, weights that do not load
         model = DiffFAE(configs_from(checkpoint["config"]))
         model.load_state_dict({k: v.float() if v.is_floating_point() else v
                                for k, v in weights.items()})
-    except (TypeError, RuntimeError, ValueError) as error:
-        first = str(error).strip().splitlines()[0]
+    except (AssertionError, KeyError, TypeError, RuntimeError, ValueError) as error:
+        first = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise ValueError(f"{path}: incompatible with this version of the model ({first})") \
             from None
     return model.to(device).eval()

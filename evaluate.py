@@ -24,7 +24,6 @@ the source with the hair, clothes and background of the next item ("other").
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -33,10 +32,11 @@ from torch.utils.data import default_collate
 
 import metrics
 from data import save_image
-from difffae import SAMPLERS, combine_coefficients, load_model
-from sample import DEFAULT_CHECKPOINT
-from layers import FACE, REGION_NAMES
+from difffae import SAMPLERS, load_model
+from layers import FACE
+from sample import DEFAULT_CHECKPOINT, SWAPPABLE, check_sampling, fail
 from slots import masks_at
+from stages import to_device, true_coefficients
 from synthetic import SyntheticPortraits
 
 CHUNK = 50       # pairs per batch
@@ -51,34 +51,21 @@ def test_pairs(size, n, seed):
         yield default_collate(data.__getitems__(range(start, min(n, start + CHUNK))))
 
 
-def true_frame(params):
-    """The exact coefficients of a test item's frame, in the estimator's keys."""
-    return {"expression": params["expression"], "pose": params["pose6"],
-            "light": params["light"]}
-
-
-def coefficient_distances(model, images, truth):
-    """Per-image apd (degrees), aed and ald (see the module docstring) of estimated vs true."""
-    estimated = model.estimator(images)
-    angles = metrics.angle_error_degrees(metrics.head_pose_degrees(estimated["pose"]),
-                                         metrics.head_pose_degrees(truth["pose"]))  # (B, 3)
-    expression = torch.cat([estimated["expression"], estimated["pose"][:, 3:]], 1) \
-        - torch.cat([truth["expression"], truth["pose"][:, 3:]], 1)
-    return {"apd": angles.float().mean(1),
-            "aed": expression.abs().mean(1).cpu(),
-            "ald": (estimated["light"] - truth["light"]).abs().flatten(1).mean(1).cpu()}
-
-
 def image_scores(model, output, batch, against_target=True):
-    """Every per-image metric of `output` (B, 3, H, W) for a batch of test pairs; without the
-    image comparisons when the output is the target itself."""
+    """Every per-image metric (see the module docstring) of `output` (B, 3, H, W) for a batch of
+    test pairs; without the image comparisons when the output is the target itself."""
     target, source = batch["target"], batch["source"]
-    face = (batch["target_regions"] == FACE)[:, None]
-    scores = coefficient_distances(model, output, true_frame(batch["query_params"]))
-    scores["csim"] = (model.identity(output) * model.identity(source)).sum(1).cpu()
+    estimated, truth = model.estimator(output), true_coefficients(batch, "query")
+    expression = torch.cat([estimated["expression"], estimated["pose"][:, 3:]], 1) \
+        - torch.cat([truth["expression"], truth["pose"][:, 3:]], 1)  # ψ and the jaw angle
+    scores = {"apd": metrics.head_pose_error(estimated["pose"], truth["pose"]).float().mean(1),
+              "aed": expression.abs().mean(1).cpu(),
+              "ald": (estimated["light"] - truth["light"]).abs().flatten(1).mean(1).cpu(),
+              "csim": (model.identity(output) * model.identity(source)).sum(1).cpu()}
     if against_target:
         scores["psnr"] = metrics.psnr(output, target).float()
         scores["ssim"] = metrics.ssim(output, target).float()
+        face = (batch["target_regions"] == FACE)[:, None]
         scores["psnr_face"] = metrics.psnr(output, target, mask=face).float()
     return scores
 
@@ -86,12 +73,9 @@ def image_scores(model, output, batch, against_target=True):
 def edit_methods(model, batch, steps, sampler, seed):
     """Outputs (B, 3, H, W) of DiffFAE, the baselines and the ground truth for one batch."""
     source = batch["source"]
-    coefficients = combine_coefficients(model.estimator(source), model.estimator(batch["query"]))
-    rendered, mask = model.render(coefficients)
-    cond = model.conditions(source, rendered)
-    edited = model.decode_latent(model.sample(cond, steps, sampler, seed))
-    return {"difffae": edited, "copy_source": source,
-            "paste_render": torch.where(mask > 0.5, rendered, source),
+    edited = model.edit(source, batch["query"], steps=steps, sampler=sampler, seed=seed)
+    return {"difffae": edited["image"], "copy_source": source,
+            "paste_render": torch.where(edited["mask"] > 0.5, edited["render"], source),
             "ground_truth": batch["target"]}
 
 
@@ -104,8 +88,7 @@ def evaluate(models, n, steps, sampler, seed, device):
     first = next(iter(models))
     size = models[first].image_size
     for index, batch in enumerate(test_pairs(size, n, seed)):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        batch["query_params"] = {k: v.to(device) for k, v in batch["query_params"].items()}
+        batch = to_device(batch, device)
         for name, model in models.items():
             outputs = edit_methods(model, batch, steps, sampler, seed + index)
             rows = outputs if name == first else {name: outputs["difffae"]}
@@ -130,13 +113,13 @@ def evaluate(models, n, steps, sampler, seed, device):
 def picture(model, path, steps, sampler, seed, device):
     """The README's grid: one row per held-out pair, edits then region swaps."""
     batch = next(test_pairs(model.image_size, GRID_ROWS + 1, seed))
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = to_device(batch, device)
     source, other = batch["source"][:GRID_ROWS], batch["source"][1:GRID_ROWS + 1]
     query = batch["query"][:GRID_ROWS]
     edited = model.edit(source, query, steps=steps, sampler=sampler, seed=seed)
     columns = [source, query, edited["render"], edited["image"], batch["target"][:GRID_ROWS],
                other]
-    for region in REGION_NAMES[1:]:
+    for region in SWAPPABLE:
         swapped = model.edit(source, swap={region: other}, steps=steps, sampler=sampler,
                              seed=seed)
         columns.append(swapped["image"])
@@ -165,6 +148,7 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--grid", metavar="PNG", help="also write the picture grid")
     parser.add_argument("--device", default="cpu")
+    parser.error = fail  # argparse's errors too: one line, no usage
     args = parser.parse_args(argv)
     try:
         if args.n < 1:
@@ -178,6 +162,8 @@ def main(argv=None):
         sizes = {name: model.image_size for name, model in models.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"the checkpoints work at different image sizes: {sizes}")
+        for model in models.values():
+            check_sampling(model, args.steps, args.sampler)
         started = time.time()
         results = evaluate(models, args.n, args.steps, args.sampler, args.seed, args.device)
         seconds = time.time() - started
@@ -185,8 +171,7 @@ def main(argv=None):
             picture(models["difffae"], args.grid, args.steps, args.sampler, args.seed,
                     args.device)
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail(error)
     print(markdown(results))
     print(f"\n{args.n} pairs, {args.sampler} {args.steps} steps, {seconds:.0f} s")
     if args.json:

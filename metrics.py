@@ -1,4 +1,6 @@
-"""Measurements shared by training, evaluation and benchmarks: one implementation of each.
+"""Measurements shared by training, evaluation and benchmarks: one implementation of each
+(DiffFAE §5.1 scores edits by APD, AED, ALD and CSIM; with an exact target we add PSNR and
+SSIM, and a slot-mask IoU puts a number on the semantic predictions the paper shows in App. A).
 
 - PSNR = 10·log10(R² / MSE) with R the data range (2 for images in [-1, 1]).
 - SSIM (Wang et al. 2004, Eq. 13) with their constants: an 11×11 Gaussian window of σ = 1.5,
@@ -17,18 +19,18 @@
 
 Letters: B batch, K slots, R regions, H/W image size, D embedding size.
 """
-import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.transform import Rotation
 
+from layers import REGION_NAMES
+
 
 def psnr(prediction, target, data_range=2.0, mask=None):
     """Per-image PSNR in dB of (B, C, H, W) tensors (infinite for identical images); with a
     mask (B, 1, H, W) the mean squared error is taken over the masked pixels only."""
-    if prediction.shape != target.shape:
-        raise ValueError(f"psnr: shapes differ, {tuple(prediction.shape)} vs {tuple(target.shape)}")
+    assert prediction.shape == target.shape, (prediction.shape, target.shape)
     error = (prediction.double() - target.double()).pow(2)  # (B, C, H, W)
     if mask is None:
         mse = error.flatten(1).mean(1)  # (B,)
@@ -45,10 +47,8 @@ SSIM_K = (0.01, 0.03)
 
 def ssim(prediction, target, data_range=2.0):
     """Per-image SSIM (B,) of (B, C, H, W) tensors with H, W ≥ 11 (see the module docstring)."""
-    if prediction.shape != target.shape:
-        raise ValueError(f"ssim: shapes differ, {tuple(prediction.shape)} vs {tuple(target.shape)}")
-    if min(prediction.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(f"ssim: images must be at least {SSIM_WINDOW} pixels on each side")
+    assert prediction.shape == target.shape, (prediction.shape, target.shape)
+    assert min(prediction.shape[-2:]) >= SSIM_WINDOW, f"ssim: at least {SSIM_WINDOW} px a side"
     x, y = prediction.double(), target.double()
     channels = x.shape[1]
     offsets = torch.arange(SSIM_WINDOW, dtype=torch.double) - (SSIM_WINDOW - 1) / 2
@@ -69,12 +69,10 @@ def ssim(prediction, target, data_range=2.0):
     return index.flatten(1).mean(1)
 
 
-def region_confusion(slot_masks, regions, n_regions=4):
+def region_confusion(slot_masks, regions, n_regions=len(REGION_NAMES)):
     """Pixel counts (K, R): how often slot k wins a pixel (argmax over slots) whose ground-truth
     region is r. slot_masks (B, K, H, W) at the image resolution, regions (B, H, W) long."""
-    if slot_masks.shape[0] != regions.shape[0] or slot_masks.shape[2:] != regions.shape[1:]:
-        raise ValueError(f"region_confusion: masks {tuple(slot_masks.shape)} do not match "
-                         f"regions {tuple(regions.shape)}")
+    assert slot_masks[:, 0].shape == regions.shape, (slot_masks.shape, regions.shape)
     n_slots = slot_masks.shape[1]
     winner = slot_masks.argmax(1)  # (B, H, W)
     pair = (winner * n_regions + regions).flatten()
@@ -82,23 +80,17 @@ def region_confusion(slot_masks, regions, n_regions=4):
     return counts.reshape(n_slots, n_regions).double()
 
 
-def assign_slots(confusion):
-    """Slot → region map (K,) for a whole set (see the module docstring)."""
+def slot_iou(confusion):
+    """Per-region IoU (R,) of slot masks, slots assigned to regions once for the whole set (see
+    the module docstring) from its confusion counts (K, R)."""
     overlap = confusion.cpu().numpy()
+    assignment = overlap.argmax(1)  # (K,) region of each slot
     if overlap.shape[0] == overlap.shape[1]:
         slots, regions = linear_sum_assignment(-overlap)
-        assignment = np.empty(len(slots), dtype=np.int64)
         assignment[slots] = regions
-        return torch.as_tensor(assignment)
-    return torch.as_tensor(overlap.argmax(1))
-
-
-def slot_iou(confusion, assignment=None):
-    """Per-region IoU (R,) of slot masks merged by `assignment` (default `assign_slots`)."""
-    assignment = assign_slots(confusion) if assignment is None else assignment
     n_regions = confusion.shape[1]
     merged = torch.zeros(n_regions, n_regions, dtype=confusion.dtype)
-    merged.index_add_(0, assignment.to(torch.long), confusion)  # (R predicted, R true)
+    merged.index_add_(0, torch.as_tensor(assignment), confusion)  # (R predicted, R true)
     hits = merged.diag()
     union = merged.sum(0) + merged.sum(1) - hits
     return torch.where(union > 0, hits / union.clamp(min=1), torch.ones_like(hits))
@@ -111,9 +103,10 @@ def head_pose_degrees(pose):
     return torch.as_tensor(angles)
 
 
-def angle_error_degrees(a, b):
-    """Absolute differences of angles in degrees, wrapped to [0, 180]."""
-    return ((a - b + 180) % 360 - 180).abs()
+def head_pose_error(pose, true_pose):
+    """Per-image yaw, pitch and roll errors (B, 3) in degrees, wrapped to [0, 180]."""
+    error = head_pose_degrees(pose) - head_pose_degrees(true_pose)
+    return ((error + 180) % 360 - 180).abs()
 
 
 def verification(embeddings, labels):

@@ -1,5 +1,6 @@
 """Edit a portrait: `python sample.py SRC QRY` writes the SRC person with QRY's pose, expression
-and lighting (DiffFAE, Wang et al. 2024).
+and lighting (DiffFAE, Wang et al. 2024, §4). Region swaps are the paper's expandable editing
+(App. G); editing by numbers is not in the paper.
 
     python sample.py examples/src.png examples/qry.png                    # → out.png
     python sample.py SRC QRY --edit expression --panel                    # only the expression
@@ -21,9 +22,21 @@ import torch
 import torch.nn.functional as F
 
 from data import ImageError, load_image, save_image
-from difffae import EDIT_ATTRIBUTES, NUMBER_HELP, SAMPLERS, load_model
+from difffae import EDIT_ATTRIBUTES, NUMBERS, SAMPLERS, load_model
+from head import EXPRESSION_NAMES
+from layers import REGION_NAMES
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "difffae-tiny.pt"
+SWAPPABLE = REGION_NAMES[1:]  # the face is what the edit changes
+NUMBER_HELP = ("yaw, pitch, roll, jaw in degrees; light=x,y,z (a direction in camera space: "
+               "+x to the image's right, +y up, +z towards the camera); or an expression name "
+               "of the built-in head = its coefficient (e.g. smile=1.2)")
+
+
+def fail(message):
+    """A command-line error: one line on stderr and exit status 2, as argparse's own."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def parse_swap(items):
@@ -33,12 +46,15 @@ def parse_swap(items):
         region, _, path = item.partition("=")
         if not path:
             raise ValueError(f"--swap {item}: expected REGION=IMAGE, e.g. hair=other.png")
+        if region not in SWAPPABLE:
+            raise ValueError(f"cannot swap {region!r}: expected one of {', '.join(SWAPPABLE)}")
         swap[region] = path
     return swap
 
 
 def parse_numbers(items):
     """["yaw=20", "light=1,0,1", ...] → {"yaw": 20.0, "light": [1.0, 0.0, 1.0], ...}."""
+    known = (*NUMBERS, *EXPRESSION_NAMES)
     numbers = {}
     for item in items:
         name, _, text = item.partition("=")
@@ -46,10 +62,25 @@ def parse_numbers(items):
             values = [float(v) for v in text.split(",")]
         except ValueError:
             raise ValueError(f"--set {item}: expected NAME=NUMBER or light=X,Y,Z") from None
-        if not text or (len(values) != 1 and name != "light"):
-            raise ValueError(f"--set {item}: expected NAME=NUMBER or light=X,Y,Z")
-        numbers[name] = values if name == "light" else values[0]
+        if name not in known:
+            raise ValueError(f"unknown number {name!r}: expected one of {', '.join(known)}")
+        light = name == "light"
+        if len(values) != (3 if light else 1) or (light and not any(values)):
+            raise ValueError(f"--set {item}: expected NAME=NUMBER or light=X,Y,Z (not 0,0,0)")
+        numbers[name] = values if light else values[0]
     return numbers
+
+
+def check_sampling(model, steps, sampler, eta=0.0):
+    """The sampling options against the model's diffusion (sampler=None: the model's own)."""
+    timesteps = model.diffusion.timesteps
+    if steps is not None and not 1 <= steps <= timesteps:
+        raise ValueError(f"--steps {steps}: expected 1..{timesteps}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"--eta {eta}: expected a value in [0, 1]")
+    if eta and (sampler or model.diffusion.sampler) != "ddim":
+        raise ValueError(f"--eta {eta}: applies to the ddim sampler only (dpm++2m is "
+                         f"deterministic)")
 
 
 def parse_edit(text):
@@ -92,6 +123,7 @@ def main(argv=None):
                         help="write source | query | I_R | result instead of the result alone")
     parser.add_argument("--zoom", type=int, default=1, help="enlarge the output N× (nearest)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps")
+    parser.error = fail  # argparse's errors too: one line, no usage
     args = parser.parse_args(argv)
     try:
         if args.query is None and not args.numbers:
@@ -103,6 +135,7 @@ def main(argv=None):
         numbers = parse_numbers(args.numbers)
         started = time.time()
         model = load_model(args.ckpt, args.device)
+        check_sampling(model, args.steps, args.sampler, args.eta)
         size = model.image_size
 
         def read(path):
@@ -120,8 +153,7 @@ def main(argv=None):
             image = torch.cat(strip, dim=2)  # (3, H, 4·W)
         save_image(zoom(image, args.zoom), args.out)
     except (ImageError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail(error)
     print(f"wrote {args.out} ({time.time() - started:.1f} s)")
 
 

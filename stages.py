@@ -1,23 +1,10 @@
-"""What each training stage optimises and measures; train.py runs them.
+"""The five training stages of DiffFAE (Wang et al. 2024, §4.3, §5.4); train.py runs them: four
+pretrained parts, then the diffusion model (the ldm stage, DiffFAE.loss, Eq. 8). Each class says
+what its stage optimises and measures. A stage is an nn.Module whose forward(batch, step) returns
+a dict of losses with "loss" the total, so DistributedDataParallel wraps it whole; evaluate(batch,
+png) measures held-out synthetic identities (a batch on the stage's device) and draws a picture.
 
-- vqvae: L1 + codebook + β·commitment (+ hinge PatchGAN after `disc_start`); dead codes restarted.
-  Measured: PSNR of reconstructions of held-out identities, perplexity and codebook usage.
-- slots: the region encoder + slot attention + broadcast decoder reconstruct the frozen VQ latent
-  of the image (DiffFAE §4.3 "Pretraining of RSC"; or its pixels, `--slots_target=pixel`).
-  Measured: IoU of slot masks with the ground-truth regions, slots assigned to regions once for
-  the whole held-out set.
-- estimator: regression of the exact generating coefficients (each scaled by its spread in the
-  data) plus a photometric loss: the predicted coefficients re-rendered through FLAME and
-  render.py against the image on ground-truth face pixels (DECA's photometric term, Feng et al.
-  2021 Eq. 8). Measured: head-pose error in degrees, jaw, expression, light and camera errors.
-- identity: ArcFace (Deng et al. 2019) classification of synthetic identities. Measured:
-  verification accuracy and CSIM of same / different held-out identities.
-- ldm: DiffFAE itself (difffae.py), L = L_LDM + δ·L_ACR on same-person pairs, I_R rendered from
-  the query's coefficients. Measured: PSNR of cross-identity edits of held-out people against
-  the exact target image, whole and on the face, sampled with the EMA weights.
-
-Each stage is an nn.Module whose forward(batch, step) returns a dict of losses with "loss" the
-total, so DistributedDataParallel wraps it whole. Letters: B batch, K slots, H/W image size.
+Letters: B batch, K slots, H/W image size.
 """
 import dataclasses
 from pathlib import Path
@@ -29,20 +16,21 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 import metrics
-from layers import FACE, REGION_COLOURS
 from data import save_image
+from difffae import DiffFAE, DiffusionConfig, render_face
 from estimator import ArcMarginHead, CoefficientEstimator, EstimatorConfig, IdentityConfig
 from estimator import IdentityEncoder
-from difffae import DiffFAE, DiffusionConfig, render_face
+from layers import FACE, REGION_COLOURS, REGION_NAMES
 from slots import RegionSlots, SlotsConfig, masks_at
 from synthetic import SyntheticPortraits
 from unet import UNetConfig
 from vqvae import PatchDiscriminator, VQConfig, VQVAE, discriminator_hinge_loss, vq_loss
 
-STAGES = ("vqvae", "slots", "estimator", "identity", "ldm")
+# The config classes of the networks each stage builds (train.py's --part.key=value).
 PARTS = {"vqvae": {"vqvae": VQConfig}, "slots": {"slots": SlotsConfig},
          "estimator": {"estimator": EstimatorConfig}, "identity": {"identity": IdentityConfig},
          "ldm": {"unet": UNetConfig, "diffusion": DiffusionConfig}}
+STAGES = tuple(PARTS)
 REQUIRES = {"slots": ("vqvae",), "ldm": ("vqvae", "slots", "estimator", "identity")}
 # Spread of each coefficient in the synthetic data (synthetic.py's sampling), used to weigh the
 # estimator's regression so that every group counts alike.
@@ -53,16 +41,10 @@ GRID_ITEMS = 8            # images shown in evaluation grids
 IDENTITY_EVAL = (32, 4)   # held-out identities × frames for the verification measurement
 
 
+# -- Shared by the stages: batches, earlier stages' networks, the held-out set, pictures -----------
+
 class MissingCheckpoint(ValueError):
     """A stage needs an earlier stage's checkpoint that is not there."""
-
-
-def part_configs(stage):
-    return PARTS[stage]
-
-
-def count_identities(cfg, dataset):
-    return cfg.identities if cfg.data == "synthetic" else len(dataset.identities)
 
 
 def to_device(batch, device):
@@ -76,16 +58,24 @@ def images_of(batch):
     return torch.cat([batch["source"], batch["query"]])
 
 
+def true_coefficients(batch, image):
+    """The exact coefficients of batch[image] ("source" or "query") in the estimator's keys."""
+    params = batch[f"{image}_params"]
+    return {"shape": params["shape"], "albedo": params["albedo"],
+            "expression": params["expression"], "pose": params["pose6"], "cam": params["cam"],
+            "light": params["light"]}
+
+
 # The network each stage trains, its config class, and its key prefix in the stage's state.
 NETWORKS = {"vqvae": (VQVAE, VQConfig, "vqvae."), "slots": (RegionSlots, SlotsConfig, "slots."),
             "estimator": (CoefficientEstimator, EstimatorConfig, "estimator."),
             "identity": (IdentityEncoder, IdentityConfig, "encoder.")}
 
 
-def load_part(out, stage, device, tag=""):
-    """The trained network of an earlier stage (its variant `tag`), frozen, rebuilt from its
-    checkpoint's config. Returns (network, its config)."""
-    path = Path(out) / (f"{stage}-{tag}" if tag else stage) / "ckpt.pt"
+def load_part(out, stage, device):
+    """The trained network of an earlier stage, frozen, rebuilt from its checkpoint's config.
+    Returns (network, its config)."""
+    path = Path(out) / stage / "ckpt.pt"
     if not path.exists():
         raise MissingCheckpoint(f"{path} is missing: run `python train.py --stage {stage}` first")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -95,15 +85,6 @@ def load_part(out, stage, device, tag=""):
     model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items()
                            if k.startswith(prefix)})
     return model.to(device).eval().requires_grad_(False), config
-
-
-def build(cfg, parts, device, n_identities):
-    """The stage's module on `device`. Stages complete their part config from the data (image size,
-    FLAME's coefficient counts, the VQ latent's shape) by replacing entries of `parts` in place,
-    so the config saved with a checkpoint is the one the network was built with."""
-    builders = {"vqvae": VQStage, "slots": SlotsStage, "estimator": EstimatorStage,
-                "identity": IdentityStage, "ldm": LDMStage}
-    return builders[cfg.stage](cfg, parts, device, n_identities).to(device)
 
 
 def eval_set(cfg):
@@ -121,34 +102,31 @@ def eval_set(cfg):
     return batch
 
 
-def _grid(rows, path):
+def grid(rows, path):
     """Saves rows of (N, 3, H, W) tensors in [-1, 1] as one PNG: one row per entry."""
     save_image(torch.cat([torch.cat(list(row), 2) for row in rows], 1), path)
 
 
-def _overlay(images, masks):
+def overlay(images, masks):
     """Images (B, 3, H, W) in [-1, 1] tinted by soft masks (B, K, H, W), one colour per slot."""
     colours = REGION_COLOURS[:masks.shape[1]].to(images)  # (K, 3)
     tint = torch.einsum("bkhw,kc->bchw", masks, colours) * 2 - 1
     return 0.45 * images + 0.55 * tint
 
 
-def true_coefficients(batch, image):
-    """The exact coefficients of batch[image] ("source" or "query") in the estimator's keys."""
-    params = batch[f"{image}_params"]
-    return {"shape": params["shape"], "albedo": params["albedo"],
-            "expression": params["expression"], "pose": params["pose6"], "cam": params["cam"],
-            "light": params["light"]}
-
-
 class Stage(nn.Module):
-    """Base: forward(batch, step) -> {"loss": total, ...}; after_step; evaluate(batch, png)."""
-
     def after_step(self, batch, step):
-        """Work outside the gradient step (e.g. dead-code restarts); nothing by default."""
+        """Work outside the gradient step (the VQ-VAE's code restarts); nothing by default."""
 
+
+# -- The stages ------------------------------------------------------------------------------------
 
 class VQStage(Stage):
+    """The VQ-VAE, retrained on faces as DiffFAE §5.4 does (LDM's VQ-reg autoencoder, Esser et
+    al. 2021): L1 + codebook + β·commitment, plus a hinge PatchGAN term once the step reaches
+    `disc_start`; dead codes restarted at encoder outputs. Measures the PSNR of reconstructions
+    of held-out identities, the perplexity and the codebook usage."""
+
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
         self.config = parts["vqvae"]
@@ -196,48 +174,43 @@ class VQStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, batch, png):
-        images = batch["source"].to(self.vqvae.last_layer.device)
+        images = batch["source"]
         recon, info = self.vqvae(images)
         used = torch.unique(info["indices"]).numel()
-        _grid([images[:GRID_ITEMS], recon[:GRID_ITEMS]], png)
+        grid([images[:GRID_ITEMS], recon[:GRID_ITEMS]], png)
         return {"psnr": float(metrics.psnr(recon.clamp(-1, 1), images).mean()),
                 "perplexity": float(info["perplexity"]),
                 "codebook_usage": used / self.config.codebook_size}
 
 
 class SlotsStage(Stage):
+    """Pretraining of RSC (DiffFAE §4.3): the region encoder φ^E, slot attention (Locatello et
+    al. 2020) and a broadcast decoder ζ reconstruct the frozen VQ latent of the image (MSE).
+    With `slots_supervision` > 0 (not in the paper; the tiny preset) a mask loss also pulls slot
+    k's mask towards region k. Measures the IoU of the slot masks with the true regions, slots
+    assigned to regions once for the whole held-out set (metrics.slot_iou)."""
+
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
         vqvae, vq_config = load_part(cfg.out, "vqvae", device)
         self.vq = {"model": vqvae}  # frozen, outside the state
-        if cfg.slots_target == "latent":
-            size = cfg.image_size // vq_config.downsample_factor
-            target = {"target_size": size, "target_channels": vq_config.latent_channels}
-        elif cfg.slots_target == "pixel":
-            target = {"target_size": cfg.image_size, "target_channels": 3}
-        else:
-            raise ValueError(f"--slots_target={cfg.slots_target}: expected latent or pixel")
-        parts["slots"] = dataclasses.replace(parts["slots"], image_size=cfg.image_size, **target)
+        parts["slots"] = dataclasses.replace(
+            parts["slots"], image_size=cfg.image_size, target_channels=vq_config.latent_channels,
+            target_size=cfg.image_size // vq_config.downsample_factor)
         self.slots = RegionSlots(parts["slots"])
-        self.target = cfg.slots_target
         self.supervision = cfg.slots_supervision
-        if self.supervision and (cfg.data != "synthetic" or parts["slots"].num_slots != 4):
+        if self.supervision and (cfg.data != "synthetic"
+                                 or parts["slots"].num_slots != len(REGION_NAMES)):
             raise ValueError("--slots_supervision needs synthetic data (ground-truth regions) "
-                             "and 4 slots")
-
-    def _target(self, images):
-        if self.target == "pixel":
-            return images
-        return self.vq["model"].encode(images)
+                             f"and {len(REGION_NAMES)} slots")
 
     def forward(self, batch, step):
         images = images_of(batch)
         out = self.slots(images)
         decoded = self.slots.decode(out["slots"])
-        reconstruction = F.mse_loss(decoded["recon"], self._target(images))
+        reconstruction = F.mse_loss(decoded["recon"], self.vq["model"].encode(images))
         if not self.supervision:
             return {"loss": reconstruction}
-        # optional (not in the paper): pull slot k's mask towards region k
         masks = masks_at(out["masks"], images.shape[-1])  # (2B, K, H, W)
         regions = torch.cat([batch["source_regions"], batch["query_regions"]])  # (2B, H, W)
         region_loss = F.nll_loss(masks.clamp(min=MASK_EPS).log(), regions)
@@ -247,24 +220,33 @@ class SlotsStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, batch, png):
-        device = next(self.parameters()).device
-        images = batch["source"].to(device)
+        images = batch["source"]
         masks = masks_at(self.slots(images)["masks"], images.shape[-1])  # (B, K, H, W)
-        confusion = metrics.region_confusion(masks.cpu(), batch["source_regions"])
-        iou = metrics.slot_iou(confusion)
+        iou = metrics.slot_iou(metrics.region_confusion(masks.cpu(),
+                                                        batch["source_regions"].cpu()))
         n = GRID_ITEMS
-        rows = [images[:n]] + [_overlay(images[:n], masks[:n, k:k + 1]) for k in
-                               range(masks.shape[1])] + [_overlay(images[:n], masks[:n])]
-        _grid(rows, png)
-        names = ("background", "clothes", "hair", "face")
-        return {"miou": float(iou.mean()), **{f"iou_{n}": float(v) for n, v in zip(names, iou)}}
+        rows = [images[:n]] + [overlay(images[:n], masks[:n, k:k + 1]) for k in
+                               range(masks.shape[1])] + [overlay(images[:n], masks[:n])]
+        grid(rows, png)
+        return {"miou": float(iou.mean()),
+                **{f"iou_{name}": float(v) for name, v in zip(REGION_NAMES, iou)}}
 
 
 class EstimatorStage(Stage):
+    """The coefficient estimator, in DECA's role for SPC (DiffFAE §4.1; Feng et al. 2021):
+    regression of the exact generating coefficients, each scaled by its spread in the data,
+    plus a photometric loss: the predicted coefficients re-rendered through FLAME and render.py
+    against the image on ground-truth face pixels (DECA's photometric term, Feng et al. 2021
+    Eq. 8). Measures the head-pose error in degrees and the jaw, expression, light, camera,
+    shape and albedo errors."""
+
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
         from flame import FLAME
         from render import Renderer
+        if cfg.data != "synthetic":
+            raise ValueError("the estimator stage needs ground-truth coefficients: use "
+                             "--data=synthetic")
         flame = FLAME()
         parts["estimator"] = dataclasses.replace(
             parts["estimator"], image_size=cfg.image_size, n_shape=flame.n_shape,
@@ -283,9 +265,6 @@ class EstimatorStage(Stage):
         return render_face(self.fixed["flame"], self.fixed["renderer"], coefficients)
 
     def forward(self, batch, step):
-        if "source_params" not in batch:
-            raise ValueError("the estimator stage needs ground-truth coefficients: use "
-                             "--data=synthetic")
         images = images_of(batch)
         source, query = true_coefficients(batch, "source"), true_coefficients(batch, "query")
         truth = {k: torch.cat([source[k], query[k]]) for k in COEFFICIENT_SCALE}
@@ -298,8 +277,7 @@ class EstimatorStage(Stage):
         # the photometric term on the sources only: rendering is the costly part of a step
         n = len(batch["source"])
         render, mask = self.render({key: value[:n] for key, value in predicted.items()})
-        # drawn and skin
-        face = mask * (batch["source_regions"] == FACE)[:, None].to(mask.dtype)
+        face = mask * (batch["source_regions"] == FACE)[:, None].to(mask.dtype)  # drawn, skin
         error = (render - batch["source"]).abs() * face
         photometric = error.sum() / (3 * face.sum()).clamp(min=1)
         loss = regression + self.photometric_weight * photometric
@@ -308,12 +286,10 @@ class EstimatorStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, batch, png):
-        device = next(self.parameters()).device
-        images = batch["source"].to(device)
+        images = batch["source"]
         predicted = self.estimator(images)
-        truth = {k: v.to(device) for k, v in true_coefficients(batch, "source").items()}
-        pose_error = metrics.angle_error_degrees(metrics.head_pose_degrees(predicted["pose"]),
-                                                 metrics.head_pose_degrees(truth["pose"]))
+        truth = true_coefficients(batch, "source")
+        pose_error = metrics.head_pose_error(predicted["pose"], truth["pose"])  # (B, 3)
         jaw = (predicted["pose"][:, 3] - truth["pose"][:, 3]).abs().rad2deg()
         result = {"yaw_deg": float(pose_error[:, 0].mean()),
                   "pitch_deg": float(pose_error[:, 1].mean()),
@@ -323,11 +299,15 @@ class EstimatorStage(Stage):
         n = GRID_ITEMS
         render, _ = self.render({k: v[:n] for k, v in predicted.items()})
         true_render, _ = self.render({k: v[:n] for k, v in truth.items()})
-        _grid([images[:n], render, true_render], png)
+        grid([images[:n], render, true_render], png)
         return result
 
 
 class IdentityStage(Stage):
+    """The identity encoder Θ^E of DiffFAE §4.2, trained as ArcFace (Deng et al. 2019, Eq. 3:
+    additive angular margin m, scale s) to classify the synthetic identities. Measures the
+    verification accuracy and the CSIM of same / different held-out identities."""
+
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
         parts["identity"] = dataclasses.replace(parts["identity"], image_size=cfg.image_size)
@@ -345,9 +325,8 @@ class IdentityStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, batch, png):
-        device = next(self.parameters()).device
-        embeddings = self.encoder(batch["identity_images"].to(device)).cpu()
-        result = metrics.verification(embeddings, batch["identity_labels"])
+        embeddings = self.encoder(batch["identity_images"]).cpu()
+        result = metrics.verification(embeddings, batch["identity_labels"].cpu())
         similarity = embeddings @ embeddings.T  # (N, N), frames of one identity are adjacent
         low, high = similarity.min(), similarity.max()
         stretched = (similarity - low) / (high - low).clamp(min=1e-8) * 2 - 1  # full grey range
@@ -357,19 +336,25 @@ class IdentityStage(Stage):
 
 
 class LDMStage(Stage):
-    """DiffFAE's diffusion model (difffae.py): the UNet and the region encoder are trained, the
-    VQ-VAE, estimator and identity encoder are frozen; all start from their stages' checkpoints
-    and are saved together, so an ldm checkpoint is the whole method."""
+    """DiffFAE itself (§4.3 "Finetuning of LDM"): DiffFAE.loss, L = L_LDM + δ·L_attn (Eq. 8),
+    on same-person pairs. The UNet and the region encoder train; the VQ-VAE, estimator and
+    identity encoder stay frozen; all start from their stages' checkpoints and are saved
+    together, so an ldm checkpoint is the whole method. Measures the PSNR of cross-identity
+    edits of held-out people against the exact target, whole and on the target's face, sampled
+    with the EMA weights (train.py swaps them in)."""
 
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
-        networks = {name: load_part(cfg.out, name, device, cfg.slots_tag if name == "slots"
-                                    else "") for name in REQUIRES["ldm"]}
+        networks = {name: load_part(cfg.out, name, device) for name in REQUIRES["ldm"]}
         for name, (_, config) in networks.items():
             parts[name] = config
-        if parts["slots"].image_size != cfg.image_size:
+        sizes = {name: parts[name].image_size for name in ("slots", "estimator", "identity")}
+        if set(sizes.values()) != {cfg.image_size}:
             raise ValueError(f"--image_size={cfg.image_size}, but the pretrained parts work at "
-                             f"{parts['slots'].image_size} px")
+                             f"{sizes} px")
+        if parts["diffusion"].render_from == "truth" and cfg.data != "synthetic":
+            raise ValueError("--diffusion.render_from=truth needs synthetic data (exact "
+                             "coefficients); use --diffusion.render_from=estimated")
         parts["unet"] = dataclasses.replace(
             parts["unet"], in_channels=2 * parts["vqvae"].latent_channels,
             out_channels=parts["vqvae"].latent_channels, context_dim=parts["slots"].slot_dim,
@@ -380,10 +365,6 @@ class LDMStage(Stage):
         for frozen in (self.model.vqvae, self.model.estimator, self.model.identity,
                        self.model.slots.decoder):  # the slot decoder only served pretraining
             frozen.requires_grad_(False)
-        if parts["diffusion"].render_from == "truth" and cfg.data != "synthetic":
-            raise ValueError("--diffusion.render_from=truth needs synthetic data (exact "
-                             "coefficients); use --diffusion.render_from=estimated")
-        self.generator = None
 
     def train(self, mode=True):
         super().train(mode)
@@ -392,37 +373,31 @@ class LDMStage(Stage):
         return self
 
     def forward(self, batch, step):
-        model = self.model
-        if float(model.latent_scale) == 0:  # measured once, then saved with the model
-            model.set_latent_scale(batch["query"])
-            if dist.is_initialized():
-                dist.all_reduce(model.latent_scale)
-                model.latent_scale /= dist.get_world_size()
-        with torch.autocast(batch["query"].device.type, enabled=False):  # geometry in fp32
-            if model.diffusion.render_from == "truth":
-                coefficients = true_coefficients(batch, "query")
-            else:
-                with torch.no_grad():
-                    coefficients = model.estimator(batch["query"])
-            rendered, _ = model.render(coefficients)
-        return model.loss(batch["source"], batch["query"], rendered)
+        truth = self.model.diffusion.render_from == "truth"
+        return self.model.loss(batch["source"], batch["query"],
+                               true_coefficients(batch, "query") if truth else None)
 
     @torch.no_grad()
     def evaluate(self, batch, png):
-        """Cross-identity edits of held-out people against the exact target: PSNR of the whole
-        image and of the target's face region, with a grid source | query | I_R | edit | target."""
         model = self.model
-        device = model.latent_scale.device
-        batch = to_device(batch, device)
         source = true_coefficients(batch, "source")
         query = true_coefficients(batch, "query")
-        coefficients = {**query, "shape": source["shape"], "albedo": source["albedo"]}
+        coefficients = {**query, "shape": source["shape"], "albedo": source["albedo"]}  # Eq. 3
         rendered, _ = model.render(coefficients)
         cond = model.conditions(batch["source"], rendered)
         edited = model.decode_latent(model.sample(cond, seed=0))
         face = (batch["target_regions"] == FACE)[:, None]
         n = GRID_ITEMS
-        _grid([batch["source"][:n], batch["query"][:n], rendered[:n], edited[:n],
-               batch["target"][:n]], png)
+        grid([batch["source"][:n], batch["query"][:n], rendered[:n], edited[:n],
+              batch["target"][:n]], png)
         return {"psnr": float(metrics.psnr(edited, batch["target"]).mean()),
                 "psnr_face": float(metrics.psnr(edited, batch["target"], mask=face).mean())}
+
+
+def build(cfg, parts, device, n_identities):
+    """The stage's module on `device`. Stages complete their part config from the data (image
+    size, FLAME's coefficient counts, the VQ latent's shape) by replacing entries of `parts` in
+    place, so the config saved with a checkpoint is the one the network was built with."""
+    stage = {"vqvae": VQStage, "slots": SlotsStage, "estimator": EstimatorStage,
+             "identity": IdentityStage, "ldm": LDMStage}[cfg.stage]
+    return stage(cfg, parts, device, n_identities).to(device)

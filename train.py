@@ -1,32 +1,27 @@
 """Training for every stage: `python train.py --stage vqvae|slots|estimator|identity|ldm`.
 
-DiffFAE (Wang et al. 2024) needs four pretrained parts before its diffusion model; the order is
+DiffFAE (Wang et al. 2024, §4.3, §5.1) needs four pretrained parts before its diffusion model:
     vqvae → slots (reads the VQ-VAE) → estimator, identity → ldm (reads all four).
-This file is the loop they share; what each stage optimises and measures lives in stages.py.
-
-One code path for one process and for torchrun (as nanoGPT): `ddp = "RANK" in os.environ`; gloo on
-CPU, nccl on CUDA; only rank 0 writes; each rank seeds with seed + rank; `batch_size` is per
-process. bf16 autocast on CUDA (autocast keeps norms and softmax in fp32). Gradient clipping, a
-NaN/inf guard, atomic checkpoints carrying the config and RNG state, automatic resume. With
-`ema_decay` > 0 an exponential moving average of the trained weights is kept, saved, restored on
-resume and used for evaluation (the ldm stage samples with it, as LDM does).
-
-Config: one dataclass per part (TrainConfig here, VQConfig, SlotsConfig, EstimatorConfig,
-IdentityConfig in their modules); presets are plain dicts of overrides; `--key=value` sets a
-TrainConfig field and `--part.key=value` a part's (e.g. `--vqvae.codebook_size=1024`); values are
-parsed to the field's type and an unknown key is an error.
+This is the loop they share, after nanoGPT's train.py; stages.py says what each one optimises
+and measures. Config: one dataclass per part (TrainConfig here); presets are dicts of overrides;
+`--key=value` sets a TrainConfig field, `--part.key=value` a part's (`--vqvae.codebook_size=64`),
+parsed to the field's type. Checkpoints carry the config and the RNG states; rerunning a stage
+resumes from its checkpoint exactly (the batch of step s depends only on seed, rank and s).
+One code path for one process and for torchrun (DDP: gloo on CPU, nccl on CUDA, only rank 0
+writes, `batch_size` per process); bf16 autocast on CUDA. Adam (DiffFAE §5.1) after a linear
+warm-up, gradient clipping, a NaN/inf guard; with `ema_decay` > 0 an exponential moving average
+of the weights is kept, saved, restored and used for evaluation (as LDM samples with it).
+`--export PATH` writes an ldm checkpoint's inference weights (EMA, float16).
 """
 import argparse
 import contextlib
 import dataclasses
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -35,7 +30,7 @@ from tqdm import tqdm
 
 import stages
 from data import write_atomic
-from synthetic import DATA_VERSION, PARAM_KEYS
+from synthetic import DATA_VERSION, PARAM_KEYS, SyntheticPortraits
 
 
 @dataclasses.dataclass
@@ -51,7 +46,6 @@ class TrainConfig:
     steps: int = 3000
     lr: float = 2e-4
     warmup: int = 100             # linear learning-rate warm-up steps
-    weight_decay: float = 0.0
     grad_clip: float = 1.0
     log_every: int = 25
     eval_every: int = 500
@@ -64,10 +58,8 @@ class TrainConfig:
     bf16: bool = True             # autocast to bfloat16 on CUDA
     ema_decay: float = 0.0        # EMA of the trained weights; 0 keeps none
     # stage options
-    slots_target: str = "latent"  # slots: reconstruct the VQ latent ("latent") or "pixel"s
     slots_supervision: float = 0.0  # slots: weight of a mask loss on true regions (not in paper)
     photometric_weight: float = 1.0  # estimator: weight of the re-rendering loss
-    slots_tag: str = ""           # ldm: start from runs/slots-<tag>/ instead of runs/slots/
     arcface_scale: float = 30.0   # identity: ArcFace s (the paper's 64 suits 85k classes)
     arcface_margin: float = 0.5   # identity: ArcFace m (Deng et al. 2019)
 
@@ -105,7 +97,7 @@ PRESETS = {
         stage: {"train": {"image_size": 256, "batch_size": 16, "lr": 1e-4, "steps": 100_000,
                           "pool": 0, "eval_every": 5000, "ckpt_every": 1000,
                           "ema_decay": 0.9999 if stage == "ldm" else 0.0}}
-        for stage in ("vqvae", "slots", "estimator", "identity", "ldm")
+        for stage in stages.STAGES
     },
 }
 
@@ -133,19 +125,15 @@ def build_configs(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", choices=stages.STAGES, required=True)
     parser.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
-    args, rest = parser.parse_known_args(argv)
-    overrides = {}
-    for item in rest:
-        if not item.startswith("--") or "=" not in item:
-            raise ConfigError(f"{item}: expected --key=value or --part.key=value")
-        key, value = item[2:].split("=", 1)
-        overrides[key] = value
-    part_classes = stages.part_configs(args.stage)
+    args, overrides = parser.parse_known_args(argv)
     preset = PRESETS[args.preset][args.stage]
     train = dataclasses.replace(TrainConfig(stage=args.stage, preset=args.preset),
                                 **preset.get("train", {}))
-    parts = {name: cls(**preset.get(name, {})) for name, cls in part_classes.items()}
-    for key, text in overrides.items():
+    parts = {name: cls(**preset.get(name, {})) for name, cls in stages.PARTS[args.stage].items()}
+    for item in overrides:
+        key, equals, text = item[2:].partition("=")
+        if not item.startswith("--") or not equals:
+            raise ConfigError(f"{item}: expected --key=value or --part.key=value")
         part, _, field = key.rpartition(".")
         target = train if not part else parts.get(part)
         if target is None or field not in {f.name for f in dataclasses.fields(target)}:
@@ -160,9 +148,7 @@ def build_configs(argv):
     return train, parts
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: a cached pool of synthetic pairs, or a folder of real frames
-# ---------------------------------------------------------------------------------------------
+# -- Data: a cached pool of synthetic pairs, or a folder of real frames ----------------------------
 
 class PairPool(Dataset):
     """Synthetic pairs rendered once and kept as uint8 (images, regions) and float32 params."""
@@ -186,30 +172,32 @@ class PairPool(Dataset):
             items.append(item)
         return items
 
-    @staticmethod
-    def build(cfg, path, rank_zero):
-        """Loads the pool at `path`, rendering it first (rank 0 only) if it is not there."""
-        if rank_zero and not path.exists():
-            from synthetic import SyntheticPortraits
-            data = SyntheticPortraits(cfg.image_size, "train", cfg.seed, length=cfg.pool,
-                                      identities=cfg.identities)
-            chunks = []
-            for start in tqdm(range(0, cfg.pool, 64), desc=f"rendering {path.name}"):
-                chunks += data.__getitems__(range(start, min(cfg.pool, start + 64)))
-            tensors = {}
-            for key in ("source", "query"):
-                tensors[key] = torch.stack([((c[key] + 1) * 127.5).round().to(torch.uint8)
-                                            for c in chunks])
-                tensors[f"{key}_regions"] = torch.stack([c[f"{key}_regions"].to(torch.uint8)
-                                                         for c in chunks])
-                for name in PARAM_KEYS:
-                    tensors[f"{key}_{name}"] = torch.stack([c[f"{key}_params"][name]
-                                                            for c in chunks])
-            tensors["identity"] = torch.tensor([c["identity"] for c in chunks])
-            atomic_save(tensors, path)
-        if dist.is_initialized():
-            dist.barrier()
-        return PairPool(torch.load(path, weights_only=True))
+
+def make_dataset(cfg, master):
+    """Real frames of the folder cfg.data, or the pool of synthetic pairs: rendered by rank 0
+    the first time and cached under <out>/data/."""
+    if cfg.data != "synthetic":
+        from data import FrameFolder
+        return FrameFolder(cfg.data, "train", cfg.image_size, seed=cfg.seed)
+    path = Path(cfg.out) / "data" / (f"synthetic-v{DATA_VERSION}-{cfg.image_size}px-{cfg.pool}"
+                                     f"pairs-{cfg.identities}ids-seed{cfg.seed}.pt")
+    if master and not path.exists():
+        data = SyntheticPortraits(cfg.image_size, "train", cfg.seed, length=cfg.pool,
+                                  identities=cfg.identities)
+        chunks = []
+        for start in tqdm(range(0, cfg.pool, 64), desc=f"rendering {path.name}"):
+            pairs = default_collate(data.__getitems__(range(start, min(cfg.pool, start + 64))))
+            chunk = {"identity": pairs["identity"]}
+            for image in ("source", "query"):
+                chunk[image] = ((pairs[image] + 1) * 127.5).round().to(torch.uint8)
+                chunk[f"{image}_regions"] = pairs[f"{image}_regions"].to(torch.uint8)
+                chunk.update({f"{image}_{key}": pairs[f"{image}_params"][key]
+                              for key in PARAM_KEYS})
+            chunks.append(chunk)
+        atomic_save({key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}, path)
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks wait for rank 0's pool
+    return PairPool(torch.load(path, weights_only=True))
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -229,44 +217,40 @@ class StepBatches(torch.utils.data.Sampler):
         return max(0, self.steps - self.start)
 
 
-def make_dataset(cfg, rank_zero):
-    if cfg.data == "synthetic":
-        name = (f"synthetic-v{DATA_VERSION}-{cfg.image_size}px-{cfg.pool}pairs-"
-                f"{cfg.identities}ids-seed{cfg.seed}.pt")
-        return PairPool.build(cfg, Path(cfg.out) / "data" / name, rank_zero)
-    from data import FrameFolder
-    return FrameFolder(cfg.data, "train", cfg.image_size, seed=cfg.seed)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
+# -- Checkpoints: atomic, with every RNG state and the EMA -----------------------------------------
 
 def atomic_save(obj, path):
     """torch.save that never leaves half a checkpoint (data.write_atomic)."""
     write_atomic(path, lambda file: torch.save(obj, file))
 
 
-def rng_state():
-    """Every generator's state as tensors and lists (loadable with weights_only=True)."""
-    _, key, position, _, _ = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(key.astype(np.int64)),
-            "numpy_position": position, "python": list(random.getstate()[1]),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def checkpoint_path(cfg):
+    return Path(cfg.out) / (f"{cfg.stage}-{cfg.tag}" if cfg.tag else cfg.stage) / "ckpt.pt"
+
+
+def rng_states(ddp):
+    """Every rank's torch generator states (CPU and CUDA; nothing here draws from numpy's or
+    Python's global ones), so a resumed run continues each rank's streams. A collective under
+    DDP: every rank calls it."""
+    state = {"torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if not ddp:
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    key = state["numpy"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", key, state["numpy_position"], 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
     if torch.cuda.is_available() and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_path(cfg):
-    folder = f"{cfg.stage}-{cfg.tag}" if cfg.tag else cfg.stage
-    return Path(cfg.out) / folder / "ckpt.pt"
+@torch.no_grad()
+def copy_into(tensors, values):
+    for name, value in values.items():
+        tensors[name].copy_(value)
 
 
 class EMA:
@@ -275,8 +259,7 @@ class EMA:
     the warm-up letting early averages forget the random initialisation."""
 
     def __init__(self, module, decay):
-        self.decay = decay
-        self.updates = 0
+        self.decay, self.updates = decay, 0
         self.shadow = {name: p.detach().clone() for name, p in module.named_parameters()
                        if p.requires_grad}
 
@@ -293,61 +276,46 @@ class EMA:
 
     def load_state_dict(self, state):
         self.updates = state["updates"]
-        for name, value in state["shadow"].items():
-            self.shadow[name].copy_(value)
+        copy_into(self.shadow, state["shadow"])
 
     @contextlib.contextmanager
     def applied(self, module):
         """Within the block the module carries the EMA weights; its own come back after."""
         parameters = dict(module.named_parameters())
         saved = {name: parameters[name].detach().clone() for name in self.shadow}
-        with torch.no_grad():
-            for name, value in self.shadow.items():
-                parameters[name].copy_(value)
+        copy_into(parameters, self.shadow)
         try:
             yield module
         finally:
-            with torch.no_grad():
-                for name, value in saved.items():
-                    parameters[name].copy_(value)
+            copy_into(parameters, saved)
 
 
-# ---------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------
-
-def pick_device(local_rank):
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
+# -- The loop --------------------------------------------------------------------------------------
 
 def train(cfg, parts):
+    # DDP: one process per device under torchrun, else a single process; one code path for both
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank = dist.get_rank()
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    else:
-        rank, local_rank = 0, 0
-    master = rank == 0
-    device = pick_device(local_rank)
-    if device.type == "cuda":
+    rank = dist.get_rank() if ddp else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if ddp else 0
+    master = rank == 0  # only rank 0 writes checkpoints, logs and pictures
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    else:
+        device = torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     torch.manual_seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
 
+    # the stage, its optimiser and EMA; from the checkpoint when there is one
     path = checkpoint_path(cfg)
     resume = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
-    if resume is not None:  # the model is rebuilt exactly as it was saved
+    if resume is not None:  # the networks are rebuilt exactly as they were saved
         parts = {name: type(c)(**resume["config"][name]) for name, c in parts.items()}
     dataset = make_dataset(cfg, master)
-    stage = stages.build(cfg, parts, device, n_identities=stages.count_identities(cfg, dataset))
-    optimizer = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    n_identities = cfg.identities if cfg.data == "synthetic" else len(dataset.identities)
+    stage = stages.build(cfg, parts, device, n_identities)
+    optimizer = torch.optim.Adam([p for p in stage.parameters() if p.requires_grad], lr=cfg.lr)
     start = 0
     if resume is not None:
         stage.load_state_dict(resume["model"])
@@ -360,8 +328,11 @@ def train(cfg, parts):
     ema = EMA(stage, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None and resume is not None and resume.get("ema"):
         ema.load_state_dict(resume["ema"])
+    # under DDP the gradients are averaged across ranks in backward()
     model = DistributedDataParallel(stage, device_ids=[local_rank] if device.type == "cuda"
                                     else None) if ddp else stage
+    config = {"train": dataclasses.asdict(cfg),
+              **{name: dataclasses.asdict(c) for name, c in parts.items()}}
 
     # its own generator: the loader draws a base seed when iterated, which would otherwise
     # shift the global stream (t and ε of the ldm stage) between a resumed run and a whole one
@@ -369,80 +340,64 @@ def train(cfg, parts):
                                                            cfg.steps, cfg.seed + rank),
                         num_workers=cfg.num_workers, collate_fn=default_collate,
                         generator=torch.Generator().manual_seed(cfg.seed + rank))
-    eval_set = stages.eval_set(cfg) if master else None
-    log = None
+    held_out = stages.to_device(stages.eval_set(cfg), device) if master else None
     if master:
         path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(path.parent / "log.jsonl", "a")
-    config = {"train": dataclasses.asdict(cfg),
-              **{name: dataclasses.asdict(c) for name, c in parts.items()}}
-
-    def save(step):
-        if master:
-            atomic_save({"stage": cfg.stage, "step": step, "model": stage.state_dict(),
-                         "optimizer": optimizer.state_dict(), "rng": gather_rng(ddp),
-                         "config": config, "ema": ema.state_dict() if ema else None}, path)
-        elif ddp:
-            gather_rng(ddp)
-
+    log = open(path.parent / "log.jsonl", "a") if master else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                               enabled=device.type == "cuda" and cfg.bf16)
     progress = tqdm(total=cfg.steps, initial=start, disable=not master, desc=cfg.stage)
     started = time.time()
-    step = start
     for step, batch in enumerate(loader, start):
         batch = stages.to_device(batch, device)
-        for group in optimizer.param_groups:
+        for group in optimizer.param_groups:  # linear warm-up
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+        # forward / backward
         stage.train()
         with autocast:
             losses = model(batch, step)
         loss = losses["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # clip; a non-finite loss or gradient stops the run before the weights change
         grad_norm = torch.nn.utils.clip_grad_norm_(stage.parameters(), cfg.grad_clip)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # before the weights change
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             raise SystemExit(f"error: {cfg.stage} loss {loss.item()}, gradient norm "
                              f"{grad_norm.item()} at step {step}; the last good checkpoint is "
                              f"{path}: lower --lr or --grad_clip and rerun")
+        # step, EMA, then the stage's work outside the gradient (the VQ-VAE's code restarts)
         optimizer.step()
         if ema is not None:
             ema.update(stage)
         stage.after_step(batch, step)
         done = step + 1
+        # log
         if master and (done % cfg.log_every == 0 or done == cfg.steps):
-            record = {"step": done, "time": round(time.time() - started, 1),
-                      "grad_norm": float(grad_norm),
-                      **{k: float(v.detach()) for k, v in losses.items()}}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            print(json.dumps({"step": done, "time": round(time.time() - started, 1),
+                              "grad_norm": float(grad_norm),
+                              **{k: float(v.detach()) for k, v in losses.items()}}),
+                  file=log, flush=True)
             progress.set_postfix(loss=f"{loss.item():.4f}")
         progress.update(1)
+        # checkpoint: every rank hands in its RNG states, rank 0 writes
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            save(done)
+            rng = rng_states(ddp)
+            if master:
+                atomic_save({"stage": cfg.stage, "step": done, "model": stage.state_dict(),
+                             "optimizer": optimizer.state_dict(), "rng": rng, "config": config,
+                             "ema": ema.state_dict() if ema else None}, path)
+        # evaluate on held-out identities, with the EMA weights swapped in
         if master and (done % cfg.eval_every == 0 or done == cfg.steps):
             stage.eval()
             with ema.applied(stage) if ema else contextlib.nullcontext():
-                metrics = stage.evaluate(eval_set, path.parent / f"eval_{done:07d}.png")
-            log.write(json.dumps({"step": done, "eval": metrics}) + "\n")
-            log.flush()
-            tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                result = stage.evaluate(held_out, path.parent / f"eval_{done:07d}.png")
+            print(json.dumps({"step": done, "eval": result}), file=log, flush=True)
+            tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
     progress.close()
     if master:
         log.close()
     if ddp:
         dist.destroy_process_group()
-    return step
-
-
-def gather_rng(ddp):
-    """Every rank's RNG state, so a resumed DDP run continues each rank's stream."""
-    state = rng_state()
-    if not ddp:
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
 
 
 def export(cfg, out):
@@ -460,18 +415,17 @@ def export(cfg, out):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     exporter = argparse.ArgumentParser(add_help=False)
     exporter.add_argument("--export", metavar="PATH",
                           help="write the checkpoint's inference weights to PATH and exit")
-    args, argv = exporter.parse_known_args(argv)
+    args, argv = exporter.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg, parts = build_configs(argv)
         if args.export:
             export(cfg, args.export)
         else:
             train(cfg, parts)
-    except (ConfigError, stages.MissingCheckpoint, ValueError) as error:
+    except ValueError as error:  # ConfigError, MissingCheckpoint and the configs' own checks
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

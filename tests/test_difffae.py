@@ -94,7 +94,6 @@ def test_loss_terms_and_which_parts_train(ldm_stage, batch):
 def test_acr_term_is_the_squared_distance_of_attention_to_query_masks(ldm_stage, batch):
     """With the UNet's attention forced uniform (1/K everywhere), L_attn = mean (1/K − M_Q)²."""
     model = ldm_stage.model
-    rendered, _ = model.render(stages.true_coefficients(batch, "query"))
     unet_forward = model.unet.forward
 
     def uniform(x, t, context, id_embed, return_attn=False):
@@ -104,7 +103,8 @@ def test_acr_term_is_the_squared_distance_of_attention_to_query_masks(ldm_stage,
 
     model.unet.forward = uniform
     try:
-        out = model.loss(batch["source"], batch["query"], rendered)
+        out = model.loss(batch["source"], batch["query"],
+                         stages.true_coefficients(batch, "query"))
     finally:
         del model.unet.forward
     with torch.no_grad():
@@ -140,7 +140,7 @@ def test_edit_swaps_slot_tokens_and_keeps_unedited_attributes(ldm_stage, batch):
     assert torch.equal(c["light"], theirs["light"])
     assert torch.equal(c["pose"], mine["pose"]) and torch.equal(c["expression"],
                                                                mine["expression"])
-    with pytest.raises(ValueError, match="cannot swap 'face'"):
+    with pytest.raises(AssertionError, match="cannot swap 'face'"):  # sample.py says why
         model.edit(source, query, swap={"face": query}, steps=1)
 
 
@@ -151,7 +151,7 @@ def test_same_seed_same_edit_and_sampler_choice(ldm_stage, batch):
     b = model.edit(source, query, steps=3, seed=5)["image"]
     c = model.edit(source, query, steps=3, seed=6)["image"]
     assert torch.equal(a, b) and not torch.equal(a, c)
-    with pytest.raises(ValueError, match="sampler"):
+    with pytest.raises(AssertionError):  # sample.py and evaluate.py refuse it (tests below)
         model.edit(source, query, steps=3, sampler="euler")
 
 
@@ -254,10 +254,16 @@ def test_sample_program_writes_an_edit_and_fails_cleanly(exported, batch, tmp_pa
         ("src.png", "qry.png", "--set", "nose=3"): "unknown number 'nose'",
         ("src.png",): "nothing to edit",
         ("src.png", "qry.png", "--ckpt=none.pt"): "none.pt: no such checkpoint",
+        ("src.png", "--set", "light=0,0,0"): "--set light=0,0,0",
+        ("src.png", "--set", "light=1,0"): "--set light=1,0",
+        ("src.png", "qry.png", "--sampler=euler"): "invalid choice: 'euler'",
+        ("src.png", "qry.png", "--steps=0"): "--steps 0: expected 1..1000",
+        ("src.png", "qry.png", "--eta=1.5"): "--eta 1.5: expected a value in [0, 1]",
+        ("src.png", "qry.png", "--eta=1", "--sampler=dpm++2m"): "ddim sampler only",
     }
     for args, message in failures.items():
         extra = [] if any(a.startswith("--ckpt") for a in args) else [f"--ckpt={exported}"]
-        done = run("sample.py", *args, *extra, "--steps=1", cwd=tmp_path)
+        done = run("sample.py", *args, *extra, cwd=tmp_path)
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
@@ -288,6 +294,12 @@ def test_evaluate_program_scores_methods_against_the_target(exported, tmp_path):
     assert "| copy_source |" in done.stdout
     from PIL import Image
     assert Image.open(tmp_path / "grid.png").size == (9 * SIZE, 6 * SIZE)
+    for args, message in {("--steps=1001",): "--steps 1001: expected 1..1000",
+                          ("--sampler=euler",): "invalid choice: 'euler'",
+                          ("--n=0",): "--n 0: expected at least 1 pair"}.items():
+        done = run("evaluate.py", f"--ckpt={exported}", *args)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def test_the_bundled_model_edits_the_examples(tmp_path):

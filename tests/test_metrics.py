@@ -1,4 +1,5 @@
-"""Image metrics against closed forms and a direct per-window implementation of SSIM."""
+"""metrics.py against closed forms: PSNR, SSIM (and a direct per-window implementation of it),
+slot IoU with its one assignment for the set, region confusion, verification, pose error."""
 import math
 
 import pytest
@@ -62,5 +63,48 @@ def test_ssim_of_identical_and_of_constant_images():
     c1 = (0.01 * 2) ** 2  # no variance: only the luminance term is left
     expected = (2 * 0.2 * -0.4 + c1) / (0.2 ** 2 + 0.4 ** 2 + c1)
     assert metrics.ssim(a, b).item() == pytest.approx(expected, rel=1e-9)
-    with pytest.raises(ValueError, match="at least 11"):
+    with pytest.raises(AssertionError, match="at least 11"):
         metrics.ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+
+
+def test_slot_iou_assigns_slots_once_for_the_set():
+    # confusion (K slots, R regions): slot 0 covers region 1, slot 1 region 0, and so on
+    confusion = torch.tensor([[0, 10, 0, 0], [8, 0, 2, 0], [0, 0, 0, 5], [0, 1, 6, 0]],
+                             dtype=torch.double)
+    expected = torch.tensor([8 / 10, 10 / 11, 6 / 9, 5 / 5], dtype=torch.double)
+    torch.testing.assert_close(metrics.slot_iou(confusion), expected, rtol=0, atol=1e-15)
+    # a fifth slot joins the region it overlaps most; a region nobody has scores 1
+    extra = torch.cat([confusion, torch.tensor([[0.0, 0, 3, 0]], dtype=torch.double)])
+    expected[2] = 9 / 12  # slots 3 and 4 make region 2: 9 hits, union 10 + 11 - 9
+    torch.testing.assert_close(metrics.slot_iou(extra), expected, rtol=0, atol=1e-15)
+    empty = torch.zeros(4, 4, dtype=torch.double)
+    empty[0, 0] = 1
+    assert metrics.slot_iou(empty).tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_region_confusion_counts_argmax_pixels():
+    masks = torch.zeros(1, 2, 2, 2)
+    masks[0, 1, 0] = 1  # slot 1 wins the top row, slot 0 the bottom one
+    regions = torch.tensor([[[0, 3], [3, 3]]])
+    expected = torch.zeros(2, 4, dtype=torch.double)
+    expected[1, 0], expected[1, 3], expected[0, 3] = 1, 1, 2
+    assert torch.equal(metrics.region_confusion(masks, regions), expected)
+
+
+def test_verification_accuracy_at_the_best_threshold():
+    embeddings = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # pairs by similarity: 1 (same), .8, .8 (different), .6 (same), 0, 0 (different): the best
+    # threshold calls only the first pair "same", 5 of 6 right
+    result = metrics.verification(embeddings, labels)
+    assert result["accuracy"] == pytest.approx(5 / 6)
+    assert result["csim_same"] == pytest.approx(0.8)
+    assert result["csim_different"] == pytest.approx(0.4)
+
+
+def test_head_pose_error_wraps_around():
+    yaw = torch.tensor([[0.0, math.radians(179), 0.0]])
+    other = torch.tensor([[0.0, math.radians(-179), 0.0]])
+    torch.testing.assert_close(metrics.head_pose_error(yaw, other),
+                               torch.tensor([[2.0, 0.0, 0.0]], dtype=torch.double), atol=1e-4,
+                               rtol=0)

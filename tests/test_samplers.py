@@ -15,8 +15,8 @@ Checked against these and other closed forms:
   first order and DPM-Solver++(2M) second order (Lu et al. 2022), measured against the exact
   flow to the last timestep followed by the exact final x̂_0 step; DPM-Solver++'s first step
   is DDIM's;
-- dtypes are kept; make_timesteps, the scaled-linear schedule (β recovered from ᾱ ratios) and
-  the argument checks;
+- dtypes are kept; make_timesteps, the scaled-linear schedule (β recovered from ᾱ ratios), the
+  samplers' asserts and DiffusionConfig's checks;
 - combine_coefficients takes exactly the query's keys of each attribute (DiffFAE Eq. 3);
   set_numbers' Euler angles give R = R_y(yaw)·R_x(pitch)·R_z(roll) (built here from elementary
   rotations and Rodrigues' formula), and its jaw, light and expression edits.
@@ -28,8 +28,9 @@ import pytest
 import torch
 
 import metrics
-from difffae import (EDIT_ATTRIBUTES, SAMPLERS, combine_coefficients, ddim_step, make_timesteps,
-                     predict_x0, sample_loop, scaled_linear_alphas_cumprod, set_numbers)
+from difffae import (EDIT_ATTRIBUTES, SAMPLERS, DiffusionConfig, combine_coefficients, ddim_step,
+                     make_timesteps, predict_x0, sample_loop, scaled_linear_alphas_cumprod,
+                     set_numbers)
 from head import EXPRESSION_NAMES
 
 T = 1000
@@ -282,7 +283,7 @@ def test_make_timesteps(timesteps):
         assert 0 <= grid[-1] and grid[0] < timesteps
     assert make_timesteps(timesteps, timesteps) == list(range(timesteps - 1, -1, -1))
     for bad in (0, -1, timesteps + 1):
-        with pytest.raises(ValueError):
+        with pytest.raises(AssertionError):
             make_timesteps(bad, timesteps)
 
 
@@ -305,18 +306,28 @@ def test_scaled_linear_schedule():
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument checks
+# Argument checks: asserts inside the samplers, errors naming the value in the public config
+# (sample.py and evaluate.py check their options: tests/test_difffae.py)
 # ---------------------------------------------------------------------------------------------
 
-def test_sample_loop_rejects_bad_arguments():
+def test_sample_loop_asserts_its_arguments():
     x = torch.zeros(4, dtype=torch.float64)
-    for grid in ([999, 999, 500], [500, 999], [10, 20, 5]):
-        with pytest.raises(ValueError):
+    for grid in ([999, 999, 500], [500, 999], [10, 20, 5], [1000, 500], []):
+        with pytest.raises(AssertionError):
             sample_loop(gaussian_eps, x, AB, grid, "ddim")
-    with pytest.raises(ValueError):
-        sample_loop(gaussian_eps, x, AB, [999, 500], "euler")
-    with pytest.raises(ValueError):
-        sample_loop(gaussian_eps, x, AB, [999, 500], "dpm++2m", eta=1.0)
+    for sampler, eta in (("euler", 0.0), ("dpm++2m", 1.0), ("ddim", 1.5), ("ddim", -0.1)):
+        with pytest.raises(AssertionError):
+            sample_loop(gaussian_eps, x, AB, [999, 500], sampler, eta)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("timesteps", 1, "timesteps=1"), ("beta_end", 0.0001, "beta_start=0.00085, beta_end=0.0001"),
+    ("render_from", "mesh", "render_from='mesh'"), ("sample_steps", 0, "sample_steps=0"),
+    ("sample_steps", 1001, "sample_steps=1001"), ("sampler", "euler", "sampler='euler'")])
+def test_diffusion_config_names_the_bad_value(field, value, message):
+    DiffusionConfig()  # the defaults are valid
+    with pytest.raises(ValueError, match=f"DiffusionConfig.{message}"):
+        DiffusionConfig(**{field: value})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,10 +372,11 @@ def test_combine_coefficients(edit):
         assert torch.equal(query[key], query_before[key])
 
 
-def test_combine_coefficients_rejects_unknown_attribute():
+def test_combine_coefficients_asserts_known_attributes():
     source, query = coefficients(2, 0.0, 0), coefficients(2, 1.0, 1)
-    with pytest.raises(ValueError):
-        combine_coefficients(source, query, ("pose", "hair"))
+    for edit in (("pose", "hair"), "pose"):  # a bare string is not a tuple of attributes
+        with pytest.raises(AssertionError):
+            combine_coefficients(source, query, edit)
 
 
 def rotation_matrix(rotvec):
@@ -456,11 +468,8 @@ def test_set_numbers_expression_and_errors():
     assert torch.equal(out["expression"][:, index], torch.full((3,), 1.2))
     others = [k for k in range(len(EXPRESSION_NAMES)) if k != index]
     assert torch.equal(out["expression"][:, others], coeffs["expression"][:, others])
-    with pytest.raises(ValueError):
-        set_numbers(coeffs, {"smile": 1.2})  # no expression names given
-    with pytest.raises(ValueError):
-        set_numbers(coeffs, {"grin": 1.0}, expression_names=EXPRESSION_NAMES)
-    with pytest.raises(ValueError):
-        set_numbers(coeffs, {"light": (0, 0, 0)})
-    with pytest.raises(ValueError):
-        set_numbers(coeffs, {"light": (1, 0)})
+    # sample.py refuses these names and values (tests/test_difffae.py); here they are asserts
+    for numbers, names in (({"smile": 1.2}, ()), ({"grin": 1.0}, EXPRESSION_NAMES),
+                           ({"light": (0, 0, 0)}, ()), ({"light": (1, 0)}, ())):
+        with pytest.raises(AssertionError):
+            set_numbers(coeffs, numbers, expression_names=names)
