@@ -96,12 +96,12 @@ def _nearest_faces(verts: torch.Tensor, faces: torch.Tensor, H: int, W: int,
     B, nF = verts.shape[0], faces.shape[0]
     corners = verts.index_select(1, faces.T.reshape(-1)).view(B, 3, nF, 3)  # (B, corner, F, xyz)
     xyz = corners.permute(3, 1, 0, 2).reshape(3, 3, B * nF)  # (xyz, corner, N)
-    x, y = xyz[0], xyz[1]  # (3, N) each
-    # 1. The faces that can cover a centre: finite, not degenerate, facing us when culling, with
-    #    a box of centres on the image (columns col0..col1, rows row0..row1); sorted by size class.
+    x, y, z = xyz  # (3, N) each
+    # 1. Faces that can cover a centre, by size class: not degenerate (non-finite x, y fail that
+    #    too), finite z, facing us when culling, box of centres (col0..col1, row0..row1) on image.
     area2 = (x[1] - x[0]) * (y[2] - y[0]) - (y[1] - y[0]) * (x[2] - x[0])  # (N,) doubled area A
     longest2 = ((x - x.roll(1, 0)) ** 2 + (y - y.roll(1, 0)) ** 2).amax(0)  # (N,)
-    valid = (area2.abs() > DEGENERATE_REL * longest2) & xyz.isfinite().flatten(0, 1).all(0)
+    valid = (area2.abs() > DEGENERATE_REL * longest2) & z.isfinite().all(0)
     if cull_backfaces:
         valid &= area2 < 0  # counter-clockwise in world (y up) is A < 0 in y-down screen space
     col0 = torch.ceil(x.amin(0) - PIXEL_CENTRE).clamp(0, W).long()  # first centre >= min x
@@ -122,11 +122,12 @@ def _nearest_faces(verts: torch.Tensor, faces: torch.Tensor, H: int, W: int,
     #    normal (c_x, c_y) = sign(A)·(a_y − b_y, b_x − a_x) and o an end of the edge; Σ_k E_k = |A|.
     ax, ay, bx, by = x.roll(-1, 0), y.roll(-1, 0), x.roll(-2, 0), y.roll(-2, 0)  # (3, N')
     cx, cy = (ay - by) * area2.sign(), (bx - ax) * area2.sign()
-    # Exactness: o is the edge's lower end in (x, y) order, so the face across a shared edge has
-    # the same o and exactly −c (a − b = −(b − a) in floats) and computes exactly −E at every
-    # centre; E is exactly 0 at both ends (its two products cancel). So the top-left rule alone
-    # decides a centre on an edge: E ≥ 0 where the inward normal points right (or straight down),
-    # E > 0 elsewhere, written E ≥ the smallest normal float (no nonzero E of pixels is smaller).
+    # Exactness: o is the edge's lower end in (x, y) order, so the face across a shared edge
+    # (wound alike) has the same o and exactly −c (a − b = −(b − a) in floats): it computes
+    # exactly −E at every centre. E is exactly 0 at both ends (its two products cancel). So the
+    # top-left rule alone decides a centre on an edge: E ≥ 0 where the inward normal points right
+    # (or straight down), E > 0 elsewhere, written E ≥ the smallest normal float (no nonzero E
+    # of pixel coordinates is smaller).
     b_first = (ax > bx) | ((ax == bx) & (ay > by))
     ox, oy = torch.where(b_first, bx, ax), torch.where(b_first, by, ay)
     top_left = (cx > 0) | ((cx == 0) & (cy > 0))  # (3, N')
@@ -140,18 +141,17 @@ def _nearest_faces(verts: torch.Tensor, faces: torch.Tensor, H: int, W: int,
     #    past its box fail), faces on the last (long) axis; E_k = column + row term, once each.
     item, face_index = keep // nF, keep % nF  # (N',) each
     first_pixel = (item * H + row0) * W + col0  # (N',) a box's top-left pixel in (B·H·W)
+    left, top = col0.to(verts.dtype) + PIXEL_CENTRE, row0.to(verts.dtype) + PIXEL_CENTRE
     min_depth = torch.full((B * H * W,), math.inf, device=verts.device)
     found = []  # (pixel, depth, face) of every covered (pixel, face) pair
     ends = torch.unique_consecutive(size_class, return_counts=True)[1].cumsum(0).tolist()
     for start, end in zip([0] + ends[:-1], ends):  # faces start..end−1 share a size class
         h, w = int(box_h[start:end].max()), int(box_w[start:end].max())
-        rows = torch.arange(h, device=verts.device)[:, None]  # (h, 1)
-        cols = torch.arange(w, device=verts.device)[:, None]  # (w, 1)
+        rows, cols = (torch.arange(n).to(left)[:, None] for n in (h, w))  # (h, 1), (w, 1)
         step = max(1, CANDIDATE_BUDGET // (h * w))
         for first in range(start, end, step):
             s = slice(first, min(first + step, end))  # the chunk's M faces
-            px = (col0[s] + cols).to(verts.dtype) + PIXEL_CENTRE  # (w, M) centres' x
-            py = (row0[s] + rows).to(verts.dtype) + PIXEL_CENTRE  # (h, M) centres' y
+            px, py = left[s] + cols, top[s] + rows  # (w, M), (h, M) the tile's centres
             inside = (px < W) & (py < H)[:, None]  # (h, w, M) on the image
             for k in range(3):
                 col_term = cx[k, s] * (px - ox[k, s])  # (w, M)
