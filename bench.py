@@ -1,10 +1,8 @@
 """Benchmarks of the pipeline's hot parts on the current device (CUDA if available, else CPU).
 
 rasterizer: render.rasterize on the built-in FLAME head (256×256, batch 8), with and without
-    back-face culling, against a brute-force reference written here — every face tested against
-    every pixel centre of its bounding box, then a two-pass z-buffer (minimum depth, then the
-    lowest face index at that depth) — with the speed-up and the fraction of pixels on which both
-    pick the same face.
+    back-face culling, against the brute-force reference_rasterize written here, with the
+    speed-up and the fraction of pixels on which both pick the same face.
 renderer: the whole render.Renderer forward, and forward + backward to the vertices.
 flame: the FLAME forward for a batch of 64 random faces (ms per batch).
 data: synthetic training pairs rendered per second at 64 px and 256 px.
@@ -13,8 +11,8 @@ diffusion: one UNet forward (batch 1) at the paper's scale (64×64×3 latent, 25
     sampling, decoding) with DDIM-50 and DPM-Solver++(2M)-20; and each sampler's own arithmetic
     per step (with a free ε prediction), to show that the UNet is the cost.
 
-Run: python bench.py   (prints a table of ms per image, median and best of REPEATS; numbers vary
-when other processes share the CPU — rerun when it is quiet)
+Run: python bench.py   (a table of ms per image, median and best of REPEATS; numbers vary when
+other processes share the CPU — rerun when it is quiet)
 
 Shape letters: B batch, V vertices, F faces, H/W image size, K (face, pixel) pairs in a chunk.
 """
@@ -35,30 +33,15 @@ REFERENCE_FACES = 2 ** 15
 # image then spans 2/s = 0.25 m around the head's centre (the neck is cropped).
 FRAME_SCALE = 8.0
 HEAD_HALF_HEIGHT = 0.12
-# Fallback mesh: front half of a level-5 icosphere (~10k faces, like FLAME's 9976) 0.2 m across.
-FALLBACK_SUBDIVISIONS = 5
 FLAME_BATCH = 64
 DATA_SIZES = ((64, 64), (256, 16))  # (image size, pairs per batch) of the data benchmark
-FALLBACK_RADIUS = 0.1
 
 
-def load_head(device):
-    """The built-in FLAME head at zero coefficients: vertices (1, V, 3) in metres, faces (F, 3),
-    a description, and the FLAME module (None for the stand-in hemisphere, used with a printed
-    note if flame cannot be built)."""
-    try:
-        import flame
-        model = flame.FLAME().to(device)
-        with torch.no_grad():
-            vertices = model(torch.zeros(1, model.n_shape, device=device),
-                             torch.zeros(1, model.n_exp, device=device),
-                             torch.zeros(1, 15, device=device))
-        return vertices, model.faces, "FLAME head", model
-    except Exception as error:  # any failure building the head falls back, said out loud
-        print(f"note: FLAME unavailable ({type(error).__name__}: {error}); using an icosphere")
-    verts, faces = render.icosphere(FALLBACK_SUBDIVISIONS, device=device)
-    front = (verts[faces][..., 2] > 0).all(-1)  # faces of the hemisphere facing the camera
-    return verts[None] * FALLBACK_RADIUS, faces[front], "hemisphere (fallback)", None
+def neutral_head(flame, batch):
+    """The built-in head at zero coefficients: vertices (batch, V, 3) in metres."""
+    with torch.no_grad():
+        return flame(*(torch.zeros(batch, n, device=flame.faces.device)
+                       for n in (flame.n_shape, flame.n_exp, 15)))
 
 
 def frame_camera(vertices):
@@ -71,7 +54,8 @@ def frame_camera(vertices):
 
 
 def reference_rasterize(verts, faces, image_size):
-    """Brute force: every face against every pixel centre of its bounding box (enumerated with
+    """The independent reference for render.rasterize (also used by its tests). Brute force:
+    every face against every pixel centre of its bounding box (enumerated with
     repeat_interleave), inclusive edge tests, then a two-pass z-buffer (minimum depth, then the
     lowest face index at that depth). verts (B, V, 3) screen space -> pix_to_face (B, H, W)."""
     B, nF, H, W = verts.shape[0], faces.shape[0], image_size, image_size
@@ -91,8 +75,7 @@ def reference_rasterize(verts, faces, image_size):
         k = torch.arange(len(face), device=verts.device) - start.repeat_interleave(count[ids])
         row = top[face] + k // box_w[face]
         col = left[face] + k % box_w[face]
-        px = col + 0.5
-        py = row + 0.5
+        px, py = col + 0.5, row + 0.5
         w = [(x[face, (i + 2) % 3] - x[face, (i + 1) % 3]) * (py - y[face, (i + 1) % 3])
              - (y[face, (i + 2) % 3] - y[face, (i + 1) % 3]) * (px - x[face, (i + 1) % 3])
              for i in range(3)]  # 3 × (K,) edge functions
@@ -111,38 +94,33 @@ def reference_rasterize(verts, faces, image_size):
 def time_ms(fns, device, per=BATCH):
     """(median, best) wall time in ms of each function divided by `per`, run in turn REPEATS
     times after WARMUP rounds, so that a load change from other processes hits all alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     times = [[] for _ in fns]
     for i in range(WARMUP + REPEATS):
         for fn, kept in zip(fns, times):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             if i >= WARMUP:
                 kept.append((time.perf_counter() - start) * 1e3)
     return [(sorted(t)[len(t) // 2] / per, min(t) / per) for t in times]
 
 
-def bench_rasterizer(device, head):
+def bench_rasterizer(device, flame):
     """Rows (name, (median, best) ms per image, note): render.rasterize with and without back-face
-    culling, and the brute-force reference on the same screen-space head."""
-    vertices, faces, mesh, _ = head
-    vertices = vertices.expand(BATCH, -1, -1)
-    screen = render.project(vertices, frame_camera(vertices), IMAGE_SIZE)  # (B, V, 3)
+    culling, and the brute-force reference, on the same screen-space head."""
+    vertices = neutral_head(flame, 1).expand(BATCH, -1, -1)
+    screen, faces = render.project(vertices, frame_camera(vertices), IMAGE_SIZE), flame.faces
+    calls = [lambda: render.rasterize(screen, faces, IMAGE_SIZE).pix_to_face,
+             lambda: render.rasterize(screen, faces, IMAGE_SIZE, cull_backfaces=True).pix_to_face,
+             lambda: reference_rasterize(screen, faces, IMAGE_SIZE)]
     with torch.no_grad():
-        ours = render.rasterize(screen, faces, IMAGE_SIZE).pix_to_face
-        culled = render.rasterize(screen, faces, IMAGE_SIZE, cull_backfaces=True).pix_to_face
-        reference = reference_rasterize(screen, faces, IMAGE_SIZE)
-        fast, cull, slow = time_ms([
-            lambda: render.rasterize(screen, faces, IMAGE_SIZE),
-            lambda: render.rasterize(screen, faces, IMAGE_SIZE, cull_backfaces=True),
-            lambda: reference_rasterize(screen, faces, IMAGE_SIZE)], device)
-    agree = (ours == reference).double().mean().item()
-    agree_culled = (ours == culled).double().mean().item()
-    covered = (ours >= 0).double().mean().item()
-    return [("rasterize", fast, f"{mesh}, F={faces.shape[0]}, {IMAGE_SIZE}², B={BATCH}, "
+        ours, culled, reference = (call() for call in calls)
+        fast, cull, slow = time_ms(calls, device)
+    agree, agree_culled, covered = (t.double().mean().item() for t in (
+        ours == reference, ours == culled, ours >= 0))
+    return [("rasterize", fast, f"FLAME head, F={faces.shape[0]}, {IMAGE_SIZE}², B={BATCH}, "
                                 f"{covered:.0%} covered; with bary + depth"),
             ("rasterize, cull_backfaces", cull, f"same face on {agree_culled:.4%} of pixels"),
             ("brute-force reference", slow, f"pix_to_face only; rasterize is "
@@ -150,22 +128,16 @@ def bench_rasterizer(device, head):
                                             f"same face on {agree:.4%} of pixels")]
 
 
-def bench_renderer(device, head):
-    """Rows for the whole Renderer (normals, texture or colours, SH shading, soft mask), forward and
-    forward + backward to the vertices."""
-    vertices, faces, _, model = head
-    vertices = vertices.expand(BATCH, -1, -1).contiguous()
+def bench_renderer(device, flame):
+    """Rows for the whole Renderer (normals, UV texture, SH shading), forward and forward +
+    backward to the vertices."""
+    renderer = render.Renderer(flame.faces, flame.face_uvs, IMAGE_SIZE).to(device)
+    vertices = neutral_head(flame, BATCH)
+    with torch.no_grad():
+        albedo = flame.albedo(torch.zeros(BATCH, flame.n_albedo, device=device))
     cam = frame_camera(vertices)
-    if model is not None and model.face_uvs is not None and model.albedo_dirs is not None:
-        renderer = render.Renderer(faces, model.face_uvs, IMAGE_SIZE).to(device)
-        with torch.no_grad():
-            albedo = model.albedo(torch.zeros(BATCH, model.n_albedo, device=device))
-    else:
-        renderer = render.Renderer(faces, None, IMAGE_SIZE).to(device)
-        albedo = torch.full_like(vertices, 0.6)
     light = torch.zeros(BATCH, render.N_SH, 3, device=device)
-    light[:, 0] = 3.0
-    light[:, 3] = 1.0
+    light[:, 0], light[:, 3] = 3.0, 1.0  # ambient and light from the front (+z)
 
     def forward_backward():
         leaf = vertices.detach().requires_grad_(True)
@@ -176,44 +148,36 @@ def bench_renderer(device, head):
             renderer(vertices, albedo, light, cam)
 
     forward, both = time_ms([forward, forward_backward], device)
-    return [("Renderer forward", forward, "project, rasterize, normals, albedo, SH, soft mask"),
+    return [("Renderer forward", forward, "project, rasterize, normals, UV texture, SH"),
             ("Renderer forward + backward", both, "gradient of the image sum to the vertices")]
 
 
-def bench_flame(device, head):
+def bench_flame(device, flame):
     """FLAME forward (blendshapes, joints, skinning) for a batch of FLAME_BATCH random faces."""
-    model = head[3]
-    if model is None:
-        return []
     gen = torch.Generator().manual_seed(0)
-    shape = torch.randn(FLAME_BATCH, model.n_shape, generator=gen).to(device)
-    expression = torch.randn(FLAME_BATCH, model.n_exp, generator=gen).to(device)
+    shape = torch.randn(FLAME_BATCH, flame.n_shape, generator=gen).to(device)
+    expression = torch.randn(FLAME_BATCH, flame.n_exp, generator=gen).to(device)
     pose = (0.2 * torch.randn(FLAME_BATCH, 15, generator=gen)).to(device)
     with torch.no_grad():
-        (forward,) = time_ms([lambda: model(shape, expression, pose)], device, per=1)
-    note = f"ms per batch of {FLAME_BATCH}, V={model.v_template.shape[0]}"
+        (forward,) = time_ms([lambda: flame(shape, expression, pose)], device, per=1)
+    note = f"ms per batch of {FLAME_BATCH}, V={flame.v_template.shape[0]}"
     return [("FLAME forward", forward, note)]
 
 
-def bench_data(device, head):
+def bench_data(device, flame):
     """Synthetic training pairs per second (source + query rendered as one batch, on the CPU)."""
     from synthetic import SyntheticPortraits
     rows = []
     for size, batch in DATA_SIZES:
         data = SyntheticPortraits(size, "train", length=10 ** 5)
-        starts = iter(range(0, 10 ** 5, batch))  # fresh items every run: nothing cached
-
-        def render_batch():
-            start = next(starts)
-            data.__getitems__(range(start, start + batch))
-
-        (ms,) = time_ms([render_batch], torch.device("cpu"), per=batch)
+        items = (range(i, i + batch) for i in range(0, 10 ** 5, batch))  # fresh every run
+        (ms,) = time_ms([lambda: data.__getitems__(next(items))], torch.device("cpu"), per=batch)
         rows.append((f"synthetic pair, {size}px", ms,
                      f"{1000 / ms[0]:.0f} pairs/s (median), batches of {batch}"))
     return rows
 
 
-def bench_diffusion(device, head):
+def bench_diffusion(device, flame):
     """Rows for the denoiser and whole edits (see the module docstring)."""
     from difffae import load_model, make_timesteps, sample_loop
     from sample import DEFAULT_CHECKPOINT
@@ -258,13 +222,13 @@ def bench_diffusion(device, head):
 
 
 def main():
+    from flame import FLAME
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"ms per image, median and best of {REPEATS} interleaved runs")
-    head = load_head(device)
-    rows = (bench_rasterizer(device, head) + bench_renderer(device, head)
-            + bench_flame(device, head) + bench_data(device, head)
-            + bench_diffusion(device, head))
+    flame = FLAME().to(device)  # the built-in head
+    rows = [row for part in (bench_rasterizer, bench_renderer, bench_flame, bench_data,
+                             bench_diffusion) for row in part(device, flame)]
     width = max(len(name) for name, _, _ in rows)
     print(f"{'part':<{width}}  {'median':>7}  {'best':>7}  notes")
     for name, (median, best), note in rows:
