@@ -13,7 +13,7 @@ with 5 joints [global, neck, jaw, left eye, right eye] in a kinematic tree
 W is linear blend skinning: each vertex moves by the weight-blended rigid transforms of the joints,
 each joint's transform being the product of its ancestors' rotations about their rest positions.
 We follow the FLAME paper; the index conventions were checked against the public FLAME 2020 file
-layout and the smplx `lbs` function, whose per-index einsum notes we mirror.
+layout and the smplx `lbs` function, whose numbered steps `lbs` below follows.
 
 Two sources of model arrays, one code path:
 - `load_flame(path)` reads FLAME 2020's `generic_model.pkl` (chumpy-era Python-2 pickle) without
@@ -33,16 +33,10 @@ import torch
 import torch.nn as nn
 
 JOINT_NAMES = ("global", "neck", "jaw", "left_eye", "right_eye")
-N_JOINTS = len(JOINT_NAMES)
-POSE_DIM = 3 * N_JOINTS
-# FLAME stores 300 shape directions followed by 100 expression directions in `shapedirs`.
-FLAME_SHAPE_BASIS = 300
-# Defaults used by DECA (Feng et al. 2021): 100 shape and 50 expression coefficients.
-DEFAULT_N_SHAPE = 100
-DEFAULT_N_EXP = 50
-# A small angle below which Rodrigues' formula is replaced by its Taylor expansion (no 0/0).
-RODRIGUES_EPS = 1e-8
-FLAME_URL = "https://flame.is.tue.mpg.de (free registration; the file is never redistributed)"
+POSE_DIM = 3 * len(JOINT_NAMES)
+FLAME_SHAPE_BASIS = 300  # FLAME's `shapedirs` hold 300 shape, then 100 expression directions
+DEFAULT_N_SHAPE, DEFAULT_N_EXP = 100, 50  # the coefficients DECA (Feng et al. 2021) uses
+RODRIGUES_EPS = 1e-8  # angle² below which Rodrigues' formula is its Taylor expansion (no 0/0)
 REQUIRED_KEYS = ("v_template", "shapedirs", "posedirs", "J_regressor", "weights", "parents",
                  "faces")
 
@@ -51,28 +45,23 @@ class FlameModelError(ValueError):
     """A FLAME model file that is missing, unreadable or not a FLAME model."""
 
 
-# ---------------------------------------------------------------------------------------------
 # Loading without chumpy: a restricted unpickler
-# ---------------------------------------------------------------------------------------------
 
-class _ChumpyPlaceholder:
+class _Inert:
     """Stands in for a chumpy object; keeps the pickled state, runs nothing."""
 
     def __setstate__(self, state):
         self.state = state
 
 
-class _SparsePlaceholder:
+class _Sparse(_Inert):
     """Stands in for a scipy.sparse matrix; keeps (data, indices, indptr, shape)."""
-
-    def __setstate__(self, state):
-        self.state = state
 
 
 def _new_placeholder(cls, base=object, state=None):
     # Python 2's copy_reg._reconstructor(cls, base, state) creates `cls` instances; we only ever
     # allow it to create our own placeholders.
-    if cls not in (_ChumpyPlaceholder, _SparsePlaceholder):
+    if cls not in (_Inert, _Sparse):
         raise pickle.UnpicklingError(f"refused to reconstruct {cls!r}")
     return cls.__new__(cls)
 
@@ -83,30 +72,21 @@ def _encode_latin1(text, encoding="latin1"):
     return text.encode("latin1")
 
 
-def _numpy_global(name):
-    # numpy ≥ 2 moved numpy.core to numpy._core; old pickles name the former.
-    core = getattr(np, "_core", None) or np.core
-    return getattr(core.multiarray, name)
-
-
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_global("_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_global("_reconstruct"),
-    ("numpy.core.multiarray", "scalar"): lambda: _numpy_global("scalar"),
-    ("numpy._core.multiarray", "scalar"): lambda: _numpy_global("scalar"),
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: np.dtype,
-    ("copy_reg", "_reconstructor"): lambda: _new_placeholder,
-    ("copyreg", "_reconstructor"): lambda: _new_placeholder,
-    # protocol-2 pickles written by Python 3 wrap raw bytes as _codecs.encode(text, "latin1")
-    ("_codecs", "encode"): lambda: _encode_latin1,
-}
+_multiarray = (getattr(np, "_core", None) or np.core).multiarray  # numpy 2 renamed numpy.core
+# protocol-2 pickles written by Python 3 wrap raw bytes as _codecs.encode(text, "latin1")
+_ALLOWED_GLOBALS = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                    ("_codecs", "encode"): _encode_latin1,
+                    ("copy_reg", "_reconstructor"): _new_placeholder,
+                    ("copyreg", "_reconstructor"): _new_placeholder}
+for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # old pickles name the former
+    for _name in ("_reconstruct", "scalar"):
+        _ALLOWED_GLOBALS[(_module, _name)] = getattr(_multiarray, _name)
 for _module in ("__builtin__", "builtins"):  # inert containers chumpy objects keep in their state
     for _type in (object, set, frozenset):
-        _ALLOWED_GLOBALS[(_module, _type.__name__)] = lambda t=_type: t
+        _ALLOWED_GLOBALS[(_module, _type.__name__)] = _type
 for _module in ("scipy.sparse.csc", "scipy.sparse._csc", "scipy.sparse.csr", "scipy.sparse._csr"):
     for _name in ("csc_matrix", "csr_matrix"):
-        _ALLOWED_GLOBALS[(_module, _name)] = lambda: _SparsePlaceholder
+        _ALLOWED_GLOBALS[(_module, _name)] = _Sparse
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -118,29 +98,25 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if module == "chumpy" or module.startswith("chumpy."):
-            return _ChumpyPlaceholder
-        factory = _ALLOWED_GLOBALS.get((module, name))
-        if factory is None:
+            return _Inert
+        if (module, name) not in _ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(f"refused global '{module}.{name}'")
-        return factory()
+        return _ALLOWED_GLOBALS[(module, name)]
 
 
 def _to_array(value, key):
     """Converts a loaded value (array, chumpy placeholder, sparse placeholder) to a numpy array."""
-    if isinstance(value, _ChumpyPlaceholder):
-        state = value.state if isinstance(value.state, dict) else {}
-        if "x" not in state:
-            raise FlameModelError(f"key '{key}' is a chumpy expression, not a plain array")
-        return _to_array(state["x"], key)
-    if isinstance(value, _SparsePlaceholder):
+    if isinstance(value, _Sparse):
         import scipy.sparse
         state = value.state
-        shape = state.get("_shape", state.get("shape"))
         fmt = scipy.sparse.csr_matrix if state.get("format") == "csr" else scipy.sparse.csc_matrix
-        matrix = fmt((state["data"], state["indices"], state["indptr"]), shape=shape)
+        matrix = fmt((state["data"], state["indices"], state["indptr"]),
+                     shape=state.get("_shape", state.get("shape")))
         return np.asarray(matrix.todense())
-    if hasattr(value, "todense"):
-        return np.asarray(value.todense())
+    if isinstance(value, _Inert):  # a chumpy Ch array keeps its value in state["x"]
+        if not isinstance(value.state, dict) or "x" not in value.state:
+            raise FlameModelError(f"key '{key}' is a chumpy expression, not a plain array")
+        return _to_array(value.state["x"], key)
     return np.asarray(value)
 
 
@@ -154,7 +130,8 @@ def load_flame(path):
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FlameModelError(f"{path}: no such file; FLAME is obtained from {FLAME_URL}")
+        raise FlameModelError(f"{path}: no such file; FLAME is obtained from "
+                              "https://flame.is.tue.mpg.de (free registration)")
     try:
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as data:
@@ -167,7 +144,7 @@ def load_flame(path):
         raise FlameModelError(f"{path}: not a readable FLAME model ({error})") from None
     if not isinstance(raw, dict):
         raise FlameModelError(f"{path}: expected a dict of arrays, found {type(raw).__name__}")
-    raw = {_text(key): value for key, value in raw.items()}
+    raw = {key.decode("latin1") if isinstance(key, bytes) else key: v for key, v in raw.items()}
     if "faces" not in raw and "f" in raw:
         raw["faces"] = raw["f"]
     if "parents" not in raw and "kintree_table" in raw:
@@ -175,38 +152,26 @@ def load_flame(path):
     missing = [key for key in REQUIRED_KEYS if key not in raw]
     if missing:
         raise FlameModelError(f"{path}: not a FLAME model, missing keys {missing}")
-    model = {key: _to_array(raw[key], key) for key in REQUIRED_KEYS}
-    parents = model["parents"].astype(np.int64)
-    parents[parents >= 2**31] = -1  # FLAME stores the root's parent as 2**32 - 1
-    model["parents"] = parents
-    model["faces"] = model["faces"].astype(np.int64)
-    for key in ("v_template", "shapedirs", "posedirs", "J_regressor", "weights"):
-        model[key] = model[key].astype(np.float64)
-    for key, value in raw.items():  # optional extras of our own .npz files (UVs, albedo space)
-        if key not in model and key in ("face_uvs", "albedo_mean", "albedo_dirs", "n_shape_basis"):
-            model[key] = np.asarray(value)
+    model = {key: _to_array(raw[key], key).astype(np.float64) for key in REQUIRED_KEYS[:5]}
+    parents = _to_array(raw["parents"], "parents").astype(np.int64)
+    model["parents"] = np.where(parents >= 2**31, -1, parents)  # FLAME's root parent: 2**32 - 1
+    model["faces"] = _to_array(raw["faces"], "faces").astype(np.int64)
+    for key in ("face_uvs", "albedo_mean", "albedo_dirs", "n_shape_basis"):  # our .npz extras
+        if key in raw:
+            model[key] = np.asarray(raw[key])
     _check_model(model, path)
     return model
 
 
-def _text(key):
-    return key.decode("latin1") if isinstance(key, bytes) else key
-
-
 def _check_model(model, name):
-    n_vertices = model["v_template"].shape[0]
-    n_joints = model["parents"].shape[0]
+    """FlameModelError unless the arrays have FLAME's layout for their V vertices and J joints."""
+    n_vertices, n_joints = model["v_template"].shape[0], model["parents"].shape[0]
     expected = {"v_template": (n_vertices, 3), "J_regressor": (n_joints, n_vertices),
-                "weights": (n_vertices, n_joints)}
+                "weights": (n_vertices, n_joints), "posedirs": (n_vertices, 3, 9 * (n_joints - 1)),
+                "shapedirs": (n_vertices, 3, model["shapedirs"].shape[-1])}
     for key, shape in expected.items():
         if model[key].shape != shape:
             raise FlameModelError(f"{name}: '{key}' has shape {model[key].shape}, expected {shape}")
-    for key in ("shapedirs", "posedirs"):
-        if model[key].ndim != 3 or model[key].shape[:2] != (n_vertices, 3):
-            raise FlameModelError(f"{name}: '{key}' has shape {model[key].shape}, expected (V,3,K)")
-    if model["posedirs"].shape[2] != 9 * (n_joints - 1):
-        raise FlameModelError(f"{name}: posedirs has {model['posedirs'].shape[2]} pose features, "
-                              f"expected {9 * (n_joints - 1)}")
     faces = model["faces"]
     if faces.ndim != 2 or faces.shape[1] != 3 or faces.min() < 0 or faces.max() >= n_vertices:
         raise FlameModelError(f"{name}: 'faces' must be (F,3) indices below {n_vertices}")
@@ -248,9 +213,7 @@ def save_npz(model, path):
     np.savez(path, **{key: np.asarray(value) for key, value in model.items()})
 
 
-# ---------------------------------------------------------------------------------------------
 # Linear blend skinning
-# ---------------------------------------------------------------------------------------------
 
 def pose6_to_flame15(pose6):
     """DECA's pose (B, 6) = [global, jaw] -> FLAME's full pose (B, 15); neck and eyes are zero
@@ -287,33 +250,34 @@ def rodrigues(axis_angle):
     return eye + sin_term * cross + cos_term * (cross @ cross)
 
 
-def lbs(shape_offsets, v_template, pose, posedirs, J_regressor, parents, weights):
-    """Linear blend skinning of FLAME (Li et al. 2017, Eq. 1–5).
+def lbs(coefficients, pose, v_template, shapedirs, posedirs, J_regressor, parents, weights):
+    """FLAME's vertices by linear blend skinning (Li et al. 2017, Eq. 1–5).
 
     Parameters
     ----------
-    shape_offsets : (B, V, 3) blendshape offsets B_S(β) + B_E(ψ).
+    coefficients : (B, K) shape then expression coefficients [β, ψ].
+    pose : (B, J*3) axis-angle per joint θ.
     v_template : (V, 3) mean template T̄.
-    pose : (B, J*3) axis-angle per joint.
+    shapedirs : (V, 3, K) shape then expression directions [S, E].
     posedirs : (P, V*3) pose-corrective directions, P = 9 (J − 1).
     J_regressor : (J, V).   parents : list of J ints (-1 for the root).   weights : (V, J).
 
     Returns
     -------
     vertices (B, V, 3), joints (B, J, 3) posed, transforms (B, J, 4, 4): the rest-relative rigid
-    transform of each joint (maps a rest-pose point skinned fully to that joint to its posed place).
+    transform A_j of each joint (maps a rest-pose point skinned fully to that joint to its place).
     """
     batch = pose.shape[0]
-    v_shaped = v_template + shape_offsets  # (B, V, 3)
-    # J_jc = Σ_v 𝒥_jv · v_vc: joints regressed from the shaped (not yet posed) mesh
+    # 1. shape blendshapes: T̄ + B_S(β) + B_E(ψ), offsets_bvc = Σ_k S_vck · c_bk
+    v_shaped = v_template + torch.einsum("vck,bk->bvc", shapedirs, coefficients)  # (B, V, 3)
+    # 2. joints regressed from the shaped, not yet posed mesh: J_jc = Σ_v 𝒥_jv · v_vc
     joints = torch.einsum("jv,bvc->bjc", J_regressor, v_shaped)  # (B, J, 3)
+    # 3. pose blendshapes: features (R_n(θ) − I) of the non-root joints (Eq. 5 with θ* = 0)
     rotations = rodrigues(pose.reshape(batch, -1, 3))  # (B, J, 3, 3)
     eye = torch.eye(3, dtype=pose.dtype, device=pose.device)
-    # pose features: (R_n(θ) − I) for the non-root joints, flattened (FLAME Eq. 5, θ* = 0)
     pose_feature = (rotations[:, 1:] - eye).reshape(batch, -1)  # (B, P)
     v_posed = v_shaped + (pose_feature @ posedirs).reshape(batch, -1, 3)  # (B, V, 3)
-
-    # Kinematic chain: G_j = G_parent(j) · [R_j | J_j − J_parent(j)]
+    # 4. forward kinematics: G_j = G_parent(j) · [R_j | J_j − J_parent(j)]
     rel_joints = joints.clone()
     rel_joints[:, 1:] = joints[:, 1:] - joints[:, parents[1:]]
     local = torch.zeros(batch, len(parents), 4, 4, dtype=pose.dtype, device=pose.device)
@@ -329,9 +293,12 @@ def lbs(shape_offsets, v_template, pose, posedirs, J_regressor, parents, weights
     transforms = world.clone()
     transforms[..., :3, 3] = posed_joints - torch.einsum("bjik,bjk->bji", world[..., :3, :3],
                                                          joints)
-    # T_v = Σ_j w_vj A_j, then v' = T_v [v; 1]
-    blended = torch.einsum("vj,bjmn->bvmn", weights, transforms)  # (B, V, 4, 4)
-    vertices = torch.einsum("bvmn,bvn->bvm", blended[..., :3, :3], v_posed) + blended[..., :3, 3]
+    # 5. skinning: T_v = Σ_j w_vj A_j, of which only the top rows [R_v | t_v] matter, then
+    # v' = t_v + R_v v. Blended per item (as smplx does), T comes out in vertex order, where the
+    # B·V small products run 4x faster than in the (V, B) order of one (V, J) @ (J, B·16) product.
+    T = (weights @ transforms[:, :, :3].reshape(batch, -1, 12)).view(-1, 3, 4)  # (B·V, 3, 4)
+    vertices = torch.baddbmm(T[..., 3:], T[..., :3], v_posed.reshape(-1, 3, 1))  # (B·V, 3, 1)
+    vertices = vertices.view(batch, -1, 3)  # (B, V, 3)
     return vertices, posed_joints, transforms
 
 
@@ -374,8 +341,7 @@ class FLAME(nn.Module):
                              "children")
         dirs = np.concatenate([model["shapedirs"][..., :self.n_shape],
                                model["shapedirs"][..., shape_basis:shape_basis + self.n_exp]], 2)
-        n_vertices = model["v_template"].shape[0]
-        posedirs = model["posedirs"].reshape(n_vertices * 3, -1).T  # (P, V*3)
+        posedirs = model["posedirs"].reshape(-1, model["posedirs"].shape[2]).T  # (P, V*3)
         buffers = {"v_template": model["v_template"], "blenddirs": dirs, "posedirs": posedirs,
                    "J_regressor": model["J_regressor"], "weights": model["weights"]}
         for name, value in buffers.items():
@@ -393,93 +359,59 @@ class FLAME(nn.Module):
         With return_transforms, also the joints' rest-relative transforms (B, 5, 4, 4), which move
         geometry attached rigidly to a joint (hair to the neck joint, say) with the head.
         """
-        batch = shape.shape[0]
-        expected = {"shape": (shape, self.n_shape), "expression": (expression, self.n_exp),
-                    "pose": (pose, POSE_DIM)}
-        for name, (value, size) in expected.items():
-            if value.ndim != 2 or value.shape != (batch, size):
-                raise ValueError(f"{name} has shape {tuple(value.shape)}, "
-                                 f"expected ({batch}, {size})")
+        assert (shape.shape[1], expression.shape[1], pose.shape[1]) == (
+            self.n_shape, self.n_exp, POSE_DIM), (shape.shape, expression.shape, pose.shape)
         coefficients = torch.cat([shape, expression], 1).to(self.blenddirs.dtype)  # (B, K)
-        # B_S + B_E: offsets_bvc = Σ_k dirs_vck · coeff_bk
-        offsets = torch.einsum("vck,bk->bvc", self.blenddirs, coefficients)  # (B, V, 3)
-        vertices, _, transforms = lbs(offsets, self.v_template, pose.to(offsets.dtype),
-                                      self.posedirs, self.J_regressor, self.parents, self.weights)
+        vertices, _, transforms = lbs(coefficients, pose.to(coefficients.dtype), self.v_template,
+                                      self.blenddirs, self.posedirs, self.J_regressor,
+                                      self.parents, self.weights)
         return (vertices, transforms) if return_transforms else vertices
 
     def albedo(self, coefficients):
         """Albedo texture (B, 3, T, T) in [0, 1] = mean + Σ_a coefficients_a · direction_a."""
-        if self.albedo_dirs is None:
-            raise ValueError("this FLAME model has no albedo space (the built-in head has one)")
-        if coefficients.ndim != 2 or coefficients.shape[1] != self.n_albedo:
-            raise ValueError(f"albedo coefficients have shape {tuple(coefficients.shape)}, "
-                             f"expected (B, {self.n_albedo})")
+        assert self.n_albedo and coefficients.shape[1:] == (self.n_albedo,), (
+            f"albedo coefficients {tuple(coefficients.shape)}; the model has {self.n_albedo}")
         texture = self.albedo_mean + torch.einsum("ba,achw->bchw", coefficients.to(
             self.albedo_dirs.dtype), self.albedo_dirs)  # (B, 3, T, T)
         return texture.clamp(0, 1)
 
 
-def _preview(path, size=128):
-    """Renders a grid of shapes, expressions, jaw and eye poses of the model to a PNG."""
+def _preview(path, size=128, n=8):
+    """Renders rows of n heads to a PNG: random shapes, each expression, jaw and gaze, turns."""
     from PIL import Image
     from render import Renderer
     from head import EXPRESSION_NAMES
     flame = FLAME().double()
+    n_heads = (3 + -(-flame.n_exp // n)) * n
+    shape = torch.zeros(n_heads, flame.n_shape, dtype=torch.float64)
+    expression = torch.zeros(n_heads, flame.n_exp, dtype=torch.float64)
+    pose = torch.zeros(n_heads, 15)
     gen = torch.Generator().manual_seed(0)
-    rows = []
-    n = 8
-    shapes = torch.zeros(n, flame.n_shape, dtype=torch.float64)
-    shapes[1:] = 1.5 * torch.randn(n - 1, flame.n_shape, generator=gen, dtype=torch.float64)
-    rows.append((shapes, torch.zeros(n, flame.n_exp, dtype=torch.float64), torch.zeros(n, 15)))
-    for start in range(0, flame.n_exp, n):
-        exp = torch.zeros(n, flame.n_exp, dtype=torch.float64)
-        ids = torch.arange(start, min(start + n, flame.n_exp))
-        exp[torch.arange(len(ids)), ids] = 1.0
-        rows.append((torch.zeros(n, flame.n_shape, dtype=torch.float64), exp, torch.zeros(n, 15)))
-    pose = torch.zeros(n, 15)
-    pose[:4, 6] = torch.linspace(0, 0.4, 4)  # jaw opening (rotation about x)
+    shape[1:n] = 1.5 * torch.randn(n - 1, flame.n_shape, generator=gen, dtype=torch.float64)
+    expression[n + torch.arange(flame.n_exp), torch.arange(flame.n_exp)] = 1.0
+    jaw_and_gaze, turn = pose[-2 * n:-n], pose[-n:]
+    jaw_and_gaze[:4, 6] = torch.linspace(0, 0.4, 4)  # jaw opening (rotation about x)
     gaze = torch.tensor([[-0.3, 0.0], [0.3, 0.0], [0.0, 0.4], [0.0, -0.4]])  # up, down, left, right
-    pose[4:, 9:11] = gaze
-    pose[4:, 12:14] = gaze
-    rows.append((torch.zeros(n, flame.n_shape, dtype=torch.float64),
-                 torch.zeros(n, flame.n_exp, dtype=torch.float64), pose))
-    yaw = torch.zeros(n, 15)
-    yaw[:, 1] = torch.linspace(-0.8, 0.8, n)
-    rows.append((torch.zeros(n, flame.n_shape, dtype=torch.float64),
-                 torch.zeros(n, flame.n_exp, dtype=torch.float64), yaw))
+    jaw_and_gaze[4:, 9:11] = jaw_and_gaze[4:, 12:14] = gaze
+    turn[:, 1] = torch.linspace(-0.8, 0.8, n)  # yaw
     renderer = Renderer(flame.faces, flame.face_uvs, size).double()
     light = torch.zeros(n, 9, 3, dtype=torch.float64)
-    light[:, 0] = 2.6
-    light[:, 1] = -0.35
-    light[:, 2] = 0.3
-    light[:, 3] = 0.5
+    light[:, :4] = torch.tensor([2.6, -0.35, 0.3, 0.5], dtype=torch.float64)[:, None]
     cam = torch.tensor([[7.0, 0.0, 0.0]], dtype=torch.float64).repeat(n, 1)
     albedo = flame.albedo(torch.zeros(n, flame.n_albedo, dtype=torch.float64))
-    images = []
-    for shape, exp, pose in rows:
-        vertices = flame(shape, exp, pose.double())
+    rows = []
+    for i in range(0, n_heads, n):
+        vertices = flame(shape[i:i + n], expression[i:i + n], pose[i:i + n].double())
         out = renderer(vertices, albedo, light, cam)
-        image = out["image"] + (1 - out["mask"]) * 0.25
-        images.append(torch.cat(list(image), 2))  # (3, H, n*W)
-    grid = torch.cat(images, 1).clamp(0, 1).permute(1, 2, 0).numpy()
+        image = out["image"] + (1 - out["mask"]) * 0.25  # (n, 3, H, W) on a grey backdrop
+        rows.append(torch.cat(list(image), 2))  # (3, H, n*W)
+    grid = torch.cat(rows, 1).clamp(0, 1).permute(1, 2, 0).numpy()
     Image.fromarray((grid * 255).round().astype(np.uint8)).save(path)
     print(f"wrote {path}; rows: shapes, expressions {', '.join(EXPRESSION_NAMES)}, jaw/eyes, yaw")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preview", metavar="PNG", help="render a grid of shapes and expressions")
-    parser.add_argument("--export", metavar="NPZ", help="write the built-in head as .npz")
-    args = parser.parse_args()
-    if args.preview:
-        _preview(args.preview)
-    if args.export:
-        from head import builtin_head
-        save_npz(builtin_head(), args.export)
-        print(f"wrote {args.export}")
-    if not (args.preview or args.export):
-        parser.print_help()
-
-
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preview", metavar="PNG", required=True,
+                        help="render the built-in head's shapes, expressions and poses")
+    _preview(parser.parse_args().preview)

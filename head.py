@@ -1,5 +1,9 @@
 """The built-in head: a procedural, deterministic face model in FLAME's format.
 
+A generated asset: a first read may skip this file. `flame.py` explains the model it feeds, and
+nothing here is needed to follow the method; it exists so that the project runs without a licensed
+download.
+
 FLAME (Li et al. 2017) is licensed and cannot ship with the project, so `builtin_head()` builds
 arrays with exactly the keys and meaning of `flame.load_flame` — template, shape and expression
 directions (shape first, expression after, like FLAME's `shapedirs`), pose correctives, a joint
@@ -25,7 +29,7 @@ import functools
 
 import numpy as np
 
-TEXTURE_SIZE = 256  # DECA's UV texture size (REFERENCE.md)
+TEXTURE_SIZE = 256  # DECA's UV texture size (Feng et al. 2021; `uv_size` in its public config)
 EYE_UV_TOP = 0.08   # texture rows v < EYE_UV_TOP hold the eyeball; the head skin uses the rest
 
 # Skull ellipsoid semi-axes in metres (a 0.24 m tall, 0.15 m wide head, FLAME's scale).
@@ -98,13 +102,20 @@ def _pair(theta, phi, theta0, phi0, sigma_theta, sigma_phi):
 
 
 def direction(theta, phi):
+    """Unit vectors (..., 3) at polar angle θ from +y and azimuth φ from +z, in degrees."""
     t, p = np.radians(theta), np.radians(phi)
     return np.stack([np.sin(t) * np.sin(p), np.cos(t), np.sin(t) * np.cos(p)], -1)  # (..., 3)
 
 
-# ---------------------------------------------------------------------------------------------
-# Grid topology
-# ---------------------------------------------------------------------------------------------
+def _vec(fx, fy, fz):
+    """Per-vertex vectors (V, 3) from their x, y, z components (arrays, or 0)."""
+    return np.stack(np.broadcast_arrays(fx, fy, fz), 1)
+
+
+def _radial(D, f):
+    """Per-vertex vectors (V, 3) of length f along the unit directions D (V, 3)."""
+    return D * f[:, None]
+
 
 def latlong_faces(n_rows, n_cols):
     """Faces and per-corner (row, col) grid coordinates of a closed latitude-longitude sphere.
@@ -116,39 +127,22 @@ def latlong_faces(n_rows, n_cols):
     from +z, normals point outward (counter-clockwise seen from outside).
     """
     rings = n_rows - 2
-    last = 1 + rings * n_cols
-    col = np.arange(n_cols)
-    nxt = col + 1
-
-    def index(r, c):
-        return 1 + (r - 1) * n_cols + c % n_cols
-
-    faces, corners = [], []
-    # top fan: pole, (1, c+1), (1, c)
-    faces.append(np.stack([np.zeros(n_cols, int), index(1, nxt), index(1, col)], 1))
-    corners.append(np.stack([np.stack([np.zeros(n_cols), col + 0.5], 1),
-                             np.stack([np.ones(n_cols), nxt], 1),
-                             np.stack([np.ones(n_cols), col], 1)], 1))
-    r = np.arange(1, rings)[:, None]  # quads between ring r and r+1
-    c = col[None, :]
-    r, c = np.broadcast_arrays(r, c)
-    r, c = r.ravel(), c.ravel()
-    a, b = index(r, c), index(r, c + 1)
-    d, e = index(r + 1, c), index(r + 1, c + 1)
-    faces += [np.stack([a, b, d], 1), np.stack([b, e, d], 1)]
-    rf, cf = r.astype(float), c.astype(float)
-    corners += [np.stack([np.stack([rf, cf], 1), np.stack([rf, cf + 1], 1),
-                          np.stack([rf + 1, cf], 1)], 1),
-                np.stack([np.stack([rf, cf + 1], 1), np.stack([rf + 1, cf + 1], 1),
-                          np.stack([rf + 1, cf], 1)], 1)]
-    # bottom fan: (rings, c), (rings, c+1), pole
-    faces.append(np.stack([index(rings, col), index(rings, nxt), np.full(n_cols, last)], 1))
-    corners.append(np.stack([np.stack([np.full(n_cols, rings), col], 1),
-                             np.stack([np.full(n_cols, rings), nxt], 1),
-                             np.stack([np.full(n_cols, n_rows - 1.0), col + 0.5], 1)], 1))
-    faces, corners = np.concatenate(faces), np.concatenate(corners)
+    col = np.arange(n_cols, dtype=float)
+    r, c = (a.ravel() for a in np.meshgrid(np.arange(1.0, rings), col, indexing="ij"))
+    top, first, last = np.zeros(n_cols), np.ones(n_cols), np.full(n_cols, float(rings))
+    bottom = top + n_rows - 1
+    # (row, col) of the corners of the top fan, of two triangles per quad between rings r and
+    # r + 1, and of the bottom fan; a pole's corner sits at its face's middle column
+    triangles = (((top, col + 0.5), (first, col + 1), (first, col)),
+                 ((r, c), (r, c + 1), (r + 1, c)), ((r, c + 1), (r + 1, c + 1), (r + 1, c)),
+                 ((last, col), (last, col + 1), (bottom, col + 0.5)))
+    corners = np.concatenate([np.stack([np.stack(corner, -1) for corner in triangle], 1)
+                              for triangle in triangles])  # (F, 3, 2)
+    row, column = corners[..., 0], corners[..., 1]
+    faces = np.where(row == 0, 0, np.where(row == n_rows - 1, 1 + rings * n_cols,
+                                           1 + (row - 1) * n_cols + column % n_cols))
     # the orders above wind clockwise seen from outside; swap two corners to make them CCW
-    return faces[:, [0, 2, 1]].astype(np.int64), corners[:, [0, 2, 1]].astype(np.float64)
+    return faces[:, [0, 2, 1]].astype(np.int64), corners[:, [0, 2, 1]]
 
 
 def grid_angles(rows, cols):
@@ -170,10 +164,6 @@ def _theta_rows():
     rows = np.sort(np.concatenate([base, groove]))
     return rows, np.searchsorted(rows, groove)
 
-
-# ---------------------------------------------------------------------------------------------
-# The skin surface
-# ---------------------------------------------------------------------------------------------
 
 def _skull_radius(d):
     """Radius of the ellipsoidal skull along unit directions d (..., 3), narrower at the jaw."""
@@ -200,13 +190,14 @@ def capped_cylinder_radius(d, radius, axis_z, bottom):
     return t_side.clip(max=t_cap)
 
 
-def _neck_radius(d):
-    return capped_cylinder_radius(d, NECK_RADIUS, NECK_Z, NECK_BOTTOM)
-
-
-def _smooth_max(a, b, k=SMOOTH_MAX_SHARPNESS):
-    m = np.maximum(a, b)
-    return m + np.log(np.exp(k * (a - m)) + np.exp(k * (b - m))) / k
+def _skull_and_neck(d):
+    """Skin radius along unit directions d (..., 3) before the features: the smooth maximum of
+    the skull's and the neck's; and how much of it is neck (0 to 1)."""
+    skull = _skull_radius(d)
+    neck = capped_cylinder_radius(d, NECK_RADIUS, NECK_Z, NECK_BOTTOM)
+    k, m = SMOOTH_MAX_SHARPNESS, np.maximum(skull, neck)
+    neckness = 1 / (1 + np.exp(-k * (neck - skull)))
+    return m + np.log(np.exp(k * (skull - m)) + np.exp(k * (neck - m))) / k, neckness
 
 
 def _eye_opening(theta, phi):
@@ -243,88 +234,66 @@ def _nose(theta, phi):
                                  1.0)
     profile = profile * np.where(theta < NOSE_TOP, np.exp(-0.5 * ((theta - NOSE_TOP) / 3.0) ** 2),
                                  1.0)
-    width = 3.2 + 4.0 * t
-    ridge = NOSE_HEIGHT * profile * np.exp(-0.5 * (phi / width) ** 2)
-    wings = 0.007 * _pair(theta, phi, NOSE_TIP - 1.0, 6.5, 2.2, 2.6)
-    return ridge + wings
+    ridge = NOSE_HEIGHT * profile * np.exp(-0.5 * (phi / (3.2 + 4.0 * t)) ** 2)
+    return ridge + 0.007 * _pair(theta, phi, NOSE_TIP - 1.0, 6.5, 2.2, 2.6)  # + nostril wings
 
 
 def _features(theta, phi):
     """Radial displacement (metres) of all facial features except the eye and mouth openings."""
-    brow = 0.005 * _pair(theta, phi, 78.0, 18.0, 3.0, 10.0)
-    socket = -0.005 * _pair(theta, phi, EYE_THETA, EYE_PHI, 5.5, 8.5)
-    cheekbones = 0.006 * _pair(theta, phi, 97.0, 40.0, 6.0, 10.0)
+    bump, pair = functools.partial(_bump, theta, phi), functools.partial(_pair, theta, phi)
+    brow = 0.005 * pair(78.0, 18.0, 3.0, 10.0)
+    socket = -0.005 * pair(EYE_THETA, EYE_PHI, 5.5, 8.5)
+    cheekbones = 0.006 * pair(97.0, 40.0, 6.0, 10.0)
     lips = _lip_mask(theta, phi) * 0.006
-    philtrum = -0.002 * _bump(theta, phi, MOUTH_THETA - 6.0, 0.0, 3.0, 2.0)
-    chin = 0.008 * _bump(theta, phi, CHIN_THETA, 0.0, 5.0, 14.0)
-    ears = 0.014 * _pair(theta, phi, 96.0, 92.0, 7.0, 5.0)
+    philtrum = -0.002 * bump(MOUTH_THETA - 6.0, 0.0, 3.0, 2.0)
+    chin = 0.008 * bump(CHIN_THETA, 0.0, 5.0, 14.0)
+    ears = 0.014 * pair(96.0, 92.0, 7.0, 5.0)
     return _nose(theta, phi) + brow + socket + cheekbones + lips + philtrum + chin + ears
 
-
-def _groove_profile(n_rows, groove_rows):
-    """Per-row depth (fraction of MOUTH_DEPTH) and jaw side (0 head, 1 jaw) of the mouth groove."""
-    depth = np.zeros(n_rows)
-    jaw_side = (np.arange(n_rows) > groove_rows[2]).astype(float)
-    depth[groove_rows] = [0.0, 0.8, 1.0, 0.8, 0.0]
-    jaw_side[groove_rows[2]] = 0.5
-    return depth, jaw_side
-
-
-# ---------------------------------------------------------------------------------------------
-# Blendshape directions
-# ---------------------------------------------------------------------------------------------
 
 def _shape_fields(P, D, theta, phi, neckness):
     """Shape directions of the skin (S, V, 3), each scaled to about one standard deviation.
 
-    First named proportions (width, jaw, nose, ...), then smooth radial deformations (monomials of
-    the direction of degrees 2–4, orthonormalised), as FLAME's PCA would find in a population.
+    First named proportions (width, jaw, nose, ...), then smooth radial deformations (spherical
+    harmonics of degrees 2–5), as FLAME's PCA would find in a population.
     """
+    bump, pair = functools.partial(_bump, theta, phi), functools.partial(_pair, theta, phi)
     x, y, z = P[:, 0], P[:, 1], P[:, 2]
-    zero = np.zeros_like(x)
     head = 1 - neckness
     front = smoothstep(-0.2, 0.5, D[:, 2])
     lower_face = smoothstep(105, 130, theta) * smoothstep(165, 150, theta)
-    eyes = _pair(theta, phi, EYE_THETA, EYE_PHI, 7.0, 11.0)
-    mouth = _bump(theta, phi, MOUTH_THETA, 0.0, 6.0, 22.0)
-
-    def vec(fx, fy, fz):
-        return np.stack(np.broadcast_arrays(fx, fy, fz), 1)
-
-    def radial(f):
-        return D * f[:, None]
-
+    eyes = pair(EYE_THETA, EYE_PHI, 7.0, 11.0)
+    mouth = bump(MOUTH_THETA, 0.0, 6.0, 22.0)
     named = [
-        vec(0.05 * x * head, zero, zero),                                 # head width
-        vec(zero, 0.06 * np.maximum(y, 0), zero),                         # cranium height
-        vec(zero, zero, 0.07 * np.minimum(z, 0) * head),                  # head depth
-        vec(zero, 0.05 * np.minimum(y, 0) * front * head, zero),          # face length
-        vec(0.09 * x * lower_face * front, zero, zero),                   # jaw width
-        radial(0.006 * _bump(theta, phi, CHIN_THETA, 0, 6, 16)),          # chin forward
-        vec(zero, -0.005 * _bump(theta, phi, CHIN_THETA + 2, 0, 8, 20), zero),  # chin length
-        radial(0.005 * _nose(theta, phi) / NOSE_HEIGHT),                  # nose length
-        vec(0.25 * x * _bump(theta, phi, 100, 0, 6, 8), zero, zero),      # nose width
-        radial(0.003 * _bump(theta, phi, 91, 0, 4, 4)),                   # nose bridge
-        vec(zero, 0.003 * _bump(theta, phi, NOSE_TIP, 0, 3, 5), zero),    # nose tip up
-        radial(0.003 * _pair(theta, phi, 78, 18, 3.5, 12)),               # brow ridge
-        radial(0.004 * _pair(theta, phi, 97, 40, 6, 10)),                 # cheekbones
-        vec(0.003 * np.sign(x) * eyes, zero, zero),                       # eye spacing
-        vec(zero, 0.003 * eyes, zero),                                    # eye height
-        radial(-0.003 * eyes),                                            # deep-set eyes
-        radial(0.0025 * _bump(theta, phi, MOUTH_THETA - 2.4, 0, 2, 12)),  # upper lip
-        radial(0.0025 * _bump(theta, phi, MOUTH_THETA + 3, 0, 2.5, 12)),  # lower lip
-        vec(0.15 * x * mouth, zero, zero),                                # mouth width
-        vec(zero, 0.004 * mouth, zero),                                   # mouth height
-        vec(zero, zero, -0.008 * _bump(theta, phi, 62, 0, 12, 28)),       # forehead slope
-        vec(0.12 * x * neckness, zero, 0.12 * (z - NECK_Z) * neckness),   # neck thickness
-        radial(0.005 * _pair(theta, phi, 96, 92, 8, 6)),                  # ear size
-        radial(0.004 * _pair(theta, phi, 118, 35, 8, 10)),                # cheek fullness
-        vec(0.06 * x * _pair(theta, phi, 70, 70, 15, 15), zero, zero),    # temple width
-        vec(zero, zero, 0.006 * _bump(theta, phi, 105, 0, 25, 30)),       # face protrusion
-        radial(0.005 * _pair(theta, phi, 135, 62, 8, 10)),                # jaw angle
+        _vec(0.05 * x * head, 0, 0),                                  # head width
+        _vec(0, 0.06 * np.maximum(y, 0), 0),                          # cranium height
+        _vec(0, 0, 0.07 * np.minimum(z, 0) * head),                   # head depth
+        _vec(0, 0.05 * np.minimum(y, 0) * front * head, 0),           # face length
+        _vec(0.09 * x * lower_face * front, 0, 0),                    # jaw width
+        _radial(D, 0.006 * bump(CHIN_THETA, 0, 6, 16)),               # chin forward
+        _vec(0, -0.005 * bump(CHIN_THETA + 2, 0, 8, 20), 0),          # chin length
+        _radial(D, 0.005 * _nose(theta, phi) / NOSE_HEIGHT),          # nose length
+        _vec(0.25 * x * bump(100, 0, 6, 8), 0, 0),                    # nose width
+        _radial(D, 0.003 * bump(91, 0, 4, 4)),                        # nose bridge
+        _vec(0, 0.003 * bump(NOSE_TIP, 0, 3, 5), 0),                  # nose tip up
+        _radial(D, 0.003 * pair(78, 18, 3.5, 12)),                    # brow ridge
+        _radial(D, 0.004 * pair(97, 40, 6, 10)),                      # cheekbones
+        _vec(0.003 * np.sign(x) * eyes, 0, 0),                        # eye spacing
+        _vec(0, 0.003 * eyes, 0),                                     # eye height
+        _radial(D, -0.003 * eyes),                                    # deep-set eyes
+        _radial(D, 0.0025 * bump(MOUTH_THETA - 2.4, 0, 2, 12)),       # upper lip
+        _radial(D, 0.0025 * bump(MOUTH_THETA + 3, 0, 2.5, 12)),       # lower lip
+        _vec(0.15 * x * mouth, 0, 0),                                 # mouth width
+        _vec(0, 0.004 * mouth, 0),                                    # mouth height
+        _vec(0, 0, -0.008 * bump(62, 0, 12, 28)),                     # forehead slope
+        _vec(0.12 * x * neckness, 0, 0.12 * (z - NECK_Z) * neckness),  # neck thickness
+        _radial(D, 0.005 * pair(96, 92, 8, 6)),                       # ear size
+        _radial(D, 0.004 * pair(118, 35, 8, 10)),                     # cheek fullness
+        _vec(0.06 * x * pair(70, 70, 15, 15), 0, 0),                  # temple width
+        _vec(0, 0, 0.006 * bump(105, 0, 25, 30)),                     # face protrusion
+        _radial(D, 0.005 * pair(135, 62, 8, 10)),                     # jaw angle
     ]
-    coefficients = _harmonic_coefficients()  # (M, H)
-    smooth = _monomials(D) @ coefficients  # (V, H): spherical harmonics of degrees 2-5
+    smooth = _monomials(D) @ _harmonic_coefficients()  # (V, H): harmonics of degrees 2-5
     degree = np.repeat([2, 3, 4, 5], [5, 7, 9, 11])  # 2n + 1 harmonics of degree n
     scale = SMOOTH_SHAPE_RMS * 2.0 / degree  # finer deformations vary less, as in a population
     smooth = D[None] * (scale[:, None] * smooth.T * head)[..., None]  # (H, V, 3)
@@ -338,10 +307,9 @@ def _monomials(d, max_degree=5):
     return np.stack([d[..., 0] ** a * d[..., 1] ** b * d[..., 2] ** c for a, b, c in powers], -1)
 
 
-@functools.lru_cache(maxsize=1)
-def _harmonic_coefficients(n_samples=4096, min_degree=2):
+def _harmonic_coefficients(n_samples=4096):
     """Monomial coefficients (M, H) of an orthonormal basis of spherical harmonics of degrees
-    min_degree..5 on the unit sphere (mean square 1).
+    2..5 on the unit sphere (mean square 1).
 
     Gram-Schmidt of the monomials in degree order, with inner products averaged over evenly spread
     (Fibonacci) directions: what remains of each degree-n monomial after removing all lower degrees
@@ -353,12 +321,9 @@ def _harmonic_coefficients(n_samples=4096, min_degree=2):
     samples = np.stack([np.sqrt(1 - y ** 2) * np.cos(azimuth), y,
                         np.sqrt(1 - y ** 2) * np.sin(azimuth)], 1)
     values = _monomials(samples)  # (N, M)
-    n_low = 4  # monomials of degree 0 and 1 (scale and shift) come first and are left out
     basis, coefficients = [], []
     for m in range(values.shape[1]):
-        c = np.zeros(values.shape[1])
-        c[m] = 1.0
-        f = values[:, m].copy()
+        f, c = values[:, m], np.eye(values.shape[1])[m]
         for b, bc in zip(basis, coefficients):
             overlap = np.mean(f * b)
             f, c = f - overlap * b, c - overlap * bc
@@ -366,98 +331,69 @@ def _harmonic_coefficients(n_samples=4096, min_degree=2):
         if norm > 1e-6 * np.sqrt(np.mean(values[:, m] ** 2)):
             basis.append(f / norm)
             coefficients.append(c / norm)
-    return np.stack(coefficients[n_low:], 1)
+    # the 4 harmonics of degree 0 and 1 (a scale and a shift of the head) come first: left out
+    return np.stack(coefficients[4:], 1)
 
 
 def _expression_fields(P, D, theta, phi, opening):
     """Expression directions (E, V, 3) in the order of EXPRESSION_NAMES; 1 = a clear expression."""
+    bump, pair = functools.partial(_bump, theta, phi), functools.partial(_pair, theta, phi)
     x = P[:, 0]
-    zero = np.zeros_like(x)
     left, right = (x > 0).astype(float), (x < 0).astype(float)  # +x is the subject's left
-    corners = _pair(theta, phi, MOUTH_THETA, MOUTH_CORNER_PHI, 4.0, 6.0)
-    corner_l = _bump(theta, phi, MOUTH_THETA, MOUTH_CORNER_PHI, 4.0, 6.0)
-    corner_r = _bump(theta, phi, MOUTH_THETA, -MOUTH_CORNER_PHI, 4.0, 6.0)
-    cheeks = _pair(theta, phi, 112, 30, 6, 8)
-    brows = _pair(theta, phi, 76, 18, 5, 14)
-    inner_brows = _pair(theta, phi, 77, 9, 4, 6)
-    lips = _mouth_window(phi) * (_bump(theta, phi, MOUTH_THETA - 2.4, 0, 2.5, 40)
-                                 + _bump(theta, phi, MOUTH_THETA + 3, 0, 3, 40))
-    upper_lip = _bump(theta, phi, MOUTH_THETA - 2.5, 0, 3, 14)
-    lower_lip = _bump(theta, phi, MOUTH_THETA + 3.5, 0, 3.5, 14)
-    mouth = _bump(theta, phi, MOUTH_THETA, 0, 6, 20)
-    upper_lid = _pair(theta, phi, EYE_THETA - EYE_HALF_HEIGHT, EYE_PHI, 1.5, 6)
-    lower_lid = _pair(theta, phi, EYE_THETA + EYE_HALF_HEIGHT * 0.8, EYE_PHI, 1.4, 6)
-    sneer_l = _bump(theta, phi, MOUTH_THETA - 4, 10, 4, 7) + _bump(theta, phi, NOSE_TIP, 6, 3, 3)
-    sneer_r = _bump(theta, phi, MOUTH_THETA - 4, -10, 4, 7) + _bump(theta, phi, NOSE_TIP, -6, 3, 3)
-
-    def vec(fx, fy, fz):
-        return np.stack(np.broadcast_arrays(fx, fy, fz), 1)
-
-    def radial(f):
-        return D * f[:, None]
-
+    corners = pair(MOUTH_THETA, MOUTH_CORNER_PHI, 4.0, 6.0)
+    corner_l = bump(MOUTH_THETA, MOUTH_CORNER_PHI, 4.0, 6.0)
+    corner_r = bump(MOUTH_THETA, -MOUTH_CORNER_PHI, 4.0, 6.0)
+    cheeks = pair(112, 30, 6, 8)
+    brows = pair(76, 18, 5, 14)
+    inner_brows = pair(77, 9, 4, 6)
+    lips = _mouth_window(phi) * (bump(MOUTH_THETA - 2.4, 0, 2.5, 40)
+                                 + bump(MOUTH_THETA + 3, 0, 3, 40))
+    upper_lip = bump(MOUTH_THETA - 2.5, 0, 3, 14)
+    lower_lip = bump(MOUTH_THETA + 3.5, 0, 3.5, 14)
+    mouth = bump(MOUTH_THETA, 0, 6, 20)
+    upper_lid = pair(EYE_THETA - EYE_HALF_HEIGHT, EYE_PHI, 1.5, 6)
+    lower_lid = pair(EYE_THETA + EYE_HALF_HEIGHT * 0.8, EYE_PHI, 1.4, 6)
+    sneer_l = bump(MOUTH_THETA - 4, 10, 4, 7) + bump(NOSE_TIP, 6, 3, 3)
+    sneer_r = bump(MOUTH_THETA - 4, -10, 4, 7) + bump(NOSE_TIP, -6, 3, 3)
     fields = {
-        "smile": vec(0.004 * np.sign(x) * corners, 0.006 * corners, -0.004 * corners)
-        + vec(zero, 0.003 * cheeks, 0.002 * cheeks),
-        "frown": vec(zero, -0.005 * corners, -0.001 * corners),
-        "brows_up": vec(zero, 0.006 * brows, zero),
-        "brows_down": vec(-0.003 * np.sign(x) * inner_brows, -0.004 * inner_brows, zero),
-        "brows_inner_up": vec(zero, 0.005 * inner_brows, zero),
-        "eyes_closed": radial(EYE_DIP * opening),
-        "blink_left": radial(EYE_DIP * opening * left),
-        "blink_right": radial(EYE_DIP * opening * right),
-        "eyes_wide": radial(-0.005 * upper_lid),
-        "squint": radial(0.006 * lower_lid),
-        "lips_pressed": radial(-0.004 * lips),
-        "lips_pursed": radial(0.007 * lips) + vec(-0.25 * x * mouth, zero, zero),
-        "mouth_stretch": vec(0.006 * np.sign(x) * corners, -0.001 * corners, -0.002 * corners),
-        "cheek_puff": radial(0.008 * _pair(theta, phi, 120, 40, 8, 12)),
-        "sneer_left": vec(zero, 0.005 * sneer_l, zero),
-        "sneer_right": vec(zero, 0.005 * sneer_r, zero),
-        "smile_left": vec(0.004 * corner_l, 0.006 * corner_l, -0.004 * corner_l),
-        "smile_right": vec(-0.004 * corner_r, 0.006 * corner_r, -0.004 * corner_r),
-        "lower_lip_down": vec(zero, -0.004 * lower_lip, 0.001 * lower_lip),
-        "upper_lip_up": vec(zero, 0.003 * upper_lip, 0.001 * upper_lip),
-        "mouth_left": vec(0.006 * mouth, zero, zero),
-        "mouth_right": vec(-0.006 * mouth, zero, zero),
-        "nose_wrinkle": vec(zero, 0.004 * _bump(theta, phi, 92, 0, 4, 5), zero),
+        "smile": _vec(0.004 * np.sign(x) * corners, 0.006 * corners, -0.004 * corners)
+        + _vec(0, 0.003 * cheeks, 0.002 * cheeks),
+        "frown": _vec(0, -0.005 * corners, -0.001 * corners),
+        "brows_up": _vec(0, 0.006 * brows, 0),
+        "brows_down": _vec(-0.003 * np.sign(x) * inner_brows, -0.004 * inner_brows, 0),
+        "brows_inner_up": _vec(0, 0.005 * inner_brows, 0),
+        "eyes_closed": _radial(D, EYE_DIP * opening),
+        "blink_left": _radial(D, EYE_DIP * opening * left),
+        "blink_right": _radial(D, EYE_DIP * opening * right),
+        "eyes_wide": _radial(D, -0.005 * upper_lid),
+        "squint": _radial(D, 0.006 * lower_lid),
+        "lips_pressed": _radial(D, -0.004 * lips),
+        "lips_pursed": _radial(D, 0.007 * lips) + _vec(-0.25 * x * mouth, 0, 0),
+        "mouth_stretch": _vec(0.006 * np.sign(x) * corners, -0.001 * corners, -0.002 * corners),
+        "cheek_puff": _radial(D, 0.008 * pair(120, 40, 8, 12)),
+        "sneer_left": _vec(0, 0.005 * sneer_l, 0),
+        "sneer_right": _vec(0, 0.005 * sneer_r, 0),
+        "smile_left": _vec(0.004 * corner_l, 0.006 * corner_l, -0.004 * corner_l),
+        "smile_right": _vec(-0.004 * corner_r, 0.006 * corner_r, -0.004 * corner_r),
+        "lower_lip_down": _vec(0, -0.004 * lower_lip, 0.001 * lower_lip),
+        "upper_lip_up": _vec(0, 0.003 * upper_lip, 0.001 * upper_lip),
+        "mouth_left": _vec(0.006 * mouth, 0, 0),
+        "mouth_right": _vec(-0.006 * mouth, 0, 0),
+        "nose_wrinkle": _vec(0, 0.004 * bump(92, 0, 4, 5), 0),
     }
     return np.stack([fields[name] for name in EXPRESSION_NAMES])
 
 
-# ---------------------------------------------------------------------------------------------
-# Texture: UV layout and the albedo space
-# ---------------------------------------------------------------------------------------------
-
-def _row_texture_positions(n_rows, groove_rows):
-    """Texture position of each head row in [0, 1]; the mouth groove gets extra texture rows."""
-    spacing = np.ones(n_rows - 1)
-    spacing[groove_rows[0]:groove_rows[-1]] = 5.0
-    position = np.concatenate([[0.0], np.cumsum(spacing)])
-    return position / position[-1]
-
-
-def _head_uv(row, col, row_positions, n_cols):
-    """UV of head grid coordinates: u along φ, v from 1 (top pole) down to EYE_UV_TOP."""
-    v = 1 - (1 - EYE_UV_TOP) * np.interp(row, np.arange(len(row_positions)), row_positions)
-    return np.stack([col / n_cols, v], -1)
-
-
-def _eye_uv(row, col):
-    """UV of eyeball grid coordinates: the strip v < EYE_UV_TOP, front pole at its top."""
-    return np.stack([col / EYE_COLS, EYE_UV_TOP * (1 - row / (EYE_ROWS - 1))], -1)
-
-
-def _paint_albedo(rows, cols, groove_rows):
-    """Mean albedo texture (3, T, T) and directions (A, 3, T, T), painted in (θ, φ)."""
+def _paint_albedo(rows, cols, groove_rows, row_positions):
+    """Mean albedo texture (3, T, T) and directions (A, 3, T, T) in ALBEDO_NAMES' order."""
     size = TEXTURE_SIZE
     u = (np.arange(size) + 0.5) / size
     v = 1 - (np.arange(size) + 0.5) / size  # texture row 0 is the top (v = 1)
     u, v = np.meshgrid(u, v)  # (T, T)
-    row_positions = _row_texture_positions(len(rows), groove_rows)
     row = np.interp((1 - v) / (1 - EYE_UV_TOP), row_positions, np.arange(len(rows)))
     theta = np.interp(row, np.arange(len(rows)), rows)
     phi = np.interp(u * len(cols), np.arange(len(cols) + 1), np.append(cols, 180.0))
+    bump, pair = functools.partial(_bump, theta, phi), functools.partial(_pair, theta, phi)
     is_eye = v < EYE_UV_TOP
     alpha = 180.0 * (1 - v / EYE_UV_TOP)  # angle from the eyeball's gaze axis
 
@@ -481,48 +417,33 @@ def _paint_albedo(rows, cols, groove_rows):
              * smoothstep(34, 28, np.abs(phi)))
     opening = _eye_opening(theta, phi)
     lash = 4 * opening * (1 - opening) * np.where(theta < EYE_THETA, 1.0, 0.5)
-    nostrils = _pair(theta, phi, NOSE_TIP + 1.8, 3.4, 1.0, 1.6)
     iris = smoothstep(25, 23, alpha) * is_eye
-    texture = np.broadcast_to(colour(SKIN), (3, size, size)).copy()
-    texture = over(texture, LIPS, lips)
-    texture = over(texture, BROWS, 0.85 * brows)
-    texture = over(texture, LASH_LINE, lash)
-    texture = over(texture, NOSTRIL, nostrils)
-    texture = over(texture, MOUTH_INSIDE, inside * (1 - teeth) * ((row > g[1]) & (row < g[3])))
-    texture = over(texture, TEETH, teeth * inside)
-    eye = over(over(np.broadcast_to(colour(SCLERA), (3, size, size)).copy(), IRIS, iris),
-               PUPIL, smoothstep(10, 8, alpha))
+    texture = colour(SKIN)
+    for c, weight in ((LIPS, lips), (BROWS, 0.85 * brows), (LASH_LINE, lash),
+                      (NOSTRIL, pair(NOSE_TIP + 1.8, 3.4, 1.0, 1.6)),
+                      (MOUTH_INSIDE, inside * (1 - teeth) * ((row > g[1]) & (row < g[3]))),
+                      (TEETH, teeth * inside)):
+        texture = over(texture, c, weight)
+    eye = over(over(colour(SCLERA), IRIS, iris), PUPIL, smoothstep(10, 8, alpha))
     eye = eye * (1 - 0.35 * smoothstep(20, 24, alpha) * smoothstep(26, 24, alpha))  # limbus
     texture = np.where(is_eye[None], eye, texture)
 
     skin = (1 - is_eye) * (1 - inside)
-    cheeks = _pair(theta, phi, 108, 32, 6, 9)
     beard = (smoothstep(112, 122, theta) * smoothstep(160, 150, theta)
-             * smoothstep(65, 50, np.abs(phi)) + _bump(theta, phi, MOUTH_THETA - 5, 0, 2.5, 14))
+             * smoothstep(65, 50, np.abs(phi)) + bump(MOUTH_THETA - 5, 0, 2.5, 14))
     beard = np.clip(beard, 0, 1) * (1 - lips) * skin
-    shadow = _pair(theta, phi, EYE_THETA - 4.5, EYE_PHI, 2.2, 8) * (1 - opening)
+    shadow = pair(EYE_THETA - 4.5, EYE_PHI, 2.2, 8) * (1 - opening)
     directions = [
         -0.17 * texture * skin[None],                       # skin_dark
         colour((0.04, 0.0, -0.05)) * skin[None],            # skin_warm
         colour((0.08, -0.05, -0.03)) * (lips * skin)[None],  # lip_red
         colour((-0.1, -0.1, -0.1)) * brows[None],           # brow_dark
         colour((-0.1, 0.0, 0.14)) * iris[None],             # iris_blue
-        colour((0.06, -0.03, -0.02)) * cheeks[None],        # blush
+        colour((0.06, -0.03, -0.02)) * pair(108, 32, 6, 9)[None],  # blush
         colour((-0.12, -0.11, -0.10)) * beard[None],        # stubble
         colour((-0.06, -0.09, -0.03)) * shadow[None],       # eye_shadow
     ]
     return texture, np.stack(directions)
-
-
-# ---------------------------------------------------------------------------------------------
-# Assembly
-# ---------------------------------------------------------------------------------------------
-
-def _side_patch_weights(theta, phi, theta0, phi_abs, tolerance=(4.0, 6.0)):
-    """Regressor row averaging two mirror patches of skin: their mean lies on the midplane."""
-    patch = ((np.abs(theta - theta0) < tolerance[0])
-             & (np.abs(np.abs(phi) - phi_abs) < tolerance[1]))
-    return patch / patch.sum()
 
 
 @functools.lru_cache(maxsize=1)
@@ -535,51 +456,54 @@ def _build():
     D = direction(theta, phi)  # (Vh, 3)
     row_index = np.concatenate([[0], np.repeat(np.arange(1, n_rows - 1), n_cols), [n_rows - 1]])
 
-    skull, neck = _skull_radius(D), _neck_radius(D)
-    neckness = 1 / (1 + np.exp(-SMOOTH_MAX_SHARPNESS * (neck - skull)))
+    # the skin: features on the skull and neck, the eye openings and the mouth groove cut in
+    skin, neckness = _skull_and_neck(D)
     opening = _eye_opening(theta, phi)
-    depth, jaw_side = _groove_profile(n_rows, groove)
+    depth = np.zeros(n_rows)  # of each row's groove, in MOUTH_DEPTH: lips, walls, bottom
+    depth[groove] = [0.0, 0.8, 1.0, 0.8, 0.0]
     groove_depth = MOUTH_DEPTH * depth[row_index] * _mouth_window(phi, 1.5)
-    radius = _smooth_max(skull, neck) + _features(theta, phi) - EYE_DIP * opening - groove_depth
-    P = D * radius[:, None]
+    P = D * (skin + _features(theta, phi) - EYE_DIP * opening - groove_depth)[:, None]
 
     # eyeballs: spheres in the sockets, front 1 mm behind the skin the opening was cut from
-    eye_rows = np.linspace(0, 180, EYE_ROWS)
-    eye_cols = np.linspace(0, 360, EYE_COLS, endpoint=False)
     eye_faces, eye_corners = latlong_faces(EYE_ROWS, EYE_COLS)
-    alpha, beta = grid_angles(eye_rows, eye_cols)
-    a, b = np.radians(alpha), np.radians(beta)
+    a, b = np.radians(grid_angles(np.linspace(0, 180, EYE_ROWS),
+                                  np.linspace(0, 360, EYE_COLS, endpoint=False)))
     sphere = np.stack([np.sin(a) * np.sin(b), -np.sin(a) * np.cos(b), np.cos(a)], 1)  # pole +z
     eyeballs, anchors = [], []
     for side in (1.0, -1.0):  # left eye (+x) first, as FLAME's joint order
         d = direction(EYE_THETA, side * EYE_PHI)
-        skin = _smooth_max(_skull_radius(d), _neck_radius(d)) + _features(EYE_THETA, side * EYE_PHI)
-        front = d * skin - np.array([0.0, 0.0, 0.001])
+        front = d * (_skull_and_neck(d)[0] + _features(EYE_THETA, side * EYE_PHI))
+        front = front - np.array([0.0, 0.0, 0.001])
         eyeballs.append(front - np.array([0.0, 0.0, EYEBALL_RADIUS]) + EYEBALL_RADIUS * sphere)
         anchors.append(np.argmin(np.abs(theta - EYE_THETA) + np.abs(phi - side * EYE_PHI)))
     n_head, n_eye = len(P), len(sphere)
     v_template = np.concatenate([P] + eyeballs)
-    all_faces = np.concatenate([faces, eye_faces + n_head, eye_faces + n_head + n_eye])
+    head, left, right = slice(0, n_head), slice(n_head, n_head + n_eye), slice(n_head + n_eye, None)
 
-    # UVs per face corner
-    row_positions = _row_texture_positions(n_rows, groove)
-    head_uv = _head_uv(corners[..., 0], corners[..., 1], row_positions, n_cols)
-    eye_uv = _eye_uv(eye_corners[..., 0], eye_corners[..., 1])
-    face_uvs = np.concatenate([head_uv, eye_uv, eye_uv])
+    # UVs per face corner: the skin's u along φ and v from 1 (top pole) down to EYE_UV_TOP, with
+    # extra texture rows for the mouth groove; the eyeballs share the strip v < EYE_UV_TOP
+    spacing = np.ones(n_rows - 1)
+    spacing[groove[0]:groove[-1]] = 5.0
+    row_positions = np.concatenate([[0.0], np.cumsum(spacing)])
+    row_positions = row_positions / row_positions[-1]  # (R,) texture position of each row
+    head_uv = np.stack([corners[..., 1] / n_cols, 1 - (1 - EYE_UV_TOP) * np.interp(
+        corners[..., 0], np.arange(n_rows), row_positions)], -1)
+    eye_uv = np.stack([eye_corners[..., 1] / EYE_COLS,
+                       EYE_UV_TOP * (1 - eye_corners[..., 0] / (EYE_ROWS - 1))], -1)
 
-    # skinning weights (V, 5): global, neck (the head), jaw, left eye, right eye
+    # skinning weights (V, 5): global, neck (the head), jaw, left eye, right eye; below the groove's
+    # bottom row the mouth is skinned to the jaw, its bottom row half and half
     y = P[:, 1]
     w_global = neckness * smoothstep(-0.08, -0.15, y)
+    jaw_side = (np.arange(n_rows) > groove[2]).astype(float)
+    jaw_side[groove[2]] = 0.5
     mouth = _mouth_window(phi)
     jaw = (mouth * jaw_side[row_index]
            + (1 - mouth) * smoothstep(MOUTH_THETA - 2, MOUTH_THETA + 8, theta))
     jaw = jaw * smoothstep(88, 55, np.abs(phi)) * smoothstep(162, 148, theta) * (1 - w_global)
     weights = np.zeros((len(v_template), 5))
-    weights[:n_head, 0] = w_global
-    weights[:n_head, 2] = jaw
-    weights[:n_head, 1] = 1 - w_global - jaw
-    weights[n_head:n_head + n_eye, 3] = 1
-    weights[n_head + n_eye:, 4] = 1
+    weights[head, :3] = np.stack([w_global, 1 - w_global - jaw, jaw], 1)
+    weights[left, 3] = weights[right, 4] = 1
 
     # joint regressor (5, V): each joint a fixed average of template vertices
     regressor = np.zeros((5, len(v_template)))
@@ -587,40 +511,37 @@ def _build():
     band = (neckness > 0.99) & (np.abs(y + 0.17) < 0.012) & (row_index > 0)
     column = np.clip(np.arange(n_head) - 1, 0, None) % n_cols
     ring = band * column_width[column]  # weight by angular width: the mean is the ring's centre
-    regressor[0, :n_head] = ring / ring.sum()
-    regressor[1, :n_head] = _side_patch_weights(theta, phi, 118.0, 90.0)
-    regressor[2, :n_head] = _side_patch_weights(theta, phi, 100.0, 78.0)
-    regressor[3, n_head:n_head + n_eye] = 1 / n_eye
-    regressor[4, n_head + n_eye:] = 1 / n_eye
+    regressor[0, head] = ring / ring.sum()
+    for j, theta0, phi0 in ((1, 118.0, 90.0), (2, 100.0, 78.0)):  # neck and jaw: the mean of
+        # two mirror patches of skin, which lies on the midplane
+        patch = (np.abs(theta - theta0) < 4.0) & (np.abs(np.abs(phi) - phi0) < 6.0)
+        regressor[j, head] = patch / patch.sum()
+    regressor[3, left] = regressor[4, right] = 1 / n_eye
 
-    # blendshapes: shape then expression; eyeballs ride rigidly on their socket's skin
+    # blendshapes: shape then expression; under shape changes the eyeballs ride rigidly on their
+    # socket's skin, under expressions they stay
     shape = _shape_fields(P, D, theta, phi, neckness)
     expression = _expression_fields(P, D, theta, phi, opening)
-
-    def with_eyes(fields, follow):
-        out = np.zeros((len(fields), len(v_template), 3))
-        out[:, :n_head] = fields
-        if follow:
-            out[:, n_head:n_head + n_eye] = fields[:, anchors[0], None]
-            out[:, n_head + n_eye:] = fields[:, anchors[1], None]
-        return out
-
-    dirs = np.concatenate([with_eyes(shape, True), with_eyes(expression, False)])
-    shapedirs = dirs.transpose(1, 2, 0)  # (V, 3, K)
+    dirs = np.zeros((len(shape) + len(expression), len(v_template), 3))
+    dirs[:, head] = np.concatenate([shape, expression])
+    dirs[:len(shape), left] = shape[:, anchors[0], None]
+    dirs[:len(shape), right] = shape[:, anchors[1], None]
 
     # pose corrective: opening the jaw ((R − I)[2, 1] = sin of the jaw angle, pose feature 16)
     # pulls the cheeks beside the mouth down and back
     posedirs = np.zeros((len(v_template), 3, 36))
     cheeks = _pair(theta, phi, 126, 28, 7, 9) * jaw  # only skin the jaw moves
-    posedirs[:n_head, 1, 16] = -0.008 * cheeks
-    posedirs[:n_head, 2, 16] = -0.003 * cheeks
+    posedirs[head, 1, 16] = -0.008 * cheeks
+    posedirs[head, 2, 16] = -0.003 * cheeks
 
-    albedo_mean, albedo_dirs = _paint_albedo(rows, cols, groove)
+    albedo_mean, albedo_dirs = _paint_albedo(rows, cols, groove, row_positions)
     return {
-        "v_template": v_template, "shapedirs": shapedirs, "posedirs": posedirs,
+        "v_template": v_template, "shapedirs": dirs.transpose(1, 2, 0), "posedirs": posedirs,
         "J_regressor": regressor, "weights": weights,
-        "parents": np.array([-1, 0, 1, 1, 1], dtype=np.int64), "faces": all_faces,
-        "n_shape_basis": np.array(len(shape)), "face_uvs": face_uvs,
+        "parents": np.array([-1, 0, 1, 1, 1], dtype=np.int64),
+        "faces": np.concatenate([faces, eye_faces + n_head, eye_faces + n_head + n_eye]),
+        "n_shape_basis": np.array(len(shape)),
+        "face_uvs": np.concatenate([head_uv, eye_uv, eye_uv]),
         "albedo_mean": albedo_mean, "albedo_dirs": albedo_dirs,
     }
 
