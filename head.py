@@ -11,12 +11,7 @@ regressor, skinning weights for the same 5 joints [global, neck, jaw, left eye, 
 what DECA (Feng et al. 2021) adds on top of FLAME: per-corner UV coordinates and a linear albedo
 (texture) space. Everything is numpy arithmetic on fixed constants: no randomness, no files.
 
-Construction. The head skin is a star-shaped surface around the origin, r(θ, φ)·d(θ, φ) with
-d = (sin θ sin φ, cos θ, sin θ cos φ): θ is the polar angle from +y (up), φ the azimuth from +z
-(the face looks along +z, FLAME's axes; +x is the subject's left). r is a smooth maximum of an
-ellipsoidal skull and a neck cylinder, plus Gaussian bumps in (θ, φ) for brows, nose, cheekbones,
-lips, chin and ears. Sampling it on a latitude-longitude grid (denser over the face) gives a closed,
-consistently oriented mesh. Two tricks make it a face rather than a blob:
+The skin and its features are head_surface.py's. Two tricks make it a face rather than a blob:
 - the mouth is a deep groove between the lips, its upper wall skinned to the head and its lower wall
   to the jaw, so a jaw rotation opens it and reveals the (painted) teeth and mouth interior;
 - each eye opening is a dip of the skin behind a separate eyeball sphere driven by its eye joint;
@@ -29,32 +24,17 @@ import functools
 
 import numpy as np
 
+from head_surface import (
+    CHIN_THETA, EYEBALL_RADIUS, EYE_COLS, EYE_DIP, EYE_HALF_HEIGHT, EYE_PHI, EYE_ROWS,
+    EYE_THETA, MOUTH_CORNER_PHI, MOUTH_DEPTH, MOUTH_THETA, NECK_Z, NOSE_HEIGHT, NOSE_TIP,
+    PHI_SPANS, angular_bump, angular_pair, direction, eye_opening, features, grid_angles,
+    latlong_faces, lip_mask, mouth_window, nose, radial, skull_and_neck, smoothstep, spans,
+    theta_rows, vec)
+
 TEXTURE_SIZE = 256  # DECA's UV texture size (Feng et al. 2021; `uv_size` in its public config)
 EYE_UV_TOP = 0.08   # texture rows v < EYE_UV_TOP hold the eyeball; the head skin uses the rest
 
-# Skull ellipsoid semi-axes in metres (a 0.24 m tall, 0.15 m wide head, FLAME's scale).
-SKULL_X, SKULL_Y_TOP, SKULL_Y_BOTTOM = 0.074, 0.115, 0.125
-SKULL_Z_FRONT, SKULL_Z_BACK = 0.092, 0.105
-JAW_TAPER = 0.22               # how much narrower the lower face is than the skull
-NECK_RADIUS, NECK_Z, NECK_BOTTOM = 0.054, -0.015, -0.23
-SMOOTH_MAX_SHARPNESS = 130.0   # 1/m; the skull-to-neck blend spans about 1 cm
 SMOOTH_SHAPE_RMS = 0.0015      # RMS radial displacement of a degree-2 smooth shape direction
-
-# Feature positions in degrees (θ from the top, φ from the front).
-EYE_THETA, EYE_PHI = 88.5, 21.0
-EYE_HALF_WIDTH, EYE_HALF_HEIGHT = 9.5, 3.8
-EYE_DIP = 0.012                # depth of the skin behind the eye opening
-EYEBALL_RADIUS = 0.012
-MOUTH_THETA, MOUTH_CORNER_PHI = 119.0, 16.0
-MOUTH_GAP = 0.45               # angular half-gap between the lips' outer rows
-MOUTH_DEPTH = 0.014            # depth of the mouth groove
-NOSE_TOP, NOSE_TIP, NOSE_HEIGHT = 84.0, 103.0, 0.022
-CHIN_THETA = 143.0
-
-# Grid sampling: (start, stop, count) in degrees; finer over the face, symmetric in φ.
-THETA_SPANS = ((0.0, 72.0, 12), (72.0, 152.0, 67), (152.0, 180.0, 7))
-PHI_SPANS = ((-180.0, -66.0, 12), (-66.0, 66.0, 72), (66.0, 180.0, 12))
-EYE_ROWS, EYE_COLS = 13, 16    # eyeball latitude-longitude grid
 
 # Colours (linear albedo in [0, 1]).
 SKIN = (0.80, 0.62, 0.52)
@@ -77,187 +57,14 @@ ALBEDO_NAMES = ("skin_dark", "skin_warm", "lip_red", "brow_dark", "iris_blue", "
                 "stubble", "eye_shadow")
 
 
-def _spans(spans):
-    """Concatenated evenly spaced pieces, each from start (inclusive) to stop (exclusive)."""
-    return np.concatenate([np.linspace(a, b, n, endpoint=False) for a, b, n in spans])
-
-
-def smoothstep(edge0, edge1, x):
-    """0 below edge0, 1 above edge1 (or the reverse when edge1 < edge0), a cubic in between;
-    x is a numpy array or a torch tensor."""
-    t = ((x - edge0) / (edge1 - edge0)).clip(0.0, 1.0)
-    return t * t * (3 - 2 * t)
-
-
-def _bump(theta, phi, theta0, phi0, sigma_theta, sigma_phi):
-    """Gaussian bump in angular coordinates (degrees)."""
-    return np.exp(-0.5 * ((theta - theta0) / sigma_theta) ** 2
-                  - 0.5 * ((phi - phi0) / sigma_phi) ** 2)
-
-
-def _pair(theta, phi, theta0, phi0, sigma_theta, sigma_phi):
-    """A left/right symmetric pair of bumps at ±phi0."""
-    return (_bump(theta, phi, theta0, phi0, sigma_theta, sigma_phi)
-            + _bump(theta, phi, theta0, -phi0, sigma_theta, sigma_phi))
-
-
-def direction(theta, phi):
-    """Unit vectors (..., 3) at polar angle θ from +y and azimuth φ from +z, in degrees."""
-    t, p = np.radians(theta), np.radians(phi)
-    return np.stack([np.sin(t) * np.sin(p), np.cos(t), np.sin(t) * np.cos(p)], -1)  # (..., 3)
-
-
-def _vec(fx, fy, fz):
-    """Per-vertex vectors (V, 3) from their x, y, z components (arrays, or 0)."""
-    return np.stack(np.broadcast_arrays(fx, fy, fz), 1)
-
-
-def _radial(D, f):
-    """Per-vertex vectors (V, 3) of length f along the unit directions D (V, 3)."""
-    return D * f[:, None]
-
-
-def latlong_faces(n_rows, n_cols):
-    """Faces and per-corner (row, col) grid coordinates of a closed latitude-longitude sphere.
-
-    Row 0 and row n_rows-1 are single pole vertices; rows in between are rings of n_cols vertices.
-    Vertex index: 0 for the first pole, 1 + (r-1)·n_cols + c for ring r, last for the other pole.
-    Corner coordinates use column n_cols (not 0) where a face wraps around, so UVs have no seam.
-    Faces are ordered so that for a sphere with the first pole at +y and φ increasing towards +x
-    from +z, normals point outward (counter-clockwise seen from outside).
-    """
-    rings = n_rows - 2
-    col = np.arange(n_cols, dtype=float)
-    r, c = (a.ravel() for a in np.meshgrid(np.arange(1.0, rings), col, indexing="ij"))
-    top, first, last = np.zeros(n_cols), np.ones(n_cols), np.full(n_cols, float(rings))
-    bottom = top + n_rows - 1
-    # (row, col) of the corners of the top fan, of two triangles per quad between rings r and
-    # r + 1, and of the bottom fan; a pole's corner sits at its face's middle column
-    triangles = (((top, col + 0.5), (first, col + 1), (first, col)),
-                 ((r, c), (r, c + 1), (r + 1, c)), ((r, c + 1), (r + 1, c + 1), (r + 1, c)),
-                 ((last, col), (last, col + 1), (bottom, col + 0.5)))
-    corners = np.concatenate([np.stack([np.stack(corner, -1) for corner in triangle], 1)
-                              for triangle in triangles])  # (F, 3, 2)
-    row, column = corners[..., 0], corners[..., 1]
-    faces = np.where(row == 0, 0, np.where(row == n_rows - 1, 1 + rings * n_cols,
-                                           1 + (row - 1) * n_cols + column % n_cols))
-    # the orders above wind clockwise seen from outside; swap two corners to make them CCW
-    return faces[:, [0, 2, 1]].astype(np.int64), corners[:, [0, 2, 1]]
-
-
-def grid_angles(rows, cols):
-    """Per-vertex (θ, φ) for the latitude-longitude vertex order of `latlong_faces`."""
-    theta = np.concatenate([[rows[0]], np.repeat(rows[1:-1], len(cols)), [rows[-1]]])
-    phi = np.concatenate([[0.0], np.tile(cols, len(rows) - 2), [0.0]])
-    return theta, phi
-
-
-def _theta_rows():
-    """Polar angles of the head's rows, with the mouth groove's five rows inserted.
-
-    Returns the angles and the row indices of the groove: [outer upper lip, inner upper wall,
-    bottom, inner lower wall, outer lower lip].
-    """
-    base = np.append(_spans(THETA_SPANS), 180.0)
-    base = base[np.abs(base - MOUTH_THETA) > 1.5 * MOUTH_GAP]
-    groove = MOUTH_THETA + MOUTH_GAP * np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
-    rows = np.sort(np.concatenate([base, groove]))
-    return rows, np.searchsorted(rows, groove)
-
-
-def _skull_radius(d):
-    """Radius of the ellipsoidal skull along unit directions d (..., 3), narrower at the jaw."""
-    lower_front = np.clip(-d[..., 1], 0, 1) * np.clip(d[..., 2], 0, 1)
-    ax = SKULL_X * (1 - JAW_TAPER * lower_front)
-    ay = np.where(d[..., 1] > 0, SKULL_Y_TOP, SKULL_Y_BOTTOM)
-    az = np.where(d[..., 2] > 0, SKULL_Z_FRONT, SKULL_Z_BACK)
-    return 1 / np.sqrt((d[..., 0] / ax) ** 2 + (d[..., 1] / ay) ** 2 + (d[..., 2] / az) ** 2)
-
-
-def capped_cylinder_radius(d, radius, axis_z, bottom):
-    """Distance from the origin along unit directions d (..., 3) to the surface of a vertical
-    cylinder (axis x = 0, z = axis_z) capped by the planes y = 0 and y = bottom < 0.
-
-    Works for numpy arrays and torch tensors alike. The origin must lie inside the cylinder.
-    """
-    horizontal = (d[..., 0] ** 2 + d[..., 2] ** 2).clip(1e-12)
-    # ray t·d meets x² + (z − axis_z)² = radius² at the positive root of a quadratic in t
-    half_b = d[..., 2] * axis_z
-    t_side = (half_b + (half_b ** 2 - horizontal * (axis_z ** 2 - radius ** 2)) ** 0.5)
-    t_side = t_side / horizontal
-    down = d[..., 1] < 0
-    t_cap = (bottom / d[..., 1].clip(max=-1e-12)) * down  # the top plane y = 0 holds the origin
-    return t_side.clip(max=t_cap)
-
-
-def _skull_and_neck(d):
-    """Skin radius along unit directions d (..., 3) before the features: the smooth maximum of
-    the skull's and the neck's; and how much of it is neck (0 to 1)."""
-    skull = _skull_radius(d)
-    neck = capped_cylinder_radius(d, NECK_RADIUS, NECK_Z, NECK_BOTTOM)
-    k, m = SMOOTH_MAX_SHARPNESS, np.maximum(skull, neck)
-    neckness = 1 / (1 + np.exp(-k * (neck - skull)))
-    return m + np.log(np.exp(k * (skull - m)) + np.exp(k * (neck - m))) / k, neckness
-
-
-def _eye_opening(theta, phi):
-    """1 inside each almond-shaped eye opening, falling smoothly to 0 at its rim."""
-    opening = np.zeros_like(theta)
-    for side in (1.0, -1.0):
-        a = (phi - side * EYE_PHI) / EYE_HALF_WIDTH
-        # almond: the opening is tallest in its middle and pinches towards the corners
-        b = (theta - EYE_THETA) / (EYE_HALF_HEIGHT * np.sqrt(np.clip(1 - 0.55 * a ** 2, 0.05, 1)))
-        opening = opening + smoothstep(1.0, 0.55, np.sqrt(a ** 2 + b ** 2))
-    return opening
-
-
-def _mouth_window(phi, inset=0.0):
-    """1 between the mouth corners, 0 beyond them."""
-    return smoothstep(MOUTH_CORNER_PHI - inset + 2.5, MOUTH_CORNER_PHI - inset - 2.5, np.abs(phi))
-
-
-def _lip_mask(theta, phi):
-    """Upper and lower lip: bands along the mouth line that thin out towards the corners."""
-    taper = np.sqrt(np.clip(1 - (phi / (MOUTH_CORNER_PHI + 1.5)) ** 2, 0.05, 1))
-    bow = 0.6 * np.exp(-0.5 * (phi / 2.5) ** 2)  # the dip of the cupid's bow in the upper lip
-    upper = np.exp(-0.5 * ((theta - MOUTH_THETA + 2.2) / (1.6 * taper)) ** 2)
-    upper = upper * (1 - 0.35 * np.exp(-0.5 * ((theta - MOUTH_THETA + 3.6) / 0.7) ** 2) * bow)
-    lower = np.exp(-0.5 * ((theta - MOUTH_THETA - 2.8) / (2.1 * taper)) ** 2)
-    return np.clip(upper + lower, 0, 1) * _mouth_window(phi, 0.5)
-
-
-def _nose(theta, phi):
-    """Radial height of the nose: a ridge from the brows to the tip, with nostril wings."""
-    t = np.clip((theta - NOSE_TOP) / (NOSE_TIP - NOSE_TOP), 0, 1)
-    profile = 0.12 + 0.88 * t ** 1.6
-    profile = profile * np.where(theta > NOSE_TIP, np.exp(-0.5 * ((theta - NOSE_TIP) / 2.0) ** 2),
-                                 1.0)
-    profile = profile * np.where(theta < NOSE_TOP, np.exp(-0.5 * ((theta - NOSE_TOP) / 3.0) ** 2),
-                                 1.0)
-    ridge = NOSE_HEIGHT * profile * np.exp(-0.5 * (phi / (3.2 + 4.0 * t)) ** 2)
-    return ridge + 0.007 * _pair(theta, phi, NOSE_TIP - 1.0, 6.5, 2.2, 2.6)  # + nostril wings
-
-
-def _features(theta, phi):
-    """Radial displacement (metres) of all facial features except the eye and mouth openings."""
-    bump, pair = functools.partial(_bump, theta, phi), functools.partial(_pair, theta, phi)
-    brow = 0.005 * pair(78.0, 18.0, 3.0, 10.0)
-    socket = -0.005 * pair(EYE_THETA, EYE_PHI, 5.5, 8.5)
-    cheekbones = 0.006 * pair(97.0, 40.0, 6.0, 10.0)
-    lips = _lip_mask(theta, phi) * 0.006
-    philtrum = -0.002 * bump(MOUTH_THETA - 6.0, 0.0, 3.0, 2.0)
-    chin = 0.008 * bump(CHIN_THETA, 0.0, 5.0, 14.0)
-    ears = 0.014 * pair(96.0, 92.0, 7.0, 5.0)
-    return _nose(theta, phi) + brow + socket + cheekbones + lips + philtrum + chin + ears
-
-
 def _shape_fields(P, D, theta, phi, neckness):
     """Shape directions of the skin (S, V, 3), each scaled to about one standard deviation.
 
     First named proportions (width, jaw, nose, ...), then smooth radial deformations (spherical
     harmonics of degrees 2–5), as FLAME's PCA would find in a population.
     """
-    bump, pair = functools.partial(_bump, theta, phi), functools.partial(_pair, theta, phi)
+    bump = functools.partial(angular_bump, theta, phi)  # bump(θ0, φ0, σ_θ, σ_φ)
+    pair = functools.partial(angular_pair, theta, phi)
     x, y, z = P[:, 0], P[:, 1], P[:, 2]
     head = 1 - neckness
     front = smoothstep(-0.2, 0.5, D[:, 2])
@@ -265,33 +72,33 @@ def _shape_fields(P, D, theta, phi, neckness):
     eyes = pair(EYE_THETA, EYE_PHI, 7.0, 11.0)
     mouth = bump(MOUTH_THETA, 0.0, 6.0, 22.0)
     named = [
-        _vec(0.05 * x * head, 0, 0),                                  # head width
-        _vec(0, 0.06 * np.maximum(y, 0), 0),                          # cranium height
-        _vec(0, 0, 0.07 * np.minimum(z, 0) * head),                   # head depth
-        _vec(0, 0.05 * np.minimum(y, 0) * front * head, 0),           # face length
-        _vec(0.09 * x * lower_face * front, 0, 0),                    # jaw width
-        _radial(D, 0.006 * bump(CHIN_THETA, 0, 6, 16)),               # chin forward
-        _vec(0, -0.005 * bump(CHIN_THETA + 2, 0, 8, 20), 0),          # chin length
-        _radial(D, 0.005 * _nose(theta, phi) / NOSE_HEIGHT),          # nose length
-        _vec(0.25 * x * bump(100, 0, 6, 8), 0, 0),                    # nose width
-        _radial(D, 0.003 * bump(91, 0, 4, 4)),                        # nose bridge
-        _vec(0, 0.003 * bump(NOSE_TIP, 0, 3, 5), 0),                  # nose tip up
-        _radial(D, 0.003 * pair(78, 18, 3.5, 12)),                    # brow ridge
-        _radial(D, 0.004 * pair(97, 40, 6, 10)),                      # cheekbones
-        _vec(0.003 * np.sign(x) * eyes, 0, 0),                        # eye spacing
-        _vec(0, 0.003 * eyes, 0),                                     # eye height
-        _radial(D, -0.003 * eyes),                                    # deep-set eyes
-        _radial(D, 0.0025 * bump(MOUTH_THETA - 2.4, 0, 2, 12)),       # upper lip
-        _radial(D, 0.0025 * bump(MOUTH_THETA + 3, 0, 2.5, 12)),       # lower lip
-        _vec(0.15 * x * mouth, 0, 0),                                 # mouth width
-        _vec(0, 0.004 * mouth, 0),                                    # mouth height
-        _vec(0, 0, -0.008 * bump(62, 0, 12, 28)),                     # forehead slope
-        _vec(0.12 * x * neckness, 0, 0.12 * (z - NECK_Z) * neckness),  # neck thickness
-        _radial(D, 0.005 * pair(96, 92, 8, 6)),                       # ear size
-        _radial(D, 0.004 * pair(118, 35, 8, 10)),                     # cheek fullness
-        _vec(0.06 * x * pair(70, 70, 15, 15), 0, 0),                  # temple width
-        _vec(0, 0, 0.006 * bump(105, 0, 25, 30)),                     # face protrusion
-        _radial(D, 0.005 * pair(135, 62, 8, 10)),                     # jaw angle
+        vec(0.05 * x * head, 0, 0),                                  # head width
+        vec(0, 0.06 * np.maximum(y, 0), 0),                          # cranium height
+        vec(0, 0, 0.07 * np.minimum(z, 0) * head),                   # head depth
+        vec(0, 0.05 * np.minimum(y, 0) * front * head, 0),           # face length
+        vec(0.09 * x * lower_face * front, 0, 0),                    # jaw width
+        radial(D, 0.006 * bump(CHIN_THETA, 0, 6, 16)),               # chin forward
+        vec(0, -0.005 * bump(CHIN_THETA + 2, 0, 8, 20), 0),          # chin length
+        radial(D, 0.005 * nose(theta, phi) / NOSE_HEIGHT),          # nose length
+        vec(0.25 * x * bump(100, 0, 6, 8), 0, 0),                    # nose width
+        radial(D, 0.003 * bump(91, 0, 4, 4)),                        # nose bridge
+        vec(0, 0.003 * bump(NOSE_TIP, 0, 3, 5), 0),                  # nose tip up
+        radial(D, 0.003 * pair(78, 18, 3.5, 12)),                    # brow ridge
+        radial(D, 0.004 * pair(97, 40, 6, 10)),                      # cheekbones
+        vec(0.003 * np.sign(x) * eyes, 0, 0),                        # eye spacing
+        vec(0, 0.003 * eyes, 0),                                     # eye height
+        radial(D, -0.003 * eyes),                                    # deep-set eyes
+        radial(D, 0.0025 * bump(MOUTH_THETA - 2.4, 0, 2, 12)),       # upper lip
+        radial(D, 0.0025 * bump(MOUTH_THETA + 3, 0, 2.5, 12)),       # lower lip
+        vec(0.15 * x * mouth, 0, 0),                                 # mouth width
+        vec(0, 0.004 * mouth, 0),                                    # mouth height
+        vec(0, 0, -0.008 * bump(62, 0, 12, 28)),                     # forehead slope
+        vec(0.12 * x * neckness, 0, 0.12 * (z - NECK_Z) * neckness),  # neck thickness
+        radial(D, 0.005 * pair(96, 92, 8, 6)),                       # ear size
+        radial(D, 0.004 * pair(118, 35, 8, 10)),                     # cheek fullness
+        vec(0.06 * x * pair(70, 70, 15, 15), 0, 0),                  # temple width
+        vec(0, 0, 0.006 * bump(105, 0, 25, 30)),                     # face protrusion
+        radial(D, 0.005 * pair(135, 62, 8, 10)),                     # jaw angle
     ]
     smooth = _monomials(D) @ _harmonic_coefficients()  # (V, H): harmonics of degrees 2-5
     degree = np.repeat([2, 3, 4, 5], [5, 7, 9, 11])  # 2n + 1 harmonics of degree n
@@ -337,7 +144,8 @@ def _harmonic_coefficients(n_samples=4096):
 
 def _expression_fields(P, D, theta, phi, opening):
     """Expression directions (E, V, 3) in the order of EXPRESSION_NAMES; 1 = a clear expression."""
-    bump, pair = functools.partial(_bump, theta, phi), functools.partial(_pair, theta, phi)
+    bump = functools.partial(angular_bump, theta, phi)  # bump(θ0, φ0, σ_θ, σ_φ)
+    pair = functools.partial(angular_pair, theta, phi)
     x = P[:, 0]
     left, right = (x > 0).astype(float), (x < 0).astype(float)  # +x is the subject's left
     corners = pair(MOUTH_THETA, MOUTH_CORNER_PHI, 4.0, 6.0)
@@ -346,7 +154,7 @@ def _expression_fields(P, D, theta, phi, opening):
     cheeks = pair(112, 30, 6, 8)
     brows = pair(76, 18, 5, 14)
     inner_brows = pair(77, 9, 4, 6)
-    lips = _mouth_window(phi) * (bump(MOUTH_THETA - 2.4, 0, 2.5, 40)
+    lips = mouth_window(phi) * (bump(MOUTH_THETA - 2.4, 0, 2.5, 40)
                                  + bump(MOUTH_THETA + 3, 0, 3, 40))
     upper_lip = bump(MOUTH_THETA - 2.5, 0, 3, 14)
     lower_lip = bump(MOUTH_THETA + 3.5, 0, 3.5, 14)
@@ -356,30 +164,30 @@ def _expression_fields(P, D, theta, phi, opening):
     sneer_l = bump(MOUTH_THETA - 4, 10, 4, 7) + bump(NOSE_TIP, 6, 3, 3)
     sneer_r = bump(MOUTH_THETA - 4, -10, 4, 7) + bump(NOSE_TIP, -6, 3, 3)
     fields = {
-        "smile": _vec(0.004 * np.sign(x) * corners, 0.006 * corners, -0.004 * corners)
-        + _vec(0, 0.003 * cheeks, 0.002 * cheeks),
-        "frown": _vec(0, -0.005 * corners, -0.001 * corners),
-        "brows_up": _vec(0, 0.006 * brows, 0),
-        "brows_down": _vec(-0.003 * np.sign(x) * inner_brows, -0.004 * inner_brows, 0),
-        "brows_inner_up": _vec(0, 0.005 * inner_brows, 0),
-        "eyes_closed": _radial(D, EYE_DIP * opening),
-        "blink_left": _radial(D, EYE_DIP * opening * left),
-        "blink_right": _radial(D, EYE_DIP * opening * right),
-        "eyes_wide": _radial(D, -0.005 * upper_lid),
-        "squint": _radial(D, 0.006 * lower_lid),
-        "lips_pressed": _radial(D, -0.004 * lips),
-        "lips_pursed": _radial(D, 0.007 * lips) + _vec(-0.25 * x * mouth, 0, 0),
-        "mouth_stretch": _vec(0.006 * np.sign(x) * corners, -0.001 * corners, -0.002 * corners),
-        "cheek_puff": _radial(D, 0.008 * pair(120, 40, 8, 12)),
-        "sneer_left": _vec(0, 0.005 * sneer_l, 0),
-        "sneer_right": _vec(0, 0.005 * sneer_r, 0),
-        "smile_left": _vec(0.004 * corner_l, 0.006 * corner_l, -0.004 * corner_l),
-        "smile_right": _vec(-0.004 * corner_r, 0.006 * corner_r, -0.004 * corner_r),
-        "lower_lip_down": _vec(0, -0.004 * lower_lip, 0.001 * lower_lip),
-        "upper_lip_up": _vec(0, 0.003 * upper_lip, 0.001 * upper_lip),
-        "mouth_left": _vec(0.006 * mouth, 0, 0),
-        "mouth_right": _vec(-0.006 * mouth, 0, 0),
-        "nose_wrinkle": _vec(0, 0.004 * bump(92, 0, 4, 5), 0),
+        "smile": vec(0.004 * np.sign(x) * corners, 0.006 * corners, -0.004 * corners)
+        + vec(0, 0.003 * cheeks, 0.002 * cheeks),
+        "frown": vec(0, -0.005 * corners, -0.001 * corners),
+        "brows_up": vec(0, 0.006 * brows, 0),
+        "brows_down": vec(-0.003 * np.sign(x) * inner_brows, -0.004 * inner_brows, 0),
+        "brows_inner_up": vec(0, 0.005 * inner_brows, 0),
+        "eyes_closed": radial(D, EYE_DIP * opening),
+        "blink_left": radial(D, EYE_DIP * opening * left),
+        "blink_right": radial(D, EYE_DIP * opening * right),
+        "eyes_wide": radial(D, -0.005 * upper_lid),
+        "squint": radial(D, 0.006 * lower_lid),
+        "lips_pressed": radial(D, -0.004 * lips),
+        "lips_pursed": radial(D, 0.007 * lips) + vec(-0.25 * x * mouth, 0, 0),
+        "mouth_stretch": vec(0.006 * np.sign(x) * corners, -0.001 * corners, -0.002 * corners),
+        "cheek_puff": radial(D, 0.008 * pair(120, 40, 8, 12)),
+        "sneer_left": vec(0, 0.005 * sneer_l, 0),
+        "sneer_right": vec(0, 0.005 * sneer_r, 0),
+        "smile_left": vec(0.004 * corner_l, 0.006 * corner_l, -0.004 * corner_l),
+        "smile_right": vec(-0.004 * corner_r, 0.006 * corner_r, -0.004 * corner_r),
+        "lower_lip_down": vec(0, -0.004 * lower_lip, 0.001 * lower_lip),
+        "upper_lip_up": vec(0, 0.003 * upper_lip, 0.001 * upper_lip),
+        "mouth_left": vec(0.006 * mouth, 0, 0),
+        "mouth_right": vec(-0.006 * mouth, 0, 0),
+        "nose_wrinkle": vec(0, 0.004 * bump(92, 0, 4, 5), 0),
     }
     return np.stack([fields[name] for name in EXPRESSION_NAMES])
 
@@ -393,7 +201,8 @@ def _paint_albedo(rows, cols, groove_rows, row_positions):
     row = np.interp((1 - v) / (1 - EYE_UV_TOP), row_positions, np.arange(len(rows)))
     theta = np.interp(row, np.arange(len(rows)), rows)
     phi = np.interp(u * len(cols), np.arange(len(cols) + 1), np.append(cols, 180.0))
-    bump, pair = functools.partial(_bump, theta, phi), functools.partial(_pair, theta, phi)
+    bump = functools.partial(angular_bump, theta, phi)  # bump(θ0, φ0, σ_θ, σ_φ)
+    pair = functools.partial(angular_pair, theta, phi)
     is_eye = v < EYE_UV_TOP
     alpha = 180.0 * (1 - v / EYE_UV_TOP)  # angle from the eyeball's gaze axis
 
@@ -405,17 +214,17 @@ def _paint_albedo(rows, cols, groove_rows, row_positions):
 
     # mouth groove rows: outer walls lip-coloured, back wall dark with upper and lower teeth
     g = groove_rows
-    window = _mouth_window(phi, 1.0)
+    window = mouth_window(phi, 1.0)
     inside = window * ((row > g[0]) & (row < g[4]))
     upper_teeth = (row > g[1] - 0.1) & (row < g[1] + 0.6)
     lower_teeth = (row > g[3] - 0.35) & (row < g[3])
     teeth = window * (upper_teeth | lower_teeth)
-    lips = np.clip(1.4 * _lip_mask(theta, phi), 0, 1)
+    lips = np.clip(1.4 * lip_mask(theta, phi), 0, 1)
     lips = np.maximum(lips, inside * ((row < g[1]) | (row > g[3])))
     arch = 75.5 - 2.2 * np.sin(np.pi * np.clip((np.abs(phi) - 6) / 26, 0, 1))
     brows = (np.exp(-0.5 * ((theta - arch) / 1.4) ** 2) * smoothstep(4, 8, np.abs(phi))
              * smoothstep(34, 28, np.abs(phi)))
-    opening = _eye_opening(theta, phi)
+    opening = eye_opening(theta, phi)
     lash = 4 * opening * (1 - opening) * np.where(theta < EYE_THETA, 1.0, 0.5)
     iris = smoothstep(25, 23, alpha) * is_eye
     texture = colour(SKIN)
@@ -448,8 +257,8 @@ def _paint_albedo(rows, cols, groove_rows, row_positions):
 
 @functools.lru_cache(maxsize=1)
 def _build():
-    rows, groove = _theta_rows()
-    cols = _spans(PHI_SPANS)
+    rows, groove = theta_rows()
+    cols = spans(PHI_SPANS)
     n_rows, n_cols = len(rows), len(cols)
     faces, corners = latlong_faces(n_rows, n_cols)
     theta, phi = grid_angles(rows, cols)
@@ -457,12 +266,12 @@ def _build():
     row_index = np.concatenate([[0], np.repeat(np.arange(1, n_rows - 1), n_cols), [n_rows - 1]])
 
     # the skin: features on the skull and neck, the eye openings and the mouth groove cut in
-    skin, neckness = _skull_and_neck(D)
-    opening = _eye_opening(theta, phi)
+    skin, neckness = skull_and_neck(D)
+    opening = eye_opening(theta, phi)
     depth = np.zeros(n_rows)  # of each row's groove, in MOUTH_DEPTH: lips, walls, bottom
     depth[groove] = [0.0, 0.8, 1.0, 0.8, 0.0]
-    groove_depth = MOUTH_DEPTH * depth[row_index] * _mouth_window(phi, 1.5)
-    P = D * (skin + _features(theta, phi) - EYE_DIP * opening - groove_depth)[:, None]
+    groove_depth = MOUTH_DEPTH * depth[row_index] * mouth_window(phi, 1.5)
+    P = D * (skin + features(theta, phi) - EYE_DIP * opening - groove_depth)[:, None]
 
     # eyeballs: spheres in the sockets, front 1 mm behind the skin the opening was cut from
     eye_faces, eye_corners = latlong_faces(EYE_ROWS, EYE_COLS)
@@ -472,7 +281,7 @@ def _build():
     eyeballs, anchors = [], []
     for side in (1.0, -1.0):  # left eye (+x) first, as FLAME's joint order
         d = direction(EYE_THETA, side * EYE_PHI)
-        front = d * (_skull_and_neck(d)[0] + _features(EYE_THETA, side * EYE_PHI))
+        front = d * (skull_and_neck(d)[0] + features(EYE_THETA, side * EYE_PHI))
         front = front - np.array([0.0, 0.0, 0.001])
         eyeballs.append(front - np.array([0.0, 0.0, EYEBALL_RADIUS]) + EYEBALL_RADIUS * sphere)
         anchors.append(np.argmin(np.abs(theta - EYE_THETA) + np.abs(phi - side * EYE_PHI)))
@@ -497,7 +306,7 @@ def _build():
     w_global = neckness * smoothstep(-0.08, -0.15, y)
     jaw_side = (np.arange(n_rows) > groove[2]).astype(float)
     jaw_side[groove[2]] = 0.5
-    mouth = _mouth_window(phi)
+    mouth = mouth_window(phi)
     jaw = (mouth * jaw_side[row_index]
            + (1 - mouth) * smoothstep(MOUTH_THETA - 2, MOUTH_THETA + 8, theta))
     jaw = jaw * smoothstep(88, 55, np.abs(phi)) * smoothstep(162, 148, theta) * (1 - w_global)
@@ -530,7 +339,7 @@ def _build():
     # pose corrective: opening the jaw ((R − I)[2, 1] = sin of the jaw angle, pose feature 16)
     # pulls the cheeks beside the mouth down and back
     posedirs = np.zeros((len(v_template), 3, 36))
-    cheeks = _pair(theta, phi, 126, 28, 7, 9) * jaw  # only skin the jaw moves
+    cheeks = angular_pair(theta, phi, 126, 28, 7, 9) * jaw  # only skin the jaw moves
     posedirs[head, 1, 16] = -0.008 * cheeks
     posedirs[head, 2, 16] = -0.003 * cheeks
 
@@ -550,7 +359,7 @@ def skin_grid():
     """The latitude-longitude grid of the skin: row angles θ (R,) and column angles φ (C,) in
     degrees. Skin vertex 0 is the top pole, 1 + (r − 1)·C + c the grid point (r, c), and the
     last skin vertex the bottom pole; the eyeballs follow the skin's vertices."""
-    return _theta_rows()[0], _spans(PHI_SPANS)
+    return theta_rows()[0], spans(PHI_SPANS)
 
 
 def builtin_head():

@@ -48,6 +48,8 @@ from torch.utils.data import Dataset
 
 import head
 from flame import FLAME, flame15_to_pose6
+from head_surface import (capped_cylinder_radius, direction, grid_angles, latlong_faces,
+                          smoothstep)
 from layers import BACKGROUND, CLOTHES, FACE, HAIR
 from render import interpolate, project, rasterize, sample_texture, sh_shading, vertex_normals
 
@@ -179,22 +181,22 @@ class PortraitRenderer:
 
     def __init__(self, flame):
         self.flame = flame
-        # the hair shell's grid: the skin's, thinned in its fine band (head.THETA_SPANS, PHI_SPANS)
+        # the hair shell's grid: the skin's, thinned in its fine band (head_surface.THETA_SPANS)
         rows, cols = head.skin_grid()  # θ (R,), φ (C,) in degrees
         fine_rows = (rows >= 72) & (rows < 152)
         fine_cols = np.abs(cols) < 66
         keep_r = np.flatnonzero(~fine_rows | (np.cumsum(fine_rows) % HAIR_GRID_STRIDE == 1))
         keep_c = np.flatnonzero(~fine_cols | (np.cumsum(fine_cols) % HAIR_GRID_STRIDE == 1))
-        hair_faces, hair_corners = head.latlong_faces(len(keep_r), len(keep_c))
+        hair_faces, hair_corners = latlong_faces(len(keep_r), len(keep_c))
         # the skin vertex under each hair vertex: the two poles and the kept grid points
         ring_index = 1 + (keep_r[1:-1, None] - 1) * len(cols) + keep_c[None, :]  # (R'-2, C')
         n_skin = 2 + (len(rows) - 2) * len(cols)
         self.hair_skin = torch.as_tensor(np.concatenate([[0], ring_index.ravel(), [n_skin - 1]]))
-        self.hair_theta, self.hair_phi = head.grid_angles(rows[keep_r], cols[keep_c])  # (Vh,)
-        torso_faces, torso_corners = head.latlong_faces(TORSO_ROWS, TORSO_COLS)
-        t_theta, t_phi = head.grid_angles(np.linspace(0, 180, TORSO_ROWS),
+        self.hair_theta, self.hair_phi = grid_angles(rows[keep_r], cols[keep_c])  # (Vh,)
+        torso_faces, torso_corners = latlong_faces(TORSO_ROWS, TORSO_COLS)
+        t_theta, t_phi = grid_angles(np.linspace(0, 180, TORSO_ROWS),
                                           np.linspace(-180, 180, TORSO_COLS, endpoint=False))
-        self.torso_direction = head.direction(t_theta, t_phi)  # (Vt, 3)
+        self.torso_direction = direction(t_theta, t_phi)  # (Vt, 3)
         # the three meshes as one: faces, per-corner UVs and the region of every face
         n_head, n_hair = flame.v_template.shape[0], len(self.hair_theta)
         self.faces = torch.as_tensor(np.concatenate([
@@ -211,16 +213,16 @@ class PortraitRenderer:
         theta = torch.as_tensor(self.hair_theta, dtype=skin.dtype)  # (Vh,)
         phi = torch.as_tensor(self.hair_phi, dtype=skin.dtype).abs()
         front, side, back, thickness, long_radius = hair[:, 3:8].T[..., None]  # (B, 1) each
-        limit = (front + (side - front) * head.smoothstep(30, 90, phi)
-                 + (back - side) * head.smoothstep(90, 150, phi))  # (B, Vh) lowest θ with hair
-        covered = head.smoothstep(limit + 3, limit - 3, theta)  # (B, Vh) 1 where hair grows
+        limit = (front + (side - front) * smoothstep(30, 90, phi)
+                 + (back - side) * smoothstep(90, 150, phi))  # (B, Vh) lowest θ with hair
+        covered = smoothstep(limit + 3, limit - 3, theta)  # (B, Vh) 1 where hair grows
         radius = skin.norm(dim=-1)  # (B, Vh)
         direction = skin / radius[..., None]
         shell = radius + thickness * covered + HAIR_HIDDEN * (1 - covered)
         # long hair falls from behind the ears as a capped cylinder down to the shoulders
-        bottom = -0.02 - 0.2 * head.smoothstep(125, 170, back)
-        curtain = head.capped_cylinder_radius(direction, long_radius, -0.01, bottom)
-        shell = torch.maximum(shell, curtain * covered * head.smoothstep(85, 110, phi))
+        bottom = -0.02 - 0.2 * smoothstep(125, 170, back)
+        curtain = capped_cylinder_radius(direction, long_radius, -0.01, bottom)
+        shell = torch.maximum(shell, curtain * covered * smoothstep(85, 110, phi))
         return direction * shell[..., None]
 
     def torso(self, clothes):

@@ -12,6 +12,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 import head
+import head_surface
 from flame import FLAME, FlameModelError, load_flame, load_obj_uvs, rodrigues, save_npz
 
 
@@ -124,7 +125,7 @@ def test_jaw_rotation_moves_only_jaw_weighted_vertices():
     assert moved[jaw == 0].max() < 1e-7  # float32 weights: exact up to rounding
     assert moved[jaw > 0.99].min() > 1e-3
     # the mouth opens: the lower lip's outer edge drops well away from the upper lip's
-    rows, groove = head._theta_rows()
+    rows, groove = head_surface.theta_rows()
     cols = head.skin_grid()[1]
     middle = int(np.argmin(np.abs(cols)))
     upper, lower = (1 + (groove[k] - 1) * len(cols) + middle for k in (0, -1))
@@ -149,7 +150,7 @@ def test_eye_pose_rotates_each_eyeball_about_its_joint():
     assert torch.allclose(out[~left], flame.v_template[~left], atol=1e-12)
     # the eyeball is a sphere centred on its joint, so turning it keeps it in its socket
     radius = (flame.v_template[left] - centre).norm(dim=1)
-    assert torch.allclose(radius, torch.full_like(radius, head.EYEBALL_RADIUS), atol=1e-9)
+    assert torch.allclose(radius, torch.full_like(radius, head_surface.EYEBALL_RADIUS), atol=1e-9)
 
 
 def test_builtin_head_is_a_closed_consistently_oriented_mesh():
