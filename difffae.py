@@ -323,9 +323,9 @@ class DiffFAE(nn.Module):
                 with torch.no_grad():
                     coefficients = self.estimator(query)
             rendered, _ = self.render(coefficients)
-        # 2. the target latent z_0 = φ^E(I_Q) (B, C, h, w), scaled to unit variance
+        # 2. the target latent z_0 = ℰ(I_Q) (B, C, h, w), the VQ encoder's, scaled to unit variance
         z0 = self.encode_latent(query)
-        # 3. the conditions: f_r = φ^E(I_R); RSC (§4.2): the slot tokens F of I_S, context of
+        # 3. the conditions: f_r = ℰ(I_R); RSC (§4.2): the slot tokens F of I_S, context of
         #    the cross-attention (Eq. 6), and f_id, the input of AdaIN (Eq. 4-5)
         cond = self.conditions(source, rendered)
         # 4. forward diffusion (Eq. 1): t ~ U{0..T−1}, ε ~ N(0, I), z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε
