@@ -47,7 +47,7 @@ import metrics
 from estimator import CoefficientEstimator, EstimatorConfig, IdentityConfig, IdentityEncoder
 from flame import FLAME, pose6_to_flame15
 from head import EXPRESSION_NAMES
-from layers import REGION_NAMES
+from layers import REGION_NAMES, require
 from render import Renderer
 from slots import RegionSlots, SlotsConfig
 from unet import UNet, UNetConfig, average_cross_attention
@@ -79,18 +79,15 @@ class DiffusionConfig:
     sampler: str = "ddim"
 
     def __post_init__(self):
-        for ok, problem in (
-                (self.timesteps >= 2, f"timesteps={self.timesteps}: expected >= 2"),
-                (0 < self.beta_start < self.beta_end < 1, f"beta_start={self.beta_start}, "
-                 f"beta_end={self.beta_end}: expected 0 < beta_start < beta_end < 1"),
-                (self.render_from in ("truth", "estimated"),
-                 f"render_from={self.render_from!r}: expected 'truth' or 'estimated'"),
-                (1 <= self.sample_steps <= self.timesteps,
-                 f"sample_steps={self.sample_steps}: expected 1..{self.timesteps}"),
-                (self.sampler in SAMPLERS,
-                 f"sampler={self.sampler!r}: expected one of {', '.join(SAMPLERS)}")):
-            if not ok:
-                raise ValueError(f"DiffusionConfig.{problem}")
+        require(self.timesteps >= 2, f"DiffusionConfig.timesteps={self.timesteps}: expected >= 2")
+        require(0 < self.beta_start < self.beta_end < 1, f"DiffusionConfig.beta_start="
+                f"{self.beta_start}, beta_end={self.beta_end}: expected 0 < start < end < 1")
+        require(self.render_from in ("truth", "estimated"), f"DiffusionConfig.render_from="
+                f"{self.render_from!r}: expected 'truth' or 'estimated'")
+        require(1 <= self.sample_steps <= self.timesteps, f"DiffusionConfig.sample_steps="
+                f"{self.sample_steps}: expected 1..{self.timesteps}")
+        require(self.sampler in SAMPLERS, f"DiffusionConfig.sampler={self.sampler!r}: expected "
+                f"one of {', '.join(SAMPLERS)}")
 
 
 # -- Schedule and samplers -------------------------------------------------------------------------
@@ -290,17 +287,19 @@ class DiffFAE(nn.Module):
 
     def conditions(self, source, rendered):
         """Everything the UNet is conditioned on: f_r (B, C, h, w), the slot tokens F (B, K, D)
-        and f_id (B, Di)."""
-        slots = self.slots(source)["slots"]
+        and f_id (B, Di); with the rest of RegionSlots' output (the source's slot masks)."""
+        regions = self.slots(source)
         identity = self.identity(source)
         if not self.diffusion.use_identity:
             identity = torch.zeros_like(identity)
-        return {"f_r": self.encode_latent(rendered), "slots": slots, "id": identity}
+        return {**regions, "f_r": self.encode_latent(rendered), "id": identity}
 
     def denoise(self, z_t, t, cond, return_attn=False):
-        """ε_θ([z_t ; f_r], t, F, f_id)."""
-        return self.unet(torch.cat([z_t, cond["f_r"]], dim=1), t, cond["slots"], cond["id"],
-                         return_attn=return_attn)
+        """ε_θ([z_t ; f_r], t, F, f_id); a list cond["trace"] keeps (t, z_t, ε̂, attn) of calls."""
+        eps, attn = self.unet(torch.cat([z_t, cond["f_r"]], dim=1), t, cond["slots"], cond["id"],
+                              return_attn=True)
+        cond.get("trace", []).append((t, z_t, eps, attn))  # the maps are computed in any case
+        return (eps, attn) if return_attn else eps
 
     # -- training ----------------------------------------------------------------------------
     def loss(self, source, query, coefficients=None):
@@ -367,18 +366,18 @@ class DiffFAE(nn.Module):
 
     @torch.no_grad()
     def edit(self, source, query=None, edit=EDIT_ATTRIBUTES, swap=None, numbers=None,
-             steps=None, sampler=None, seed=0, eta=0.0):
+             steps=None, sampler=None, seed=0, eta=0.0, trace=None):
         """The source person (B, 3, H, W in [-1, 1]) with the query's pose / expression /
         lighting, any subset of EDIT_ATTRIBUTES (those not edited keep the source's).
 
         swap: {"hair" | "clothes" | "background": images (B, 3, H, W)} replaces those slot
         tokens by the other image's (expandable editing, App. G). numbers: explicit coefficient
         values applied last (set_numbers); with no query, only numbers change the source.
+        trace: a dict that receives the edit's own tensors, for explain.figure to draw.
         Returns {"image", "render" (I_R), "mask", "coefficients"}.
         """
-        coefficients = self.estimator(source)
-        if query is not None:
-            coefficients = combine_coefficients(coefficients, self.estimator(query), edit)
+        estimates = [self.estimator(source), None if query is None else self.estimator(query)]
+        coefficients = estimates[0] if query is None else combine_coefficients(*estimates, edit)
         if numbers:
             coefficients = set_numbers(coefficients, numbers, EXPRESSION_NAMES)
         rendered, mask = self.render(coefficients)
@@ -387,6 +386,8 @@ class DiffFAE(nn.Module):
             assert region in REGION_NAMES[1:], f"cannot swap {region!r}"  # the face is the edit
             k = REGION_NAMES.index(region)
             cond["slots"][:, k] = self.slots(image)["slots"][:, k]
+        if trace is not None:  # "steps" fills as the sampler calls denoise
+            trace.update(cond=cond, estimates=estimates, steps=cond.setdefault("trace", []))
         image = self.decode_latent(self.sample(cond, steps, sampler, seed, eta))
         return {"image": image, "render": rendered, "mask": mask, "coefficients": coefficients}
 

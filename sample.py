@@ -7,11 +7,13 @@ and lighting (DiffFAE, Wang et al. 2024, §4). Region swaps are the paper's expa
     python sample.py SRC QRY --swap hair=other.png                        # and another's hair
     python sample.py SRC --set yaw=25 --set jaw=15 --set light=1,0,1      # edit by numbers
     python sample.py SRC QRY --sampler dpm++2m --steps 20                 # the faster sampler
+    python sample.py SRC QRY --explain fig.png       # and a figure of what each part did
 
 The model is the bundled one (weights/difffae-tiny.pt, trained on synthetic 64 px portraits)
 unless --ckpt names another: an exported file or a `runs/ldm/ckpt.pt` training checkpoint (its
 EMA weights). Images are centre-cropped and resized to the model's size; with --panel the output
-is a strip source | query | I_R (the rendered face) | result. Runs on the CPU by default.
+is a strip source | query | I_R (the rendered face) | result; --explain also draws the edit's
+own tensors, row by row (explain.py). Runs on the CPU by default.
 """
 import argparse
 import sys
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import explain
 from data import ImageError, load_image, save_image
 from difffae import EDIT_ATTRIBUTES, NUMBERS, SAMPLERS, load_model
 from head import EXPRESSION_NAMES
@@ -121,6 +124,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     parser.add_argument("--panel", action="store_true",
                         help="write source | query | I_R | result instead of the result alone")
+    parser.add_argument("--explain", metavar="FIG", help="also write FIG, a PNG of what SPC, RSC, "
+                        "ACR and the sampler did in this edit")
     parser.add_argument("--zoom", type=int, default=1, help="enlarge the output N× (nearest)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps")
     parser.error = fail  # argparse's errors too: one line, no usage
@@ -130,6 +135,8 @@ def main(argv=None):
             raise ValueError("nothing to edit: give a query image or --set NAME=VALUE")
         if args.zoom < 1:
             raise ValueError(f"--zoom {args.zoom}: expected a positive integer")
+        if args.explain and Path(args.explain).suffix.lower() != ".png":
+            raise ValueError(f"--explain {args.explain}: expected a .png file name")
         edit = parse_edit(args.edit)
         swap_paths = parse_swap(args.swap)
         numbers = parse_numbers(args.numbers)
@@ -144,8 +151,13 @@ def main(argv=None):
         source = read(args.source)
         query = read(args.query) if args.query else None
         swap = {region: read(path) for region, path in swap_paths.items()}
+        trace = {} if args.explain else None
         result = model.edit(source, query, edit=edit, swap=swap, numbers=numbers,
-                            steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta)
+                            steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta,
+                            trace=trace)
+        if args.explain:
+            explain.figure(model, trace, result, source, query, edit, swap, numbers).save(
+                args.explain)
         image = result["image"][0].cpu()
         if args.panel:
             strip = [source[0].cpu(), (query if query is not None else source)[0].cpu(),
@@ -154,7 +166,8 @@ def main(argv=None):
         save_image(zoom(image, args.zoom), args.out)
     except (ImageError, ValueError, OSError) as error:
         fail(error)
-    print(f"wrote {args.out} ({time.time() - started:.1f} s)")
+    also = f" and {args.explain}" if args.explain else ""
+    print(f"wrote {args.out}{also} ({time.time() - started:.1f} s)")
 
 
 if __name__ == "__main__":

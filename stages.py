@@ -20,7 +20,8 @@ from data import save_image
 from difffae import DiffFAE, DiffusionConfig, render_face
 from estimator import ArcMarginHead, CoefficientEstimator, EstimatorConfig, IdentityConfig
 from estimator import IdentityEncoder
-from layers import FACE, REGION_COLOURS, REGION_NAMES
+from explain import mask_rows
+from layers import FACE, REGION_NAMES
 from slots import RegionSlots, SlotsConfig, masks_at
 from synthetic import SyntheticPortraits
 from unet import UNetConfig
@@ -105,13 +106,6 @@ def eval_set(cfg):
 def grid(rows, path):
     """Saves rows of (N, 3, H, W) tensors in [-1, 1] as one PNG: one row per entry."""
     save_image(torch.cat([torch.cat(list(row), 2) for row in rows], 1), path)
-
-
-def overlay(images, masks):
-    """Images (B, 3, H, W) in [-1, 1] tinted by soft masks (B, K, H, W), one colour per slot."""
-    colours = REGION_COLOURS[:masks.shape[1]].to(images)  # (K, 3)
-    tint = torch.einsum("bkhw,kc->bchw", masks, colours) * 2 - 1
-    return 0.45 * images + 0.55 * tint
 
 
 class Stage(nn.Module):
@@ -225,9 +219,7 @@ class SlotsStage(Stage):
         iou = metrics.slot_iou(metrics.region_confusion(masks.cpu(),
                                                         batch["source_regions"].cpu()))
         n = GRID_ITEMS
-        rows = [images[:n]] + [overlay(images[:n], masks[:n, k:k + 1]) for k in
-                               range(masks.shape[1])] + [overlay(images[:n], masks[:n])]
-        grid(rows, png)
+        grid([images[:n], *mask_rows(images[:n], masks[:n])], png)  # a row per slot, argmax
         return {"miou": float(iou.mean()),
                 **{f"iou_{name}": float(v) for name, v in zip(REGION_NAMES, iou)}}
 
@@ -389,7 +381,7 @@ class LDMStage(Stage):
         face = (batch["target_regions"] == FACE)[:, None]
         n = GRID_ITEMS
         grid([batch["source"][:n], batch["query"][:n], rendered[:n], edited[:n],
-              batch["target"][:n]], png)
+              batch["target"][:n], *mask_rows(batch["source"][:n], cond["masks"][:n])], png)
         return {"psnr": float(metrics.psnr(edited, batch["target"]).mean()),
                 "psnr_face": float(metrics.psnr(edited, batch["target"], mask=face).mean())}
 
