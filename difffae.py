@@ -425,7 +425,8 @@ def load_model(path, device="cpu"):
     in eval mode, float32. Raises ValueError naming the file and the problem."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such checkpoint")
+        problem = "a directory, not a checkpoint file" if path.is_dir() else "no such checkpoint"
+        raise ValueError(f"{path}: {problem}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and unsafe-global errors alike
