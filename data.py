@@ -16,7 +16,8 @@ load_image(path, S) turns any still image Pillow can read into a (3, S, S) float
      white, because transparent areas of portraits are usually a cut-out background;
   5. resize to S × S with Lanczos (Pillow's `Image.resize`, whose kernel support widens by the
      downscale factor, i.e. antialiased), in float so 16-bit sources keep their precision;
-     Lanczos overshoot is clipped to [0, 1];
+     Lanczos overshoot is clipped to [0, 1]; a warning when the square is enlarged more than
+     MAX_UPSCALE times (a model would edit the detail the enlargement invented);
   6. x ↦ 2x − 1.
 Every failure (missing file, directory, not an image, truncated or corrupt data, too large,
 empty, bad S) raises ImageError, a ValueError whose message is one line naming the file.
@@ -54,6 +55,7 @@ MAX_SIZE = 4096  # 16× the paper's 256 px (DiffFAE §5.1); larger is almost sur
 # Refuse sources above 64 Mi pixels (8192 × 8192): lower than Pillow's own decompression-bomb
 # threshold (Image.MAX_IMAGE_PIXELS ≈ 89 M), a full decode of one would take ~1 GB in float.
 MAX_IMAGE_PIXELS = 8192 * 8192
+MAX_UPSCALE = 4  # enlargements beyond this warn: a 16 px face at 64 px is already a blur
 EIGHT_BIT_MAX = 255.0
 SIXTEEN_BIT_MAX = 65535.0
 GREY_SCALE = {"I;16": SIXTEEN_BIT_MAX, "I;16L": SIXTEEN_BIT_MAX, "I;16B": SIXTEEN_BIT_MAX,
@@ -132,7 +134,7 @@ def load_image(path, size: int) -> torch.Tensor:
                          f"than the limit of {MAX_IMAGE_PIXELS} pixels (data.MAX_IMAGE_PIXELS)",
                          ImageError)
                 opened.load()  # decode it all now, so a truncated file fails here
-                return from_pil(ImageOps.exif_transpose(opened), int(size))
+                image = from_pil(ImageOps.exif_transpose(opened), int(size))
     except ImageError:
         raise
     except UnidentifiedImageError as error:
@@ -143,6 +145,10 @@ def load_image(path, size: int) -> torch.Tensor:
         # images over its decompression-bomb threshold with DecompressionBombError/Warning.
         raise ImageError(f"{name}: cannot decode image ({type(error).__name__}: "
                          f"{_one_line(error)})") from error
+    if size > MAX_UPSCALE * min(width, height):
+        warnings.warn(f"{name}: {width}x{height} enlarged {size / min(width, height):.0f}x to "
+                      f"{size}x{size}; the face will be mostly invented", stacklevel=2)
+    return image
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -426,7 +426,8 @@ def load_model(path, device="cpu"):
     in eval mode, float32. Raises ValueError naming the file and the problem."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such checkpoint")
+        problem = "a directory, not a checkpoint file" if path.is_dir() else "no such checkpoint"
+        raise ValueError(f"{path}: {problem}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and unsafe-global errors alike
@@ -445,6 +446,5 @@ def load_model(path, device="cpu"):
                                for k, v in weights.items()})
     except (AssertionError, KeyError, TypeError, RuntimeError, ValueError) as error:
         first = (str(error).strip() or type(error).__name__).splitlines()[0]
-        raise ValueError(f"{path}: incompatible with this version of the model ({first})") \
-            from None
+        raise ValueError(f"{path}: incompatible with this model version ({first})") from None
     return model.to(device).eval()

@@ -34,7 +34,8 @@ import metrics
 from data import save_image
 from difffae import SAMPLERS, load_model
 from layers import FACE
-from sample import DEFAULT_CHECKPOINT, SWAPPABLE, check_sampling, fail
+from sample import DEFAULT_CHECKPOINT, SWAPPABLE, check_device, check_output, check_sampling
+from sample import fail
 from slots import masks_at
 from stages import to_device, true_coefficients
 from synthetic import SyntheticPortraits
@@ -137,23 +138,29 @@ def markdown(results):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", default=str(DEFAULT_CHECKPOINT),
-                        help="model to evaluate (default: the bundled weights)")
+    parser.add_argument("--ckpt", help="model to evaluate (default: the bundled "
+                        "weights/difffae-tiny.pt)")
     parser.add_argument("--ablation", action="append", default=[], metavar="NAME=PATH",
                         help="another checkpoint scored as row NAME (repeatable)")
     parser.add_argument("--n", type=int, default=200, help="test pairs")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--grid", metavar="PNG", help="also write the picture grid")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON "
+                        "(missing folders are made)")
+    parser.add_argument("--grid", metavar="PNG", help="also write the picture grid (missing "
+                        "folders are made)")
     parser.add_argument("--device", default="cpu")
     parser.error = fail  # argparse's errors too: one line, no usage
     args = parser.parse_args(argv)
     try:
         if args.n < 1:
             raise ValueError(f"--n {args.n}: expected at least 1 pair")
-        models = {"difffae": load_model(args.ckpt, args.device)}
+        check_device(args.device)
+        for path, option, suffix in ((args.json, "--json", None), (args.grid, "--grid", ".png")):
+            if path:
+                check_output(path, option, suffix)
+        models = {"difffae": load_model(args.ckpt or DEFAULT_CHECKPOINT, args.device)}
         for item in args.ablation:
             name, _, path = item.partition("=")
             if not path or name in models:
@@ -174,8 +181,11 @@ def main(argv=None):
         fail(error)
     print(markdown(results))
     print(f"\n{args.n} pairs, {args.sampler} {args.steps} steps, {seconds:.0f} s")
-    if args.json:
+    if args.json:  # the paths as given, the default one relative to the repository
         config = {key: value for key, value in vars(args).items() if key not in ("json", "grid")}
+        here = Path(__file__).resolve().parent
+        config["ckpt"] = args.ckpt or str(DEFAULT_CHECKPOINT.relative_to(here))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"methods": results, "n": args.n,
                                                "config": config}, indent=2) + "\n")
 

@@ -18,6 +18,7 @@ own tensors, row by row (explain.py). Runs on the CPU by default.
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,6 +87,28 @@ def check_sampling(model, steps, sampler, eta=0.0):
                          f"deterministic)")
 
 
+def check_device(name):
+    """--device: one this machine has, refused now rather than deep inside torch later."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: expected cpu, cuda, cuda:N or mps")
+    count = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    if device.type in count and (device.index or 0) >= count[device.type]:
+        raise ValueError(f"--device {name}: this machine has {count[device.type] or 'no'} "
+                         f"{device.type} device(s) (torch {torch.__version__})")
+
+
+def check_output(path, option, suffix=None):
+    """An output file name, checked before the work that fills it (missing folders are made)."""
+    if Path(path).is_dir():
+        raise ValueError(f"{option} {path}: a directory; expected a file name")
+    if suffix and Path(path).suffix.lower() != suffix:
+        raise ValueError(f"{option} {path}: expected a {suffix} file name")
+
+
 def parse_edit(text):
     attributes = tuple(a.strip() for a in text.split(",") if a.strip())
     unknown = [a for a in attributes if a not in EDIT_ATTRIBUTES]
@@ -107,7 +130,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="the person to edit (any image Pillow reads)")
     parser.add_argument("query", nargs="?", help="whose pose / expression / lighting to take")
-    parser.add_argument("--out", default="out.png", help="output PNG (default out.png)")
+    parser.add_argument("--out", default="out.png",
+                        help="output PNG (default out.png; missing folders are made)")
     parser.add_argument("--ckpt", default=str(DEFAULT_CHECKPOINT),
                         help="model file (default: the bundled weights/difffae-tiny.pt)")
     parser.add_argument("--edit", default=",".join(EDIT_ATTRIBUTES),
@@ -130,7 +154,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps")
     parser.error = fail  # argparse's errors too: one line, no usage
     args = parser.parse_args(argv)
+    warnings.formatwarning = lambda message, *_: f"warning: {message}\n"  # one line, no source
     try:
+        check_device(args.device)
+        check_output(args.out, "--out", ".png")
         if args.query is None and not args.numbers:
             raise ValueError("nothing to edit: give a query image or --set NAME=VALUE")
         if args.zoom < 1:

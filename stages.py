@@ -54,6 +54,12 @@ def to_device(batch, device):
     return batch.to(device) if torch.is_tensor(batch) else batch
 
 
+def step_generator(seed, step):
+    """A generator of (seed, step) alone: what step s draws from it (its batch, its restarted
+    codes) is the same in a resumed run as in an uninterrupted one."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
 def images_of(batch):
     """Sources and queries as one batch of single images (2B, 3, H, W)."""
     return torch.cat([batch["source"], batch["query"]])
@@ -130,7 +136,7 @@ class VQStage(Stage):
             self.discriminator = PatchDiscriminator(
                 self.config.in_channels, self.config.disc_channels, self.config.disc_layers,
                 self.config.norm_groups)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.seed = cfg.seed
         self.last_z = None
 
     def forward(self, batch, step):
@@ -161,7 +167,7 @@ class VQStage(Stage):
             quantizer.code_usage.zero_()
         every = self.config.restart_every
         if step == 0 or (every and (step + 1) % every == 0):
-            quantizer.restart_dead_codes(self.last_z, self.generator)
+            quantizer.restart_dead_codes(self.last_z, step_generator(self.seed, step))
             if dist.is_initialized():  # ranks saw different batches: adopt rank 0's codebook
                 dist.broadcast(quantizer.codebook.data, 0)
                 dist.broadcast(quantizer.code_usage, 0)

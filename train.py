@@ -3,21 +3,22 @@
 DiffFAE (Wang et al. 2024, §4.3, §5.1) needs four pretrained parts before its diffusion model:
     vqvae → slots (reads the VQ-VAE) → estimator, identity → ldm (reads all four).
 This is the loop they share, after nanoGPT's train.py; stages.py says what each one optimises
-and measures. Config: one dataclass per part (TrainConfig here); presets are dicts of overrides;
-`--key=value` sets a TrainConfig field, `--part.key=value` a part's (`--vqvae.codebook_size=64`),
-parsed to the field's type. Checkpoints carry the config and the RNG states; rerunning a stage
-resumes from its checkpoint exactly (the batch of step s depends only on seed, rank and s).
+and measures, config.py the options (`python train.py --help`). Checkpoints carry the config
+and the RNG states; rerunning a stage resumes from its checkpoint exactly (what step s draws
+depends only on seed, rank and s, and evaluating draws nothing from training's streams).
+SIGTERM or Ctrl-C checkpoints the current step and exits; a non-finite loss or a failed
+checkpoint write stops every rank at the same step, the last checkpoint intact.
 One code path for one process and for torchrun (DDP: gloo on CPU, nccl on CUDA, only rank 0
 writes, `batch_size` per process); bf16 autocast on CUDA. Adam (DiffFAE §5.1) after a linear
-warm-up, gradient clipping, a NaN/inf guard; with `ema_decay` > 0 an exponential moving average
-of the weights is kept, saved, restored and used for evaluation (as LDM samples with it).
+warm-up, gradient clipping; with `ema_decay` > 0 an exponential moving average of the weights
+is kept, saved, restored and used for evaluation (as LDM samples with it).
 `--export PATH` writes an ldm checkpoint's inference weights (EMA, float16).
 """
-import argparse
 import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,123 +30,9 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 import stages
+from config import ConfigError, build_configs
 from data import write_atomic
 from synthetic import DATA_VERSION, PARAM_KEYS, SyntheticPortraits
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Settings of the loop (the model parts have their own dataclasses)."""
-    stage: str = "vqvae"
-    preset: str = "tiny"
-    data: str = "synthetic"       # "synthetic" or a folder in the vox-png layout
-    out: str = "runs"             # checkpoints go to <out>/<stage>/ckpt.pt
-    tag: str = ""                 # a variant's checkpoints go to <out>/<stage>-<tag>/ instead
-    image_size: int = 64
-    batch_size: int = 32          # per process
-    steps: int = 3000
-    lr: float = 2e-4
-    warmup: int = 100             # linear learning-rate warm-up steps
-    grad_clip: float = 1.0
-    log_every: int = 25
-    eval_every: int = 500
-    ckpt_every: int = 250
-    seed: int = 0
-    pool: int = 6000              # synthetic pairs rendered once and cached on disk
-    identities: int = 2000        # synthetic identities the pool cycles through
-    eval_items: int = 128         # held-out synthetic items used for the measurements
-    num_workers: int = 0
-    bf16: bool = True             # autocast to bfloat16 on CUDA
-    ema_decay: float = 0.0        # EMA of the trained weights; 0 keeps none
-    # stage options
-    slots_supervision: float = 0.0  # slots: weight of a mask loss on true regions (not in paper)
-    photometric_weight: float = 1.0  # estimator: weight of the re-rendering loss
-    arcface_scale: float = 30.0   # identity: ArcFace s (the paper's 64 suits 85k classes)
-    arcface_margin: float = 0.5   # identity: ArcFace m (Deng et al. 2019)
-
-
-# Presets: per stage, overrides of TrainConfig ("train") and of the stage's part config.
-PRESETS = {
-    "tiny": {
-        "vqvae": {"train": {"steps": 2500, "batch_size": 8, "lr": 4e-4},
-                  "vqvae": {"base_channels": 16, "channel_mult": (1, 2, 4), "num_res_blocks": 1,
-                            "norm_groups": 8, "codebook_size": 512, "restart_every": 25,
-                            "disc_start": 10 ** 9}},
-        # unsupervised slots reached mIoU 0.29 in this budget, region-supervised 0.89 (README):
-        # the tiny preset supervises them (not in the paper; the paper preset does not)
-        "slots": {"train": {"steps": 2500, "batch_size": 8, "lr": 4e-4, "slots_supervision": 1.0},
-                  "slots": {"image_size": 64, "base_channels": 16, "channel_mult": (1, 2, 4),
-                            "num_res_blocks": 1, "norm_groups": 8, "attn_heads": 4,
-                            "feature_dim": 64, "slot_dim": 64, "mlp_hidden": 128,
-                            "decoder_channels": 32, "decoder_layers": 3}},
-        "estimator": {"train": {"steps": 2500, "batch_size": 8, "lr": 4e-4},
-                      "estimator": {"image_size": 64, "base_channels": 32, "norm_groups": 8}},
-        # ArcFace's s = 64, m = 0.5 suit 85k classes; with 2,000 synthetic identities seen a few
-        # times each, m = 0.5 left the embeddings in a narrow cone (README, measured)
-        "identity": {"train": {"steps": 2000, "batch_size": 16, "lr": 4e-4,
-                               "arcface_scale": 16.0, "arcface_margin": 0.2},
-                     "identity": {"image_size": 64, "base_channels": 16, "norm_groups": 8,
-                                  "embedding_dim": 128}},
-        "ldm": {"train": {"steps": 8000, "batch_size": 8, "lr": 4e-4, "ema_decay": 0.999,
-                          "eval_every": 1000, "eval_items": 64},
-                "unet": {"base_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1,
-                         "attention_resolutions": (1, 2, 4), "head_channels": 32,
-                         "norm_groups": 16},
-                "diffusion": {"sample_steps": 20}},
-    },
-    "paper": {  # DiffFAE §5.1: Adam, lr 1e-4, batch 16 (per GPU here), 256 px; LDM's EMA
-        stage: {"train": {"image_size": 256, "batch_size": 16, "lr": 1e-4, "steps": 100_000,
-                          "pool": 0, "eval_every": 5000, "ckpt_every": 1000,
-                          "ema_decay": 0.9999 if stage == "ldm" else 0.0}}
-        for stage in stages.STAGES
-    },
-}
-
-
-class ConfigError(ValueError):
-    """A bad command-line value or key."""
-
-
-def _parse_value(text, current, key):
-    """Parses `text` to the type of the field's current value."""
-    try:
-        if isinstance(current, bool):
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(text)
-            return text.lower() in ("true", "1")
-        if isinstance(current, tuple):
-            return tuple(type(current[0])(t) for t in text.strip("()").split(",") if t.strip())
-        return type(current)(text)
-    except ValueError:
-        raise ConfigError(f"--{key}={text}: expected {type(current).__name__}") from None
-
-
-def build_configs(argv):
-    """Parses argv into (TrainConfig, {part: part config}) with preset and overrides applied."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=stages.STAGES, required=True)
-    parser.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
-    args, overrides = parser.parse_known_args(argv)
-    preset = PRESETS[args.preset][args.stage]
-    train = dataclasses.replace(TrainConfig(stage=args.stage, preset=args.preset),
-                                **preset.get("train", {}))
-    parts = {name: cls(**preset.get(name, {})) for name, cls in stages.PARTS[args.stage].items()}
-    for item in overrides:
-        key, equals, text = item[2:].partition("=")
-        if not item.startswith("--") or not equals:
-            raise ConfigError(f"{item}: expected --key=value or --part.key=value")
-        part, _, field = key.rpartition(".")
-        target = train if not part else parts.get(part)
-        if target is None or field not in {f.name for f in dataclasses.fields(target)}:
-            known = [f.name for f in dataclasses.fields(TrainConfig)] + [
-                f"{p}.{f.name}" for p, c in parts.items() for f in dataclasses.fields(c)]
-            raise ConfigError(f"--{key}: unknown key; known keys: {', '.join(known)}")
-        value = _parse_value(text, getattr(target, field), key)
-        if not part:
-            train = dataclasses.replace(train, **{field: value})
-        else:
-            parts[part] = dataclasses.replace(target, **{field: value})
-    return train, parts
 
 
 # -- Data: a cached pool of synthetic pairs, or a folder of real frames ----------------------------
@@ -174,11 +61,13 @@ class PairPool(Dataset):
 
 
 def make_dataset(cfg, master):
-    """Real frames of the folder cfg.data, or the pool of synthetic pairs: rendered by rank 0
-    the first time and cached under <out>/data/."""
+    """Real frames of the folder cfg.data, or synthetic pairs: a pool rendered by rank 0 the
+    first time and cached under <out>/data/ (about 200 MB for 6,000 pairs at 64 px)."""
     if cfg.data != "synthetic":
         from data import FrameFolder
         return FrameFolder(cfg.data, "train", cfg.image_size, seed=cfg.seed)
+    if cfg.pool == 0:  # each batch rendered as it is drawn (a 256 px pool would fill the memory)
+        return SyntheticPortraits(cfg.image_size, "train", cfg.seed, identities=cfg.identities)
     path = Path(cfg.out) / "data" / (f"synthetic-v{DATA_VERSION}-{cfg.image_size}px-{cfg.pool}"
                                      f"pairs-{cfg.identities}ids-seed{cfg.seed}.pt")
     if master and not path.exists():
@@ -210,7 +99,7 @@ class StepBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         for step in range(self.start, self.steps):
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            generator = stages.step_generator(self.seed, step)
             yield torch.randint(self.n, (self.batch_size,), generator=generator).tolist()
 
     def __len__(self):
@@ -290,6 +179,55 @@ class EMA:
             copy_into(parameters, saved)
 
 
+# -- Stopping: every rank at the same step, on a signal or a fault; the log cut back on resume -----
+
+class Stopped(Exception):
+    """Training stops early on every rank: rank 0 prints the message; the exit status."""
+
+    def __init__(self, message, status):
+        super().__init__(message)
+        self.status = status
+
+
+def agree(flags, ddp, device):
+    """Each flag summed over the ranks, so that every rank acts on what any one saw. A
+    collective under DDP: every rank calls it."""
+    flags = torch.tensor([float(f) for f in flags], device=device)  # nccl reduces CUDA tensors
+    if ddp:
+        dist.all_reduce(flags)
+    return flags.tolist()
+
+
+@contextlib.contextmanager
+def signals_caught(signums):
+    """Within the block a signal (SIGTERM from a scheduler, SIGINT from Ctrl-C) is only noted
+    in the yielded list, for the loop to checkpoint and stop at the end of the step; a second
+    one acts as before (Ctrl-C twice interrupts at once)."""
+    received, previous = [], {}
+
+    def note(signum, frame):
+        received.append(signum)
+        signal.signal(signum, previous[signum])
+
+    previous.update({signum: signal.signal(signum, note) for signum in signums})
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def truncate_log(path, step):
+    """Keeps the lines of a log up to `step`, where a run resumes: a killed run's later lines,
+    or one cut short, are written again and would otherwise be there twice."""
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError):
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+    write_atomic(path, lambda file: file.write("".join(kept).encode()))
+
+
 # -- The loop --------------------------------------------------------------------------------------
 
 def train(cfg, parts):
@@ -324,13 +262,14 @@ def train(cfg, parts):
         start = resume["step"]
         if master:
             print(f"resuming {cfg.stage} from {path} at step {start}")
-    # made after loading: an average first asked for on resume starts from the loaded weights
-    ema = EMA(stage, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if ema is not None and resume is not None and resume.get("ema"):
-        ema.load_state_dict(resume["ema"])
     # under DDP the gradients are averaged across ranks in backward()
     model = DistributedDataParallel(stage, device_ids=[local_rank] if device.type == "cuda"
                                     else None) if ddp else stage
+    # made after DDP's broadcast of rank 0's weights, so that every rank averages the same, and
+    # after loading: an average first asked for on resume starts from the loaded weights
+    ema = EMA(stage, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None and resume is not None and resume.get("ema"):
+        ema.load_state_dict(resume["ema"])
     config = {"train": dataclasses.asdict(cfg),
               **{name: dataclasses.asdict(c) for name, c in parts.items()}}
 
@@ -342,62 +281,83 @@ def train(cfg, parts):
                         generator=torch.Generator().manual_seed(cfg.seed + rank))
     held_out = stages.to_device(stages.eval_set(cfg), device) if master else None
     if master:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(path.parent / "log.jsonl", "a") if master else None
+        truncate_log(path.parent / "log.jsonl", start)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                               enabled=device.type == "cuda" and cfg.bf16)
-    progress = tqdm(total=cfg.steps, initial=start, disable=not master, desc=cfg.stage)
-    started = time.time()
-    for step, batch in enumerate(loader, start):
-        batch = stages.to_device(batch, device)
-        for group in optimizer.param_groups:  # linear warm-up
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-        # forward / backward
-        stage.train()
-        with autocast:
-            losses = model(batch, step)
-        loss = losses["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # clip; a non-finite loss or gradient stops the run before the weights change
-        grad_norm = torch.nn.utils.clip_grad_norm_(stage.parameters(), cfg.grad_clip)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            raise SystemExit(f"error: {cfg.stage} loss {loss.item()}, gradient norm "
-                             f"{grad_norm.item()} at step {step}; the last good checkpoint is "
-                             f"{path}: lower --lr or --grad_clip and rerun")
-        # step, EMA, then the stage's work outside the gradient (the VQ-VAE's code restarts)
-        optimizer.step()
-        if ema is not None:
-            ema.update(stage)
-        stage.after_step(batch, step)
-        done = step + 1
-        # log
-        if master and (done % cfg.log_every == 0 or done == cfg.steps):
-            print(json.dumps({"step": done, "time": round(time.time() - started, 1),
-                              "grad_norm": float(grad_norm),
-                              **{k: float(v.detach()) for k, v in losses.items()}}),
-                  file=log, flush=True)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-        progress.update(1)
-        # checkpoint: every rank hands in its RNG states, rank 0 writes
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            rng = rng_states(ddp)
-            if master:
-                atomic_save({"stage": cfg.stage, "step": done, "model": stage.state_dict(),
-                             "optimizer": optimizer.state_dict(), "rng": rng, "config": config,
-                             "ema": ema.state_dict() if ema else None}, path)
-        # evaluate on held-out identities, with the EMA weights swapped in
-        if master and (done % cfg.eval_every == 0 or done == cfg.steps):
-            stage.eval()
-            with ema.applied(stage) if ema else contextlib.nullcontext():
-                result = stage.evaluate(held_out, path.parent / f"eval_{done:07d}.png")
-            print(json.dumps({"step": done, "eval": result}), file=log, flush=True)
-            tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
-    progress.close()
-    if master:
-        log.close()
-    if ddp:
-        dist.destroy_process_group()
+    kept = f"{path} holds step {start}" if resume is not None else "no checkpoint was written"
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(open(path.parent / "log.jsonl", "a")) if master else None
+        progress = stack.enter_context(tqdm(total=cfg.steps, initial=start, disable=not master,
+                                            desc=cfg.stage))
+        received = stack.enter_context(signals_caught((signal.SIGTERM, signal.SIGINT)))
+        started = time.time()
+        for step, batch in enumerate(loader, start):
+            batch = stages.to_device(batch, device)
+            for group in optimizer.param_groups:  # linear warm-up
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+            # forward / backward
+            stage.train()
+            with autocast:
+                losses = model(batch, step)
+            loss = losses["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(stage.parameters(), cfg.grad_clip)
+            # every rank learns whether any saw a non-finite loss or gradient, or a signal, so
+            # that all stop at the same step (one alone would leave the others waiting)
+            bad, signalled = agree([not (torch.isfinite(loss) and torch.isfinite(grad_norm)),
+                                    bool(received)], ddp, device)
+            if bad:  # before the weights change
+                seen = f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}"
+                if ddp:
+                    seen = f"on {bad:.0f} of {dist.get_world_size()} processes; rank 0: {seen}"
+                raise Stopped(f"error: {cfg.stage}: non-finite loss or gradient norm at step "
+                              f"{step + 1} ({seen}); the weights were not updated and {kept}: "
+                              f"lower --lr or --grad_clip and rerun", 1)
+            # step, EMA, then the stage's work outside the gradient (the VQ-VAE's code restarts)
+            optimizer.step()
+            if ema is not None:
+                ema.update(stage)
+            stage.after_step(batch, step)
+            done = step + 1
+            # log
+            if master and (done % cfg.log_every == 0 or done == cfg.steps):
+                print(json.dumps({"step": done, "time": round(time.time() - started, 1),
+                                  "grad_norm": float(grad_norm),
+                                  **{k: float(v.detach()) for k, v in losses.items()}}),
+                      file=log, flush=True)
+                progress.set_postfix(loss=f"{loss.item():.4f}")
+            progress.update(1)
+            # checkpoint: every rank hands in its RNG states, rank 0 writes; a failed write
+            # (a full disk) leaves the previous checkpoint whole and stops every rank
+            if done % cfg.ckpt_every == 0 or done == cfg.steps or signalled:
+                rng, failed = rng_states(ddp), None
+                if master:
+                    try:
+                        atomic_save({"stage": cfg.stage, "step": done, "rng": rng,
+                                     "model": stage.state_dict(), "config": config,
+                                     "optimizer": optimizer.state_dict(),
+                                     "ema": ema.state_dict() if ema else None}, path)
+                    except OSError as error:
+                        failed = error
+                if agree([failed is not None], ddp, device)[0]:
+                    raise Stopped(f"error: writing the checkpoint of step {done} failed "
+                                  f"({failed}); {kept}, unharmed", 1)
+                kept = f"{path} holds step {done}"
+            if signalled:
+                name = signal.Signals(received[0]).name if received else "a signal"
+                raise Stopped(f"stopped by {name} at step {done}; {path} holds it: rerun the "
+                              f"same command to resume", 128 + (received or [signal.SIGTERM])[0])
+            # evaluate on held-out identities, with the EMA weights swapped in; its own RNG
+            # streams, so that evaluating never changes what training draws next
+            if master and (done % cfg.eval_every == 0 or done == cfg.steps):
+                stage.eval()
+                with torch.random.fork_rng([device] if device.type == "cuda" else []), \
+                        ema.applied(stage) if ema else contextlib.nullcontext():
+                    result = stage.evaluate(held_out, path.parent / f"eval_{done:07d}.png")
+                print(json.dumps({"step": done, "eval": result}), file=log, flush=True)
+                tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}"
+                                                        for k, v in result.items()))
 
 
 def export(cfg, out):
@@ -415,19 +375,28 @@ def export(cfg, out):
 
 
 def main(argv=None):
-    exporter = argparse.ArgumentParser(add_help=False)
-    exporter.add_argument("--export", metavar="PATH",
-                          help="write the checkpoint's inference weights to PATH and exit")
-    args, argv = exporter.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg, parts = build_configs(argv)
-        if args.export:
-            export(cfg, args.export)
+        cfg, parts = build_configs(sys.argv[1:] if argv is None else argv)
+        if cfg.export:
+            export(cfg, cfg.export)
         else:
             train(cfg, parts)
     except ValueError as error:  # ConfigError, MissingCheckpoint and the configs' own checks
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as stop:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(stop, file=sys.stderr)
+        sys.exit(stop.status)
+    except OSError as error:  # a full disk, an unreadable data folder
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # before the loop, or Ctrl-C twice
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -200,6 +200,17 @@ def test_bad_size_names_file_and_value(tmp_path, size):
     assert str(tmp_path / "ok.png") in str(caught.value) and repr(size) in str(caught.value)
 
 
+def test_a_large_enlargement_warns(tmp_path):
+    Image.new("RGB", (3, 2), RED).save(tmp_path / "tiny.png")
+    with pytest.warns(UserWarning, match=r"tiny.png: 3x2 enlarged 8x to 16x16"):
+        image = load_image(tmp_path / "tiny.png", 16)
+    assert torch.allclose(image, to_unit(RED)[:, None, None].float())  # and still loads
+    Image.new("RGB", (4, 4), RED).save(tmp_path / "small.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 4x is data.MAX_UPSCALE: allowed without a word
+        load_image(tmp_path / "small.png", 16)
+
+
 def test_pixel_limit(tmp_path, monkeypatch):
     Image.new("RGB", (16, 16)).save(tmp_path / "big.png")
     monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 255)  # 16 × 16 = 256 pixels: one too many

@@ -260,6 +260,10 @@ def test_sample_program_writes_an_edit_and_fails_cleanly(exported, batch, tmp_pa
         ("src.png", "qry.png", "--steps=0"): "--steps 0: expected 1..1000",
         ("src.png", "qry.png", "--eta=1.5"): "--eta 1.5: expected a value in [0, 1]",
         ("src.png", "qry.png", "--eta=1", "--sampler=dpm++2m"): "ddim sampler only",
+        ("src.png", "qry.png", "--steps", "0"): "--steps 0: expected 1..1000",
+        ("src.png", "qry.png", "--device=cuda:99"): "--device cuda:99: this machine has",
+        ("src.png", "qry.png", f"--out={tmp_path}"): f"--out {tmp_path}: a directory",
+        ("src.png", "qry.png", f"--ckpt={tmp_path}"): "a directory, not a checkpoint file",
     }
     for args, message in failures.items():
         extra = [] if any(a.startswith("--ckpt") for a in args) else [f"--ckpt={exported}"]
@@ -280,7 +284,7 @@ def test_evaluate_program_scores_methods_against_the_target(exported, tmp_path):
                f"--ablation=other={tmp_path / 'other.pt'}")
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
-    assert results["n"] == 3
+    assert results["n"] == 3 and results["config"]["ckpt"] == str(exported)  # as given
     methods = results["methods"]
     assert set(methods) == {"difffae", "copy_source", "paste_render", "ground_truth", "again",
                             "other"}
@@ -296,10 +300,14 @@ def test_evaluate_program_scores_methods_against_the_target(exported, tmp_path):
     assert Image.open(tmp_path / "grid.png").size == (9 * SIZE, 6 * SIZE)
     for args, message in {("--steps=1001",): "--steps 1001: expected 1..1000",
                           ("--sampler=euler",): "invalid choice: 'euler'",
-                          ("--n=0",): "--n 0: expected at least 1 pair"}.items():
+                          ("--n=0",): "--n 0: expected at least 1 pair",
+                          ("--device=cuda:99",): "--device cuda:99: this machine has",
+                          ("--json", str(tmp_path)): f"--json {tmp_path}: a directory",
+                          ("--grid=g.jpg",): "--grid g.jpg: expected a .png file"}.items():
         done = run("evaluate.py", f"--ckpt={exported}", *args)
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert not done.stdout  # refused before the evaluation, not after
 
 
 def test_the_bundled_model_edits_the_examples(tmp_path):

@@ -1,4 +1,5 @@
 """The training program: config parsing, one step of every stage, resume, DDP, clear errors."""
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
+import config
 import stages
 import train
 from synthetic import SyntheticPortraits
@@ -28,7 +30,7 @@ def test_overrides_are_typed_and_unknown_keys_rejected():
                                       "--vqvae.channel_mult=1,2", "--vqvae.codebook_size=64"])
     assert cfg.lr == 0.5 and cfg.bf16 is False
     assert parts["vqvae"].channel_mult == (1, 2) and parts["vqvae"].codebook_size == 64
-    assert cfg.steps == train.PRESETS["tiny"]["vqvae"]["train"]["steps"]
+    assert cfg.steps == config.PRESETS["tiny"]["vqvae"]["train"]["steps"]
     with pytest.raises(train.ConfigError, match="unknown key"):
         train.build_configs(["--stage", "vqvae", "--learning_rate=1"])
     with pytest.raises(train.ConfigError, match="expected int"):
@@ -71,17 +73,28 @@ def test_a_few_steps_of_every_stage_lower_the_loss(stage, batch, tmp_path):
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    """The path users take: run to N, rerun to 2N. Codes die and restart on both sides of N (a
+    short usage memory, restarts every step), and the runs evaluate at different steps (the
+    first run ends with an evaluation at N, the uninterrupted one evaluates every step): the
+    rerun matches an uninterrupted 2N run, so evaluating changes nothing training uses."""
     whole, split = tmp_path / "whole", tmp_path / "split"
-    assert run(["--stage", "vqvae", "--steps=4", "--ckpt_every=1"], whole).returncode == 0
-    assert run(["--stage", "vqvae", "--steps=2", "--ckpt_every=1"], split).returncode == 0
-    resumed = run(["--stage", "vqvae", "--steps=4", "--ckpt_every=1"], split)
+    common = ["--stage", "vqvae", "--ckpt_every=1", "--vqvae.restart_every=1",
+              "--vqvae.usage_decay=0.1"]
+    assert run([*common, "--steps=4", "--eval_every=1"], whole).returncode == 0
+    assert run([*common, "--steps=2", "--eval_every=3"], split).returncode == 0
+    resumed = run([*common, "--steps=4", "--eval_every=3"], split)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming vqvae" in resumed.stdout and "at step 2" in resumed.stdout
     a = torch.load(whole / "vqvae" / "ckpt.pt", weights_only=True)
     b = torch.load(split / "vqvae" / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 4
-    for key in a["model"]:
+    for key in a["model"]:  # weights, codebook and its usage
         assert torch.equal(a["model"][key], b["model"][key]), key
+    logs = [[json.loads(line) for line in open(out / "vqvae" / "log.jsonl")]
+            for out in (whole, split)]
+    losses = [[(line["step"], line["loss"]) for line in log if "loss" in line] for log in logs]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    assert [line["step"] for line in logs[1] if "eval" in line] == [2, 3, 4]
 
 
 def test_missing_prerequisite_is_a_clear_error(tmp_path):
@@ -124,6 +137,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {saved}" in resumed.stdout
     assert torch.load(checkpoint, weights_only=True)["step"] == saved + 2
+    log = [json.loads(line) for line in open(tmp_path / "vqvae" / "log.jsonl")]
+    assert [line["step"] for line in log if "loss" in line] == list(range(1, saved + 3))
 
 
 def test_ema_follows_its_formula_and_swaps_weights_in_and_out():
