@@ -8,9 +8,10 @@ and measures. Config: one dataclass per part (TrainConfig here); presets are dic
 parsed to the field's type. Checkpoints carry the config and the RNG states; rerunning a stage
 resumes from its checkpoint exactly (the batch of step s depends only on seed, rank and s).
 One code path for one process and for torchrun (DDP: gloo on CPU, nccl on CUDA, only rank 0
-writes, `batch_size` per process); bf16 autocast on CUDA. Adam (DiffFAE §5.1) after a linear
-warm-up, gradient clipping, a NaN/inf guard; with `ema_decay` > 0 an exponential moving average
-of the weights is kept, saved, restored and used for evaluation (as LDM samples with it).
+writes, `batch_size` per process); bf16 autocast on CUDA, and on the CPU with `--bf16_cpu=true`.
+Adam (DiffFAE §5.1) after a linear warm-up, gradient clipping, a NaN/inf guard; with `ema_decay`
+> 0 an exponential moving average of the weights is kept, saved, restored and used for
+evaluation (as LDM samples with it).
 `--export PATH` writes an ldm checkpoint's inference weights (EMA, float16).
 """
 import argparse
@@ -51,11 +52,12 @@ class TrainConfig:
     eval_every: int = 500
     ckpt_every: int = 250
     seed: int = 0
-    pool: int = 6000              # synthetic pairs rendered once and cached on disk
+    pool: int = 6000              # synthetic pairs rendered once and cached; 0: each when drawn
     identities: int = 2000        # synthetic identities the pool cycles through
     eval_items: int = 128         # held-out synthetic items used for the measurements
     num_workers: int = 0
     bf16: bool = True             # autocast to bfloat16 on CUDA
+    bf16_cpu: bool = False        # also on the CPU: the same code path, to test it without a GPU
     ema_decay: float = 0.0        # EMA of the trained weights; 0 keeps none
     # stage options
     slots_supervision: float = 0.0  # slots: weight of a mask loss on true regions (not in paper)
@@ -179,6 +181,8 @@ def make_dataset(cfg, master):
     if cfg.data != "synthetic":
         from data import FrameFolder
         return FrameFolder(cfg.data, "train", cfg.image_size, seed=cfg.seed)
+    if cfg.pool == 0:  # no pool (the paper preset): render every pair when it is drawn
+        return SyntheticPortraits(cfg.image_size, "train", cfg.seed, identities=cfg.identities)
     path = Path(cfg.out) / "data" / (f"synthetic-v{DATA_VERSION}-{cfg.image_size}px-{cfg.pool}"
                                      f"pairs-{cfg.identities}ids-seed{cfg.seed}.pt")
     if master and not path.exists():
@@ -344,8 +348,9 @@ def train(cfg, parts):
     if master:
         path.parent.mkdir(parents=True, exist_ok=True)
     log = open(path.parent / "log.jsonl", "a") if master else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                              enabled=device.type == "cuda" and cfg.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=cfg.bf16 and (device.type == "cuda"
+                                                    or device.type == "cpu" and cfg.bf16_cpu))
     progress = tqdm(total=cfg.steps, initial=start, disable=not master, desc=cfg.stage)
     started = time.time()
     for step, batch in enumerate(loader, start):
