@@ -14,14 +14,35 @@ diffusion: one UNet forward (batch 1) at the paper's scale (64×64×3 latent, 25
 Run: python bench.py   (a table of ms per image, median and best of REPEATS; numbers vary when
 other processes share the CPU — rerun when it is quiet)
 
+python bench.py --paper-step: the paper preset wired end to end on the CPU. Each stage runs as
+    `train.py --preset paper` (256 px, batch 1, synthetic pairs rendered as drawn): one step
+    from scratch (build, forward, backward, Adam, checkpoint, evaluation), then a second one
+    resumed from that checkpoint; then sample.py edits at 256 px with 4 DPM-Solver++ steps. It
+    prints each run's wall time and peak memory (RSS, from os.wait4) and each network's size.
+python bench.py --gpu-check: the GPU figures of the README in one run of a few minutes. Every
+    stage trains a few steps of train.py at the paper preset (batch 16, bf16 autocast), which
+    gives the peak GPU memory per stage and the ldm stage's steps/s; a 2-process nccl DDP run of
+    the ldm stage when two GPUs are present; the latency of a 256 px edit with DPM-Solver++(2M)
+    20 and DDIM 50, in bf16 and float32. `--device cpu` is its dry run: the same code at tiny
+    sizes with bf16 autocast on the CPU and a gloo DDP run (tests/test_gpu_check.py runs it).
+
 Shape letters: B batch, V vertices, F faces, H/W image size, K (face, pixel) pairs in a chunk.
 """
+import argparse
+import json
 import math
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import render
+
+ROOT = Path(__file__).resolve().parent
 
 IMAGE_SIZE = 256
 BATCH = 8
@@ -221,9 +242,187 @@ def bench_diffusion(device, flame):
     return rows
 
 
+# -- The paper preset's step on the CPU and the GPU check: train.py's stages in order -------------
+
+# One step of every stage at the paper preset's sizes with batch 1, then a second, resumed one
+# (the checkpoint's round trip); the PatchGAN on from step 0, so that its terms run too.
+PAPER_STEP = ["--preset", "paper", "--batch_size=1", "--eval_items=1"]
+STAGE_ARGS = {"vqvae": ["--vqvae.disc_start=0"], "ldm": ["--diffusion.sample_steps=2"]}
+# The GPU check: the paper preset (its batch of 16) on CUDA; the CPU dry run at tiny sizes.
+# steps per stage (ldm_steps for the ldm stage, whose speed is measured from logged step `warm`
+# on), steps of the DDP run, and the (sampler, steps) of the timed edits.
+CHECK = {"cuda": {"args": ["--preset", "paper", "--pool=64", "--eval_items=2"],
+                  "steps": 3, "ldm_steps": 25, "warm": 5, "ddp_steps": 20,
+                  "edits": (("dpm++2m", 20), ("ddim", 50))},
+         "cpu": {"args": ["--preset", "tiny", "--image_size=32", "--batch_size=2", "--pool=8",
+                          "--identities=4", "--eval_items=2", "--bf16_cpu=true"],
+                 "steps": 2, "ldm_steps": 8, "warm": 2, "ddp_steps": 4,
+                 "edits": (("dpm++2m", 2), ("ddim", 3))}}
+
+
+def run_measured(command, env=None):
+    """Runs a command; returns (wall s, peak resident memory in GiB, exit status, output)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, not the session's
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - started, usage.ru_maxrss / 2 ** 20, process.returncode, output
+
+
+def train_command(stage, out, *args):
+    return [sys.executable, "train.py", "--stage", stage, *args, *STAGE_ARGS.get(stage, []),
+            f"--out={out}"]
+
+
+def parameter_counts(config):
+    """Parameters of every network (millions), built on the meta device from the ldm
+    checkpoint's config."""
+    from estimator import ArcMarginHead, CoefficientEstimator, EstimatorConfig
+    from estimator import IdentityConfig, IdentityEncoder
+    from slots import RegionSlots, SlotsConfig
+    from unet import UNet, UNetConfig
+    from vqvae import PatchDiscriminator, VQConfig, VQVAE
+    vq, identity = VQConfig(**config["vqvae"]), IdentityConfig(**config["identity"])
+    with torch.device("meta"):
+        networks = {
+            "VQ-VAE": VQVAE(vq), "PatchGAN discriminator": PatchDiscriminator(
+                vq.in_channels, vq.disc_channels, vq.disc_layers, vq.norm_groups),
+            "region encoder φ^E + slot attention + decoder ζ": RegionSlots(
+                SlotsConfig(**config["slots"])),
+            "coefficient estimator": CoefficientEstimator(EstimatorConfig(**config["estimator"])),
+            "identity encoder": IdentityEncoder(identity),
+            "ArcFace head": ArcMarginHead(identity.embedding_dim, config["train"]["identities"]),
+            "UNet ε_θ": UNet(UNetConfig(**config["unet"]))}
+    return {name: sum(p.numel() for p in net.parameters()) / 1e6
+            for name, net in networks.items()}
+
+
+def paper_step(out):
+    """Every stage at the paper preset's sizes on the CPU (see PAPER_STEP), then an edit of
+    4 DPM-Solver++ steps with sample.py; prints Markdown tables of time, memory, parameters."""
+    import stages
+    print("| stage | run | wall time | peak memory (RSS) |\n|---|---|---|---|")
+    for stage in stages.STAGES:
+        for steps, what in ((1, "step 1 from scratch"), (2, "step 2, resumed")):
+            wall, rss, status, output = run_measured(train_command(
+                stage, out, *PAPER_STEP, f"--steps={steps}"))
+            if status:
+                raise SystemExit(f"{stage} failed:\n{output[-3000:]}")
+            print(f"| {stage} | {what} | {wall:.0f} s | {rss:.1f} GiB |", flush=True)
+    ckpt = Path(out) / "ldm" / "ckpt.pt"
+    wall, rss, status, output = run_measured(
+        [sys.executable, "sample.py", "examples/src.png", "examples/qry.png", "--ckpt", str(ckpt),
+         "--sampler", "dpm++2m", "--steps", "4", "--panel", "--out", str(Path(out) / "edit.png")])
+    if status:
+        raise SystemExit(f"sample.py failed:\n{output[-3000:]}")
+    print(f"| edit (sample.py) | DPM-Solver++(2M), 4 steps | {wall:.0f} s | {rss:.1f} GiB |")
+    config = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True)["config"]
+    print("\n| network | parameters |\n|---|---|")
+    for name, millions in parameter_counts(config).items():
+        print(f"| {name} | {millions:.1f}M |")
+
+
+def logged_speed(log, first):
+    """Steps per second of a train.py log.jsonl from logged step `first` to the last one."""
+    lines = [json.loads(line) for line in open(log)]
+    lines = [line for line in lines if "time" in line and line["step"] >= first]
+    return (lines[-1]["step"] - lines[0]["step"]) / (lines[-1]["time"] - lines[0]["time"])
+
+
+def gpu_check(device, out):
+    """The measurements for the README's GPU table (see CHECK); prints it in Markdown."""
+    import stages
+    import train
+    from difffae import load_model
+    from synthetic import SyntheticPortraits
+    check, cuda = CHECK[device.type], device.type == "cuda"
+    rows = []
+
+    def peak():
+        if not cuda:
+            return "— (CPU)"
+        gib = torch.cuda.max_memory_allocated() / 2 ** 30
+        torch.cuda.empty_cache()  # the cache goes back too: the DDP run needs this GPU
+        torch.cuda.reset_peak_memory_stats()
+        return f"{gib:.1f} GiB"
+
+    peak()
+    for stage in stages.STAGES:  # train.py's loop in this process, bf16 autocast on CUDA
+        steps = check["ldm_steps"] if stage == "ldm" else check["steps"]
+        cfg, parts = train.build_configs(train_command(stage, out, *check["args"], "--log_every=1",
+                                                       f"--steps={steps}")[2:])
+        started = time.perf_counter()
+        train.train(cfg, parts)
+        rows.append((f"peak GPU memory, {stage} stage", peak(), f"{steps} steps of train.py, "
+                     f"batch {cfg.batch_size}, {cfg.image_size} px, evaluation included, "
+                     f"{time.perf_counter() - started:.0f} s"))
+    speed = logged_speed(Path(out) / "ldm" / "log.jsonl", check["warm"])
+    rows.insert(0, ("ldm training speed, bf16", f"{speed:.2f} steps/s", f"steps {check['warm']}"
+                    f"–{check['ldm_steps']}, batch {cfg.batch_size} per GPU"))
+    gpus = torch.cuda.device_count()
+    ddp = f"DDP, 2 processes ({'nccl' if cuda else 'gloo'}), ldm, {check['ddp_steps']} steps"
+    if cuda and gpus < 2:
+        rows.insert(1, (ddp, "skipped", f"{gpus} GPU visible; it needs 2"))
+    else:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        wall, _, status, output = run_measured(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             *train_command("ldm", out, *check["args"], "--tag=ddp", "--log_every=1",
+                            f"--steps={check['ddp_steps']}")[1:]], env)
+        if status:
+            raise SystemExit(f"the DDP run failed:\n{output[-3000:]}")
+        speed = logged_speed(Path(out) / "ldm-ddp" / "log.jsonl", check["warm"])
+        rows.insert(1, (ddp, f"{speed:.2f} steps/s", f"rank 0's log, {wall:.0f} s in all"))
+    model = load_model(Path(out) / "ldm" / "ckpt.pt", device)
+    pair = SyntheticPortraits(model.image_size, "test", length=1)[0]
+    source, query = (pair[key][None].to(device) for key in ("source", "query"))
+    for sampler, steps in check["edits"]:
+        for precision in ("bf16", "float32"):
+            with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+                (ms,) = time_ms([lambda: model.edit(source, query, steps=steps,
+                                                    sampler=sampler)], device, per=1)
+            rows.append((f"edit, {sampler} {steps} steps, {precision}", f"{ms[0] / 1e3:.2f} s",
+                         f"{model.image_size} px, batch 1, median of {REPEATS}"))
+    rows.append(("peak GPU memory, edit", peak(), "the four edits above"))
+    name = torch.cuda.get_device_name(device) if cuda else "CPU (dry run, tiny sizes)"
+    print(f"\n{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, {gpus} GPU(s)\n")
+    print("| measurement | value | setting |\n|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def fail(message):
+    """A command-line error: one line on stderr and exit status 2, as argparse's own."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.error = fail
+    command = parser.add_mutually_exclusive_group()
+    command.add_argument("--gpu-check", action="store_true", help="the GPU table of the README")
+    command.add_argument("--paper-step", action="store_true",
+                         help="one step of every stage at the paper preset's sizes on the CPU")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=("cuda", "cpu"), help="--gpu-check's device (cpu: a dry run)")
+    parser.add_argument("--out", help="checkpoints of --gpu-check / --paper-step (default: a "
+                        "temporary folder, removed after)")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.gpu_check or args.paper_step:
+        with tempfile.TemporaryDirectory() as temporary:
+            out = Path(args.out or temporary)
+            if args.gpu_check:
+                gpu_check(torch.device(args.device), out)
+            else:
+                paper_step(out)
+        return
     from flame import FLAME
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device)
     print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"ms per image, median and best of {REPEATS} interleaved runs")
     flame = FLAME().to(device)  # the built-in head

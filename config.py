@@ -44,6 +44,7 @@ class TrainConfig:
     eval_items: int = 128         # held-out synthetic items used for the measurements
     num_workers: int = 0
     bf16: bool = True             # autocast to bfloat16 on CUDA
+    bf16_cpu: bool = False        # also on the CPU: the same code path, to test it without a GPU
     ema_decay: float = 0.0        # EMA of the trained weights; 0 keeps none
     # stage options
     slots_supervision: float = 0.0  # slots: weight of a mask loss on true regions (not in paper)

@@ -142,7 +142,7 @@ def sample_loop(eps_fn, x_T, alphas_cumprod, timesteps, sampler="ddim", eta=0.0,
     alpha_bar = [float(alphas_cumprod[t]) for t in timesteps] + [1.0]
     x, previous_x0, previous_h = x_T, None, None
     for i, t in enumerate(timesteps):
-        eps = eps_fn(x, t)
+        eps = eps_fn(x, t).to(x.dtype)  # the arithmetic in x's precision, even for a bf16 ε
         if sampler == "ddim":
             noise = None
             if eta > 0:
@@ -222,10 +222,11 @@ def set_numbers(coefficients, numbers, expression_names=()):
 def render_face(flame, renderer, coefficients):
     """SPC, Eq. 2-3: FLAME(β, ψ, θ) rendered with albedo α, SH light l and camera c → I_R in
     [-1, 1] (black outside the head) and its mask (B, 1, H, W). Coefficients as the estimator's."""
-    vertices = flame(coefficients["shape"], coefficients["expression"],
-                     pose6_to_flame15(coefficients["pose"]))
-    out = renderer(vertices, flame.albedo(coefficients["albedo"]), coefficients["light"],
-                   coefficients["cam"])
+    # float32 under autocast too: bf16 would move vertices by up to 1/256 of their coordinates
+    with torch.autocast(coefficients["shape"].device.type, enabled=False):
+        c = {key: value.float() for key, value in coefficients.items()}
+        vertices = flame(c["shape"], c["expression"], pose6_to_flame15(c["pose"]))
+        out = renderer(vertices, flame.albedo(c["albedo"]), c["light"], c["cam"])
     return out["image"] * 2 - 1, out["mask"]
 
 
@@ -274,8 +275,8 @@ class DiffFAE(nn.Module):
 
     # -- the pieces of Eq. 3 and §4.2 ------------------------------------------------------
     def encode_latent(self, image):
-        """(B, 3, H, W) in [-1, 1] → scaled pre-quantisation VQ latent (B, C, h, w)."""
-        return self.vqvae.encode(image) * self.latent_scale
+        """(B, 3, H, W) in [-1, 1] → scaled VQ latent (B, C, h, w), float32 even under bf16."""
+        return self.vqvae.encode(image).to(self.latent_scale.dtype) * self.latent_scale
 
     def decode_latent(self, z):
         """Scaled latent (B, C, h, w) → image (B, 3, H, W); the decoder quantises (LDM VQ-reg)."""
@@ -315,13 +316,11 @@ class DiffFAE(nn.Module):
             if dist.is_initialized():  # each rank measured its own batch: take the mean
                 dist.all_reduce(self.latent_scale)
                 self.latent_scale /= dist.get_world_size()
-        # 1. SPC, Eq. 3: the query's coefficients drawn through FLAME into I_R (B, 3, H, W);
-        #    the geometry stays in fp32 under autocast
-        with torch.autocast(query.device.type, enabled=False):
-            if d.render_from == "estimated":
-                with torch.no_grad():
-                    coefficients = self.estimator(query)
-            rendered, _ = self.render(coefficients)
+        # 1. SPC, Eq. 3: the query's coefficients drawn through FLAME into I_R (B, 3, H, W)
+        if d.render_from == "estimated":
+            with torch.no_grad():
+                coefficients = self.estimator(query)
+        rendered, _ = self.render(coefficients)
         # 2. the target latent z_0 = ℰ(I_Q) (B, C, h, w), the VQ encoder's, scaled to unit variance
         z0 = self.encode_latent(query)
         # 3. the conditions: f_r = ℰ(I_R); RSC (§4.2): the slot tokens F of I_S, context of
@@ -348,7 +347,8 @@ class DiffFAE(nn.Module):
     @torch.no_grad()
     def set_latent_scale(self, images):
         """LDM's scale_factor: 1/std of the VQ latents of `images` (B, 3, H, W)."""
-        std = self.vqvae.encode(images).float().std()
+        with torch.autocast(images.device.type, enabled=False):  # float32: it scales every latent
+            std = self.vqvae.encode(images).float().std()
         self.latent_scale.fill_(1.0 / float(std))
 
     # -- inference ---------------------------------------------------------------------------

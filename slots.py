@@ -148,7 +148,9 @@ class SlotAttention(nn.Module):
             previous = slots
             q = self.to_q(self.norm_slots(slots))  # (B, K, D)
             logits = torch.einsum("bnd,bkd->bkn", k, q) * scale  # (B, K, N)
-            attn = logits.softmax(dim=1)  # over slots: slots compete for each input
+            # over slots: slots compete for each input; in the weights' precision (float32
+            # under bf16 autocast), since these are the region masks M_Q of Eq. 7
+            attn = logits.to(self.mu.dtype).softmax(dim=1)
             weights = attn + self.eps
             weights = weights / weights.sum(dim=-1, keepdim=True)  # weighted mean over inputs
             updates = torch.einsum("bkn,bnd->bkd", weights, v)  # (B, K, D)
@@ -190,7 +192,8 @@ class BroadcastDecoder(nn.Module):
         x = self.convs(self.position(x))  # (B·K, T+1, h, w)
         x = x.reshape(b, k, self.out_channels + 1, self.size, self.size)  # (B, K, T+1, h, w)
         slot_recons = x[:, :, : self.out_channels]  # (B, K, T, h, w)
-        alphas = x[:, :, self.out_channels].softmax(dim=1)  # (B, K, h, w)
+        alpha_logits = x[:, :, self.out_channels].to(self.position.proj.weight.dtype)
+        alphas = alpha_logits.softmax(dim=1)  # (B, K, h, w), float32 under bf16 autocast
         recon = torch.einsum("bkhw,bkthw->bthw", alphas, slot_recons)  # (B, T, h, w)
         return {"recon": recon, "alphas": alphas, "slot_recons": slot_recons}
 

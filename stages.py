@@ -316,7 +316,9 @@ class IdentityStage(Stage):
     def forward(self, batch, step):
         images = images_of(batch)
         labels = torch.as_tensor(batch["identity"], device=images.device).repeat(2)
-        logits = self.head(self.encoder(images), labels)
+        embeddings = self.encoder(images)
+        with torch.autocast(images.device.type, enabled=False):  # cos θ + m wants float32
+            logits = self.head(embeddings.float(), labels)
         loss = F.cross_entropy(logits, labels)
         accuracy = (logits.argmax(1) == labels).float().mean()
         return {"loss": loss, "train_accuracy": accuracy.detach()}

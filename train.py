@@ -9,9 +9,10 @@ depends only on seed, rank and s, and evaluating draws nothing from training's s
 SIGTERM or Ctrl-C checkpoints the current step and exits; a non-finite loss or a failed
 checkpoint write stops every rank at the same step, the last checkpoint intact.
 One code path for one process and for torchrun (DDP: gloo on CPU, nccl on CUDA, only rank 0
-writes, `batch_size` per process); bf16 autocast on CUDA. Adam (DiffFAE §5.1) after a linear
-warm-up, gradient clipping; with `ema_decay` > 0 an exponential moving average of the weights
-is kept, saved, restored and used for evaluation (as LDM samples with it).
+writes, `batch_size` per process); bf16 autocast on CUDA, and on the CPU with `--bf16_cpu=true`.
+Adam (DiffFAE §5.1) after a linear warm-up, gradient clipping, a NaN/inf guard; with `ema_decay`
+> 0 an exponential moving average of the weights is kept, saved, restored and used for
+evaluation (as LDM samples with it).
 `--export PATH` writes an ldm checkpoint's inference weights (EMA, float16).
 """
 import contextlib
@@ -282,8 +283,9 @@ def train(cfg, parts):
     held_out = stages.to_device(stages.eval_set(cfg), device) if master else None
     if master:
         truncate_log(path.parent / "log.jsonl", start)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                              enabled=device.type == "cuda" and cfg.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=cfg.bf16 and (device.type == "cuda"
+                                                    or device.type == "cpu" and cfg.bf16_cpu))
     kept = f"{path} holds step {start}" if resume is not None else "no checkpoint was written"
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(open(path.parent / "log.jsonl", "a")) if master else None

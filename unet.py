@@ -172,7 +172,9 @@ class CrossAttention(nn.Module):
         q, k, v = self.project(x, context)
         # b batch, h head, n pixel, k token, d channel within the head
         logits = torch.einsum("bhnd,bhkd->bhnk", q, k) / math.sqrt(q.shape[-1])  # (B,heads,N,K)
-        probs = logits.softmax(dim=-1)  # each pixel's distribution over the K tokens
+        # each pixel's distribution over the K tokens, in the weights' precision (float32 under
+        # bf16 autocast): these are the maps A_cross that Eq. 7 compares with M_Q
+        probs = logits.to(self.to_q.weight.dtype).softmax(dim=-1)
         out = torch.einsum("bhnk,bhkd->bhnd", probs, v)  # (B, heads, N, d)
         return self.to_out(out.transpose(1, 2).flatten(2)), probs  # heads merged: (B, N, C)
 

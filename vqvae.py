@@ -141,10 +141,13 @@ class VectorQuantizer(nn.Module):
         """Indices (N,) of the nearest codes to z_flat (N, D) in squared L2."""
         e = self.codebook
         # ||z||² − 2 z·e + ||e||², all pairs at once; ||z||² does not change the argmin but is
-        # kept so `distances` are true squared distances.
-        distances = (z_flat.pow(2).sum(1, keepdim=True)  # (N, 1)
-                     - 2.0 * z_flat @ e.t()  # (N, K)
-                     + e.pow(2).sum(1)[None, :])  # (1, K)
+        # kept so `distances` are true squared distances. In the codebook's precision even under
+        # bf16 autocast: with 8 mantissa bits ||z||² swamps z·e and the argmin is noise.
+        with torch.autocast(z_flat.device.type, enabled=False):
+            z_flat = z_flat.to(e.dtype)
+            distances = (z_flat.pow(2).sum(1, keepdim=True)  # (N, 1)
+                         - 2.0 * z_flat @ e.t()  # (N, K)
+                         + e.pow(2).sum(1)[None, :])  # (1, K)
         return distances.argmin(dim=1)  # (N,)
 
     def forward(self, z):
@@ -160,7 +163,7 @@ class VectorQuantizer(nn.Module):
         z_q_flat = z_flat + (e - z_flat).detach()  # (N, D), straight-through: dz_q/dz = I
         z_q = z_q_flat.reshape(b, h, w, self.dim).permute(0, 3, 1, 2)  # (B, D, h, w)
         counts = torch.bincount(indices, minlength=self.codebook_size)  # (K,)
-        usage = counts.to(z.dtype) / indices.numel()  # (K,), p_k
+        usage = counts.to(self.code_usage.dtype) / indices.numel()  # (K,), p_k, not in bf16
         perplexity = torch.exp(-torch.special.xlogy(usage, usage).sum())
         if self.training:
             with torch.no_grad():
@@ -268,14 +271,15 @@ def reconstruction_loss(x_hat, x):
 
 def discriminator_hinge_loss(real_logits, fake_logits):
     """½·(mean relu(1 − D(x)) + mean relu(1 + D(x̂))) over patch logits."""
-    loss_real = F.relu(HINGE_MARGIN - real_logits).mean()
-    loss_fake = F.relu(HINGE_MARGIN + fake_logits).mean()
+    # the means in float32: under bf16 autocast the logits are bf16
+    loss_real = F.relu(HINGE_MARGIN - real_logits.float()).mean()
+    loss_fake = F.relu(HINGE_MARGIN + fake_logits.float()).mean()
     return 0.5 * (loss_real + loss_fake)
 
 
 def generator_hinge_loss(fake_logits):
     """−mean D(x̂) (the generator side of the hinge GAN)."""
-    return -fake_logits.mean()
+    return -fake_logits.float().mean()  # float32 mean of bf16 logits under autocast
 
 
 def adaptive_disc_weight(rec_loss, g_loss, last_layer):
