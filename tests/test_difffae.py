@@ -237,7 +237,8 @@ def test_load_model_errors_name_the_file(exported, pretrained, tmp_path):
     assert configs_from(bundle["config"])["unet"].base_channels == 64
 
 
-def test_sample_program_writes_an_edit_and_fails_cleanly(exported, batch, tmp_path):
+def test_sample_program_writes_an_edit_and_fails_cleanly(exported, batch, tmp_path, capsys,
+                                                          monkeypatch):
     save_image(batch["source"][0], tmp_path / "src.png")
     save_image(batch["query"][0], tmp_path / "qry.png")
     out = tmp_path / "out.png"
@@ -265,12 +266,18 @@ def test_sample_program_writes_an_edit_and_fails_cleanly(exported, batch, tmp_pa
         ("src.png", "qry.png", f"--out={tmp_path}"): f"--out {tmp_path}: a directory",
         ("src.png", "qry.png", f"--ckpt={tmp_path}"): "a directory, not a checkpoint file",
     }
+    # the failures in this process (the success above ran the real program): same main(), no
+    # torch import per case
+    import sample
+    monkeypatch.chdir(tmp_path)
     for args, message in failures.items():
         extra = [] if any(a.startswith("--ckpt") for a in args) else [f"--ckpt={exported}"]
-        done = run("sample.py", *args, *extra, cwd=tmp_path)
-        assert done.returncode == 2, (args, done.stderr)
-        assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        with pytest.raises(SystemExit) as exit_status:
+            sample.main([*args, *extra])
+        stderr = capsys.readouterr().err
+        assert exit_status.value.code == 2, (args, stderr)
+        assert message in stderr and "Traceback" not in stderr, stderr
+        assert len(stderr.strip().splitlines()) == 1, stderr
 
 
 def test_evaluate_program_scores_methods_against_the_target(exported, tmp_path):
