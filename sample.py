@@ -162,8 +162,8 @@ def main(argv=None):
             raise ValueError("nothing to edit: give a query image or --set NAME=VALUE")
         if args.zoom < 1:
             raise ValueError(f"--zoom {args.zoom}: expected a positive integer")
-        if args.explain and Path(args.explain).suffix.lower() != ".png":
-            raise ValueError(f"--explain {args.explain}: expected a .png file name")
+        if args.explain:
+            check_output(args.explain, "--explain", ".png")
         edit = parse_edit(args.edit)
         swap_paths = parse_swap(args.swap)
         numbers = parse_numbers(args.numbers)
@@ -183,6 +183,7 @@ def main(argv=None):
                             steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta,
                             trace=trace)
         if args.explain:
+            Path(args.explain).parent.mkdir(parents=True, exist_ok=True)
             explain.figure(model, trace, result, source, query, edit, swap, numbers).save(
                 args.explain)
         image = result["image"][0].cpu()
