@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 import render
+from sample import check_device, fail
 
 ROOT = Path(__file__).resolve().parent
 
@@ -393,12 +394,6 @@ def gpu_check(device, out):
         print("| " + " | ".join(row) + " |")
 
 
-def fail(message):
-    """A command-line error: one line on stderr and exit status 2, as argparse's own."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.error = fail
@@ -411,8 +406,10 @@ def main():
     parser.add_argument("--out", help="checkpoints of --gpu-check / --paper-step (default: a "
                         "temporary folder, removed after)")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    try:
+        check_device(args.device)
+    except ValueError as error:
+        fail(error)
     if args.gpu_check or args.paper_step:
         with tempfile.TemporaryDirectory() as temporary:
             out = Path(args.out or temporary)
