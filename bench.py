@@ -361,7 +361,7 @@ def gpu_check(device, out):
                      f"{time.perf_counter() - started:.0f} s"))
     speed = logged_speed(Path(out) / "ldm" / "log.jsonl", check["warm"])
     rows.insert(0, ("ldm training speed, bf16", f"{speed:.2f} steps/s", f"steps {check['warm']}"
-                    f"–{check['ldm_steps']}, batch {cfg.batch_size} per GPU"))
+                    f"–{check['ldm_steps']}, batch {cfg.batch_size} on one GPU"))
     gpus = torch.cuda.device_count()
     ddp = f"DDP, 2 processes ({'nccl' if cuda else 'gloo'}), ldm, {check['ddp_steps']} steps"
     if cuda and gpus < 2:

@@ -30,7 +30,7 @@ class TrainConfig:
     tag: str = ""                 # a variant's checkpoints go to <out>/<stage>-<tag>/ instead
     export: str = ""              # write the ldm checkpoint's inference weights here and exit
     image_size: int = 64
-    batch_size: int = 32          # per process
+    batch_size: int = 32          # in all: each of N processes takes batch_size / N
     steps: int = 3000             # the run ends at this step; a rerun resumes and goes on to it
     lr: float = 2e-4
     warmup: int = 100             # linear learning-rate warm-up steps
@@ -47,7 +47,8 @@ class TrainConfig:
     bf16_cpu: bool = False        # also on the CPU: the same code path, to test it without a GPU
     ema_decay: float = 0.0        # EMA of the trained weights; 0 keeps none
     # stage options
-    slots_supervision: float = 0.0  # slots: weight of a mask loss on true regions (not in paper)
+    slots_supervision: float = 0.0  # slots, ldm: weight of a mask loss on true regions (no paper)
+    slots_weight: float = 0.0     # ldm: weight of the slots stage's loss, kept on (no paper)
     photometric_weight: float = 1.0  # estimator: weight of the re-rendering loss
     arcface_scale: float = 30.0   # identity: ArcFace s (the paper's 64 suits 85k classes)
     arcface_margin: float = 0.5   # identity: ArcFace m (Deng et al. 2019)
@@ -59,7 +60,7 @@ class TrainConfig:
         for name, low in least.items():
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name}={getattr(self, name)}: expected an integer >= {low}")
-        for name in ("lr", "grad_clip", "arcface_scale", "slots_supervision",
+        for name in ("lr", "grad_clip", "arcface_scale", "slots_supervision", "slots_weight",
                      "photometric_weight", "arcface_margin", "ema_decay"):
             value, positive = getattr(self, name), name in ("lr", "grad_clip", "arcface_scale")
             if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
@@ -72,9 +73,9 @@ class TrainConfig:
 # Presets: per stage, overrides of TrainConfig ("train") and of the stage's part config.
 PRESETS = {
     "tiny": {
-        "vqvae": {"train": {"steps": 2500, "batch_size": 8, "lr": 4e-4},
+        "vqvae": {"train": {"steps": 6000, "batch_size": 8, "lr": 4e-4},
                   "vqvae": {"base_channels": 16, "channel_mult": (1, 2, 4), "num_res_blocks": 1,
-                            "norm_groups": 8, "codebook_size": 512, "restart_every": 25,
+                            "norm_groups": 8, "codebook_size": 1024, "restart_every": 25,
                             "disc_start": 10 ** 9}},
         # unsupervised slots reached mIoU 0.29 in this budget, region-supervised 0.89 (README):
         # the tiny preset supervises them (not in the paper; the paper preset does not)
@@ -83,22 +84,24 @@ PRESETS = {
                             "num_res_blocks": 1, "norm_groups": 8, "attn_heads": 4,
                             "feature_dim": 64, "slot_dim": 64, "mlp_hidden": 128,
                             "decoder_channels": 32, "decoder_layers": 3}},
-        "estimator": {"train": {"steps": 2500, "batch_size": 8, "lr": 4e-4},
-                      "estimator": {"image_size": 64, "base_channels": 32, "norm_groups": 8}},
+        "estimator": {"train": {"steps": 8000, "batch_size": 8, "lr": 4e-4},
+                      "estimator": {"image_size": 64, "base_channels": 48, "norm_groups": 8}},
         # ArcFace's s = 64, m = 0.5 suit 85k classes; with 2,000 synthetic identities seen a few
         # times each, m = 0.5 left the embeddings in a narrow cone (README, measured)
         "identity": {"train": {"steps": 2000, "batch_size": 16, "lr": 4e-4,
                                "arcface_scale": 16.0, "arcface_margin": 0.2},
                      "identity": {"image_size": 64, "base_channels": 16, "norm_groups": 8,
                                   "embedding_dim": 128}},
+        # the slots stage's loss kept on, so that the slots stay bound to their regions
         "ldm": {"train": {"steps": 8000, "batch_size": 8, "lr": 4e-4, "ema_decay": 0.999,
-                          "eval_every": 1000, "eval_items": 64},
+                          "eval_every": 1000, "eval_items": 64, "slots_weight": 1.0,
+                          "slots_supervision": 1.0},
                 "unet": {"base_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1,
                          "attention_resolutions": (1, 2, 4), "head_channels": 32,
                          "norm_groups": 16},
                 "diffusion": {"sample_steps": 20}},
     },
-    "paper": {  # DiffFAE §5.1: Adam, lr 1e-4, batch 16 (per GPU here), 256 px; LDM's EMA
+    "paper": {  # DiffFAE §5.1: Adam, lr 1e-4, batch 16 (over all GPUs), 256 px; LDM's EMA
         stage: {"train": {"image_size": 256, "batch_size": 16, "lr": 1e-4, "steps": 100_000,
                           "pool": 0, "eval_every": 5000, "ckpt_every": 1000,
                           "ema_decay": 0.9999 if stage == "ldm" else 0.0}}

@@ -74,7 +74,8 @@ class DiffusionConfig:
     beta_end: float = 0.012
     acr_weight: float = 0.1        # δ of Eq. 8; 0 is the "no ACR" ablation
     use_identity: bool = True      # False: f_id = 0, the "no identity token" ablation
-    render_from: str = "truth"     # training I_R from "truth" (synthetic) or "estimated" coeffs
+    render_from: str = "estimated"  # training I_R from "estimated" (as at inference) or exact
+                                   # "truth" coefficients (synthetic data only)
     sample_steps: int = 50
     sampler: str = "ddim"
 

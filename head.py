@@ -35,6 +35,7 @@ TEXTURE_SIZE = 256  # DECA's UV texture size (Feng et al. 2021; `uv_size` in its
 EYE_UV_TOP = 0.08   # texture rows v < EYE_UV_TOP hold the eyeball; the head skin uses the rest
 
 SMOOTH_SHAPE_RMS = 0.0015      # RMS radial displacement of a degree-2 smooth shape direction
+ASYMMETRY = 0.25               # scale of the smooth shape directions that are odd in x
 
 # Colours (linear albedo in [0, 1]).
 SKIN = (0.80, 0.62, 0.52)
@@ -100,18 +101,27 @@ def _shape_fields(P, D, theta, phi, neckness):
         vec(0, 0, 0.006 * bump(105, 0, 25, 30)),                     # face protrusion
         radial(D, 0.005 * pair(135, 62, 8, 10)),                     # jaw angle
     ]
-    smooth = _monomials(D) @ _harmonic_coefficients()  # (V, H): harmonics of degrees 2-5
+    coefficients = _harmonic_coefficients()  # (M, H)
+    smooth = _monomials(D) @ coefficients  # (V, H): harmonics of degrees 2-5
     degree = np.repeat([2, 3, 4, 5], [5, 7, 9, 11])  # 2n + 1 harmonics of degree n
     scale = SMOOTH_SHAPE_RMS * 2.0 / degree  # finer deformations vary less, as in a population
+    # faces are nearly mirror-symmetric: the harmonics odd in x (left-right) vary much less
+    x_odd = np.array([a % 2 == 1 for a, _, _ in MONOMIAL_POWERS])  # (M,) monomials odd in x
+    odd_in_x = np.abs(coefficients[x_odd]).sum(0) > np.abs(coefficients[~x_odd]).sum(0)  # (H,)
+    scale = np.where(odd_in_x, scale * ASYMMETRY, scale)
     smooth = D[None] * (scale[:, None] * smooth.T * head)[..., None]  # (H, V, 3)
     return np.concatenate([np.stack(named), smooth])
 
 
-def _monomials(d, max_degree=5):
-    """All monomials x^a y^b z^c of the direction, ordered by degree a + b + c. (..., M)"""
-    powers = [(a, b, n - a - b) for n in range(max_degree + 1)
-              for a in range(n, -1, -1) for b in range(n - a, -1, -1)]
-    return np.stack([d[..., 0] ** a * d[..., 1] ** b * d[..., 2] ** c for a, b, c in powers], -1)
+# the powers (a, b, c) of the monomials x^a y^b z^c of degree at most 5, ordered by degree
+MONOMIAL_POWERS = [(a, b, n - a - b) for n in range(6)
+                   for a in range(n, -1, -1) for b in range(n - a, -1, -1)]
+
+
+def _monomials(d):
+    """All monomials x^a y^b z^c of the direction (MONOMIAL_POWERS). (..., M)"""
+    return np.stack([d[..., 0] ** a * d[..., 1] ** b * d[..., 2] ** c
+                     for a, b, c in MONOMIAL_POWERS], -1)
 
 
 def _harmonic_coefficients(n_samples=4096):

@@ -11,7 +11,8 @@ VQ-VAE (vqvae.py) and the region encoder φ^E (slots.py):
     SelfAttention(x) = x + W_o·concat_heads(softmax(q kᵀ / √d) v),  [q, k, v] = W_qkv·GN(x)
     Encoder          = conv in; per level `num_res_blocks` ResBlocks, a stride-2 conv between
                        levels; middle ResBlock → SelfAttention → ResBlock; GN, SiLU, conv out
-LDM's AttnBlock has one head; φ^E uses eight (DiffFAE Table 4).
+LDM's AttnBlock has one head; φ^E uses eight (DiffFAE Table 4). φ^E builds its U-Net from the
+same levels and middle block (slots.RegionEncoder).
 
 Shapes: B batch, C channels, h/w height/width, N = h·w positions, E heads, d = C/E per head.
 """
@@ -127,24 +128,26 @@ def levels(channels, widths, num_res_blocks, groups, resample):
     return layers
 
 
+def downsample(channels):
+    """S → S/2: a stride-2 3×3 conv (LDM pads (0, 1, 0, 1) asymmetrically, we pad 1 all round)."""
+    return [nn.Conv2d(channels, channels, 3, stride=2, padding=1)]
+
+
 class Encoder(nn.Module):
     """LDM's encoder: (B, C_in, S, S) → (B, C_out, S/f, S/f), f = 2**(len(channel_mult) − 1).
 
     cfg gives in_channels, base_channels, channel_mult, num_res_blocks and norm_groups (a
-    VQConfig or SlotsConfig); heads and attention are those of the middle block.
+    VQConfig); attention: whether the middle block attends.
     """
 
-    def __init__(self, cfg, out_channels, heads=None, attention=True):
+    def __init__(self, cfg, out_channels, attention=True):
         super().__init__()
         widths, groups = [cfg.base_channels * m for m in cfg.channel_mult], cfg.norm_groups
 
-        def down(c):  # S → S/2; LDM pads (0, 1, 0, 1) asymmetrically, we pad 1 on every side
-            return [nn.Conv2d(c, c, 3, stride=2, padding=1)]
-
         self.net = nn.Sequential(
             nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1),
-            *levels(widths[0], widths, cfg.num_res_blocks, groups, down),
-            mid_block(widths[-1], groups, heads, attention),
+            *levels(widths[0], widths, cfg.num_res_blocks, groups, downsample),
+            mid_block(widths[-1], groups, attention=attention),
             nn.GroupNorm(groups, widths[-1], eps=NORM_EPS), nn.SiLU(),
             nn.Conv2d(widths[-1], out_channels, 3, padding=1))
 

@@ -8,8 +8,14 @@ Its attention maps M are the region masks the cross-attention is asked to match 
 §4.3 pretrains φ^E + slot attention by reconstruction through a spatial-broadcast decoder ζ
 (Watters et al. 2019, "Spatial Broadcast Decoder"), as in Locatello et al.'s object discovery.
 
-Encoder φ^E: LDM's encoder (Rombach et al. 2022; layers.Encoder) with `attn_heads`-head
-self-attention in its middle block, out to `feature_dim` channels.
+Encoder φ^E (App. B: "a U-Net ... skip connections", output 32×32 from a 256×256 input with channel
+multipliers 1, 1, 2, 4): LDM's encoder levels (Rombach et al. 2022; layers.py), each level but the
+last followed by a halving, down to the output side S/f, f = 2**(len(channel_mult) − 1); one more
+halving to the middle block (ResBlock, `attn_heads`-head self-attention, ResBlock) at S/2f; back up
+to S/f, where the skip connection concatenates the output level's features before
+`num_res_blocks` ResBlocks and a conv out to `feature_dim` channels. Table 4 gives the input and
+output sides but not the depth of the U; this reading puts its middle block one level below the
+output, so the output mixes the bottleneck's context with the level's own detail.
 Tokens (Locatello et al., App. "soft position embedding"):
     x = MLP(LN(flatten(F + W_pos · [x, y, 1−x, 1−y])))                     (B, N, C)
 Slot attention, per iteration, starting from the learned initial slots s = μ:
@@ -36,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers import Encoder, check_network, require
+from layers import (NORM_EPS, ResBlock, check_network, downsample, levels, mid_block,
+                    require)
 
 GRID_CHANNELS = 4  # [x, y, 1−x, 1−y], Locatello et al. 2020 soft position embedding
 # 3×3 stride-1 convs as in Watters et al. 2019; they broadcast to size + 8 and do not pad, we pad
@@ -75,13 +82,37 @@ class SlotsConfig:
         check_network(self, "image_size", "in_channels", "num_res_blocks", "attn_heads",
                       "feature_dim", "num_slots", "slot_dim", "iters", "mlp_hidden",
                       "decoder_channels", "decoder_layers", "target_channels", "target_size")
-        factor = 2 ** (len(self.channel_mult) - 1)
+        factor = 2 ** len(self.channel_mult)  # the middle block's side is image_size / factor
         require(self.image_size % factor == 0, f"SlotsConfig.image_size={self.image_size}: "
-                f"not divisible by the encoder's downsampling factor {factor}")
+                f"not divisible by {factor}, the region encoder's deepest downsampling")
         middle = self.base_channels * self.channel_mult[-1]
         require(middle % self.attn_heads == 0, f"SlotsConfig.attn_heads={self.attn_heads}: "
                 f"does not divide the {middle} channels of the middle attention")
         require(self.eps > 0, f"SlotsConfig.eps={self.eps}: need > 0")
+
+
+class RegionEncoder(nn.Module):
+    """φ^E, a U-Net (module docstring): (B, C_in, S, S) → (B, feature_dim, S/f, S/f)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        widths, groups = [cfg.base_channels * m for m in cfg.channel_mult], cfg.norm_groups
+        width = widths[-1]
+        self.down = nn.Sequential(nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1),
+                                  *levels(widths[0], widths, cfg.num_res_blocks, groups,
+                                         downsample))
+        self.bottom = nn.Sequential(*downsample(width), mid_block(width, groups, cfg.attn_heads),
+                                    nn.Upsample(scale_factor=2.0, mode="nearest"),
+                                    nn.Conv2d(width, width, 3, padding=1))
+        self.up = nn.Sequential(
+            ResBlock(2 * width, width, groups),
+            *(ResBlock(width, width, groups) for _ in range(cfg.num_res_blocks - 1)),
+            nn.GroupNorm(groups, width, eps=NORM_EPS), nn.SiLU(),
+            nn.Conv2d(width, cfg.feature_dim, 3, padding=1))
+
+    def forward(self, image):
+        skip = self.down(image)  # (B, W, S/f, S/f), the output level's features
+        return self.up(torch.cat([self.bottom(skip), skip], dim=1))  # skip connection
 
 
 def position_grid(height, width, device=None, dtype=None):
@@ -212,7 +243,7 @@ class RegionSlots(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg, cfg.feature_dim, heads=cfg.attn_heads)
+        self.encoder = RegionEncoder(cfg)
         self.position = SoftPositionEmbed(cfg.feature_dim)
         self.norm = nn.LayerNorm(cfg.feature_dim)
         # Locatello et al.: two dense layers of the feature width after the position embedding

@@ -36,7 +36,7 @@ REQUIRES = {"slots": ("vqvae",), "ldm": ("vqvae", "slots", "estimator", "identit
 # Spread of each coefficient in the synthetic data (synthetic.py's sampling), used to weigh the
 # estimator's regression so that every group counts alike.
 COEFFICIENT_SCALE = {"shape": 1.0, "albedo": 0.9, "expression": 0.45, "pose": 0.3,
-                     "cam": (0.17, 0.009, 0.009), "light": 0.5}
+                     "cam": (0.23, 0.009, 0.009), "light": 0.5}
 MASK_EPS = 1e-6           # floor of mask probabilities before the log
 GRID_ITEMS = 8            # images shown in evaluation grids
 IDENTITY_EVAL = (32, 4)   # held-out identities × frames for the verification measurement
@@ -183,6 +183,30 @@ class VQStage(Stage):
                 "codebook_usage": used / self.config.codebook_size}
 
 
+def supervision(cfg, slots_config):
+    """The weight of the region term of slots_objective, checked: it needs ground-truth regions
+    (synthetic data) and one slot per region."""
+    if cfg.slots_supervision and (cfg.data != "synthetic"
+                                  or slots_config.num_slots != len(REGION_NAMES)):
+        raise ValueError("--slots_supervision needs synthetic data (ground-truth regions) "
+                         f"and {len(REGION_NAMES)} slots")
+    return cfg.slots_supervision
+
+
+def slots_objective(slots, vqvae, images, regions, supervision):
+    """The slots stage's loss: ζ's reconstruction of the frozen VQ latent of `images` (MSE),
+    plus, with supervision > 0, the mask loss −log M_k at the pixels of region k (`regions`
+    (B, H, W), or None without it). Returns {"loss", and its terms, detached}."""
+    out = slots(images)
+    reconstruction = F.mse_loss(slots.decode(out["slots"])["recon"], vqvae.encode(images))
+    if not supervision:
+        return {"loss": reconstruction}
+    masks = masks_at(out["masks"], images.shape[-1])  # (B, K, H, W)
+    region_loss = F.nll_loss(masks.clamp(min=MASK_EPS).log(), regions)
+    return {"loss": reconstruction + supervision * region_loss,
+            "reconstruction_loss": reconstruction.detach(), "region_loss": region_loss.detach()}
+
+
 class SlotsStage(Stage):
     """Pretraining of RSC (DiffFAE §4.3): the region encoder φ^E, slot attention (Locatello et
     al. 2020) and a broadcast decoder ζ reconstruct the frozen VQ latent of the image (MSE).
@@ -198,25 +222,12 @@ class SlotsStage(Stage):
             parts["slots"], image_size=cfg.image_size, target_channels=vq_config.latent_channels,
             target_size=cfg.image_size // vq_config.downsample_factor)
         self.slots = RegionSlots(parts["slots"])
-        self.supervision = cfg.slots_supervision
-        if self.supervision and (cfg.data != "synthetic"
-                                 or parts["slots"].num_slots != len(REGION_NAMES)):
-            raise ValueError("--slots_supervision needs synthetic data (ground-truth regions) "
-                             f"and {len(REGION_NAMES)} slots")
+        self.supervision = supervision(cfg, parts["slots"])
 
     def forward(self, batch, step):
-        images = images_of(batch)
-        out = self.slots(images)
-        decoded = self.slots.decode(out["slots"])
-        reconstruction = F.mse_loss(decoded["recon"], self.vq["model"].encode(images))
-        if not self.supervision:
-            return {"loss": reconstruction}
-        masks = masks_at(out["masks"], images.shape[-1])  # (2B, K, H, W)
         regions = torch.cat([batch["source_regions"], batch["query_regions"]])  # (2B, H, W)
-        region_loss = F.nll_loss(masks.clamp(min=MASK_EPS).log(), regions)
-        return {"loss": reconstruction + self.supervision * region_loss,
-                "reconstruction_loss": reconstruction.detach(),
-                "region_loss": region_loss.detach()}
+        return slots_objective(self.slots, self.vq["model"], images_of(batch), regions,
+                               self.supervision)
 
     @torch.no_grad()
     def evaluate(self, batch, png):
@@ -339,9 +350,13 @@ class LDMStage(Stage):
     """DiffFAE itself (§4.3 "Finetuning of LDM"): DiffFAE.loss, L = L_LDM + δ·L_attn (Eq. 8),
     on same-person pairs. The UNet and the region encoder train; the VQ-VAE, estimator and
     identity encoder stay frozen; all start from their stages' checkpoints and are saved
-    together, so an ldm checkpoint is the whole method. Measures the PSNR of cross-identity
-    edits of held-out people against the exact target, whole and on the target's face, sampled
-    with the EMA weights (train.py swaps them in)."""
+    together, so an ldm checkpoint is the whole method. With `slots_weight` > 0 (not in the
+    paper; the tiny preset) the slots stage's loss stays on as an extra term, its decoder
+    frozen: trained by L alone, the region encoder's masks drifted off their regions (the
+    slot called "background" took the face), and the region swaps went with them. Measures
+    the PSNR of cross-identity edits of held-out people against the exact target, whole and on
+    the target's face, sampled with the EMA weights (train.py swaps them in) and I_R drawn
+    from the estimator's coefficients, as in every edit."""
 
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
@@ -355,6 +370,8 @@ class LDMStage(Stage):
         if parts["diffusion"].render_from == "truth" and cfg.data != "synthetic":
             raise ValueError("--diffusion.render_from=truth needs synthetic data (exact "
                              "coefficients); use --diffusion.render_from=estimated")
+        self.slots_weight = cfg.slots_weight
+        self.supervision = supervision(cfg, parts["slots"]) if cfg.slots_weight else 0.0
         parts["unet"] = dataclasses.replace(
             parts["unet"], in_channels=2 * parts["vqvae"].latent_channels,
             out_channels=parts["vqvae"].latent_channels, context_dim=parts["slots"].slot_dim,
@@ -373,23 +390,28 @@ class LDMStage(Stage):
         return self
 
     def forward(self, batch, step):
-        truth = self.model.diffusion.render_from == "truth"
-        return self.model.loss(batch["source"], batch["query"],
-                               true_coefficients(batch, "query") if truth else None)
+        model = self.model
+        truth = model.diffusion.render_from == "truth"
+        losses = model.loss(batch["source"], batch["query"],
+                            true_coefficients(batch, "query") if truth else None)
+        if not self.slots_weight:
+            return losses
+        # the slots stage's loss on the sources, so that slot k stays the token of region k
+        regions = batch["source_regions"] if self.supervision else None
+        held = slots_objective(model.slots, model.vqvae, batch["source"], regions,
+                               self.supervision)
+        return {**losses, "loss": losses["loss"] + self.slots_weight * held["loss"],
+                "slots_loss": held["loss"].detach()}
 
     @torch.no_grad()
     def evaluate(self, batch, png):
-        model = self.model
-        source = true_coefficients(batch, "source")
-        query = true_coefficients(batch, "query")
-        coefficients = {**query, "shape": source["shape"], "albedo": source["albedo"]}  # Eq. 3
-        rendered, _ = model.render(coefficients)
-        cond = model.conditions(batch["source"], rendered)
-        edited = model.decode_latent(model.sample(cond, seed=0))
+        trace = {}  # the edit as sample.py makes it: I_R from the estimator
+        out = self.model.edit(batch["source"], batch["query"], seed=0, trace=trace)
+        edited, masks = out["image"], trace["cond"]["masks"]
         face = (batch["target_regions"] == FACE)[:, None]
         n = GRID_ITEMS
-        grid([batch["source"][:n], batch["query"][:n], rendered[:n], edited[:n],
-              batch["target"][:n], *mask_rows(batch["source"][:n], cond["masks"][:n])], png)
+        grid([batch["source"][:n], batch["query"][:n], out["render"][:n], edited[:n],
+              batch["target"][:n], *mask_rows(batch["source"][:n], masks[:n])], png)
         return {"psnr": float(metrics.psnr(edited, batch["target"]).mean()),
                 "psnr_face": float(metrics.psnr(edited, batch["target"], mask=face).mean())}
 

@@ -33,8 +33,9 @@ A frame (`sample_frame`, seeded by item and slot):
 - light (9, 3) SH coefficients: DC U(2.6, 3.4) (c0·DC ≈ 0.85 shading, DECA's units), first
   order U(0.4, 1) along a random direction from the camera's side, both × (1 + N(0, 0.05)) per
   channel; second order N(0, 0.08);
-- cam (3,) = DECA's [s, tx, ty]: s = 5.8 · (1 + U(±0.05)) shows 0.34 m of height; tx U(±0.015);
-  ty 0.045 + U(±0.015) centres the view 4.5 cm below the eyes.
+- cam (3,) = DECA's [s, tx, ty]: s = 7.8 · (1 + U(±0.05)) shows 0.26 m of height; tx U(±0.015);
+  ty 0.055 + U(±0.015) centres the view 5.5 cm below the eyes. Framed like VoxCeleb's crops, the
+  face covers about 36 % of the picture, the hair 17 %, the clothes 12 % (DATA_VERSION 3).
 
 Letters: B batch, V vertices, F faces, H/W image size, T texture size.
 """
@@ -54,7 +55,7 @@ from layers import BACKGROUND, CLOTHES, FACE, HAIR
 from render import interpolate, project, rasterize, sample_texture, sh_shading, vertex_normals
 
 # Bump whenever a change alters the rendered images: cached pools are named by it.
-DATA_VERSION = 2
+DATA_VERSION = 3
 TEST_ID_OFFSET = 10 ** 6       # test identities are drawn from ids disjoint from training's
 TRAIN_IDENTITIES = 100_000
 DEFAULT_LENGTH = {"train": 100_000, "test": 1000}
@@ -66,9 +67,10 @@ HAIR_HIDDEN = -0.025           # where no hair grows the shell lies this far ins
 HAIR_GRID_STRIDE = 4           # the hair shell takes every 4th fine row / column of the skin grid
 # Torso super-ellipsoid (metres), centred under the neck; exponent > 2 squares the shoulders.
 TORSO_SEMI_AXES = (0.22, 0.13, 0.11)
-TORSO_TOP, TORSO_Z, TORSO_EXPONENT, SHOULDER_DROP = -0.165, -0.02, 2.6, 0.06
+TORSO_TOP, TORSO_Z, TORSO_EXPONENT, SHOULDER_DROP = -0.14, -0.02, 2.6, 0.06
 TORSO_ROWS, TORSO_COLS = 18, 32
 TEXTURE = 64                   # size of the hair and clothes textures
+CAM_SCALE, CAM_DROP = 7.8, 0.055  # the camera's mean s and ty (module docstring)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,8 +119,8 @@ def sample_frame(rng, n_exp):
     light[0] = rng.uniform(2.6, 3.4) * (1 + rng.normal(0, 0.05, 3))
     light[1:4] = rng.uniform(0.4, 1.0) * direction[:, None] * (1 + rng.normal(0, 0.05, 3))
     light[4:] = rng.normal(0, 0.08, (5, 3))
-    cam = np.array([5.8 * (1 + rng.uniform(-0.05, 0.05)), rng.uniform(-0.015, 0.015),
-                    0.045 + rng.uniform(-0.015, 0.015)])
+    cam = np.array([CAM_SCALE * (1 + rng.uniform(-0.05, 0.05)), rng.uniform(-0.015, 0.015),
+                    CAM_DROP + rng.uniform(-0.015, 0.015)])
     return {"expression": expression, "pose": pose, "light": light, "cam": cam}
 
 

@@ -9,7 +9,8 @@ depends only on seed, rank and s, and evaluating draws nothing from training's s
 SIGTERM or Ctrl-C checkpoints the current step and exits; a non-finite loss or a failed
 checkpoint write stops every rank at the same step, the last checkpoint intact.
 One code path for one process and for torchrun (DDP: gloo on CPU, nccl on CUDA, only rank 0
-writes, `batch_size` per process); bf16 autocast on CUDA, and on the CPU with `--bf16_cpu=true`.
+writes, `batch_size` the total over the processes); bf16 autocast on CUDA, and on the CPU with
+`--bf16_cpu=true`.
 Adam (DiffFAE §5.1) after a linear warm-up, gradient clipping, a NaN/inf guard; with `ema_decay`
 > 0 an exponential moving average of the weights is kept, saved, restored and used for
 evaluation (as LDM samples with it).
@@ -237,6 +238,10 @@ def train(cfg, parts):
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if ddp else 0
+    processes = dist.get_world_size() if ddp else 1
+    if cfg.batch_size % processes:  # batch_size is the total, as the paper's batch of 16
+        raise ConfigError(f"--batch_size={cfg.batch_size}: not divisible by the {processes} "
+                          f"processes")
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if ddp else 0
     master = rank == 0  # only rank 0 writes checkpoints, logs and pictures
     if torch.cuda.is_available():
@@ -276,8 +281,9 @@ def train(cfg, parts):
 
     # its own generator: the loader draws a base seed when iterated, which would otherwise
     # shift the global stream (t and ε of the ldm stage) between a resumed run and a whole one
-    loader = DataLoader(dataset, batch_sampler=StepBatches(len(dataset), cfg.batch_size, start,
-                                                           cfg.steps, cfg.seed + rank),
+    batches = StepBatches(len(dataset), cfg.batch_size // processes, start, cfg.steps,
+                          cfg.seed + rank)
+    loader = DataLoader(dataset, batch_sampler=batches,
                         num_workers=cfg.num_workers, collate_fn=default_collate,
                         generator=torch.Generator().manual_seed(cfg.seed + rank))
     held_out = stages.to_device(stages.eval_set(cfg), device) if master else None

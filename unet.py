@@ -9,7 +9,7 @@ query's slot masks M_Q (attention-consistency loss, Eq. 7):
 
     ε̂ = ε_θ([z_t ; f_r], t, S, f_id)
     temb(t) = MLP([sin(t·ω_0..ω_{h-1}), cos(t·ω_0..ω_{h-1})]),  ω_i = 10000^(−i/h),  h = dim/2
-    AdaIN(h, f_id) = GN(h)·(1 + γ(f_id)) + β(f_id),  [γ, β] = W·f_id + b   (GN without affine)
+    AdaIN(h, f_id) = h_s·IN(h) + h_b,  [h_s, h_b] = W·SiLU(f_id) + b   (Eq. 4-5, IN without affine)
     A = softmax(Q·Kᵀ/√d) over the K tokens,  Q = W_q·x,  K = W_k·S,  V = W_v·S
     A_cross = mean_layers resize(mean_heads A_l)                              (Eq. 7)
 
@@ -26,9 +26,8 @@ everywhere; LDM-4 CelebA-HQ has self-attention only, we use LDM's SpatialTransfo
 GroupNorm with affine (or scale-shift from the time embedding), ours has AdaIN from f_id.
 Other references: sinusoidal embedding, Vaswani et al. 2017 §3.5 as used by DDPM (Ho et al.
 2020, App. B) — frequencies as LDM (ω_i = 10000^(−i/h)), order [sin, cos] as DDPM (the order is
-irrelevant because a linear layer follows); AdaIN, Huang & Belongie 2017 Eq. 8, with group
-statistics (GroupNorm, Wu & He 2018) in place of per-channel ones as in DiffusionRig's global
-latent injection; explicit softmax probabilities because Eq. 7 needs them.
+irrelevant because a linear layer follows); AdaIN, Huang & Belongie 2017 Eq. 8, as DiffFAE
+Eq. 4-5 writes it (instance statistics); explicit softmax probabilities because Eq. 7 needs them.
 
 Shapes: B batch, C channels, H/W height/width, N = H·W tokens, K context (slot) tokens,
 Dc context dim, Di identity dim, heads attention heads, d channels per head.
@@ -105,23 +104,29 @@ def timestep_embedding(t, dim, max_period=MAX_PERIOD):
 
 
 class AdaIN(nn.Module):
-    """AdaIN(h, f_id) = GroupNorm_noaffine(h)·(1 + γ) + β with [γ, β] = Linear(f_id).
+    """AdaIN(h, f_id) = h_s·IN(h) + h_b with [h_s, h_b] = MLP¹(f_id) (DiffFAE Eq. 4-5).
 
-    The linear layer is zero-initialised, so at the start γ = β = 0 and AdaIN is plain GroupNorm
-    without affine; the identity's influence is learned from there (stable start, like LDM's
-    zero-initialised residual branches). The "1 +" keeps a zero γ meaning "unit scale".
+    IN is instance normalisation without affine (per image and channel, over the pixels); MLP¹
+    is the paper's single-layer MLP with SiLU, read as LDM's conditioning projections are
+    built: SiLU, then one linear layer. Its weight starts at zero and its bias at h_s = 1,
+    h_b = 0, so AdaIN starts as plain IN and learns the identity's influence from there (a
+    stable start, like LDM's zero-initialised residual branches).
 
     Input h (B, C, H, W), f_id (B, Di); output (B, C, H, W).
     """
 
-    def __init__(self, channels, id_dim, groups):
+    def __init__(self, channels, id_dim):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=UNET_NORM_EPS, affine=False)
-        self.to_scale_shift = zero_init(nn.Linear(id_dim, 2 * channels))
+        self.norm = nn.InstanceNorm2d(channels, eps=UNET_NORM_EPS, affine=False)
+        self.to_scale_shift = nn.Linear(id_dim, 2 * channels)
+        nn.init.zeros_(self.to_scale_shift.weight)
+        with torch.no_grad():
+            self.to_scale_shift.bias.copy_(torch.cat([torch.ones(channels),
+                                                      torch.zeros(channels)]))
 
     def forward(self, h, id_embed):
-        gamma, beta = self.to_scale_shift(id_embed).chunk(2, dim=1)  # (B, C) each
-        return self.norm(h) * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
+        scale, shift = self.to_scale_shift(F.silu(id_embed)).chunk(2, dim=1)  # (B, C) each
+        return self.norm(h) * scale[:, :, None, None] + shift[:, :, None, None]
 
 
 class ResBlock(nn.Module):
@@ -135,7 +140,7 @@ class ResBlock(nn.Module):
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=UNET_NORM_EPS)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_proj = nn.Linear(temb_dim, out_channels)
-        self.adain = AdaIN(out_channels, id_dim, groups)
+        self.adain = AdaIN(out_channels, id_dim)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = (nn.Identity() if in_channels == out_channels
                      else nn.Conv2d(in_channels, out_channels, 1))

@@ -79,9 +79,13 @@ def test_loss_terms_and_which_parts_train(ldm_stage, batch):
     ldm_stage.zero_grad()
     torch.manual_seed(1)
     out = ldm_stage(batch, 0)
-    expected = out["ldm_loss"] + model.diffusion.acr_weight * out["acr_loss"]
+    assert ldm_stage.slots_weight == ldm_stage.supervision == 1.0  # the tiny preset's
+    expected = out["ldm_loss"] + model.diffusion.acr_weight * out["acr_loss"] + out["slots_loss"]
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert model.diffusion.acr_weight == 0.1  # δ of Eq. 8
+    held = stages.slots_objective(model.slots, model.vqvae, batch["source"],
+                                  batch["source_regions"], 1.0)
+    assert out["slots_loss"].item() == pytest.approx(held["loss"].item(), rel=1e-6)
     out["loss"].backward()
     trained = {name.split(".")[1] for name, p in ldm_stage.named_parameters()
                if p.grad is not None and p.grad.abs().sum() > 0}
@@ -89,6 +93,28 @@ def test_loss_terms_and_which_parts_train(ldm_stage, batch):
     assert all(p.grad is None for p in model.slots.decoder.parameters())
     for frozen in (model.vqvae, model.estimator, model.identity):
         assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_paper_variant_is_eq8_alone_with_i_r_from_the_estimator(pretrained, batch):
+    """--slots_weight=0 leaves L = L_LDM + δ·L_attn, and the default render_from="estimated"
+    draws I_R from the estimator's reading of the query, as an edit does."""
+    cfg, parts = train.build_configs(["--stage", "ldm", *SMALL, f"--out={pretrained}",
+                                      "--slots_weight=0"])
+    stage = stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
+    assert parts["diffusion"].render_from == "estimated"
+    torch.manual_seed(1)
+    out = stage(batch, 0)
+    assert set(out) == {"loss", "ldm_loss", "acr_loss"}
+    model = stage.model
+    with torch.no_grad():
+        read = model.estimator(batch["query"])
+    model.diffusion.render_from = "truth"  # the same I_R, handed in
+    try:
+        torch.manual_seed(1)
+        handed = model.loss(batch["source"], batch["query"], read)
+    finally:
+        model.diffusion.render_from = "estimated"
+    assert torch.equal(out["loss"], handed["loss"])
 
 
 def test_acr_term_is_the_squared_distance_of_attention_to_query_masks(ldm_stage, batch):

@@ -84,9 +84,10 @@ def test_timestep_embedding_formula():
 
 
 def test_adain_formula_with_hand_set_weights():
+    """Eq. 4-5: h_s·IN(h) + h_b with [h_s, h_b] = W·SiLU(f_id) + b, IN per image and channel."""
     torch.manual_seed(0)
-    channels, id_dim, groups = 6, 4, 3
-    layer = AdaIN(channels, id_dim, groups).double()
+    channels, id_dim = 6, 4
+    layer = AdaIN(channels, id_dim).double()
     weight = torch.randn(2 * channels, id_dim, dtype=torch.float64)
     bias = torch.randn(2 * channels, dtype=torch.float64)
     with torch.no_grad():
@@ -94,14 +95,22 @@ def test_adain_formula_with_hand_set_weights():
         layer.to_scale_shift.bias.copy_(bias)
     h = torch.randn(2, channels, 3, 5, dtype=torch.float64) * 3 + 1
     f_id = torch.randn(2, id_dim, dtype=torch.float64)
-    grouped = h.reshape(2, groups, -1)  # (B, G, C/G·H·W)
-    mean = grouped.mean(dim=2, keepdim=True)
-    var = grouped.var(dim=2, unbiased=False, keepdim=True)
-    normed = ((grouped - mean) / torch.sqrt(var + UNET_NORM_EPS)).reshape(h.shape)
-    scale_shift = f_id @ weight.T + bias  # (B, 2C)
-    gamma = scale_shift[:, :channels, None, None]
-    beta = scale_shift[:, channels:, None, None]
-    torch.testing.assert_close(layer(h, f_id), normed * (1 + gamma) + beta)
+    mean = h.mean(dim=(2, 3), keepdim=True)
+    var = h.var(dim=(2, 3), unbiased=False, keepdim=True)
+    normed = (h - mean) / torch.sqrt(var + UNET_NORM_EPS)
+    silu = f_id / (1 + torch.exp(-f_id))
+    scale_shift = silu @ weight.T + bias  # (B, 2C)
+    h_s = scale_shift[:, :channels, None, None]
+    h_b = scale_shift[:, channels:, None, None]
+    torch.testing.assert_close(layer(h, f_id), h_s * normed + h_b)
+
+
+def test_adain_starts_as_plain_instance_norm():
+    layer = AdaIN(6, 4).double()
+    h = torch.randn(2, 6, 3, 5, dtype=torch.float64) * 3 + 1
+    expected = (h - h.mean((2, 3), keepdim=True)) / torch.sqrt(
+        h.var((2, 3), unbiased=False, keepdim=True) + UNET_NORM_EPS)
+    torch.testing.assert_close(layer(h, torch.randn(2, 4, dtype=torch.float64)), expected)
 
 
 def test_identity_enters_only_through_adain():
@@ -110,7 +119,7 @@ def test_identity_enters_only_through_adain():
     other_id = torch.randn_like(id_embed)
     eps = model(x, t, context, id_embed)
     assert eps.abs().max() > 1e-3  # non-trivial output: the zero-inits are perturbed
-    assert torch.equal(model(x, t, context, other_id), eps)  # AdaIN linear still zero
+    assert torch.equal(model(x, t, context, other_id), eps)  # AdaIN weights still zero
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "adain" in name:
@@ -250,10 +259,10 @@ def test_structure_matches_ldm4_parameter_count():
     ldm_attention = sum(2 * m.proj_in.in_channels + 4 * m.proj_in.in_channels ** 2
                         + 4 * m.proj_in.in_channels
                         for m in model.modules() if isinstance(m, SpatialTransformer))
-    ldm_norm2 = sum(2 * m.norm.num_channels for m in model.modules() if isinstance(m, AdaIN))
+    ldm_norm2 = sum(2 * m.norm.num_features for m in model.modules() if isinstance(m, AdaIN))
     assert round((base + ldm_attention + ldm_norm2) / 1e6) == 274
     assert total > base + ldm_attention + ldm_norm2
-    assert count_parameters(AdaIN(6, 4, 3)) == 4 * 12 + 12
+    assert count_parameters(AdaIN(6, 4)) == 4 * 12 + 12
 
 
 @pytest.mark.parametrize("change, match", [
