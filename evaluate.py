@@ -62,7 +62,7 @@ from layers import FACE, REGION_NAMES
 from sample import DEFAULT_CHECKPOINT, SWAPPABLE, check_device, check_output, check_sampling
 from sample import fail
 from slots import masks_at
-from stages import NETWORKS, to_device, true_coefficients
+from stages import network_of, to_device, true_coefficients
 from synthetic import SyntheticPortraits
 
 CHUNK = 50       # pairs per batch
@@ -261,7 +261,7 @@ def picture(model, path, steps, sampler, seed, device):
 
 def load_network(path, stage, option, device):
     """A pretraining stage's network from its training checkpoint (as train.py writes it),
-    built from stages.NETWORKS. Raises ValueError naming the option, the file and the problem."""
+    rebuilt by stages.network_of. Raises ValueError naming the option, the file and the problem."""
     if not Path(path).is_file():
         raise ValueError(f"{option} {path}: no such checkpoint file")
     try:
@@ -273,11 +273,8 @@ def load_network(path, stage, option, device):
     if kind != stage:
         raise ValueError(f"{option} {path}: a {kind or 'non-training'} checkpoint; expected "
                          f"one of the {stage} stage")
-    network, config_class, prefix = NETWORKS[stage]
     try:
-        built = network(config_class(**checkpoint["config"][stage]))
-        built.load_state_dict({key[len(prefix):]: value for key, value
-                               in checkpoint["model"].items() if key.startswith(prefix)})
+        built, _ = network_of(checkpoint, stage)
     except (KeyError, TypeError, RuntimeError, ValueError) as error:
         first = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise ValueError(f"{option} {path}: incompatible with this version ({first})") from None
