@@ -1,24 +1,48 @@
 """Measure DiffFAE against the exact answer: `python evaluate.py [--ckpt PATH] [--n 200]`.
 
-The synthetic test split pairs a source person A with a query person B (held-out identities)
-and renders the ground truth: A in B's frame (pose, expression, lighting, camera). Each method
-edits the n pairs and is scored against that target:
-    psnr, ssim           whole image (metrics.psnr, metrics.ssim)
-    psnr_face            PSNR over the target's face pixels
-    apd                  pose distance: mean |yaw|, |pitch|, |roll| error in degrees
-    aed                  expression distance: mean |Δψ| over expression coefficients and the jaw
-                         angle (radians)
-    ald                  lighting distance: mean |Δl| over the 27 SH coefficients
-    csim                 cosine similarity of identity embeddings, output vs source
-apd/aed/ald compare the model's estimator on the output with the exact coefficients of the
-target (the analogue of the paper's APD/AED/ALD, DiffFAE §5.1, which use DECA against the query);
-csim uses the model's identity encoder (ArcFace's role). The row `ground_truth` scores the target
-image itself: the floor of apd/aed/ald that the estimator allows, and the csim a perfect edit
-gets. `slot_miou` is the IoU of the model's slot masks on the sources with the true regions,
-slots assigned to regions once for the whole set (metrics.slot_iou).
-Baselines: `copy_source` (the output is the source) and `paste_render` (the rendered face I_R
-pasted over the source where it is drawn).
+The synthetic test split pairs a source person A with a query person B (held-out identities);
+the generator renders any mix of their parameters exactly, so every edit has a true answer and
+every lost dB a place. Four tables:
+
+Methods. Scored against the cross-identity target, A in B's frame (pose, expression, lighting,
+camera), unless said otherwise:
+    difffae              the edit, I_R from the estimator's coefficients (DiffFAE Eq. 3)
+    exact_render         the same model given I_R of the EXACT coefficients (A's shape and
+                         albedo, B's pose, expression, light, camera): the gap to difffae is
+                         the estimator's
+    copy_source          the output is the source
+    paste_render         the rendered face I_R pasted over the source where it is drawn
+    ground_truth         the target itself: infinite PSNR, and the judge's floor
+    vq_ceiling           the target through the VQ-VAE and back: no sampler does better
+    self_reconstruction  the model given the source alone (no query), against the SOURCE
+Every row has psnr and ssim (whole image; metrics.psnr, metrics.ssim) and psnr_face, psnr_hair,
+psnr_clothes, psnr_background over the reference's regions (the target's; the source's for
+self_reconstruction). The judge scores every row against the reference's exact coefficients:
+    apd   pose distance: mean |yaw|, |pitch|, |roll| error in degrees
+    aed   expression distance: the mean vertex distance in mm of FLAME meshes of ψ and the jaw
+          (metrics.expression_distance)
+    ald   lighting distance: mean |Δl| over the 27 SH coefficients
+    csim  cosine similarity of identity embeddings of the faces alone (metrics.face_only), the
+          output's on the reference's face pixels, the source's on its own
+(the analogue of DiffFAE §5.1's APD/AED/ALD/CSIM, which read the output with DECA and ArcFace).
+The judge is a coefficient estimator and an identity encoder: `--judge-estimator` and
+`--judge-identity` name separately trained ones (checkpoints of those training stages); without
+them the model's own are used, and the output says that the judge is not independent.
 Extra checkpoints (ablations) are scored as more rows: `--ablation NAME=PATH`.
+
+Single attribute. `edit=(attribute,)` edits that alone (difffae.ATTRIBUTE_KEYS: pose = head
+rotation and camera; expression = ψ and jaw; lighting = SH light), against A in A's own frame
+with only B's attribute; copy_source against the same target shows the gain.
+
+Swaps. For region R (hair, clothes, background): the target is A in A's frame with B's R
+parameters; the output is the self-reconstruction with R's slot token from B's image (App. G).
+Reported: PSNR inside R (R's pixels in the swap target) with and without the swap, the gain,
+and the change of face PSNR (swap vs no swap, each against its own target).
+
+Slots. IoU of the slot masks on the sources with the true regions (metrics.slot_iou): matched
+(slots assigned to regions once for the set) and fixed (slot k = region k, the binding the
+method uses), for each model's region encoder and a slots-stage checkpoint (`--slots-ckpt`).
+
 With --grid PNG it also writes a picture: source | query | I_R | DiffFAE | ground truth, then
 the source with the hair, clothes and background of the next item ("other").
 """
@@ -32,89 +56,196 @@ from torch.utils.data import default_collate
 
 import metrics
 from data import save_image
-from difffae import SAMPLERS, load_model
-from layers import FACE
+from difffae import EDIT_ATTRIBUTES, SAMPLERS, combine_coefficients, load_model
+from flame import FLAME, flame15_to_pose6, pose6_to_flame15
+from layers import FACE, REGION_NAMES
 from sample import DEFAULT_CHECKPOINT, SWAPPABLE, check_device, check_output, check_sampling
 from sample import fail
 from slots import masks_at
-from stages import to_device, true_coefficients
+from stages import network_of, to_device, true_coefficients
 from synthetic import SyntheticPortraits
 
 CHUNK = 50       # pairs per batch
 GRID_ROWS = 6
-METRICS = ("psnr", "ssim", "psnr_face", "apd", "aed", "ald", "csim", "slot_miou")
+IMAGE_METRICS = ("psnr", "ssim", *(f"psnr_{name}" for name in REGION_NAMES))
+JUDGE_METRICS = ("apd", "aed", "ald", "csim")
+# Checkpoints of training stages that stand in for a part: the judge's, and slots to score
+STAGE_OF = {"--judge-estimator": "estimator", "--judge-identity": "identity",
+            "--slots-ckpt": "slots"}
+# FLAME's pose columns that DECA's pose6 holds (global and jaw); neck and eyes are the rest
+DECA_JOINTS = pose6_to_flame15(torch.ones(1, 6)).bool()[0]  # (15,)
 
 
-def test_pairs(size, n, seed):
-    """n held-out cross-identity pairs, as batches of at most CHUNK."""
-    data = SyntheticPortraits(size, "test", seed, length=n)
-    for start in range(0, n, CHUNK):
-        yield default_collate(data.__getitems__(range(start, min(n, start + CHUNK))))
+# -- Targets: mixes of A's and B's parameters, rendered exactly -------------------------------
+
+def attribute_frame(own, other, attribute):
+    """Frame `own` (numpy dict, synthetic.sample_frame's) with `other`'s `attribute` alone, in
+    difffae.ATTRIBUTE_KEYS's meaning; `own`'s neck and eyes stay (DECA's pose6 has none)."""
+    deca = [{**{key: torch.as_tensor(value)[None] for key, value in frame.items()},
+             "pose": flame15_to_pose6(torch.as_tensor(frame["pose"])[None])}
+            for frame in (own, other)]
+    mixed = combine_coefficients(*deca, (attribute,))  # (1, ...) each
+    pose = torch.where(DECA_JOINTS, pose6_to_flame15(mixed["pose"])[0],
+                       torch.as_tensor(own["pose"]))  # (15,)
+    return {**{key: value[0].numpy() for key, value in mixed.items()}, "pose": pose.numpy()}
 
 
-def image_scores(model, output, batch, against_target=True):
-    """Every per-image metric (see the module docstring) of `output` (B, 3, H, W) for a batch of
-    test pairs; without the image comparisons when the output is the target itself."""
-    target, source = batch["target"], batch["source"]
-    estimated, truth = model.estimator(output), true_coefficients(batch, "query")
-    expression = torch.cat([estimated["expression"], estimated["pose"][:, 3:]], 1) \
-        - torch.cat([truth["expression"], truth["pose"][:, 3:]], 1)  # ψ and the jaw angle
-    scores = {"apd": metrics.head_pose_error(estimated["pose"], truth["pose"]).float().mean(1),
-              "aed": expression.abs().mean(1).cpu(),
-              "ald": (estimated["light"] - truth["light"]).abs().flatten(1).mean(1).cpu(),
-              "csim": (model.identity(output) * model.identity(source)).sum(1).cpu()}
-    if against_target:
-        scores["psnr"] = metrics.psnr(output, target).float()
-        scores["ssim"] = metrics.ssim(output, target).float()
-        face = (batch["target_regions"] == FACE)[:, None]
-        scores["psnr_face"] = metrics.psnr(output, target, mask=face).float()
+def mixed_targets(data, indices):
+    """{"attribute NAME" | "swap REGION": {"image" (B, 3, H, W), "regions" (B, H, W)}}: A in
+    A's source frame with B's attribute, or with B's region parameters, for test items."""
+    people = [[data.identity(person) for person in data.identity_ids(i)] for i in indices]
+    frames = [[data.frame(i, slot) for slot in (0, 1)] for i in indices]
+    kinds = [("attribute", a) for a in EDIT_ATTRIBUTES] + [("swap", r) for r in SWAPPABLE]
+    identities, scene_frames = [], []
+    for kind, name in kinds:
+        for (a, b), (own, other) in zip(people, frames):
+            swapped = kind == "swap"
+            identities.append({**a, name: b[name]} if swapped else a)
+            scene_frames.append(own if swapped else attribute_frame(own, other, name))
+    images, regions = data.render(identities, scene_frames)  # (len(kinds)·B, ...)
+    n = len(indices)
+    return {f"{kind} {name}": {"image": images[k * n:(k + 1) * n],
+                               "regions": regions[k * n:(k + 1) * n]}
+            for k, (kind, name) in enumerate(kinds)}
+
+
+# -- Scores ----------------------------------------------------------------------------------
+
+def image_scores(output, reference, regions):
+    """psnr, ssim and the region PSNRs (B,) of `output` against `reference` (B, 3, H, W)."""
+    return {"psnr": metrics.psnr(output, reference), "ssim": metrics.ssim(output, reference),
+            **metrics.region_psnr(output, reference, regions)}
+
+
+def judge_scores(judge, output, regions, truth, source, source_regions):
+    """apd, aed, ald, csim (B,) of `output`, whose exact coefficients are `truth` and whose
+    reference has `regions`; csim against `source`'s face (see the module docstring)."""
+    estimated = judge["estimator"](output)
+    faces = [metrics.face_only(output, regions), metrics.face_only(source, source_regions)]
+    embedded = [judge["identity"](images) for images in faces]  # (B, D) unit vectors
+    return {"apd": metrics.head_pose_error(estimated["pose"], truth["pose"]).mean(1),
+            "aed": metrics.expression_distance(judge["flame"], estimated, truth),
+            "ald": (estimated["light"] - truth["light"]).abs().flatten(1).mean(1),
+            "csim": (embedded[0] * embedded[1]).sum(1)}
+
+
+def add(totals, path, scores):
+    """Sums and counts per metric under `path` (a tuple of table keys); NaN (a region an image
+    lacks) is left out of the mean."""
+    for metric, values in scores.items():
+        values = values.detach().double().cpu()
+        seen = ~values.isnan()
+        total = totals.setdefault((*path, metric), [0.0, 0])
+        total[0] += float(values[seen].sum())
+        total[1] += int(seen.sum())
+
+
+def score_pairs(totals, model, judge, batch, targets, run, row="difffae", extra_rows=True):
+    """Adds one batch's scores to `totals`: the model's edit as `row`, and with extra_rows the
+    baselines, the ceilings and the single-attribute and swap tables (module docstring). run:
+    the sampling options of DiffFAE.edit (steps, sampler, seed), the same noise for every row."""
+    source, source_regions, query = batch["source"], batch["source_regions"], batch["query"]
+    known = {image: true_coefficients(batch, image) for image in ("source", "query")}
+    exact = combine_coefficients(known["source"], known["query"])  # Eq. 3, exactly
+    target, regions = batch["target"], batch["target_regions"]
+    edited = model.edit(source, query, **run)
+    rows = {row: edited["image"]}
+    if extra_rows:
+        rendered, _ = model.render(exact)
+        cond = model.conditions(source, rendered)
+        rows.update(exact_render=model.decode_latent(model.sample(cond, **run)),
+                    copy_source=source,
+                    paste_render=torch.where(edited["mask"] > 0.5, edited["render"], source),
+                    ground_truth=target,
+                    vq_ceiling=model.decode_latent(model.encode_latent(target)))
+    for name, output in rows.items():
+        add(totals, ("methods", name), {**image_scores(output, target, regions), **judge_scores(
+            judge, output, regions, exact, source, source_regions)})
+    if not extra_rows:
+        return
+    # the source alone: scored against itself, and the "no swap" of the swap table
+    itself = model.edit(source, **run)["image"]
+    add(totals, ("methods", "self_reconstruction"), {
+        **image_scores(itself, source, source_regions),
+        **judge_scores(judge, itself, source_regions, known["source"], source, source_regions)})
+    for attribute in EDIT_ATTRIBUTES:
+        mix = targets[f"attribute {attribute}"]
+        truth = combine_coefficients(known["source"], known["query"], (attribute,))
+        outputs = {"difffae": model.edit(source, query, edit=(attribute,), **run)["image"],
+                   "copy_source": source}
+        for name, output in outputs.items():
+            add(totals, ("single_attribute", attribute, name), {
+                **image_scores(output, mix["image"], mix["regions"]),
+                **judge_scores(judge, output, mix["regions"], truth, source, source_regions)})
+    face = metrics.psnr(itself, source, mask=(source_regions == FACE)[:, None])
+    for region in SWAPPABLE:
+        mix = targets[f"swap {region}"]
+        inside = (mix["regions"] == REGION_NAMES.index(region))[:, None]  # (B, 1, H, W)
+        swapped = model.edit(source, swap={region: query}, **run)["image"]
+        add(totals, ("swaps", region), {
+            "psnr_region_swap": metrics.psnr(swapped, mix["image"], mask=inside),
+            "psnr_region_no_swap": metrics.psnr(itself, mix["image"], mask=inside),
+            "psnr_face_change": metrics.psnr(swapped, mix["image"],
+                                             mask=(mix["regions"] == FACE)[:, None]) - face})
+
+
+def slot_scores(confusion):
+    """The slots table's row from a network's confusion counts (K, R) over the set; the fixed
+    binding only with one slot per region."""
+    scores = {"matched_miou": float(metrics.slot_iou(confusion).mean())}
+    if confusion.shape[0] == confusion.shape[1]:
+        fixed = metrics.slot_iou(confusion, fixed=True)
+        scores.update(fixed_miou=float(fixed.mean()),
+                      **{f"fixed_{name}": float(iou) for name, iou in zip(REGION_NAMES, fixed)})
     return scores
 
 
-def edit_methods(model, batch, steps, sampler, seed):
-    """Outputs (B, 3, H, W) of DiffFAE, the baselines and the ground truth for one batch."""
-    source = batch["source"]
-    edited = model.edit(source, batch["query"], steps=steps, sampler=sampler, seed=seed)
-    return {"difffae": edited["image"], "copy_source": source,
-            "paste_render": torch.where(edited["mask"] > 0.5, edited["render"], source),
-            "ground_truth": batch["target"]}
+def nest(totals):
+    """{(table, ..., row, metric): [sum, count]} → nested dicts of means."""
+    results = {}
+    for (*path, metric), (total, count) in totals.items():
+        node = results
+        for key in path:
+            node = node.setdefault(key, {})
+        node[metric] = total / count if count else float("nan")
+    return results
 
 
 @torch.no_grad()
-def evaluate(models, n, steps, sampler, seed, device):
-    """Mean of every metric for each method: models {row name: DiffFAE}; the first model also
-    scores the baselines and the ground truth."""
-    sums, counts = {}, {}
-    confusion = {name: 0 for name in models}
+def evaluate(models, judge, slot_networks, n, steps, sampler, seed, device):
+    """Every table of the module docstring as nested dicts: models {row name: DiffFAE}, the
+    first of which also fills the extra rows and tables; judge {"estimator", "identity",
+    "flame"}; slot_networks {name: RegionSlots} scored besides the models' region encoders."""
+    totals = {}
+    encoders = {**{name: model.slots for name, model in models.items()}, **slot_networks}
+    confusion = dict.fromkeys(encoders, 0)
     first = next(iter(models))
-    size = models[first].image_size
-    for index, batch in enumerate(test_pairs(size, n, seed)):
-        batch = to_device(batch, device)
+    data = SyntheticPortraits(models[first].image_size, "test", seed, length=n)
+    for index, start in enumerate(range(0, n, CHUNK)):
+        indices = range(start, min(n, start + CHUNK))
+        batch = to_device(default_collate(data.__getitems__(indices)), device)
+        targets = to_device(mixed_targets(data, indices), device)
+        run = dict(steps=steps, sampler=sampler, seed=seed + index)
         for name, model in models.items():
-            outputs = edit_methods(model, batch, steps, sampler, seed + index)
-            rows = outputs if name == first else {name: outputs["difffae"]}
-            for row, output in rows.items():
-                scores = image_scores(model, output, batch, against_target=row != "ground_truth")
-                for metric, values in scores.items():
-                    sums[(row, metric)] = sums.get((row, metric), 0.0) + float(values.sum())
-                    counts[(row, metric)] = counts.get((row, metric), 0) + len(values)
-            masks = masks_at(model.slots(batch["source"])["masks"], size)
+            first_model = name == first
+            score_pairs(totals, model, judge, batch, targets, run,
+                        "difffae" if first_model else name, extra_rows=first_model)
+        for name, encoder in encoders.items():
+            masks = masks_at(encoder(batch["source"])["masks"], data.size)
             confusion[name] = confusion[name] + metrics.region_confusion(
                 masks.cpu(), batch["source_regions"].cpu())
-    results = {}
-    for (row, metric), total in sums.items():
-        results.setdefault(row, {})[metric] = total / counts[(row, metric)]
-    for name in models:
-        row = "difffae" if name == first else name
-        results[row]["slot_miou"] = float(metrics.slot_iou(confusion[name]).mean())
+    results = nest(totals)
+    for row in results["swaps"].values():
+        row["gain"] = row["psnr_region_swap"] - row["psnr_region_no_swap"]
+    results["slots"] = {name: slot_scores(counts) for name, counts in confusion.items()}
     return results
 
 
 @torch.no_grad()
 def picture(model, path, steps, sampler, seed, device):
     """The README's grid: one row per held-out pair, edits then region swaps."""
-    batch = next(test_pairs(model.image_size, GRID_ROWS + 1, seed))
-    batch = to_device(batch, device)
+    data = SyntheticPortraits(model.image_size, "test", seed, length=GRID_ROWS + 1)
+    batch = to_device(default_collate(data.__getitems__(range(GRID_ROWS + 1))), device)
     source, other = batch["source"][:GRID_ROWS], batch["source"][1:GRID_ROWS + 1]
     query = batch["query"][:GRID_ROWS]
     edited = model.edit(source, query, steps=steps, sampler=sampler, seed=seed)
@@ -128,12 +259,48 @@ def picture(model, path, steps, sampler, seed, device):
     save_image(torch.cat(rows, dim=1), path)
 
 
-def markdown(results):
-    lines = ["| method | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    for name, row in results.items():
-        cells = [f"{row[m]:.3f}" if m in row else "—" for m in METRICS]
+def load_network(path, stage, option, device):
+    """A pretraining stage's network from its training checkpoint (as train.py writes it),
+    rebuilt by stages.network_of. Raises ValueError naming the option, the file and the problem."""
+    if not Path(path).is_file():
+        raise ValueError(f"{option} {path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and unsafe-global errors alike
+        raise ValueError(f"{option} {path}: not a readable checkpoint "
+                         f"({type(error).__name__})") from None
+    kind = isinstance(checkpoint, dict) and checkpoint.get("stage")
+    if kind != stage:
+        raise ValueError(f"{option} {path}: a {kind or 'non-training'} checkpoint; expected "
+                         f"one of the {stage} stage")
+    try:
+        built, _ = network_of(checkpoint, stage)
+    except (KeyError, TypeError, RuntimeError, ValueError) as error:
+        first = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise ValueError(f"{option} {path}: incompatible with this version ({first})") from None
+    return built.to(device).eval()
+
+
+def markdown(rows, columns, label="method"):
+    """A markdown table: rows {name: {column: value}}, "—" where a row has no value."""
+    lines = [f"| {label} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, row in rows.items():
+        cells = [f"{row[c]:.3f}" if c in row else "—" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def tables(results):
+    """The four tables of the module docstring, as printed."""
+    single = {f"{attribute}: {row}": scores
+              for attribute, rows in results["single_attribute"].items()
+              for row, scores in rows.items()}
+    swap_columns = ("psnr_region_swap", "psnr_region_no_swap", "gain", "psnr_face_change")
+    slot_columns = ("matched_miou", "fixed_miou", *(f"fixed_{r}" for r in REGION_NAMES))
+    return "\n\n".join([markdown(results["methods"], IMAGE_METRICS + JUDGE_METRICS),
+                        markdown(single, IMAGE_METRICS + JUDGE_METRICS, "single attribute"),
+                        markdown(results["swaps"], swap_columns, "swap"),
+                        markdown(results["slots"], slot_columns, "slots of")])
 
 
 def main(argv=None):
@@ -142,6 +309,12 @@ def main(argv=None):
                         "weights/difffae-tiny.pt)")
     parser.add_argument("--ablation", action="append", default=[], metavar="NAME=PATH",
                         help="another checkpoint scored as row NAME (repeatable)")
+    parser.add_argument("--judge-estimator", metavar="PATH", help="an estimator-stage "
+                        "checkpoint that reads apd/aed/ald (default: the model's own)")
+    parser.add_argument("--judge-identity", metavar="PATH", help="an identity-stage "
+                        "checkpoint that reads csim (default: the model's own)")
+    parser.add_argument("--slots-ckpt", metavar="PATH", help="also score the slot masks of "
+                        "this slots-stage checkpoint")
     parser.add_argument("--n", type=int, default=200, help="test pairs")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
@@ -160,34 +333,48 @@ def main(argv=None):
         for path, option, suffix in ((args.json, "--json", None), (args.grid, "--grid", ".png")):
             if path:
                 check_output(path, option, suffix)
+        given = {option: getattr(args, option[2:].replace("-", "_")) for option in STAGE_OF}
+        networks = {option: load_network(path, STAGE_OF[option], option, args.device)
+                    for option, path in given.items() if path}
         models = {"difffae": load_model(args.ckpt or DEFAULT_CHECKPOINT, args.device)}
         for item in args.ablation:
             name, _, path = item.partition("=")
             if not path or name in models:
                 raise ValueError(f"--ablation {item}: expected a new NAME=PATH")
             models[name] = load_model(path, args.device)
-        sizes = {name: model.image_size for name, model in models.items()}
+        sizes = {**{name: m.image_size for name, m in models.items()},
+                 **{option: network.cfg.image_size for option, network in networks.items()}}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"the checkpoints work at different image sizes: {sizes}")
-        for model in models.values():
-            check_sampling(model, args.steps, args.sampler)
+        model = models["difffae"]
+        judge = {"estimator": networks.get("--judge-estimator", model.estimator),
+                 "identity": networks.get("--judge-identity", model.identity),
+                 "flame": FLAME().to(args.device)}
+        slot_networks = {"slots_ckpt": networks["--slots-ckpt"]} if args.slots_ckpt else {}
+        for m in models.values():
+            check_sampling(m, args.steps, args.sampler)
         started = time.time()
-        results = evaluate(models, args.n, args.steps, args.sampler, args.seed, args.device)
+        results = evaluate(models, judge, slot_networks, args.n, args.steps, args.sampler,
+                           args.seed, args.device)
         seconds = time.time() - started
         if args.grid:
-            picture(models["difffae"], args.grid, args.steps, args.sampler, args.seed,
-                    args.device)
+            picture(model, args.grid, args.steps, args.sampler, args.seed, args.device)
     except (ValueError, OSError) as error:
         fail(error)
-    print(markdown(results))
+    print(tables(results))
+    own = [option for option in ("--judge-estimator", "--judge-identity")
+           if option not in networks]
+    if own:
+        print(f"\njudge: the model's own networks read the outputs, not an independent judge "
+              f"(give {' and '.join(own)})")
     print(f"\n{args.n} pairs, {args.sampler} {args.steps} steps, {seconds:.0f} s")
     if args.json:  # the paths as given, the default one relative to the repository
         config = {key: value for key, value in vars(args).items() if key not in ("json", "grid")}
         here = Path(__file__).resolve().parent
         config["ckpt"] = args.ckpt or str(DEFAULT_CHECKPOINT.relative_to(here))
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"methods": results, "n": args.n,
-                                               "config": config}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({**results, "n": args.n, "config": config,
+                                               "independent_judge": not own}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

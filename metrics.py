@@ -6,13 +6,22 @@ SSIM, and a slot-mask IoU puts a number on the semantic predictions the paper sh
 - SSIM (Wang et al. 2004, Eq. 13) with their constants: an 11×11 Gaussian window of σ = 1.5,
   C1 = (0.01·R)², C2 = (0.03·R)², per channel, averaged over the valid (unpadded) windows:
   SSIM = (2μxμy + C1)(2σxy + C2) / ((μx² + μy² + C1)(σx² + σy² + C2)).
+- Region PSNR: the PSNR over one region's pixels (layers.REGION_NAMES), undefined (NaN) for an
+  image without that region.
 - Slot-mask IoU: slots are assigned to regions ONCE for a whole set (not per image), because the
   method relies on a fixed slot → region binding (the face token taken from the source, hair /
-  clothes / background tokens swapped by index; DiffFAE §4.2, App. G). With as many slots as
-  regions the assignment is one-to-one (Hungarian, Kuhn 1955, on the pixel-overlap matrix);
-  otherwise each slot goes to the region it overlaps most.
-  IoU_r = |pred_r ∩ gt_r| / |pred_r ∪ gt_r|.
+  clothes / background tokens swapped by index; DiffFAE §4.2, App. G). "Matched": with as many
+  slots as regions the assignment is one-to-one (Hungarian, Kuhn 1955, on the pixel-overlap
+  matrix); otherwise each slot goes to the region it overlaps most. "Fixed": slot k is region
+  k, the binding the method uses; it is below the matched IoU when the slots drift to other
+  regions. IoU_r = |pred_r ∩ gt_r| / |pred_r ∪ gt_r|.
 - Head-pose error: FLAME's global axis-angle → intrinsic yaw (y), pitch (x), roll (z) in degrees.
+- Expression distance: the mean per-vertex distance in millimetres between two FLAME meshes that
+  differ only by expression ψ and jaw (zero shape, zero global pose). Coefficients weigh by how
+  far they move the surface, so the many small ones that do not show at 64 px count little, and
+  an open jaw counts as much as it moves the chin.
+- Face-only images: pixels outside the face region set to 0 (mid grey), so that an identity
+  embedding compares faces, not hair, clothes and backdrop.
 - Face verification: accuracy of "same person" ⇔ cosine similarity > τ over all pairs, at the best
   τ for the set (an upper bound; we report it as such), and the mean similarity of same and
   different pairs.
@@ -24,20 +33,37 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.transform import Rotation
 
-from layers import REGION_NAMES
+from flame import pose6_to_flame15
+from layers import FACE, REGION_NAMES
+
+MILLIMETRES = 1000  # FLAME's unit is the metre
 
 
 def psnr(prediction, target, data_range=2.0, mask=None):
     """Per-image PSNR in dB of (B, C, H, W) tensors (infinite for identical images); with a
-    mask (B, 1, H, W) the mean squared error is taken over the masked pixels only."""
+    mask (B, 1, H, W) the mean squared error is taken over the masked pixels only (NaN for an
+    empty mask)."""
     assert prediction.shape == target.shape, (prediction.shape, target.shape)
     error = (prediction.double() - target.double()).pow(2)  # (B, C, H, W)
     if mask is None:
         mse = error.flatten(1).mean(1)  # (B,)
     else:
         weight = mask.double().expand_as(error)
-        mse = (error * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp(min=1)
+        mse = (error * weight).flatten(1).sum(1) / weight.flatten(1).sum(1)  # 0/0 = NaN
     return 10 * torch.log10(data_range ** 2 / mse)
+
+
+def region_psnr(prediction, target, regions):
+    """{"psnr_face", "psnr_hair", ...}: per-image PSNR (B,) over each region of `regions`
+    (B, H, W), NaN where an image lacks the region."""
+    return {f"psnr_{name}": psnr(prediction, target, mask=(regions == r)[:, None])
+            for r, name in enumerate(REGION_NAMES)}
+
+
+def face_only(images, regions):
+    """images (B, 3, H, W) in [-1, 1] with every pixel outside the face of `regions` (B, H, W)
+    set to 0, mid grey (see the module docstring)."""
+    return images * (regions == FACE)[:, None].to(images.dtype)
 
 
 SSIM_WINDOW = 11  # Wang et al. 2004 §III-C
@@ -80,12 +106,16 @@ def region_confusion(slot_masks, regions, n_regions=len(REGION_NAMES)):
     return counts.reshape(n_slots, n_regions).double()
 
 
-def slot_iou(confusion):
-    """Per-region IoU (R,) of slot masks, slots assigned to regions once for the whole set (see
-    the module docstring) from its confusion counts (K, R)."""
+def slot_iou(confusion, fixed=False):
+    """Per-region IoU (R,) of slot masks from their confusion counts (K, R) over a set: slots
+    assigned to regions once for the set, or with `fixed`, slot k taken as region k (K = R; see
+    the module docstring)."""
     overlap = confusion.cpu().numpy()
     assignment = overlap.argmax(1)  # (K,) region of each slot
-    if overlap.shape[0] == overlap.shape[1]:
+    if fixed:
+        assert overlap.shape[0] == overlap.shape[1], f"fixed binding of {overlap.shape[0]} slots"
+        assignment[:] = range(len(assignment))
+    elif overlap.shape[0] == overlap.shape[1]:
         slots, regions = linear_sum_assignment(-overlap)
         assignment[slots] = regions
     n_regions = confusion.shape[1]
@@ -107,6 +137,18 @@ def head_pose_error(pose, true_pose):
     """Per-image yaw, pitch and roll errors (B, 3) in degrees, wrapped to [0, 180]."""
     error = head_pose_degrees(pose) - head_pose_degrees(true_pose)
     return ((error + 180) % 360 - 180).abs()
+
+
+def expression_distance(flame, coefficients, true_coefficients):
+    """Per-image mean vertex distance (B,) in mm between FLAME meshes of the expression ψ and jaw
+    (pose[:, 3:]) of two coefficient dicts (the estimator's keys), with zero shape and zero
+    global pose (see the module docstring)."""
+    vertices = []
+    for c in (coefficients, true_coefficients):
+        jaw_only = torch.cat([torch.zeros_like(c["pose"][:, :3]), c["pose"][:, 3:]], 1)
+        shape = c["pose"].new_zeros(len(jaw_only), flame.n_shape)
+        vertices.append(flame(shape, c["expression"], pose6_to_flame15(jaw_only)))  # (B, V, 3)
+    return (vertices[0] - vertices[1]).double().norm(dim=2).mean(1) * MILLIMETRES
 
 
 def verification(embeddings, labels):

@@ -79,18 +79,24 @@ NETWORKS = {"vqvae": (VQVAE, VQConfig, "vqvae."), "slots": (RegionSlots, SlotsCo
             "identity": (IdentityEncoder, IdentityConfig, "encoder.")}
 
 
-def load_part(out, stage, device):
-    """The trained network of an earlier stage, frozen, rebuilt from its checkpoint's config.
-    Returns (network, its config)."""
-    path = Path(out) / stage / "ckpt.pt"
-    if not path.exists():
-        raise MissingCheckpoint(f"{path} is missing: run `python train.py --stage {stage}` first")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+def network_of(checkpoint, stage):
+    """The trained network of a `stage` checkpoint (a dict as train.py saves it), rebuilt from
+    the config saved with it. Returns (network, its config)."""
     network, config_class, prefix = NETWORKS[stage]
     config = config_class(**checkpoint["config"][stage])
     model = network(config)
     model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items()
                            if k.startswith(prefix)})
+    return model, config
+
+
+def load_part(out, stage, device):
+    """The trained network of an earlier stage from <out>/<stage>/ckpt.pt, frozen.
+    Returns (network, its config)."""
+    path = Path(out) / stage / "ckpt.pt"
+    if not path.exists():
+        raise MissingCheckpoint(f"{path} is missing: run `python train.py --stage {stage}` first")
+    model, config = network_of(torch.load(path, map_location="cpu", weights_only=True), stage)
     return model.to(device).eval().requires_grad_(False), config
 
 

@@ -1,6 +1,7 @@
 """DiffFAE as a whole: the loss and its ablation switches, what trains and what stays frozen,
 editing and swapping, the ldm stage with its EMA through train.py (resume included), the
-inference export, and the sample.py / evaluate.py programs with their error messages.
+inference export, and the sample.py program with its error messages
+(evaluate.py's tests, in test_evaluate.py, use these fixtures).
 
 Pretrained parts are random networks saved in the stages' checkpoint format, at 32 px: these
 tests check the plumbing and the numbers that do not depend on training."""
@@ -177,7 +178,7 @@ def test_same_seed_same_edit_and_sampler_choice(ldm_stage, batch):
     b = model.edit(source, query, steps=3, seed=5)["image"]
     c = model.edit(source, query, steps=3, seed=6)["image"]
     assert torch.equal(a, b) and not torch.equal(a, c)
-    with pytest.raises(AssertionError):  # sample.py and evaluate.py refuse it (tests below)
+    with pytest.raises(AssertionError):  # sample.py (below) and evaluate.py refuse it
         model.edit(source, query, steps=3, sampler="euler")
 
 
@@ -304,43 +305,6 @@ def test_sample_program_writes_an_edit_and_fails_cleanly(exported, batch, tmp_pa
         assert exit_status.value.code == 2, (args, stderr)
         assert message in stderr and "Traceback" not in stderr, stderr
         assert len(stderr.strip().splitlines()) == 1, stderr
-
-
-def test_evaluate_program_scores_methods_against_the_target(exported, tmp_path):
-    import metrics
-    out = tmp_path / "results.json"
-    other = torch.load(exported, weights_only=True)  # the same model with a different denoiser
-    other["weights"]["unet.conv_out.bias"] += 0.5
-    torch.save(other, tmp_path / "other.pt")
-    done = run("evaluate.py", f"--ckpt={exported}", "--n=3", "--steps=2", f"--json={out}",
-               f"--grid={tmp_path / 'grid.png'}", f"--ablation=again={exported}",
-               f"--ablation=other={tmp_path / 'other.pt'}")
-    assert done.returncode == 0, done.stderr
-    results = json.loads(out.read_text())
-    assert results["n"] == 3 and results["config"]["ckpt"] == str(exported)  # as given
-    methods = results["methods"]
-    assert set(methods) == {"difffae", "copy_source", "paste_render", "ground_truth", "again",
-                            "other"}
-    assert methods["again"]["psnr"] == pytest.approx(methods["difffae"]["psnr"])
-    assert methods["other"]["psnr"] != pytest.approx(methods["difffae"]["psnr"])  # its own row
-    assert "psnr" not in methods["ground_truth"] and "apd" in methods["ground_truth"]
-    assert methods["copy_source"]["csim"] == pytest.approx(1.0, abs=1e-5)
-    items = default_collate(SyntheticPortraits(SIZE, "test", 0, length=3).__getitems__(range(3)))
-    expected = metrics.psnr(items["source"], items["target"]).mean().item()
-    assert methods["copy_source"]["psnr"] == pytest.approx(expected, rel=1e-5)
-    assert "| copy_source |" in done.stdout
-    from PIL import Image
-    assert Image.open(tmp_path / "grid.png").size == (9 * SIZE, 6 * SIZE)
-    for args, message in {("--steps=1001",): "--steps 1001: expected 1..1000",
-                          ("--sampler=euler",): "invalid choice: 'euler'",
-                          ("--n=0",): "--n 0: expected at least 1 pair",
-                          ("--device=cuda:99",): "--device cuda:99: this machine has",
-                          ("--json", str(tmp_path)): f"--json {tmp_path}: a directory",
-                          ("--grid=g.jpg",): "--grid g.jpg: expected a .png file"}.items():
-        done = run("evaluate.py", f"--ckpt={exported}", *args)
-        assert done.returncode == 2 and message in done.stderr, done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-        assert not done.stdout  # refused before the evaluation, not after
 
 
 def test_the_bundled_model_edits_the_examples(tmp_path):

@@ -1,11 +1,15 @@
-"""metrics.py against closed forms: PSNR, SSIM (and a direct per-window implementation of it),
-slot IoU with its one assignment for the set, region confusion, verification, pose error."""
+"""metrics.py against closed forms: PSNR (whole, masked, per region), SSIM (and a direct
+per-window implementation of it), slot IoU with its one assignment for the set and with the fixed
+binding, region confusion, verification, pose error, the expression distance in millimetres of
+FLAME's mesh, face-only images."""
 import math
 
 import pytest
 import torch
 
 import metrics
+from flame import FLAME
+from layers import FACE, HAIR, REGION_NAMES
 
 
 def test_psnr_closed_form_and_mask():
@@ -22,6 +26,23 @@ def test_psnr_closed_form_and_mask():
     everywhere = torch.ones(2, 1, 8, 8, dtype=torch.bool)
     assert torch.allclose(metrics.psnr(prediction, target, mask=everywhere),
                           metrics.psnr(prediction, target))
+
+
+def test_region_psnr_is_the_masked_psnr_of_each_region_and_nan_without_it():
+    target = torch.zeros(2, 3, 4, 4)
+    prediction = target.clone()
+    prediction[:, :, :2] += 0.1          # MSE 0.01 on the top half
+    prediction[:, :, 2:] += 0.2          # MSE 0.04 on the bottom half
+    regions = torch.full((2, 4, 4), FACE)
+    regions[:, 2:] = HAIR
+    regions[1, 3, 3] = len(REGION_NAMES) - 1  # image 1 has one background pixel
+    scores = metrics.region_psnr(prediction, target, regions)
+    assert list(scores) == [f"psnr_{name}" for name in REGION_NAMES]
+    assert scores["psnr_face"].tolist() == pytest.approx([10 * math.log10(4 / 0.01)] * 2)
+    assert scores["psnr_hair"][0].item() == pytest.approx(10 * math.log10(4 / 0.04))
+    assert scores["psnr_background"][1].item() == pytest.approx(10 * math.log10(4 / 0.04))
+    assert scores["psnr_clothes"].isnan().all() and scores["psnr_background"][0].isnan()
+    assert metrics.psnr(target, target, mask=regions[:, None] == FACE).isinf().all()
 
 
 def ssim_by_windows(x, y, data_range=2.0):
@@ -82,6 +103,20 @@ def test_slot_iou_assigns_slots_once_for_the_set():
     assert metrics.slot_iou(empty).tolist() == [1.0, 1.0, 1.0, 1.0]
 
 
+def test_fixed_binding_iou_is_the_matched_one_only_for_slots_in_region_order():
+    in_order = torch.tensor([[9, 1, 0, 0], [1, 7, 2, 0], [0, 0, 6, 1], [0, 2, 0, 8]],
+                            dtype=torch.double)  # slot k overlaps region k most
+    fixed = metrics.slot_iou(in_order, fixed=True)
+    torch.testing.assert_close(fixed, metrics.slot_iou(in_order), rtol=0, atol=0)
+    torch.testing.assert_close(fixed, torch.tensor([9 / 11, 7 / 13, 6 / 9, 8 / 11],
+                                                   dtype=torch.double), rtol=0, atol=1e-15)
+    permuted = in_order[[1, 0, 3, 2]]  # the same masks, slots bound to the wrong regions
+    torch.testing.assert_close(metrics.slot_iou(permuted), metrics.slot_iou(in_order))
+    assert (metrics.slot_iou(permuted, fixed=True) < 0.2).all()
+    with pytest.raises(AssertionError, match="fixed binding"):
+        metrics.slot_iou(torch.ones(8, 4, dtype=torch.double), fixed=True)
+
+
 def test_region_confusion_counts_argmax_pixels():
     masks = torch.zeros(1, 2, 2, 2)
     masks[0, 1, 0] = 1  # slot 1 wins the top row, slot 0 the bottom one
@@ -108,3 +143,35 @@ def test_head_pose_error_wraps_around():
     torch.testing.assert_close(metrics.head_pose_error(yaw, other),
                                torch.tensor([[2.0, 0.0, 0.0]], dtype=torch.double), atol=1e-4,
                                rtol=0)
+
+
+def test_expression_distance_in_millimetres_of_mesh():
+    """0 for equal expressions whatever the shape-free pose; one coefficient e_k moves every
+    vertex by e_k times its blendshape E_k (zero pose: no pose correctives), so the distance is
+    |e_k| · mean_v ‖E_k[v]‖ in metres, ×1000."""
+    flame = FLAME()
+    generator = torch.Generator().manual_seed(0)
+    a = {"expression": torch.randn(2, flame.n_exp, generator=generator),
+         "pose": torch.randn(2, 6, generator=generator) * 0.1}
+    b = {"expression": a["expression"].clone(), "pose": a["pose"].clone()}
+    b["pose"][:, :3] += 0.3  # the global pose is left out
+    assert metrics.expression_distance(flame, a, b).abs().max() < 1e-9
+    zero = {"expression": torch.zeros(1, flame.n_exp), "pose": torch.zeros(1, 6)}
+    k, value = 3, 0.7
+    one = {"expression": zero["expression"].clone(), "pose": zero["pose"]}
+    one["expression"][0, k] = value
+    direction = flame.blenddirs[:, :, flame.n_shape + k].double()  # (V, 3)
+    expected = value * direction.norm(dim=1).mean().item() * 1000
+    assert metrics.expression_distance(flame, one, zero).item() == pytest.approx(expected,
+                                                                                 rel=1e-5)
+    jaw = {"expression": zero["expression"], "pose": zero["pose"].clone()}
+    jaw["pose"][0, 3] = 0.2  # an open jaw moves the chin by centimetres: millimetres on average
+    assert metrics.expression_distance(flame, jaw, zero).item() > 1
+
+
+def test_face_only_keeps_face_pixels_and_sets_the_rest_to_grey():
+    images = torch.rand(2, 3, 4, 4) * 2 - 1
+    regions = torch.randint(len(REGION_NAMES), (2, 4, 4))
+    masked = metrics.face_only(images, regions)
+    face = (regions == FACE)[:, None].expand_as(images)
+    assert torch.equal(masked[face], images[face]) and (masked[~face] == 0).all()

@@ -307,7 +307,7 @@ def test_scaled_linear_schedule():
 
 # ---------------------------------------------------------------------------------------------
 # Argument checks: asserts inside the samplers, errors naming the value in the public config
-# (sample.py and evaluate.py check their options: tests/test_difffae.py)
+# (sample.py checks its options: tests/test_difffae.py; evaluate.py: tests/test_evaluate.py)
 # ---------------------------------------------------------------------------------------------
 
 def test_sample_loop_asserts_its_arguments():

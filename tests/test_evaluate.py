@@ -1,0 +1,161 @@
+"""evaluate.py against independent references: the exact targets it renders (single-attribute
+edits and region swaps), and the program's tables recomputed from their definitions on a tiny
+random-weight model (test_difffae.py's fixtures), with its error messages."""
+import json
+
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+import evaluate
+import metrics
+import stages
+from difffae import EDIT_ATTRIBUTES, load_model
+from layers import FACE, REGION_NAMES
+from sample import SWAPPABLE
+from slots import masks_at
+from synthetic import SyntheticPortraits
+from test_difffae import SIZE, batch, exported, ldm_stage, pretrained  # noqa: F401 (fixtures)
+
+
+N = 1  # test pairs of the program's run
+
+
+@pytest.fixture(scope="module")
+def data():
+    return SyntheticPortraits(SIZE, "test", length=2)
+
+
+def test_own_attribute_renders_the_source_and_another_changes_only_that(data):
+    people = [data.identity(data.identity_ids(i)[0]) for i in range(2)]
+    own = [data.frame(i, 0) for i in range(2)]
+    source, source_regions = data.render(people, own)
+    for attribute in EDIT_ATTRIBUTES:
+        itself = [evaluate.attribute_frame(f, f, attribute) for f in own]
+        image, regions = data.render(people, itself)  # the same batch: the same bits
+        assert torch.equal(image, source) and torch.equal(regions, source_regions), attribute
+    # as the dataset renders it, in a batch of another size: equal up to float rounding
+    items = default_collate(data.__getitems__(range(2)))
+    torch.testing.assert_close(items["source"], source, atol=1e-4, rtol=0)
+    own, other = data.frame(0, 0), data.frame(0, 1)
+    light = evaluate.attribute_frame(own, other, "lighting")
+    assert (light["light"] == other["light"]).all() and (light["pose"] == own["pose"]).all()
+    pose = evaluate.attribute_frame(own, other, "pose")
+    assert (pose["pose"][:3] == other["pose"][:3]).all() and (pose["cam"] == other["cam"]).all()
+    assert (pose["pose"][3:] == own["pose"][3:]).all()  # the jaw and the eyes stay A's
+    expression = evaluate.attribute_frame(own, other, "expression")
+    assert (expression["pose"][6:9] == other["pose"][6:9]).all()  # FLAME's jaw joint
+    assert (expression["pose"][9:] == own["pose"][9:]).all()
+    assert (expression["expression"] == other["expression"]).all()
+    assert (expression["light"] == own["light"]).all()
+
+
+def test_a_swap_target_differs_from_the_source_only_where_the_region_is(data):
+    """Outside A's region R and the swap target's region R, the pixels and their regions are
+    A's: a region's parameters move nothing else (occlusions change only R's pixels)."""
+    items = default_collate(data.__getitems__(range(2)))
+    targets = evaluate.mixed_targets(data, range(2))
+    for region in SWAPPABLE:
+        k = REGION_NAMES.index(region)
+        target = targets[f"swap {region}"]
+        union = (items["source_regions"] == k) | (target["regions"] == k)  # (B, H, W)
+        assert torch.equal(target["regions"][~union], items["source_regions"][~union])
+        outside = ~union[:, None].expand_as(target["image"])
+        torch.testing.assert_close(target["image"][outside], items["source"][outside],
+                                   atol=1e-4, rtol=0)
+        assert (target["image"] != items["source"]).any(1)[union].float().mean() > 0.5, region
+
+
+def run_main(capsys, *args):
+    evaluate.main([str(a) for a in args])
+    return capsys.readouterr().out
+
+
+def test_program_scores_every_table_against_its_definition(exported, pretrained, tmp_path,
+                                                            capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "GRID_ROWS", 2)  # the layout of the grid, in a third the time
+    out = tmp_path / "results.json"
+    other = torch.load(exported, weights_only=True)  # the same model with a different denoiser
+    other["weights"]["unet.conv_out.bias"] += 0.5
+    torch.save(other, tmp_path / "other.pt")
+    printed = run_main(capsys, f"--ckpt={exported}", f"--n={N}", "--steps=1", f"--json={out}",
+                       f"--grid={tmp_path / 'grid.png'}",
+                       f"--ablation=other={tmp_path / 'other.pt'}",
+                       f"--slots-ckpt={pretrained / 'slots' / 'ckpt.pt'}",
+                       f"--judge-estimator={pretrained / 'estimator' / 'ckpt.pt'}")
+    results = json.loads(out.read_text())
+    assert results["n"] == N and results["config"]["ckpt"] == str(exported)  # as given
+    methods = results["methods"]
+    assert set(methods) == {"difffae", "exact_render", "copy_source", "paste_render",
+                            "ground_truth", "vq_ceiling", "self_reconstruction", "other"}
+    assert methods["other"]["psnr"] != pytest.approx(methods["difffae"]["psnr"])  # its own row
+    truth = methods["ground_truth"]
+    assert truth["ssim"] == pytest.approx(1.0) and all(
+        truth[m] == float("inf") for m in ("psnr", *(f"psnr_{r}" for r in REGION_NAMES)))
+
+    model = load_model(exported)
+    items = default_collate(SyntheticPortraits(SIZE, "test", 0, length=N).__getitems__(range(N)))
+    source, target = items["source"], items["target"]
+    expected = metrics.psnr(source, target).mean().item()
+    assert methods["copy_source"]["psnr"] == pytest.approx(expected, rel=1e-5)
+    face = (items["target_regions"] == FACE)[:, None]
+    expected = metrics.psnr(source, target, mask=face).mean().item()
+    assert methods["copy_source"]["psnr_face"] == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        round_trip = model.vqvae.decode(model.vqvae.encode(target)).clamp(-1, 1)
+        faces = [source * face, source * (items["source_regions"] == FACE)[:, None]]
+        embedded = [model.identity(images) for images in faces]
+    expected = metrics.psnr(round_trip, target).mean().item()  # the latent scale cancels
+    assert methods["vq_ceiling"]["psnr"] == pytest.approx(expected, rel=1e-4)
+    expected = (embedded[0] * embedded[1]).sum(1).mean().item()  # the model's own encoder
+    assert methods["copy_source"]["csim"] == pytest.approx(expected, rel=1e-5)
+    judge, _ = stages.load_part(pretrained, "estimator", "cpu")  # the judge, loaded otherwise
+    truth = stages.true_coefficients(items, "query")
+    with torch.no_grad():
+        read = judge(source)
+    expected = metrics.head_pose_error(read["pose"], truth["pose"]).mean().item()
+    assert methods["copy_source"]["apd"] == pytest.approx(expected, rel=1e-5)
+    expected = (read["light"] - truth["light"]).abs().mean().item()
+    assert methods["copy_source"]["ald"] == pytest.approx(expected, rel=1e-5)
+
+    assert set(results["single_attribute"]) == set(EDIT_ATTRIBUTES)
+    for rows in results["single_attribute"].values():
+        assert set(rows) == {"difffae", "copy_source"}
+    for row in results["swaps"].values():
+        assert row["gain"] == pytest.approx(row["psnr_region_swap"] - row["psnr_region_no_swap"])
+    assert set(results["swaps"]) == set(SWAPPABLE)
+    slots, _ = stages.load_part(pretrained, "slots", "cpu")  # the checkpoint, loaded otherwise
+    with torch.no_grad():
+        masks = masks_at(slots(source)["masks"], SIZE)
+    confusion = metrics.region_confusion(masks, items["source_regions"])
+    assert results["slots"]["slots_ckpt"]["matched_miou"] == pytest.approx(
+        metrics.slot_iou(confusion).mean().item())
+    assert results["slots"]["slots_ckpt"]["fixed_miou"] == pytest.approx(
+        metrics.slot_iou(confusion, fixed=True).mean().item())
+    assert set(results["slots"]) == {"difffae", "other", "slots_ckpt"}
+    assert not results["independent_judge"]
+    for line in ("| copy_source |", "| hair |", "| slots_ckpt |", "| pose: difffae |",
+                 "not an independent judge (give --judge-identity)"):
+        assert line in printed, line
+    from PIL import Image
+    assert Image.open(tmp_path / "grid.png").size == (9 * SIZE, 2 * SIZE)
+
+
+def test_program_refuses_bad_input_in_one_line(exported, pretrained, tmp_path, capsys):
+    vqvae = pretrained / "vqvae" / "ckpt.pt"
+    for args, message in {("--steps=1001",): "--steps 1001: expected 1..1000",
+                          ("--sampler=euler",): "invalid choice: 'euler'",
+                          ("--n=0",): "--n 0: expected at least 1 pair",
+                          ("--device=cuda:99",): "--device cuda:99: this machine has",
+                          ("--json", str(tmp_path)): f"--json {tmp_path}: a directory",
+                          ("--grid=g.jpg",): "--grid g.jpg: expected a .png file",
+                          ("--judge-estimator=no.pt",): "--judge-estimator no.pt: no such",
+                          (f"--judge-identity={vqvae}",): "a vqvae checkpoint; expected one "
+                                                          "of the identity stage",
+                          (f"--slots-ckpt={exported}",): "a non-training checkpoint"}.items():
+        with pytest.raises(SystemExit) as exit_status:
+            evaluate.main([f"--ckpt={exported}", *args])
+        captured = capsys.readouterr()
+        assert exit_status.value.code == 2 and message in captured.err, captured.err
+        assert len(captured.err.strip().splitlines()) == 1, captured.err
+        assert not captured.out  # refused before the evaluation, not after
