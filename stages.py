@@ -108,9 +108,10 @@ def eval_set(cfg):
     if cfg.stage == "identity":
         n_ids, n_frames = IDENTITY_EVAL
         ids = [test.identity_ids(i)[0] for i in range(n_ids)]
-        images, _ = test.render([test.identity(a) for a in ids for _ in range(n_frames)],
-                                [test.frame(i, f) for i in range(n_ids) for f in range(n_frames)])
-        batch["identity_images"] = images
+        images, regions = test.render([test.identity(a) for a in ids for _ in range(n_frames)],
+                                      [test.frame(i, f) for i in range(n_ids)
+                                       for f in range(n_frames)])
+        batch["identity_images"], batch["identity_regions"] = images, regions
         batch["identity_labels"] = torch.arange(n_ids).repeat_interleave(n_frames)
     return batch
 
@@ -320,8 +321,9 @@ class EstimatorStage(Stage):
 
 class IdentityStage(Stage):
     """The identity encoder Θ^E of DiffFAE §4.2, trained as ArcFace (Deng et al. 2019, Eq. 3:
-    additive angular margin m, scale s) to classify the synthetic identities. Measures the
-    verification accuracy and the CSIM of same / different held-out identities."""
+    additive angular margin m, scale s) to classify the synthetic identities. With `face_only`
+    it sees the face alone (metrics.face_only), as evaluate.py's CSIM judge reads it. Measures
+    the verification accuracy and the CSIM of same / different held-out identities."""
 
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
@@ -329,9 +331,17 @@ class IdentityStage(Stage):
         self.encoder = IdentityEncoder(parts["identity"])
         self.head = ArcMarginHead(parts["identity"].embedding_dim, n_identities,
                                   s=cfg.arcface_scale, m=cfg.arcface_margin)
+        if cfg.face_only and cfg.data != "synthetic":
+            raise ValueError("--face_only needs synthetic data (ground-truth face regions)")
+        self.face_only = cfg.face_only
+
+    def seen(self, images, regions):
+        """What the encoder is shown of images (B, 3, H, W) with `regions` (B, H, W)."""
+        return metrics.face_only(images, regions) if self.face_only else images
 
     def forward(self, batch, step):
-        images = images_of(batch)
+        regions = torch.cat([batch["source_regions"], batch["query_regions"]])
+        images = self.seen(images_of(batch), regions)
         labels = torch.as_tensor(batch["identity"], device=images.device).repeat(2)
         embeddings = self.encoder(images)
         with torch.autocast(images.device.type, enabled=False):  # cos θ + m wants float32
@@ -342,7 +352,8 @@ class IdentityStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, batch, png):
-        embeddings = self.encoder(batch["identity_images"]).cpu()
+        embeddings = self.encoder(self.seen(batch["identity_images"],
+                                            batch["identity_regions"])).cpu()
         result = metrics.verification(embeddings, batch["identity_labels"].cpu())
         similarity = embeddings @ embeddings.T  # (N, N), frames of one identity are adjacent
         low, high = similarity.min(), similarity.max()

@@ -22,8 +22,9 @@ zero-initialised second res conv, transformer proj_out and output conv; time MLP
 projection with bias; a 1×1 conv as proj_in/proj_out; no positional embedding on context tokens.
 Where we differ: LDM's transformer GroupNorm uses eps 1e-6, we use PyTorch's default 1e-5
 everywhere; LDM-4 CelebA-HQ has self-attention only, we use LDM's SpatialTransformer
-(self-attention, cross-attention, feed-forward) to take the slot tokens; LDM's res block has
-GroupNorm with affine (or scale-shift from the time embedding), ours has AdaIN from f_id.
+(self-attention, cross-attention, feed-forward) to take the slot tokens; LDM's res block adds
+the time embedding before its second GroupNorm, ours normalises by AdaIN from f_id and adds it
+after, as LDM's scale-shift variant does (instance statistics would cancel a shift made before).
 Other references: sinusoidal embedding, Vaswani et al. 2017 §3.5 as used by DDPM (Ho et al.
 2020, App. B) — frequencies as LDM (ω_i = 10000^(−i/h)), order [sin, cos] as DDPM (the order is
 irrelevant because a linear layer follows); AdaIN, Huang & Belongie 2017 Eq. 8, as DiffFAE
@@ -130,7 +131,7 @@ class AdaIN(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GN+SiLU+conv, + time projection, AdaIN(f_id)+SiLU+conv (zero-init), + skip.
+    """GN+SiLU+conv, AdaIN(f_id) + time projection, SiLU+conv (zero-init), + skip.
 
     Input x (B, C_in, H, W), temb (B, 4·base), f_id (B, Di); output (B, C_out, H, W).
     """
@@ -138,7 +139,8 @@ class ResBlock(nn.Module):
     def __init__(self, in_channels, out_channels, temb_dim, id_dim, groups):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=UNET_NORM_EPS)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        # no bias: AdaIN's instance normalisation, next, would cancel it
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
         self.time_proj = nn.Linear(temb_dim, out_channels)
         self.adain = AdaIN(out_channels, id_dim)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
@@ -147,8 +149,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x, temb, id_embed):
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_proj(F.silu(temb))[:, :, None, None]  # (B, C_out, 1, 1) over pixels
-        h = self.conv2(F.silu(self.adain(h, id_embed)))
+        # the time embedding, one shift per channel, goes in after AdaIN: IN would remove it
+        h = self.adain(h, id_embed) + self.time_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(h))
         return self.skip(x) + h
 
 

@@ -12,6 +12,7 @@ from torch.utils.data import default_collate
 import config
 import stages
 import train
+from layers import FACE
 from synthetic import SyntheticPortraits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +71,23 @@ def test_a_few_steps_of_every_stage_lower_the_loss(stage, batch, tmp_path):
         model.after_step(batch, step)
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+def test_face_only_identity_stage_sees_the_face_alone(batch, tmp_path):
+    cfg, parts = train.build_configs(["--stage", "identity", *SMALL, f"--out={tmp_path}",
+                                      "--face_only=true"])
+    stage = stages.build(cfg, parts, torch.device("cpu"), n_identities=2)
+    torch.manual_seed(0)
+    loss = stage(batch, 0)["loss"]
+    changed = dict(batch)
+    for image in ("source", "query"):
+        outside = (batch[f"{image}_regions"] != FACE)[:, None]
+        changed[image] = torch.where(outside, torch.rand_like(batch[image]), batch[image])
+    torch.manual_seed(0)
+    assert torch.equal(stage(changed, 0)["loss"], loss)
+    changed["source"] = -batch["source"]  # the face itself changed
+    torch.manual_seed(0)
+    assert not torch.equal(stage(changed, 0)["loss"], loss)
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from layers import UNET_NORM_EPS
-from unet import (AdaIN, CrossAttention, SelfAttention, SpatialTransformer, UNet, UNetConfig,
-                  average_cross_attention, count_parameters, timestep_embedding)
+from unet import (AdaIN, CrossAttention, ResBlock, SelfAttention, SpatialTransformer, UNet,
+                  UNetConfig, average_cross_attention, count_parameters, timestep_embedding)
 
 K = 4  # slot tokens
 
@@ -111,6 +111,18 @@ def test_adain_starts_as_plain_instance_norm():
     expected = (h - h.mean((2, 3), keepdim=True)) / torch.sqrt(
         h.var((2, 3), unbiased=False, keepdim=True) + UNET_NORM_EPS)
     torch.testing.assert_close(layer(h, torch.randn(2, 4, dtype=torch.float64)), expected)
+
+
+def test_the_timestep_reaches_every_res_block():
+    """AdaIN normalises each channel of each image: a time shift added before it would vanish."""
+    model = make_model()
+    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+    assert blocks
+    for block in blocks:
+        x = torch.randn(2, block.conv1.in_channels, 4, 4, dtype=torch.float64)
+        temb = torch.randn(2, block.time_proj.in_features, dtype=torch.float64)
+        f_id = torch.randn(2, block.adain.to_scale_shift.in_features, dtype=torch.float64)
+        assert (block(x, temb, f_id) - block(x, temb + 1, f_id)).abs().max() > 1e-3
 
 
 def test_identity_enters_only_through_adain():
