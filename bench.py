@@ -201,7 +201,8 @@ def bench_data(device, flame):
 
 def bench_diffusion(device, flame):
     """Rows for the denoiser and whole edits (see the module docstring)."""
-    from difffae import load_model, make_timesteps, sample_loop
+    from difffae import load_model
+    from samplers import make_timesteps, sample_loop
     from sample import DEFAULT_CHECKPOINT
     from unet import UNet, UNetConfig
     rows = []

@@ -19,17 +19,7 @@ Schedule: LDM's scaled-linear β, √β evenly spaced from √0.00085 to √0.01
 et al. 2022). Latents are scaled to unit variance by 1/std measured on the first training batch
 (LDM's scale_factor) and stored with the model.
 
-Samplers (pure functions; device and dtype come from the inputs):
-    DDIM (Song et al. 2021, Eq. 12), with x̂_0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t:
-        x_prev = √ᾱ_prev·x̂_0 + √(1−ᾱ_prev−σ_t²)·ε + σ_t·z,
-        σ_t = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev)
-    DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ = log(α/σ),
-    h_i = λ_{i+1} − λ_i, r = h_{i−1}/h_i:
-        D_i = (1 + 1/(2r))·x̂_0,i − 1/(2r)·x̂_0,i−1       (first step: D_0 = x̂_0,0)
-        x_{i+1} = (σ_{i+1}/σ_i)·x_i − α_{i+1}·(e^{−h_i} − 1)·D_i
-    The last step goes to ᾱ = 1, where both samplers return x̂_0 (a first-order step).
-Timesteps are "trailing" (Lin et al. 2024, Table 2): t_i = round(T−1 − i·T/steps), so sampling
-starts at the noisiest step t = T−1.
+Samplers: samplers.py (DDIM and DPM-Solver++(2M)).
 
 Letters: B batch, K slots, C latent channels, h/w latent size, H/W image size.
 """
@@ -49,11 +39,11 @@ from flame import FLAME, pose6_to_flame15
 from head import EXPRESSION_NAMES
 from layers import REGION_NAMES, require
 from render import Renderer
+from samplers import SAMPLERS, make_timesteps, sample_loop, scaled_linear_alphas_cumprod
 from slots import RegionSlots, SlotsConfig
 from unet import UNet, UNetConfig, average_cross_attention
 from vqvae import VQConfig, VQVAE
 
-SAMPLERS = ("ddim", "dpm++2m")
 EDIT_ATTRIBUTES = ("pose", "expression", "lighting")
 # The estimator coefficients (key, columns) each attribute takes from the query. The jaw
 # (pose6[3:]) is part of the expression; the camera moves with the head pose (DiffFAE Eq. 3 takes
@@ -89,81 +79,6 @@ class DiffusionConfig:
                 f"{self.sample_steps}: expected 1..{self.timesteps}")
         require(self.sampler in SAMPLERS, f"DiffusionConfig.sampler={self.sampler!r}: expected "
                 f"one of {', '.join(SAMPLERS)}")
-
-
-# -- Schedule and samplers -------------------------------------------------------------------------
-
-def scaled_linear_alphas_cumprod(timesteps, beta_start, beta_end):
-    """ᾱ_t = Π_{s≤t} (1 − β_s), t = 0..T−1, with √β linear in t (LDM). Returns (T,) float64."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, timesteps, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, dim=0)
-
-
-def make_timesteps(steps, timesteps):
-    """Descending "trailing" timesteps t_i = round(T−1 − i·T/steps), i < steps."""
-    assert 1 <= steps <= timesteps, f"steps={steps}: expected 1..{timesteps}"
-    return [round(timesteps - 1 - i * timesteps / steps) for i in range(steps)]
-
-
-def _scalar(value, like):
-    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
-
-
-def predict_x0(x_t, eps, alpha_bar_t):
-    """x̂_0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t (DDIM Eq. 12, "predicted x_0")."""
-    alpha_bar_t = _scalar(alpha_bar_t, x_t)
-    return (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
-
-
-def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None):
-    """One DDIM step (Song et al. 2021, Eq. 12) from ᾱ_t to ᾱ_prev; eta = 0 is deterministic,
-    eta = 1 is DDPM's ancestral step with σ_t² = β̃_t. `noise` defaults to fresh N(0, I)."""
-    alpha_bar_t, alpha_bar_prev = _scalar(alpha_bar_t, x_t), _scalar(alpha_bar_prev, x_t)
-    x0 = predict_x0(x_t, eps, alpha_bar_t)
-    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t)).sqrt() \
-        * (1 - alpha_bar_t / alpha_bar_prev).clamp(min=0).sqrt()
-    direction = (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps  # "pointing to x_t"
-    x_prev = alpha_bar_prev.sqrt() * x0 + direction
-    if eta > 0:
-        x_prev = x_prev + sigma * (torch.randn_like(x_t) if noise is None else noise)
-    return x_prev
-
-
-def sample_loop(eps_fn, x_T, alphas_cumprod, timesteps, sampler="ddim", eta=0.0,
-                generator=None):
-    """Integrates from x_T at timesteps[0] down to the clean sample (ᾱ = 1 after the last).
-
-    eps_fn(x, t) returns the predicted noise at integer timestep t; timesteps is a descending
-    list of ints indexing alphas_cumprod (T,). sampler "ddim" (eta as in ddim_step; its noise
-    drawn from `generator`) or "dpm++2m" (deterministic; eta must be 0).
-    """
-    assert sampler in SAMPLERS and 0 <= eta <= 1 and (sampler == "ddim" or eta == 0)
-    assert all(a > b for a, b in zip(timesteps, timesteps[1:])) and timesteps \
-        and 0 <= timesteps[-1] and timesteps[0] < len(alphas_cumprod), timesteps
-    alpha_bar = [float(alphas_cumprod[t]) for t in timesteps] + [1.0]
-    x, previous_x0, previous_h = x_T, None, None
-    for i, t in enumerate(timesteps):
-        eps = eps_fn(x, t).to(x.dtype)  # the arithmetic in x's precision, even for a bf16 ε
-        if sampler == "ddim":
-            noise = None
-            if eta > 0:
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = ddim_step(x, eps, alpha_bar[i], alpha_bar[i + 1], eta, noise)
-            continue
-        x0 = predict_x0(x, eps, alpha_bar[i])
-        if alpha_bar[i + 1] >= 1.0:  # the step to σ = 0 (λ = ∞) is first order: x = x̂_0
-            return x0
-        lam, lam_next = (0.5 * math.log(a / (1 - a)) for a in alpha_bar[i:i + 2])  # λ = log(α/σ)
-        h = lam_next - lam
-        if previous_x0 is None:
-            data = x0
-        else:
-            r = previous_h / h
-            data = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous_x0
-        sigma, sigma_next = math.sqrt(1 - alpha_bar[i]), math.sqrt(1 - alpha_bar[i + 1])
-        x = (sigma_next / sigma) * x - math.sqrt(alpha_bar[i + 1]) * math.expm1(-h) * data
-        previous_x0, previous_h = x0, h
-    return x
 
 
 # -- Coefficients: combining source and query, and editing by numbers ------------------------------

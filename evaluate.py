@@ -56,11 +56,12 @@ from torch.utils.data import default_collate
 
 import metrics
 from data import save_image
-from difffae import EDIT_ATTRIBUTES, SAMPLERS, combine_coefficients, load_model
+from difffae import EDIT_ATTRIBUTES, combine_coefficients, load_model
 from flame import FLAME, flame15_to_pose6, pose6_to_flame15
 from layers import FACE, REGION_NAMES
 from sample import DEFAULT_CHECKPOINT, SWAPPABLE, check_device, check_output, check_sampling
 from sample import fail
+from samplers import SAMPLERS
 from slots import masks_at
 from stages import network_of, to_device, true_coefficients
 from synthetic import SyntheticPortraits

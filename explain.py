@@ -14,7 +14,7 @@ Rows of `figure`, top to bottom:
 3. Attention, ACR (Eq. 7): A_cross per token, the UNet's cross-attention averaged over heads and
    layers (unet.average_cross_attention), at the first, middle and last sampling step; below
    them M_Q, which Eq. 7 pulls A_cross towards in training: L_attn = mean (A_cross − M_Q)².
-4. Trajectory (DDIM Eq. 12): x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t (difffae.predict_x0), decoded at
+4. Trajectory (DDIM Eq. 12): x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t (samplers.predict_x0), decoded at
    six steps, then the output.
 The numbers are set_numbers' (difffae.py): head yaw, pitch, roll as intrinsic Y-X-Z Euler angles
 (metrics.head_pose_degrees) and jaw opening, in degrees; the light's direction (x right, y up,
@@ -32,7 +32,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 import metrics
 from data import to_pil
-from difffae import EDIT_ATTRIBUTES, predict_x0
+from difffae import EDIT_ATTRIBUTES
+from samplers import predict_x0
 from layers import REGION_COLOURS, REGION_NAMES
 from unet import average_cross_attention
 
@@ -321,7 +322,7 @@ def _trajectory_row(sheet, seen, result, item):
     cells = [((column, 0), f"x0 at t={timesteps[step]}", seen["x0"][step][item])
              for column, step in enumerate(trajectory_steps(len(timesteps)))]
     cells.append(((COLUMNS - 1, 0), "output I_O", result["image"][item]))
-    sheet.row("4  Trajectory (DDIM Eq. 12): difffae.predict_x0, x0 = (z_t - sqrt(1 - abar_t) eps) "
+    sheet.row("4  Trajectory (DDIM Eq. 12): samplers.predict_x0, x0 = (z_t - sqrt(1 - abar_t) eps) "
               f"/ sqrt(abar_t), decoded at {len(cells) - 1} of {len(timesteps)} steps", cells)
 
 

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 import explain
 from data import ImageError, load_image, save_image
-from difffae import EDIT_ATTRIBUTES, NUMBERS, SAMPLERS, load_model
+from difffae import EDIT_ATTRIBUTES, NUMBERS, load_model
+from samplers import SAMPLERS
 from head import EXPRESSION_NAMES
 from layers import REGION_NAMES
 

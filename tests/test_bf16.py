@@ -16,7 +16,7 @@ from torch.utils.data import default_collate
 
 import stages
 import train
-from difffae import SAMPLERS, make_timesteps, sample_loop, scaled_linear_alphas_cumprod
+from samplers import SAMPLERS, make_timesteps, sample_loop, scaled_linear_alphas_cumprod
 from synthetic import SyntheticPortraits
 from vqvae import VectorQuantizer
 
@@ -86,14 +86,17 @@ def loss_and_gradient(module, batch, enabled):
 
 
 # bf16 keeps 8 bits of mantissa (relative rounding 2^-9); measured agreement at these sizes:
-# losses within 0.4 % (identity; the others within 0.06 %), gradient cosines 0.997 and above
+# losses within 0.4 % of the stage's loss at its first step (the scale of its terms: the identity
+# loss, with two identities, falls from 3.5 to 3e-4 in three steps, while its logits keep their
+# size and their rounding), gradient cosines 0.996 and above
 @pytest.mark.parametrize("stage", stages.STAGES)
 def test_bf16_loss_and_gradient_agree_with_float32(trained, batch, stage):
-    module, _ = trained[stage]
+    module, history = trained[stage]
     loss32, gradient32 = loss_and_gradient(module, batch, enabled=False)
     loss16, gradient16 = loss_and_gradient(module, batch, enabled=True)
     assert loss16 != loss32  # autocast is on: bf16 rounds differently
-    assert abs(loss16 - loss32) < 0.01 * abs(loss32), (loss16, loss32)
+    scale = abs(float(history[0]["loss"]))
+    assert abs(loss16 - loss32) < 0.01 * scale, (loss16, loss32, scale)
     assert F.cosine_similarity(gradient16, gradient32, dim=0) > 0.98
 
 

@@ -20,7 +20,8 @@ import explain
 import stages
 import train
 from data import load_image, to_pil
-from difffae import ddim_step, load_model, make_timesteps, predict_x0, set_numbers
+from difffae import load_model, set_numbers
+from samplers import ddim_step, make_timesteps, predict_x0
 from layers import REGION_NAMES
 from sample import DEFAULT_CHECKPOINT
 from synthetic import SyntheticPortraits

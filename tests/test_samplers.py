@@ -1,4 +1,4 @@
-"""Tests for the schedule, samplers and coefficient editing of difffae.py, against closed forms.
+"""Tests for the schedule and samplers (samplers.py) and the coefficient editing of difffae.py:
 
 Toy data x_0 ~ N(MU, S²) per dimension has a closed-form optimal noise prediction
     ε*(x, t) = √(1−ᾱ_t)·(x − √ᾱ_t·MU) / v_t,   v_t = ᾱ_t·S² + 1 − ᾱ_t = Var[x_t],
@@ -28,9 +28,9 @@ import pytest
 import torch
 
 import metrics
-from difffae import (EDIT_ATTRIBUTES, SAMPLERS, DiffusionConfig, combine_coefficients, ddim_step,
-                     make_timesteps, predict_x0, sample_loop, scaled_linear_alphas_cumprod,
-                     set_numbers)
+from difffae import EDIT_ATTRIBUTES, DiffusionConfig, combine_coefficients, set_numbers
+from samplers import (SAMPLERS, ddim_step, make_timesteps, predict_x0, sample_loop,
+                      scaled_linear_alphas_cumprod)
 from head import EXPRESSION_NAMES
 
 T = 1000
