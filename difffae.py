@@ -12,6 +12,8 @@ starting from the slots stage.
 Objective (§4.3, Eq. 1, 7, 8; every step in DiffFAE.loss), with z_0 the scaled VQ latent of I_Q:
     z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε,   t ~ U{0..T−1},   ε ~ N(0, I)
     L = ‖ε − ε̂‖² + δ·‖A_cross − M_Q‖²,   δ = 0.1
+(with min_snr_gamma = γ > 0, not in the paper, each ‖ε − ε̂‖² is weighted by min(SNR_t, γ)/SNR_t,
+SNR_t = ᾱ_t/(1−ᾱ_t): Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting").
 A_cross: the UNet's cross-attention maps per slot token, averaged over heads and layers; M_Q: the
 slot-attention masks of the query (detached: the target of the consistency term, not a second
 route for the masks to drift towards the attention).
@@ -63,6 +65,7 @@ class DiffusionConfig:
     beta_start: float = 0.00085    # LDM scaled-linear schedule
     beta_end: float = 0.012
     acr_weight: float = 0.1        # δ of Eq. 8; 0 is the "no ACR" ablation
+    min_snr_gamma: float = 0.0     # γ of Min-SNR loss weights (Hang et al. 2023); 0: none (paper)
     use_identity: bool = True      # False: f_id = 0, the "no identity token" ablation
     render_from: str = "estimated"  # training I_R from "estimated" (as at inference) or exact
                                    # "truth" coefficients (synthetic data only)
@@ -73,6 +76,8 @@ class DiffusionConfig:
         require(self.timesteps >= 2, f"DiffusionConfig.timesteps={self.timesteps}: expected >= 2")
         require(0 < self.beta_start < self.beta_end < 1, f"DiffusionConfig.beta_start="
                 f"{self.beta_start}, beta_end={self.beta_end}: expected 0 < start < end < 1")
+        require(self.min_snr_gamma >= 0, f"DiffusionConfig.min_snr_gamma={self.min_snr_gamma}: "
+                f"expected >= 0")
         require(self.render_from in ("truth", "estimated"), f"DiffusionConfig.render_from="
                 f"{self.render_from!r}: expected 'truth' or 'estimated'")
         require(1 <= self.sample_steps <= self.timesteps, f"DiffusionConfig.sample_steps="
@@ -248,9 +253,14 @@ class DiffFAE(nn.Module):
         noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype)
         alpha_bar = self.alphas_cumprod[t].view(batch, 1, 1, 1)
         z_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise
-        # 5. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖²
+        # 5. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖², each image's
+        #    weighted by min(SNR_t, γ)/SNR_t, SNR_t = ᾱ_t/(1−ᾱ_t), when min_snr_gamma = γ > 0
         eps, attn = self.denoise(z_t, t, cond, return_attn=True)
-        ldm = F.mse_loss(eps.float(), noise.float())
+        ldm = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)  # (B,)
+        if d.min_snr_gamma > 0:
+            snr = alpha_bar.flatten() / (1 - alpha_bar.flatten())
+            ldm = ldm * snr.clamp(max=d.min_snr_gamma) / snr
+        ldm = ldm.mean()
         # 6. ACR (Eq. 7): L_attn = ‖A_cross − M_Q‖², the query's slot masks a fixed target
         with torch.no_grad():
             query_masks = self.slots(query)["masks"]  # (B, K, h', w') M_Q

@@ -140,6 +140,36 @@ def test_acr_term_is_the_squared_distance_of_attention_to_query_masks(ldm_stage,
     assert out["acr_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 5.0])
+def test_min_snr_weights_each_image_by_its_timestep(ldm_stage, batch, gamma):
+    """With ε̂ = 0 the loss of image b is mean(ε_b²); Min-SNR-γ weighs it by
+    min(SNR_t, γ)/SNR_t, SNR_t = ᾱ_t/(1−ᾱ_t) (γ = 0: no weights, the paper's loss)."""
+    model = ldm_stage.model
+    unet_forward = model.unet.forward
+
+    def zero(x, t, context, id_embed, return_attn=False):
+        eps, attn = unet_forward(x, t, context, id_embed, return_attn=True)
+        return torch.zeros_like(eps), attn
+
+    model.unet.forward, model.diffusion.min_snr_gamma = zero, gamma
+    try:
+        torch.manual_seed(3)
+        out = model.loss(batch["source"], batch["query"])
+    finally:
+        del model.unet.forward
+        model.diffusion.min_snr_gamma = 0.0
+    torch.manual_seed(3)  # the same draws as the loss: t, then ε
+    t = torch.randint(model.diffusion.timesteps, (len(batch["query"]),))
+    with torch.no_grad():
+        noise = torch.randn(model.encode_latent(batch["query"]).shape)
+    alpha_bar = model.alphas_cumprod[t].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = snr.clamp(max=gamma) / snr if gamma else torch.ones_like(snr)
+    expected = (noise.double().pow(2).flatten(1).mean(1) * weight).mean()
+    assert out["ldm_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert gamma == 0 or weight.min() < 1  # the draw includes a weighted (low-noise) step
+
+
 def test_edit_swaps_slot_tokens_and_keeps_unedited_attributes(ldm_stage, batch):
     model = ldm_stage.model.eval()
     source, query = batch["source"][:1], batch["query"][:1]
