@@ -100,7 +100,7 @@ PRESETS = {
                 "unet": {"base_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1,
                          "attention_resolutions": (1, 2, 4), "head_channels": 32,
                          "norm_groups": 16},
-                "diffusion": {"sample_steps": 20}},
+                "diffusion": {"sample_steps": 20, "sampler": "dpm++2m"}},
     },
     "paper": {  # DiffFAE §5.1: Adam, lr 1e-4, batch 16 (over all GPUs), 256 px; LDM's EMA
         stage: {"train": {"image_size": 256, "batch_size": 16, "lr": 1e-4, "steps": 100_000,
