@@ -35,7 +35,7 @@ A frame (`sample_frame`, seeded by item and slot):
   channel; second order N(0, 0.08);
 - cam (3,) = DECA's [s, tx, ty]: s = 7.8 · (1 + U(±0.05)) shows 0.26 m of height; tx U(±0.015);
   ty 0.055 + U(±0.015) centres the view 5.5 cm below the eyes. Framed like VoxCeleb's crops, the
-  face covers about 36 % of the picture, the hair 17 %, the clothes 12 % (DATA_VERSION 3).
+  face covers about 37 % of the picture, the hair 17 %, the clothes 12 %.
 
 Letters: B batch, V vertices, F faces, H/W image size, T texture size.
 """
