@@ -90,12 +90,14 @@ def network_of(checkpoint, stage):
     return model, config
 
 
-def load_part(out, stage, device):
-    """The trained network of an earlier stage from <out>/<stage>/ckpt.pt, frozen.
-    Returns (network, its config)."""
-    path = Path(out) / stage / "ckpt.pt"
+def load_part(out, stage, device, tag=""):
+    """The trained network of an earlier stage from <out>/<stage>/ckpt.pt (<stage>-<tag>/ with
+    a tag), frozen. Returns (network, its config)."""
+    folder = f"{stage}-{tag}" if tag else stage
+    path = Path(out) / folder / "ckpt.pt"
     if not path.exists():
-        raise MissingCheckpoint(f"{path} is missing: run `python train.py --stage {stage}` first")
+        run = f"python train.py --stage {stage}" + (f" --tag={tag}" if tag else "")
+        raise MissingCheckpoint(f"{path} is missing: run `{run}` first")
     model, config = network_of(torch.load(path, map_location="cpu", weights_only=True), stage)
     return model.to(device).eval().requires_grad_(False), config
 
@@ -377,7 +379,8 @@ class LDMStage(Stage):
 
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
-        networks = {name: load_part(cfg.out, name, device) for name in REQUIRES["ldm"]}
+        networks = {name: load_part(cfg.out, name, device, cfg.slots_tag if name == "slots"
+                                    else "") for name in REQUIRES["ldm"]}
         for name, (_, config) in networks.items():
             parts[name] = config
         sizes = {name: parts[name].image_size for name in ("slots", "estimator", "identity")}

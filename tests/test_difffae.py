@@ -118,6 +118,28 @@ def test_paper_variant_is_eq8_alone_with_i_r_from_the_estimator(pretrained, batc
     assert torch.equal(out["loss"], handed["loss"])
 
 
+def test_ldm_stage_starts_from_a_tagged_slots_run_of_another_slot_count(pretrained, batch,
+                                                                        tmp_path):
+    """The 2- and 8-slot ablations: --slots_tag picks the slots run; without labels."""
+    for stage in stages.REQUIRES["ldm"]:
+        (tmp_path / stage).mkdir()
+        os.link(pretrained / stage / "ckpt.pt", tmp_path / stage / "ckpt.pt")
+    options = [*SMALL[:4], f"--out={tmp_path}", "--slots_supervision=0"]
+    cfg, parts = train.build_configs(["--stage", "slots", *options, "--slots.num_slots=2"])
+    built = stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
+    train.atomic_save({"stage": "slots", "step": 0, "model": built.state_dict(),
+                       "config": {"slots": vars(parts["slots"])}},
+                      tmp_path / "slots-k2" / "ckpt.pt")
+    cfg, parts = train.build_configs(["--stage", "ldm", *options, "--slots_tag=k2"])
+    stage = stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
+    assert stage.model.slots.cfg.num_slots == 2
+    assert torch.isfinite(stage(batch, 0)["loss"])
+    cfg, parts = train.build_configs(["--stage", "ldm", *options, "--slots_tag=k8"])
+    with pytest.raises(stages.MissingCheckpoint, match="run `python train.py --stage slots "
+                                                       "--tag=k8` first"):
+        stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
+
+
 def test_acr_term_is_the_squared_distance_of_attention_to_query_masks(ldm_stage, batch):
     """With the UNet's attention forced uniform (1/K everywhere), L_attn = mean (1/K − M_Q)²."""
     model = ldm_stage.model
