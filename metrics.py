@@ -139,16 +139,21 @@ def head_pose_error(pose, true_pose):
     return ((error + 180) % 360 - 180).abs()
 
 
+def expression_vertices(flame, coefficients):
+    """FLAME vertices (B, V, 3) of a coefficient dict's (the estimator's keys) expression ψ and
+    jaw (pose[:, 3:]) alone: zero shape and zero global pose."""
+    jaw_only = torch.cat([torch.zeros_like(coefficients["pose"][:, :3]),
+                          coefficients["pose"][:, 3:]], 1)
+    shape = jaw_only.new_zeros(len(jaw_only), flame.n_shape)
+    return flame(shape, coefficients["expression"], pose6_to_flame15(jaw_only))
+
+
 def expression_distance(flame, coefficients, true_coefficients):
-    """Per-image mean vertex distance (B,) in mm between FLAME meshes of the expression ψ and jaw
-    (pose[:, 3:]) of two coefficient dicts (the estimator's keys), with zero shape and zero
-    global pose (see the module docstring)."""
-    vertices = []
-    for c in (coefficients, true_coefficients):
-        jaw_only = torch.cat([torch.zeros_like(c["pose"][:, :3]), c["pose"][:, 3:]], 1)
-        shape = c["pose"].new_zeros(len(jaw_only), flame.n_shape)
-        vertices.append(flame(shape, c["expression"], pose6_to_flame15(jaw_only)))  # (B, V, 3)
-    return (vertices[0] - vertices[1]).double().norm(dim=2).mean(1) * MILLIMETRES
+    """Per-image mean vertex distance (B,) in mm between the expression meshes
+    (expression_vertices) of two coefficient dicts (see the module docstring)."""
+    difference = (expression_vertices(flame, coefficients)
+                  - expression_vertices(flame, true_coefficients))  # (B, V, 3)
+    return difference.double().norm(dim=2).mean(1) * MILLIMETRES
 
 
 def verification(embeddings, labels):

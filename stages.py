@@ -37,6 +37,7 @@ REQUIRES = {"slots": ("vqvae",), "ldm": ("vqvae", "slots", "estimator", "identit
 # estimator's regression so that every group counts alike.
 COEFFICIENT_SCALE = {"shape": 1.0, "albedo": 0.9, "expression": 0.45, "pose": 0.3,
                      "cam": (0.23, 0.009, 0.009), "light": 0.5}
+EXPRESSION_MESH_SCALE = 0.003  # metres: the spread of a vertex's expression and jaw movement
 MASK_EPS = 1e-6           # floor of mask probabilities before the log
 GRID_ITEMS = 8            # images shown in evaluation grids
 IDENTITY_EVAL = (32, 4)   # held-out identities × frames for the verification measurement
@@ -253,10 +254,12 @@ class SlotsStage(Stage):
 class EstimatorStage(Stage):
     """The coefficient estimator, in DECA's role for SPC (DiffFAE §4.1; Feng et al. 2021):
     regression of the exact generating coefficients, each scaled by its spread in the data,
-    plus a photometric loss: the predicted coefficients re-rendered through FLAME and render.py
-    against the image on ground-truth face pixels (DECA's photometric term, Feng et al. 2021
-    Eq. 8). Measures the head-pose error in degrees and the jaw, expression, light, camera,
-    shape and albedo errors."""
+    plus the squared distance in mm of the meshes of the predicted and the true expression and
+    jaw (a vertex loss, so that each coefficient counts by how far it moves the face; our
+    choice), plus a photometric loss: the predicted coefficients re-rendered through FLAME and
+    render.py against the image on ground-truth face pixels (DECA's photometric term, Feng et
+    al. 2021 Eq. 8). Measures the head-pose error in degrees, the jaw error, the expression
+    distance in mm (metrics.expression_distance) and the light, camera, shape and albedo errors."""
 
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
@@ -291,6 +294,11 @@ class EstimatorStage(Stage):
         for key, scale in self.fixed["scale"].items():
             error = (predicted[key] - truth[key]) / scale
             terms[f"{key}_loss"] = error.pow(2).mean()
+        # the expression and the jaw also as the surface they move: a coefficient counts by how
+        # far it moves the face, as the judge measures it (metrics.expression_distance)
+        moved = (metrics.expression_vertices(self.fixed["flame"], predicted)
+                 - metrics.expression_vertices(self.fixed["flame"], truth))  # (2B, V, 3)
+        terms["expression_mesh_loss"] = (moved / EXPRESSION_MESH_SCALE).pow(2).sum(2).mean()
         regression = sum(terms.values())
         # the photometric term on the sources only: rendering is the costly part of a step
         n = len(batch["source"])
@@ -312,6 +320,8 @@ class EstimatorStage(Stage):
         result = {"yaw_deg": float(pose_error[:, 0].mean()),
                   "pitch_deg": float(pose_error[:, 1].mean()),
                   "roll_deg": float(pose_error[:, 2].mean()), "jaw_deg": float(jaw.mean())}
+        result["expression_mm"] = float(metrics.expression_distance(
+            self.fixed["flame"], predicted, truth).mean())
         for key in ("expression", "light", "cam", "shape", "albedo"):
             result[f"{key}_mae"] = float((predicted[key] - truth[key]).abs().mean())
         n = GRID_ITEMS

@@ -73,6 +73,25 @@ def test_a_few_steps_of_every_stage_lower_the_loss(stage, batch, tmp_path):
     assert losses[-1] < losses[0], losses
 
 
+def test_estimator_expression_mesh_term_counts_millimetres_moved(batch, tmp_path):
+    """A prediction exact but for one expression coefficient, off by e, jaw closed: every vertex
+    is off by e·E_k[v] (zero pose: no skinning, no pose correctives), so the term is
+    e²·mean_v ‖E_k[v]‖² / scale²."""
+    stage = stages.build(*small_configs("estimator", tmp_path), torch.device("cpu"), 2)
+    truth = {key: torch.cat([stages.true_coefficients(batch, image)[key]
+                             for image in ("source", "query")]) for key in stages.COEFFICIENT_SCALE}
+    truth["pose"][:, 3:] = 0
+    k, e = 2, 0.4
+    predicted = {key: value.clone() for key, value in truth.items()}
+    predicted["expression"][:, k] += e
+    stage.estimator.forward = lambda images: predicted
+    term = stage(batch, 0)["expression_mesh_loss"]
+    flame = stage.fixed["flame"]
+    direction = flame.blenddirs[:, :, flame.n_shape + k].double()  # (V, 3)
+    expected = e ** 2 * direction.pow(2).sum(1).mean() / stages.EXPRESSION_MESH_SCALE ** 2
+    assert term.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
 def test_face_only_identity_stage_sees_the_face_alone(batch, tmp_path):
     cfg, parts = train.build_configs(["--stage", "identity", *SMALL, f"--out={tmp_path}",
                                       "--face_only=true"])
