@@ -78,14 +78,17 @@ def test_estimator_expression_mesh_term_counts_millimetres_moved(batch, tmp_path
     is off by e·E_k[v] (zero pose: no skinning, no pose correctives), so the term is
     e²·mean_v ‖E_k[v]‖² / scale²."""
     stage = stages.build(*small_configs("estimator", tmp_path), torch.device("cpu"), 2)
-    truth = {key: torch.cat([stages.true_coefficients(batch, image)[key]
-                             for image in ("source", "query")]) for key in stages.COEFFICIENT_SCALE}
-    truth["pose"][:, 3:] = 0
+    closed = dict(batch)
+    for image in ("source", "query"):
+        params = closed[f"{image}_params"] = dict(batch[f"{image}_params"])
+        params["pose6"] = torch.cat([params["pose6"][:, :3], torch.zeros(2, 3)], 1)
+    predicted = {key: torch.cat([stages.true_coefficients(closed, image)[key]
+                                 for image in ("source", "query")])
+                 for key in stages.COEFFICIENT_SCALE}
     k, e = 2, 0.4
-    predicted = {key: value.clone() for key, value in truth.items()}
     predicted["expression"][:, k] += e
     stage.estimator.forward = lambda images: predicted
-    term = stage(batch, 0)["expression_mesh_loss"]
+    term = stage(closed, 0)["expression_mesh_loss"]
     flame = stage.fixed["flame"]
     direction = flame.blenddirs[:, :, flame.n_shape + k].double()  # (V, 3)
     expected = e ** 2 * direction.pow(2).sum(1).mean() / stages.EXPRESSION_MESH_SCALE ** 2
