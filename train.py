@@ -235,13 +235,13 @@ def truncate_log(path, step):
 def train(cfg, parts):
     # DDP: one process per device under torchrun, else a single process; one code path for both
     ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if ddp else 0
-    processes = dist.get_world_size() if ddp else 1
+    processes = int(os.environ["WORLD_SIZE"]) if ddp else 1
     if cfg.batch_size % processes:  # batch_size is the total, as the paper's batch of 16
         raise ConfigError(f"--batch_size={cfg.batch_size}: not divisible by the {processes} "
                           f"processes")
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if ddp else 0
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if ddp else 0
     master = rank == 0  # only rank 0 writes checkpoints, logs and pictures
     if torch.cuda.is_available():

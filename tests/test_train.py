@@ -145,6 +145,16 @@ def test_missing_prerequisite_is_a_clear_error(tmp_path):
     assert bad.returncode == 2 and "unknown key" in bad.stderr
 
 
+def test_batch_size_is_the_total_over_the_processes(tmp_path):
+    """Each of N processes takes batch_size / N; a size N does not divide is refused before
+    the processes meet (this one would otherwise wait for a second process forever)."""
+    env = dict(os.environ, RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="29519")
+    done = run(["--stage", "vqvae", "--steps=1"], tmp_path, env=env, timeout=60)  # batch 2
+    assert done.returncode == 2
+    assert "--batch_size=2: not divisible by the 3 processes" in done.stderr
+
+
 def test_two_process_ddp_run_of_the_slots_stage(tmp_path):
     assert run(["--stage", "vqvae", "--steps=1"], tmp_path).returncode == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
