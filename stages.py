@@ -409,8 +409,10 @@ class LDMStage(Stage):
         self.model = DiffFAE(parts)
         for name, (network, _) in networks.items():
             getattr(self.model, name).load_state_dict(network.state_dict())
+        # the slot decoder stays as pretrained: with slots_weight > 0 it holds the tokens to
+        # what it learned to decode
         for frozen in (self.model.vqvae, self.model.estimator, self.model.identity,
-                       self.model.slots.decoder):  # the slot decoder only served pretraining
+                       self.model.slots.decoder):
             frozen.requires_grad_(False)
 
     def train(self, mode=True):
