@@ -76,7 +76,7 @@ class TrainConfig:
 PRESETS = {
     "tiny": {
         # 24.6 dB on held-out 64 px images (2,500 steps and 512 codes: 23.5; 32 base channels
-        # ran 3× slower a step on the 2-core CPU)
+        # ran about 3× slower a step on the 2-core CPU)
         "vqvae": {"train": {"steps": 6000, "batch_size": 8, "lr": 4e-4},
                   "vqvae": {"base_channels": 16, "channel_mult": (1, 2, 4), "num_res_blocks": 1,
                             "norm_groups": 8, "codebook_size": 1024, "restart_every": 25,
