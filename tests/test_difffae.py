@@ -173,13 +173,14 @@ def test_min_snr_weights_each_image_by_its_timestep(ldm_stage, batch, gamma):
         eps, attn = unet_forward(x, t, context, id_embed, return_attn=True)
         return torch.zeros_like(eps), attn
 
+    preset = model.diffusion.min_snr_gamma
     model.unet.forward, model.diffusion.min_snr_gamma = zero, gamma
     try:
         torch.manual_seed(3)
         out = model.loss(batch["source"], batch["query"])
     finally:
         del model.unet.forward
-        model.diffusion.min_snr_gamma = 0.0
+        model.diffusion.min_snr_gamma = preset
     torch.manual_seed(3)  # the same draws as the loss: t, then ε
     t = torch.randint(model.diffusion.timesteps, (len(batch["query"]),))
     with torch.no_grad():
