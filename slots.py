@@ -45,6 +45,7 @@ from torch import nn
 from layers import (NORM_EPS, ResBlock, check_network, downsample, levels, mid_block,
                     require)
 
+MASK_EPS = 1e-6  # floor of mask probabilities before the log of the region term
 GRID_CHANNELS = 4  # [x, y, 1−x, 1−y], Locatello et al. 2020 soft position embedding
 # 3×3 stride-1 convs as in Watters et al. 2019; they broadcast to size + 8 and do not pad, we pad
 # ("same") and broadcast to the target size directly
@@ -282,3 +283,18 @@ def masks_at(masks, size):
     resized = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)  # (B, K, H, W)
     resized = resized.clamp_min(0.0)
     return resized / resized.sum(dim=1, keepdim=True).clamp_min(torch.finfo(masks.dtype).tiny)
+
+
+def pretraining_loss(slots, images, target, regions=None, supervision=0.0):
+    """The loss of RSC's pretraining (§4.3): ζ's reconstruction of `target` (B, T, t, t), the
+    frozen VQ latent of `images`, by MSE; with supervision > 0 (not in the paper) plus the mask
+    loss −log M_k at the pixels of region k, regions (B, H, W). Returns {"loss", and its terms,
+    detached}."""
+    out = slots(images)
+    reconstruction = F.mse_loss(slots.decode(out["slots"])["recon"], target)
+    if not supervision:
+        return {"loss": reconstruction}
+    masks = masks_at(out["masks"], images.shape[-1])  # (B, K, H, W)
+    region_loss = F.nll_loss(masks.clamp(min=MASK_EPS).log(), regions)
+    return {"loss": reconstruction + supervision * region_loss,
+            "reconstruction_loss": reconstruction.detach(), "region_loss": region_loss.detach()}

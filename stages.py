@@ -22,7 +22,7 @@ from estimator import ArcMarginHead, CoefficientEstimator, EstimatorConfig, Iden
 from estimator import IdentityEncoder
 from explain import mask_rows
 from layers import FACE, REGION_NAMES
-from slots import RegionSlots, SlotsConfig, masks_at
+from slots import RegionSlots, SlotsConfig, masks_at, pretraining_loss
 from synthetic import SyntheticPortraits
 from unet import UNetConfig
 from vqvae import PatchDiscriminator, VQConfig, VQVAE, discriminator_hinge_loss, vq_loss
@@ -38,7 +38,6 @@ REQUIRES = {"slots": ("vqvae",), "ldm": ("vqvae", "slots", "estimator", "identit
 COEFFICIENT_SCALE = {"shape": 1.0, "albedo": 0.9, "expression": 0.45, "pose": 0.3,
                      "cam": (0.23, 0.009, 0.009), "light": 0.5}
 EXPRESSION_MESH_SCALE = 0.003  # metres: the spread of a vertex's expression and jaw movement
-MASK_EPS = 1e-6           # floor of mask probabilities before the log
 GRID_ITEMS = 8            # images shown in evaluation grids
 IDENTITY_EVAL = (32, 4)   # held-out identities × frames for the verification measurement
 
@@ -194,27 +193,13 @@ class VQStage(Stage):
 
 
 def supervision(cfg, slots_config):
-    """The weight of the region term of slots_objective, checked: it needs ground-truth regions
+    """The weight of the region term of slots.pretraining_loss, checked: it needs ground-truth regions
     (synthetic data) and one slot per region."""
     if cfg.slots_supervision and (cfg.data != "synthetic"
                                   or slots_config.num_slots != len(REGION_NAMES)):
         raise ValueError("--slots_supervision needs synthetic data (ground-truth regions) "
                          f"and {len(REGION_NAMES)} slots")
     return cfg.slots_supervision
-
-
-def slots_objective(slots, vqvae, images, regions, supervision):
-    """The slots stage's loss: ζ's reconstruction of the frozen VQ latent of `images` (MSE),
-    plus, with supervision > 0, the mask loss −log M_k at the pixels of region k (`regions`
-    (B, H, W), or None without it). Returns {"loss", and its terms, detached}."""
-    out = slots(images)
-    reconstruction = F.mse_loss(slots.decode(out["slots"])["recon"], vqvae.encode(images))
-    if not supervision:
-        return {"loss": reconstruction}
-    masks = masks_at(out["masks"], images.shape[-1])  # (B, K, H, W)
-    region_loss = F.nll_loss(masks.clamp(min=MASK_EPS).log(), regions)
-    return {"loss": reconstruction + supervision * region_loss,
-            "reconstruction_loss": reconstruction.detach(), "region_loss": region_loss.detach()}
 
 
 class SlotsStage(Stage):
@@ -236,8 +221,9 @@ class SlotsStage(Stage):
 
     def forward(self, batch, step):
         regions = torch.cat([batch["source_regions"], batch["query_regions"]])  # (2B, H, W)
-        return slots_objective(self.slots, self.vq["model"], images_of(batch), regions,
-                               self.supervision)
+        images = images_of(batch)
+        return pretraining_loss(self.slots, images, self.vq["model"].encode(images), regions,
+                                self.supervision)
 
     @torch.no_grad()
     def evaluate(self, batch, png):
@@ -430,8 +416,9 @@ class LDMStage(Stage):
             return losses
         # the slots stage's loss on the sources, so that slot k stays the token of region k
         regions = batch["source_regions"] if self.supervision else None
-        held = slots_objective(model.slots, model.vqvae, batch["source"], regions,
-                               self.supervision)
+        source = batch["source"]
+        held = pretraining_loss(model.slots, source, model.vqvae.encode(source), regions,
+                                self.supervision)
         return {**losses, "loss": losses["loss"] + self.slots_weight * held["loss"],
                 "slots_loss": held["loss"].detach()}
 

@@ -19,6 +19,7 @@ import train
 from data import save_image
 from difffae import DiffFAE, configs_from, load_model
 from layers import REGION_NAMES
+from slots import pretraining_loss
 from synthetic import SyntheticPortraits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,8 +85,8 @@ def test_loss_terms_and_which_parts_train(ldm_stage, batch):
     expected = out["ldm_loss"] + model.diffusion.acr_weight * out["acr_loss"] + out["slots_loss"]
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert model.diffusion.acr_weight == 0.1  # δ of Eq. 8
-    held = stages.slots_objective(model.slots, model.vqvae, batch["source"],
-                                  batch["source_regions"], 1.0)
+    held = pretraining_loss(model.slots, batch["source"], model.vqvae.encode(batch["source"]),
+                            batch["source_regions"], 1.0)
     assert out["slots_loss"].item() == pytest.approx(held["loss"].item(), rel=1e-6)
     out["loss"].backward()
     trained = {name.split(".")[1] for name, p in ldm_stage.named_parameters()
