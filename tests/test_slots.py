@@ -245,3 +245,27 @@ def test_float32_module_keeps_dtype():
     out = model(torch.zeros(1, 3, 32, 32))
     assert out["slots"].dtype == torch.float32
     assert out["masks"].dtype == torch.float32
+
+
+def test_pretraining_loss_is_mse_plus_the_log_mask_of_each_pixels_region():
+    """With masks and a reconstruction set by hand: MSE(recon, target) + w·mean(−log M_r(p)),
+    r the true region of pixel p; without supervision the MSE alone."""
+    masks = torch.tensor([[[[0.9, 0.2], [0.5, 0.7]]]])
+    masks = torch.cat([masks, 1 - masks], 1)  # (1, 2 slots, 2, 2), a partition of unity
+    recon, target = torch.zeros(1, 3, 1, 1), torch.full((1, 3, 1, 1), 0.5)
+
+    class HandSet:  # stands in for RegionSlots: its masks and its decoder's output
+        def __call__(self, images):
+            return {"slots": torch.zeros(1, 2, 4), "masks": masks}
+
+        def decode(self, slots):
+            return {"recon": recon}
+
+    regions = torch.tensor([[[0, 1], [1, 0]]])
+    out = rsc.pretraining_loss(HandSet(), torch.zeros(1, 3, 2, 2), target, regions, 2.0)
+    region = -(math.log(0.9) + math.log(0.8) + math.log(0.5) + math.log(0.7)) / 4
+    assert out["reconstruction_loss"].item() == pytest.approx(0.25)
+    assert out["region_loss"].item() == pytest.approx(region, rel=1e-6)
+    assert out["loss"].item() == pytest.approx(0.25 + 2.0 * region, rel=1e-6)
+    alone = rsc.pretraining_loss(HandSet(), torch.zeros(1, 3, 2, 2), target)
+    assert set(alone) == {"loss"} and alone["loss"].item() == pytest.approx(0.25)
