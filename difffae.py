@@ -321,6 +321,7 @@ class DiffFAE(nn.Module):
 # -- Checkpoints: a training checkpoint of the ldm stage, or the exported inference weights --------
 
 INFERENCE_FORMAT = "difffae-inference-1"
+TRAINING_ONLY = ("slots.decoder.",)  # ζ decodes the slots for the slots loss, never in an edit
 
 
 def configs_from(saved):
@@ -330,12 +331,13 @@ def configs_from(saved):
 
 
 def inference_weights(checkpoint):
-    """The model's weights from an ldm training checkpoint, its EMA replacing trained ones."""
+    """The model's weights from an ldm training checkpoint, its EMA replacing trained ones,
+    without the TRAINING_ONLY ones."""
     prefix = "model."
     weights = {k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)}
     for name, value in (checkpoint.get("ema") or {}).get("shadow", {}).items():
         weights[name[len(prefix):]] = value
-    return weights
+    return {k: v for k, v in weights.items() if not k.startswith(TRAINING_ONLY)}
 
 
 def export_inference(checkpoint, path, dtype=torch.float16):
@@ -368,8 +370,12 @@ def load_model(path, device="cpu"):
                          f"the ldm stage or an exported inference file")
     try:  # a part's config missing or refused, parts that do not fit, weights that do not load
         model = DiffFAE(configs_from(checkpoint["config"]))
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                               for k, v in weights.items()})
+        missing, unexpected = model.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
+            strict=False)
+        missing = [k for k in missing if not k.startswith(TRAINING_ONLY)]
+        if missing or unexpected:
+            raise RuntimeError(f"missing weights {missing[:3]}, unexpected {unexpected[:3]}")
     except (AssertionError, KeyError, TypeError, RuntimeError, ValueError) as error:
         first = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise ValueError(f"{path}: incompatible with this model version ({first})") from None

@@ -17,7 +17,7 @@ from torch.utils.data import default_collate
 import stages
 import train
 from data import save_image
-from difffae import DiffFAE, configs_from, load_model
+from difffae import TRAINING_ONLY, DiffFAE, configs_from, load_model
 from layers import REGION_NAMES
 from slots import pretraining_loss
 from synthetic import SyntheticPortraits
@@ -316,6 +316,12 @@ def test_load_model_errors_name_the_file(exported, pretrained, tmp_path):
         load_model(tmp_path / "other.pt")
     assert isinstance(load_model(exported), DiffFAE)
     assert configs_from(bundle["config"])["unet"].base_channels == 64
+    bundle = torch.load(exported, weights_only=True)  # the slot decoder is not exported ...
+    assert not any(name.startswith(TRAINING_ONLY) for name in bundle["weights"])
+    bundle["weights"].pop(next(name for name in bundle["weights"] if name.startswith("unet.")))
+    torch.save(bundle, tmp_path / "short.pt")  # ... but every other weight must be there
+    with pytest.raises(ValueError, match="short.pt: incompatible.*missing weights"):
+        load_model(tmp_path / "short.pt")
 
 
 def test_sample_program_writes_an_edit_and_fails_cleanly(exported, batch, tmp_path, capsys,

@@ -17,7 +17,7 @@ import torch
 
 import stages
 import train
-from config import TrainConfig
+from config import PRESETS, TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny, with evaluations and dead-code restarts (a short usage memory leaves codes dead) often
@@ -197,4 +197,4 @@ def test_help_lists_every_option_with_its_type_and_default(capsys):
                 assert option in text, option
                 shown = re.search(r"\(default (.*?)\)", text.split(option, 1)[1])[1]
                 assert shown == (",".join(map(str, value)) if many else repr(value)), option
-    assert cfg.steps == 8000 and "--steps INT the run ends" in text and "--vqvae." not in text
+    assert cfg.steps == PRESETS["tiny"]["ldm"]["train"]["steps"] and "--steps INT the run ends" in text and "--vqvae." not in text
