@@ -97,7 +97,7 @@ PRESETS = {
                      "identity": {"image_size": 64, "base_channels": 16, "norm_groups": 8,
                                   "embedding_dim": 128}},
         # the slots stage's loss kept on: without it the fixed-binding slot mIoU fell from 0.90 to
-        # 0.67 in 2,000 steps; Min-SNR weights (γ = 5) led the paper's plain loss by 0.3-0.4 dB
+        # 0.66 in 2,000 steps; Min-SNR weights (γ = 5) led the paper's plain loss by 0.3-0.4 dB
         # at 1k-4k steps (README)
         "ldm": {"train": {"steps": 16000, "batch_size": 8, "lr": 4e-4, "ema_decay": 0.999,
                           "eval_every": 1000, "eval_items": 64, "slots_weight": 1.0,
