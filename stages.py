@@ -193,8 +193,8 @@ class VQStage(Stage):
 
 
 def supervision(cfg, slots_config):
-    """The weight of the region term of slots.pretraining_loss, checked: it needs ground-truth regions
-    (synthetic data) and one slot per region."""
+    """The weight of the region term of slots.pretraining_loss, checked: it needs ground-truth
+    regions (synthetic data) and one slot per region."""
     if cfg.slots_supervision and (cfg.data != "synthetic"
                                   or slots_config.num_slots != len(REGION_NAMES)):
         raise ValueError("--slots_supervision needs synthetic data (ground-truth regions) "

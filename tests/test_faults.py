@@ -197,4 +197,5 @@ def test_help_lists_every_option_with_its_type_and_default(capsys):
                 assert option in text, option
                 shown = re.search(r"\(default (.*?)\)", text.split(option, 1)[1])[1]
                 assert shown == (",".join(map(str, value)) if many else repr(value)), option
-    assert cfg.steps == PRESETS["tiny"]["ldm"]["train"]["steps"] and "--steps INT the run ends" in text and "--vqvae." not in text
+    assert cfg.steps == PRESETS["tiny"]["ldm"]["train"]["steps"]
+    assert "--steps INT the run ends" in text and "--vqvae." not in text
