@@ -1,7 +1,9 @@
 """The training configuration: TrainConfig, the presets, and the command line of train.py.
 
 One dataclass per part (TrainConfig here, VQConfig, SlotsConfig, ... beside their networks;
-stages.PARTS says which a stage builds); a preset is, per stage, a dict of overrides of each.
+PARTS says which a stage builds); a preset is, per stage, a dict of overrides of each.
+`--stage all` runs every stage in order (STAGES); `--smoke=true` shrinks each to a few steps
+at tiny sizes (SMOKE), to try the whole chain in minutes.
 `--key=value` (or `--key value`) sets a TrainConfig field, `--part.key=value` a part's
 (`--vqvae.codebook_size=64`), parsed to the field's type. `--help` is made from the fields
 themselves (types, the preset's defaults, their comments), so it cannot drift from them; a bad
@@ -13,7 +15,19 @@ import inspect
 import math
 import re
 
-import stages
+from difffae import DiffusionConfig
+from estimator import EstimatorConfig, IdentityConfig
+from slots import SlotsConfig
+from unet import UNetConfig
+from vqvae import VQConfig
+
+# The stages in training order, the config classes of the networks each builds
+# (--part.key=value), and the earlier stages whose checkpoints each one reads.
+PARTS = {"vqvae": {"vqvae": VQConfig}, "slots": {"slots": SlotsConfig},
+         "estimator": {"estimator": EstimatorConfig}, "identity": {"identity": IdentityConfig},
+         "ldm": {"unet": UNetConfig, "diffusion": DiffusionConfig}}
+STAGES = tuple(PARTS)
+REQUIRES = {"slots": ("vqvae",), "ldm": ("vqvae", "slots", "estimator", "identity")}
 
 
 class ConfigError(ValueError):
@@ -23,15 +37,18 @@ class ConfigError(ValueError):
 @dataclasses.dataclass
 class TrainConfig:
     """Settings of the loop (the model parts have their own dataclasses)."""
-    stage: str = "vqvae"
+    stage: str = "vqvae"          # one of STAGES, or "all": every stage in order, then --export
     preset: str = "tiny"
+    smoke: bool = False           # every stage a few steps at tiny sizes: the chain in minutes
     data: str = "synthetic"       # "synthetic" or a folder in the vox-png layout
     out: str = "runs"             # checkpoints go to <out>/<stage>/ckpt.pt (folders made)
     tag: str = ""                 # a variant's checkpoints go to <out>/<stage>-<tag>/ instead
-    export: str = ""              # write the ldm checkpoint's inference weights here and exit
+    export: str = ""              # the ldm checkpoint's inference weights are written here
     image_size: int = 64
     batch_size: int = 32          # in all: each of N processes takes batch_size / N
     steps: int = 3000             # the run ends at this step; a rerun resumes and goes on to it
+    time_limit: float = 0.0       # seconds this run may train; then it checkpoints and ends (0: no
+                                  # limit); a rerun goes on from there
     lr: float = 2e-4
     warmup: int = 100             # linear learning-rate warm-up steps
     grad_clip: float = 1.0
@@ -42,7 +59,7 @@ class TrainConfig:
     pool: int = 6000              # synthetic pairs rendered once and cached; 0: render as drawn
     identities: int = 2000        # synthetic identities the pool cycles through
     eval_items: int = 128         # held-out synthetic items used for the measurements
-    num_workers: int = 0
+    workers: int = 0              # processes rendering the pool or reading a folder's frames
     bf16: bool = True             # autocast to bfloat16 on CUDA
     bf16_cpu: bool = False        # also on the CPU: the same code path, to test it without a GPU
     ema_decay: float = 0.0        # EMA of the trained weights; 0 keeps none
@@ -58,12 +75,12 @@ class TrainConfig:
     def __post_init__(self):  # before any work: a bad value is one line, not a late traceback
         least = {"image_size": 8, "batch_size": 1, "steps": 1, "log_every": 1, "eval_every": 1,
                  "ckpt_every": 1, "identities": 1, "eval_items": 1, "warmup": 0, "pool": 0,
-                 "num_workers": 0}
+                 "workers": 0}
         for name, low in least.items():
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name}={getattr(self, name)}: expected an integer >= {low}")
         for name in ("lr", "grad_clip", "arcface_scale", "slots_supervision", "slots_weight",
-                     "photometric_weight", "arcface_margin", "ema_decay"):
+                     "photometric_weight", "arcface_margin", "ema_decay", "time_limit"):
             value, positive = getattr(self, name), name in ("lr", "grad_clip", "arcface_scale")
             if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
                 sign = "positive" if positive else "non-negative"
@@ -73,6 +90,8 @@ class TrainConfig:
 
 
 # Presets: per stage, overrides of TrainConfig ("train") and of the stage's part config.
+GPU_RUN = {"steps": 1_000_000, "pool": 16_000, "identities": 4000, "workers": 16,
+           "log_every": 50, "eval_every": 10 ** 9, "ckpt_every": 1000}  # the time limit ends it
 PRESETS = {
     "tiny": {
         # 24.6 dB on held-out 64 px images (2,500 steps and 512 codes: 23.5; 32 base channels
@@ -111,8 +130,56 @@ PRESETS = {
         stage: {"train": {"image_size": 256, "batch_size": 16, "lr": 1e-4, "steps": 100_000,
                           "pool": 0, "eval_every": 5000, "ckpt_every": 1000,
                           "ema_decay": 0.9999 if stage == "ldm" else 0.0}}
-        for stage in stages.STAGES
+        for stage in STAGES
     },
+    # One GPU, about six minutes of training in all: 64 px as the tiny preset, the networks
+    # several times larger, large batches, bf16 autocast, the pool rendered by 16 processes,
+    # and each stage stopped by its time limit (a rerun trains it on for as long again).
+    "gpu": {
+        "vqvae": {"train": {**GPU_RUN, "batch_size": 64, "lr": 4e-4, "time_limit": 75},
+                  "vqvae": {"base_channels": 64, "channel_mult": (1, 2, 4), "num_res_blocks": 2,
+                            "norm_groups": 32, "codebook_size": 1024, "restart_every": 50,
+                            "disc_start": 10 ** 9}},
+        "slots": {"train": {**GPU_RUN, "batch_size": 64, "lr": 4e-4, "time_limit": 30,
+                            "slots_supervision": 1.0},
+                  "slots": {"image_size": 64, "base_channels": 32, "channel_mult": (1, 2, 4),
+                            "num_res_blocks": 1, "norm_groups": 16, "attn_heads": 4,
+                            "feature_dim": 128, "slot_dim": 128, "mlp_hidden": 256,
+                            "decoder_channels": 64, "decoder_layers": 3}},
+        "estimator": {"train": {**GPU_RUN, "batch_size": 64, "lr": 4e-4, "time_limit": 50},
+                      "estimator": {"image_size": 64, "base_channels": 64, "norm_groups": 16}},
+        "identity": {"train": {**GPU_RUN, "batch_size": 128, "lr": 4e-4, "time_limit": 15,
+                               "arcface_scale": 16.0, "arcface_margin": 0.2},
+                     "identity": {"image_size": 64, "base_channels": 32, "norm_groups": 16,
+                                  "embedding_dim": 128}},
+        "ldm": {"train": {**GPU_RUN, "batch_size": 64, "lr": 2e-4, "time_limit": 150,
+                          "ema_decay": 0.999, "eval_items": 64, "slots_weight": 1.0,
+                          "slots_supervision": 1.0},
+                "unet": {"base_channels": 64, "channel_mult": (1, 2, 2), "num_res_blocks": 2,
+                         "attention_resolutions": (2, 4), "head_channels": 32,
+                         "norm_groups": 32},
+                "diffusion": {"sample_steps": 20, "sampler": "dpm++2m", "min_snr_gamma": 5.0}},
+    },
+}
+
+# --smoke=true: on top of the preset, every stage a few steps of tiny networks at 32 px, so
+# that the whole chain, its export and an edit run on a CPU in a few minutes.
+SMOKE_TRAIN = {"image_size": 32, "batch_size": 2, "steps": 3, "pool": 8, "identities": 4,
+               "eval_items": 2, "log_every": 1, "eval_every": 1000, "ckpt_every": 1000,
+               "warmup": 1, "time_limit": 0.0, "workers": 0}
+SMALL_CNN = {"base_channels": 8, "norm_groups": 4}
+SMOKE = {
+    "vqvae": {"vqvae": {**SMALL_CNN, "channel_mult": (1, 2), "num_res_blocks": 1,
+                        "codebook_size": 32}},
+    "slots": {"slots": {**SMALL_CNN, "channel_mult": (1, 2), "num_res_blocks": 1,
+                        "attn_heads": 2, "feature_dim": 16, "slot_dim": 16, "mlp_hidden": 32,
+                        "decoder_channels": 8, "decoder_layers": 2}},
+    "estimator": {"estimator": {**SMALL_CNN, "channel_mult": (1, 2)}},
+    "identity": {"identity": {**SMALL_CNN, "channel_mult": (1, 2), "embedding_dim": 16}},
+    "ldm": {"train": {"steps": 4, "eval_items": 2},
+            "unet": {"base_channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1,
+                     "attention_resolutions": (2,), "head_channels": 8, "norm_groups": 8},
+            "diffusion": {"sample_steps": 2}},
 }
 
 
@@ -141,63 +208,101 @@ def field_comments(cls):
     return {m[1]: m[2] for m in map(pattern.match, inspect.getsource(cls).splitlines()) if m}
 
 
-def make_parser(train, parts):
-    """The command line: --stage, --preset, then every field of TrainConfig (--key) and of the
-    parts (--part.key), each with its type and its default in `train` and `parts`."""
+def _shown(values):
+    """An option's default as --help shows it: one value, or each stage's when they differ."""
+    text = {stage: ",".join(map(str, v)) if isinstance(v, tuple) else repr(v)
+            for stage, v in values.items()}
+    if len(set(text.values())) == 1:
+        return next(iter(text.values()))
+    return "per stage: " + ", ".join(f"{stage} {value}" for stage, value in text.items())
+
+
+def make_parser(trains, parts):
+    """The command line: --stage, --preset, --smoke, then every field of TrainConfig (--key) and
+    of the parts (--part.key), each with its type and its default: `trains` holds the
+    TrainConfig of each stage to run, `parts` the part configs."""
     parser = argparse.ArgumentParser(
-        usage="train.py --stage STAGE [--preset PRESET] [--key=value ...] [--part.key=value ...]",
-        description="Trains one stage of DiffFAE; rerunning the command resumes it.",
+        usage="train.py --stage STAGE|all [--preset PRESET] [--smoke=true] [--key=value ...] "
+              "[--part.key=value ...]",
+        description="Trains one stage of DiffFAE, or all of them in order (--stage all, then "
+                    "--export); rerunning the command resumes it.",
         allow_abbrev=False,
         epilog="Every option takes --key=value or --key value. Defaults are the preset's for the "
-               "stage given (`--stage ldm --help`); without --stage, the dataclasses' own.")
+               "stage given (`--stage ldm --help`); without --stage, every stage's.")
     parser.error = _refuse  # one line, no usage
-    parser.add_argument("--stage", choices=stages.STAGES, required=True)
+    parser.add_argument("--stage", choices=(*STAGES, "all"), required=True)
     parser.add_argument("--preset", choices=tuple(PRESETS), default="tiny", help="default tiny")
-    for prefix, config in [("", train), *((f"{name}.", c) for name, c in parts.items())]:
+    configs = [("", {t.stage: t for t in trains})]
+    configs += [(f"{name}.", {name: c}) for name, c in parts.items()]
+    for prefix, by_stage in configs:
+        config = next(iter(by_stage.values()))
         group = parser.add_argument_group(f"--{prefix or ''}KEY ({type(config).__name__})")
         comments = field_comments(type(config))
         for field in dataclasses.fields(config):
-            value = getattr(config, field.name)
             if field.name in ("stage", "preset"):
                 continue
+            value = getattr(config, field.name)
             kind = type(value[0]).__name__ + ",..." if isinstance(value, tuple) else \
                 type(value).__name__
-            shown = ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+            shown = _shown({stage: getattr(c, field.name) for stage, c in by_stage.items()})
             help_text = f"{comments.get(field.name, '')} (default {shown})".lstrip()
             group.add_argument(f"--{prefix}{field.name}", metavar=kind.upper(),
                                help=help_text.replace("%", "%%"))
     return parser
 
 
-def build_configs(argv):
-    """Parses argv (`--key=value` or `--key value`) into (TrainConfig, {part: part config}): the
-    stage's preset, then the options given, each parsed to its field's type."""
+def stage_defaults(stage, preset, smoke=False):
+    """(TrainConfig, {part: config}) of `preset` for `stage`; with `smoke`, shrunk by SMOKE."""
+    layers = [PRESETS[preset][stage]]
+    if smoke:
+        layers += [{"train": SMOKE_TRAIN}, SMOKE[stage]]
+    train = TrainConfig(stage=stage, preset=preset, smoke=smoke)
+    parts = {name: cls() for name, cls in PARTS[stage].items()}
+    for layer in layers:
+        train = dataclasses.replace(train, **layer.get("train", {}))
+        parts = {name: dataclasses.replace(c, **layer.get(name, {})) for name, c in parts.items()}
+    return train, parts
+
+
+def build_chain(argv):
+    """Parses argv (`--key=value` or `--key value`) into [(TrainConfig, {part: config})], one
+    per stage to run (every stage, in order, for `--stage all`): the stage's preset, shrunk by
+    --smoke, then the options given, each parsed to its field's type. With --stage all an
+    option of a part goes to the stage that builds it, and every other option to every stage."""
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    first.add_argument("--stage", choices=stages.STAGES)
+    first.add_argument("--stage", choices=(*STAGES, "all"))
     first.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
+    first.add_argument("--smoke", default="false")
     first.error = _refuse
     known, _ = first.parse_known_args(argv)
-    if known.stage is None:  # an error, or --help: then every stage's options
-        train, parts = TrainConfig(), {name: cls() for part in stages.PARTS.values()
-                                       for name, cls in part.items()}
-    else:
-        preset = PRESETS[known.preset][known.stage]
-        train = dataclasses.replace(TrainConfig(stage=known.stage, preset=known.preset),
-                                    **preset.get("train", {}))
-        parts = {name: cls(**preset.get(name, {}))
-                 for name, cls in stages.PARTS[known.stage].items()}
-    args, unknown = make_parser(train, parts).parse_known_args(argv)
+    smoke = _parse_value(known.smoke, False, "smoke")
+    names = STAGES if known.stage in (None, "all") else (known.stage,)
+    defaults = {stage: stage_defaults(stage, known.preset, smoke) for stage in names}
+    every_part = {name: c for _, parts in defaults.values() for name, c in parts.items()}
+    args, unknown = make_parser([t for t, _ in defaults.values()],
+                                every_part).parse_known_args(argv)
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown key for the {train.stage} stage; "
-                          f"`python train.py --stage {train.stage} --help` lists the known ones")
-    for key, text in vars(args).items():
-        part, _, field = key.rpartition(".")
-        if text is None or key in ("stage", "preset"):
-            continue
-        if part:
-            value = _parse_value(text, getattr(parts[part], field), key)
-            parts[part] = dataclasses.replace(parts[part], **{field: value})
-        else:
-            train = dataclasses.replace(train, **{field: _parse_value(text, getattr(train, field),
-                                                                      key)})
-    return train, parts
+        raise ConfigError(f"{unknown[0]}: unknown key for the {known.stage} stage; "
+                          f"`python train.py --stage {known.stage} --help` lists the known ones")
+    given = {key: text for key, text in vars(args).items()
+             if text is not None and key not in ("stage", "preset", "smoke")}
+    chain = []
+    for train, parts in defaults.values():
+        for key, text in given.items():
+            part, _, field = key.rpartition(".")
+            if not part:
+                value = _parse_value(text, getattr(train, field), key)
+                train = dataclasses.replace(train, **{field: value})
+            elif part in parts:
+                value = _parse_value(text, getattr(parts[part], field), key)
+                parts[part] = dataclasses.replace(parts[part], **{field: value})
+        chain.append((train, parts))
+    return chain
+
+
+def build_configs(argv):
+    """(TrainConfig, {part: config}) of the one stage that argv names (see build_chain)."""
+    chain = build_chain(argv)
+    if len(chain) != 1:
+        raise ConfigError("--stage all: expected one stage here")
+    return chain[0]

@@ -7,6 +7,7 @@ png) measures held-out synthetic identities (a batch on the stage's device) and 
 Letters: B batch, K slots, H/W image size.
 """
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch
@@ -16,23 +17,17 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 import metrics
+from config import REQUIRES, STAGES
 from data import save_image
-from difffae import DiffFAE, DiffusionConfig, render_face
+from difffae import DiffFAE, render_face
 from estimator import ArcMarginHead, CoefficientEstimator, EstimatorConfig, IdentityConfig
 from estimator import IdentityEncoder
 from explain import mask_rows
 from layers import FACE, REGION_NAMES
 from slots import RegionSlots, SlotsConfig, masks_at, pretraining_loss
 from synthetic import SyntheticPortraits
-from unet import UNetConfig
 from vqvae import PatchDiscriminator, VQConfig, VQVAE, discriminator_hinge_loss, vq_loss
 
-# The config classes of the networks each stage builds (train.py's --part.key=value).
-PARTS = {"vqvae": {"vqvae": VQConfig}, "slots": {"slots": SlotsConfig},
-         "estimator": {"estimator": EstimatorConfig}, "identity": {"identity": IdentityConfig},
-         "ldm": {"unet": UNetConfig, "diffusion": DiffusionConfig}}
-STAGES = tuple(PARTS)
-REQUIRES = {"slots": ("vqvae",), "ldm": ("vqvae", "slots", "estimator", "identity")}
 # Spread of each coefficient in the synthetic data (synthetic.py's sampling), used to weigh the
 # estimator's regression so that every group counts alike.
 COEFFICIENT_SCALE = {"shape": 1.0, "albedo": 0.9, "expression": 0.45, "pose": 0.3,
@@ -90,15 +85,63 @@ def network_of(checkpoint, stage):
     return model, config
 
 
+def previous_checkpoint(path):
+    """The checkpoint kept beside `path` (ckpt.pt), one save older."""
+    return Path(path).with_name("ckpt.prev.pt")
+
+
+def read_checkpoint(path):
+    """A checkpoint file as a dict; a ValueError naming the file if it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # zip, pickle and unsafe-global errors alike
+        raise ValueError(f"{path}: not a readable checkpoint (truncated, or not a PyTorch file: "
+                         f"{type(error).__name__})") from None
+
+
+def read_stage_checkpoint(path):
+    """The newest readable of a stage's ckpt.pt and the previous one kept beside it, saying in
+    one line when the newest cannot be read; None if there is neither."""
+    previous = previous_checkpoint(path)
+    if not Path(path).exists() and not previous.exists():
+        return None
+    try:
+        return read_checkpoint(path)
+    except (ValueError, FileNotFoundError) as error:
+        problem = error if isinstance(error, ValueError) else f"{path}: missing"
+    try:
+        state = read_checkpoint(previous)
+    except (ValueError, FileNotFoundError):
+        raise ValueError(f"neither {path} nor {previous} can be read: restore a copy, or move "
+                         f"them away to train the stage again") from None
+    print(f"{problem}; using {previous} (step {state['step']}) instead", file=sys.stderr)
+    return state
+
+
+def stage_folder(out, stage, tag=""):
+    return Path(out) / (f"{stage}-{tag}" if tag else stage)
+
+
+def require_earlier_checkpoints(cfg):
+    """Refuses, in one line and before any work, a stage whose earlier stages are not trained."""
+    for stage in REQUIRES.get(cfg.stage, ()):
+        tag = cfg.slots_tag if stage == "slots" else ""
+        path = stage_folder(cfg.out, stage, tag) / "ckpt.pt"
+        if not path.exists() and not previous_checkpoint(path).exists():
+            run = f"python train.py --stage {stage} --out={cfg.out}" + (f" --tag={tag}" if tag
+                                                                          else "")
+            raise MissingCheckpoint(f"{path} is missing: run `{run}` first")
+
+
 def load_part(out, stage, device, tag=""):
     """The trained network of an earlier stage from <out>/<stage>/ckpt.pt (<stage>-<tag>/ with
     a tag), frozen. Returns (network, its config)."""
-    folder = f"{stage}-{tag}" if tag else stage
-    path = Path(out) / folder / "ckpt.pt"
-    if not path.exists():
-        run = f"python train.py --stage {stage}" + (f" --tag={tag}" if tag else "")
+    path = stage_folder(out, stage, tag) / "ckpt.pt"
+    checkpoint = read_stage_checkpoint(path)
+    if checkpoint is None:
+        run = f"python train.py --stage {stage} --out={out}" + (f" --tag={tag}" if tag else "")
         raise MissingCheckpoint(f"{path} is missing: run `{run}` first")
-    model, config = network_of(torch.load(path, map_location="cpu", weights_only=True), stage)
+    model, config = network_of(checkpoint, stage)
     return model.to(device).eval().requires_grad_(False), config
 
 

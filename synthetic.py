@@ -40,14 +40,19 @@ A frame (`sample_frame`, seeded by item and slot):
 Letters: B batch, V vertices, F faces, H/W image size, T texture size.
 """
 import math
+import multiprocessing
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.spatial.transform import Rotation
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
+from tqdm import tqdm
 
 import head
+from data import write_atomic
 from flame import FLAME, flame15_to_pose6
 from head_surface import (capped_cylinder_radius, direction, grid_angles, latlong_faces,
                           smoothstep)
@@ -355,6 +360,109 @@ class SyntheticPortraits(Dataset):
                             query_identity=b)
             items.append(item)
         return items
+
+
+# ---------------------------------------------------------------------------------------------
+# The training pool: pairs rendered once (by parallel processes) and cached on disk
+# ---------------------------------------------------------------------------------------------
+
+POOL_CHUNK = 64  # pairs rendered at once: the unit of work, so any number of processes gives
+                 # the same bytes
+_worker_data = {}
+
+
+class PairPool(Dataset):
+    """Synthetic pairs rendered once and kept as uint8 images and regions, float32 params."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def __len__(self):
+        return len(self.tensors["source"])
+
+    def __getitems__(self, indices):
+        """Items shaped like SyntheticPortraits' (images in [-1, 1], regions long, params)."""
+        items = []
+        for i in indices:
+            item = {"identity": int(self.tensors["identity"][i])}
+            for image in ("source", "query"):
+                item[image] = self.tensors[image][i].float() / 127.5 - 1
+                item[f"{image}_regions"] = self.tensors[f"{image}_regions"][i].long()
+                item[f"{image}_params"] = {key: self.tensors[f"{image}_{key}"][i]
+                                           for key in PARAM_KEYS}
+            items.append(item)
+        return items
+
+
+def pool_path(folder, size, pairs, identities, seed):
+    """Where a pool is cached: named by everything that changes its bytes."""
+    return Path(folder) / (f"synthetic-v{DATA_VERSION}-{size}px-{pairs}pairs-{identities}ids-"
+                           f"seed{seed}.pt")
+
+
+def _render_chunk(task):
+    """Pairs start..start+POOL_CHUNK of a training split, as uint8 / float32 tensors."""
+    size, seed, pairs, identities, start = task
+    key = (size, seed, pairs, identities)
+    if key not in _worker_data:  # built once per process: FLAME and the renderer's buffers
+        _worker_data[key] = SyntheticPortraits(size, "train", seed, length=pairs,
+                                               identities=identities)
+    data = _worker_data[key]
+    batch = default_collate(data.__getitems__(range(start, min(pairs, start + POOL_CHUNK))))
+    chunk = {"identity": batch["identity"]}
+    for image in ("source", "query"):
+        chunk[image] = ((batch[image] + 1) * 127.5).round().to(torch.uint8)
+        chunk[f"{image}_regions"] = batch[f"{image}_regions"].to(torch.uint8)
+        chunk.update({f"{image}_{key}": batch[f"{image}_params"][key] for key in PARAM_KEYS})
+    return chunk
+
+
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def render_pool(path, size, pairs, identities, seed, workers=0):
+    """Renders `pairs` training pairs and saves them atomically at `path`; `workers` > 0
+    processes share the chunks (one thread each), 0 renders in this process."""
+    tasks = [(size, seed, pairs, identities, start) for start in range(0, pairs, POOL_CHUNK)]
+    progress = dict(total=len(tasks), desc=f"rendering {Path(path).name}", unit="chunk")
+    if workers:
+        context = multiprocessing.get_context("spawn")  # fork and OpenMP threads do not mix
+        with context.Pool(workers, initializer=_one_thread) as pool:
+            chunks = list(tqdm(pool.imap(_render_chunk, tasks), **progress))
+    else:
+        chunks = [_render_chunk(task) for task in tqdm(tasks, **progress)]
+    tensors = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
+    write_atomic(path, lambda file: torch.save(tensors, file))
+
+
+def pool_problem(path, pairs):
+    """Why the cached pool at `path` cannot be used (a short phrase), or None if it can."""
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a torch file, unsafe contents
+        return f"unreadable ({type(error).__name__})"
+    expected = {"identity"} | {f"{image}{suffix}" for image in ("source", "query")
+                               for suffix in ("", "_regions", *(f"_{k}" for k in PARAM_KEYS))}
+    if not isinstance(tensors, dict) or set(tensors) != expected:
+        return "not a pool of this version (other keys)"
+    if any(not torch.is_tensor(t) or len(t) != pairs for t in tensors.values()):
+        return f"inconsistent (expected {pairs} pairs in every tensor)"
+    return None
+
+
+def load_pool(folder, size, pairs, identities, seed, workers=0, render=True):
+    """The cached training pool in `folder`, rendered first if it is missing, or rendered again,
+    with one line saying why, if it cannot be read. With render=False (a process that is not
+    the one rendering) it is only read."""
+    path = pool_path(folder, size, pairs, identities, seed)
+    if render:
+        problem = pool_problem(path, pairs) if path.exists() else None
+        if problem:
+            print(f"{path}: {problem}; rendering it again", file=sys.stderr)
+        if problem or not path.exists():
+            render_pool(path, size, pairs, identities, seed, workers)
+    return PairPool(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def _params(identity, frame):

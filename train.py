@@ -1,26 +1,24 @@
-"""Training for every stage: `python train.py --stage vqvae|slots|estimator|identity|ldm`.
+"""Training: `python train.py --stage vqvae|slots|estimator|identity|ldm`, or `--stage all`.
 
 DiffFAE (Wang et al. 2024, §4.3, §5.1) needs four pretrained parts before its diffusion model:
     vqvae → slots (reads the VQ-VAE) → estimator, identity → ldm (reads all four).
-This is the loop they share, after nanoGPT's train.py; stages.py says what each one optimises
-and measures, config.py the options (`python train.py --help`). Checkpoints carry the config
-and the RNG states; rerunning a stage resumes from its checkpoint exactly (what step s draws
-depends only on seed, rank and s, and evaluating draws nothing from training's streams).
-SIGTERM or Ctrl-C checkpoints the current step and exits; a non-finite loss or a failed
-checkpoint write stops every rank at the same step, the last checkpoint intact.
-One code path for one process and for torchrun (DDP: gloo on CPU, nccl on CUDA, only rank 0
-writes, `batch_size` the total over the processes); bf16 autocast on CUDA, and on the CPU with
-`--bf16_cpu=true`.
-Adam (DiffFAE §5.1) after a linear warm-up, gradient clipping, a NaN/inf guard; with `ema_decay`
-> 0 an exponential moving average of the weights is kept, saved, restored and used for
-evaluation (as LDM samples with it).
-`--export PATH` writes an ldm checkpoint's inference weights (EMA, float16).
+`--stage all` runs them in that order, skipping the finished ones, then writes `--export`.
+This is the loop they share, after nanoGPT's train.py; stages.py says what each stage optimises
+and measures, config.py the options (`python train.py --help`).
+
+A checkpoint carries the config and every RNG state, and what step s draws depends only on
+(seed, rank, s), so a rerun resumes exactly; the previous checkpoint is kept beside the newest.
+One code path for one process and for torchrun (DDP: gloo on the CPU, nccl on CUDA; rank 0
+writes; `batch_size` is the total over the processes); bf16 autocast on CUDA (and on the CPU with
+`--bf16_cpu=true`). Adam (DiffFAE §5.1) after a linear warm-up, gradient clipping, and with
+`ema_decay` > 0 an exponential moving average of the weights, used for evaluation and export.
 """
 import contextlib
 import dataclasses
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -28,39 +26,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 import stages
-from config import ConfigError, build_configs
+from config import ConfigError, STAGES, build_chain, build_configs
 from data import write_atomic
-from synthetic import DATA_VERSION, PARAM_KEYS, SyntheticPortraits
+from synthetic import SyntheticPortraits, load_pool
 
 
 # -- Data: a cached pool of synthetic pairs, or a folder of real frames ----------------------------
-
-class PairPool(Dataset):
-    """Synthetic pairs rendered once and kept as uint8 (images, regions) and float32 params."""
-
-    def __init__(self, tensors):
-        self.tensors = tensors
-
-    def __len__(self):
-        return len(self.tensors["source"])
-
-    def __getitems__(self, indices):
-        """Items shaped like SyntheticPortraits' (images in [-1, 1], regions long, params)."""
-        items = []
-        for i in indices:
-            item = {"identity": int(self.tensors["identity"][i])}
-            for image in ("source", "query"):
-                item[image] = self.tensors[image][i].float() / 127.5 - 1
-                item[f"{image}_regions"] = self.tensors[f"{image}_regions"][i].long()
-                item[f"{image}_params"] = {key: self.tensors[f"{image}_{key}"][i]
-                                           for key in PARAM_KEYS}
-            items.append(item)
-        return items
-
 
 def make_dataset(cfg, master):
     """Real frames of the folder cfg.data, or synthetic pairs: a pool rendered by rank 0 the
@@ -70,25 +45,12 @@ def make_dataset(cfg, master):
         return FrameFolder(cfg.data, "train", cfg.image_size, seed=cfg.seed)
     if cfg.pool == 0:  # each batch rendered as it is drawn (a 256 px pool would fill the memory)
         return SyntheticPortraits(cfg.image_size, "train", cfg.seed, identities=cfg.identities)
-    path = Path(cfg.out) / "data" / (f"synthetic-v{DATA_VERSION}-{cfg.image_size}px-{cfg.pool}"
-                                     f"pairs-{cfg.identities}ids-seed{cfg.seed}.pt")
-    if master and not path.exists():
-        data = SyntheticPortraits(cfg.image_size, "train", cfg.seed, length=cfg.pool,
-                                  identities=cfg.identities)
-        chunks = []
-        for start in tqdm(range(0, cfg.pool, 64), desc=f"rendering {path.name}"):
-            pairs = default_collate(data.__getitems__(range(start, min(cfg.pool, start + 64))))
-            chunk = {"identity": pairs["identity"]}
-            for image in ("source", "query"):
-                chunk[image] = ((pairs[image] + 1) * 127.5).round().to(torch.uint8)
-                chunk[f"{image}_regions"] = pairs[f"{image}_regions"].to(torch.uint8)
-                chunk.update({f"{image}_{key}": pairs[f"{image}_params"][key]
-                              for key in PARAM_KEYS})
-            chunks.append(chunk)
-        atomic_save({key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}, path)
+    args = (Path(cfg.out) / "data", cfg.image_size, cfg.pool, cfg.identities, cfg.seed)
+    if master:
+        load_pool(*args, workers=cfg.workers)  # rendered (again) here if it must be
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait for rank 0's pool
-    return PairPool(torch.load(path, weights_only=True))
+    return load_pool(*args, render=False)
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -108,15 +70,36 @@ class StepBatches(torch.utils.data.Sampler):
         return max(0, self.steps - self.start)
 
 
-# -- Checkpoints: atomic, with every RNG state and the EMA -----------------------------------------
+def make_loader(cfg, dataset, start, rank, processes):
+    # its own generator: the loader draws a base seed when iterated, which would otherwise
+    # shift the global stream (t and ε of the ldm stage) between a resumed run and a whole one
+    batches = StepBatches(len(dataset), cfg.batch_size // processes, start, cfg.steps,
+                          cfg.seed + rank)
+    workers = cfg.workers if cfg.data != "synthetic" else 0  # a pool is indexed, not read
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                      collate_fn=default_collate,
+                      generator=torch.Generator().manual_seed(cfg.seed + rank))
+
+
+# -- Checkpoints: atomic, the previous one kept, with every RNG state and the EMA ------------------
 
 def atomic_save(obj, path):
-    """torch.save that never leaves half a checkpoint (data.write_atomic)."""
+    """torch.save that never leaves half a file (data.write_atomic)."""
     write_atomic(path, lambda file: torch.save(obj, file))
 
 
 def checkpoint_path(cfg):
     return Path(cfg.out) / (f"{cfg.stage}-{cfg.tag}" if cfg.tag else cfg.stage) / "ckpt.pt"
+
+
+def save_checkpoint(state, path):
+    """Writes `state` whole beside `path`, then makes the checkpoint there the previous one
+    (ckpt.prev.pt) and the new one the newest: a crash at any point leaves one readable."""
+    fresh = path.with_name("ckpt.new.pt")
+    atomic_save(state, fresh)
+    if path.exists():
+        os.replace(path, stages.previous_checkpoint(path))
+    os.replace(fresh, path)
 
 
 def rng_states(ddp):
@@ -181,7 +164,40 @@ class EMA:
             copy_into(parameters, saved)
 
 
-# -- Stopping: every rank at the same step, on a signal or a fault; the log cut back on resume -----
+def check_resume(config, saved, path, master):
+    """A resume must rebuild the networks it saved: a changed network option is refused, naming
+    it and both values; a changed training option (lr, steps, ...) is said in one line."""
+    for part, fields in config.items():
+        for field, value in fields.items():
+            before = saved.get(part, {}).get(field, value)
+            if before == value or isinstance(before, list) and tuple(before) == value:
+                continue
+            option = f"--{field}" if part == "train" else f"--{part}.{field}"
+            if part != "train":
+                raise ConfigError(f"{option}={value}: {path} was trained with {before}; rerun "
+                                  f"without it, or start another run with --tag or --out")
+            if master and field not in ("out", "export", "workers", "time_limit"):
+                print(f"resuming with {option}={value} (the checkpoint's run had {before})")
+
+
+def build_or_resume(cfg, parts, device, rank, path, n_identities):
+    """The stage, its optimiser and EMA: new, or as the newest readable checkpoint left them.
+    Returns (stage, optimizer, ema, first step, config to save)."""
+    resume = stages.read_stage_checkpoint(path)
+    stage = stages.build(cfg, parts, device, n_identities)  # completes `parts` in place
+    config = {"train": dataclasses.asdict(cfg),
+              **{name: dataclasses.asdict(c) for name, c in parts.items()}}
+    optimizer = torch.optim.Adam([p for p in stage.parameters() if p.requires_grad], lr=cfg.lr)
+    if resume is None:
+        return stage, optimizer, None, 0, config
+    check_resume(config, resume["config"], path, rank == 0)
+    stage.load_state_dict(resume["model"])
+    optimizer.load_state_dict(resume["optimizer"])
+    set_rng_state(resume["rng"][min(rank, len(resume["rng"]) - 1)])
+    return stage, optimizer, resume.get("ema"), resume["step"], config
+
+
+# -- One run per stage folder, and stopping every rank at the same step ----------------------------
 
 class Stopped(Exception):
     """Training stops early on every rank: rank 0 prints the message; the exit status."""
@@ -200,23 +216,111 @@ def agree(flags, ddp, device):
     return flags.tolist()
 
 
-@contextlib.contextmanager
-def signals_caught(signums):
-    """Within the block a signal (SIGTERM from a scheduler, SIGINT from Ctrl-C) is only noted
-    in the yielded list, for the loop to checkpoint and stop at the end of the step; a second
-    one acts as before (Ctrl-C twice interrupts at once)."""
-    received, previous = [], {}
-
-    def note(signum, frame):
-        received.append(signum)
-        signal.signal(signum, previous[signum])
-
-    previous.update({signum: signal.signal(signum, note) for signum in signums})
+def process_alive(pid):
     try:
-        yield received
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's, alive
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder, ddp, device, master):
+    """Within the block this run alone trains into `folder`: rank 0 holds the file `lock`
+    there (process id, host, start time) and removes it on every exit. A lock held by a live
+    process refuses the run in one line; one whose process is gone is taken over."""
+    lock, held, refusal = Path(folder) / "lock", False, None
+    if master:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        while not held and refusal is None:
+            try:
+                with open(lock, "x") as file:
+                    json.dump(owner, file)
+                held = True
+            except FileExistsError:
+                refusal = take_over_or_refuse(lock)
+    if agree([refusal is not None], ddp, device)[0]:
+        raise Stopped(f"error: {refusal}" if refusal else "", 2)
+    try:
+        yield
     finally:
-        for signum, handler in previous.items():
+        if held:
+            lock.unlink(missing_ok=True)
+
+
+def take_over_or_refuse(lock):
+    """None once the stale `lock` of a gone process is removed; else why the run is refused."""
+    try:
+        owner = json.loads(lock.read_text())
+        pid, host, since = int(owner["pid"]), owner["host"], float(owner["since"])
+    except (OSError, ValueError, KeyError, TypeError):  # half written by a process killed then
+        owner = None
+    if owner is None or host == socket.gethostname() and not process_alive(pid):
+        print(f"{lock}: taking over the lock of a run that is gone "
+              f"({'unreadable' if owner is None else f'process {pid}'})", file=sys.stderr)
+        lock.unlink(missing_ok=True)
+        return None
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+    stop = f"kill {pid}" if host == socket.gethostname() else f"stop it on {host}"
+    return (f"{lock.parent} is in use by process {pid} on {host} since {started}: wait for it "
+            f"to end, or stop it (`{stop}`) and rerun; if it is gone, delete {lock}")
+
+
+class Guard:
+    """The fault handling of the loop, so that every rank stops at the same step with the last
+    checkpoint whole: a non-finite loss or gradient stops before the weights change; SIGTERM,
+    SIGINT (Ctrl-C) and the end of `time_limit` end the step with a checkpoint; a failed
+    checkpoint write stops every rank. Each check is a collective under DDP. A second signal
+    acts as it would without the guard (Ctrl-C twice interrupts at once)."""
+
+    def __init__(self, cfg, path, ddp, device, start):
+        self.cfg, self.path, self.ddp, self.device = cfg, path, ddp, device
+        self.kept = f"{path} holds step {start}" if start else "no checkpoint was written"
+        self.received, self.previous = [], {}
+        self.deadline = time.time() + cfg.time_limit if cfg.time_limit else float("inf")
+        self.signalled = self.timed_out = False
+
+    def __enter__(self):
+        def note(signum, frame):
+            self.received.append(signum)
+            signal.signal(signum, self.previous[signum])
+        self.previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+    def check(self, loss, grad_norm, step):
+        """Raises Stopped if any rank saw a non-finite loss or gradient; notes whether any saw a
+        signal, or rank 0's time limit ran out, for the step to end with a checkpoint."""
+        bad, signalled, late = agree([not (torch.isfinite(loss) and torch.isfinite(grad_norm)),
+                                      bool(self.received), time.time() > self.deadline],
+                                     self.ddp, self.device)
+        if bad:
+            seen = f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}"
+            if self.ddp:
+                seen = f"on {bad:.0f} of {dist.get_world_size()} processes; rank 0: {seen}"
+            raise Stopped(f"error: {self.cfg.stage}: non-finite loss or gradient norm at step "
+                          f"{step + 1} ({seen}); the weights were not updated and {self.kept}: "
+                          f"lower --lr or --grad_clip and rerun", 1)
+        self.signalled, self.timed_out = bool(signalled), bool(late)
+
+    def saved(self, failed, done):
+        """After rank 0's checkpoint write: `failed` its OSError or None."""
+        if agree([failed is not None], self.ddp, self.device)[0]:
+            raise Stopped(f"error: writing the checkpoint of step {done} failed ({failed}); "
+                          f"{self.kept}, unharmed", 1)
+        self.kept = f"{self.path} holds step {done}"
+
+    def stop_if_signalled(self, done):
+        if self.signalled:
+            signum = (self.received or [signal.SIGTERM])[0]
+            raise Stopped(f"stopped by {signal.Signals(signum).name} at step {done}; {self.path} "
+                          f"holds it: rerun the same command to resume", 128 + signum)
 
 
 def truncate_log(path, step):
@@ -232,168 +336,202 @@ def truncate_log(path, step):
 
 # -- The loop --------------------------------------------------------------------------------------
 
-def train(cfg, parts):
-    # DDP: one process per device under torchrun, else a single process; one code path for both
+def setup_device(cfg):
+    """(ddp, rank, device): one process per device under torchrun, else a single process."""
     ddp = "RANK" in os.environ
     processes = int(os.environ["WORLD_SIZE"]) if ddp else 1
     if cfg.batch_size % processes:  # batch_size is the total, as the paper's batch of 16
         raise ConfigError(f"--batch_size={cfg.batch_size}: not divisible by the {processes} "
                           f"processes")
-    if ddp:
+    if ddp and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if ddp else 0
-    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if ddp else 0
-    master = rank == 0  # only rank 0 writes checkpoints, logs and pictures
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    return ddp, rank, device
+
+
+def train(cfg, parts):
+    """Trains one stage up to cfg.steps (or for cfg.time_limit seconds) from its checkpoint.
+    Returns the last step done."""
+    ddp, rank, device = setup_device(cfg)
+    master, path = rank == 0, checkpoint_path(cfg)  # only rank 0 writes
+    stages.require_earlier_checkpoints(cfg)  # before the pool: a missing one fails at once
     torch.manual_seed(cfg.seed + rank)
-
-    # the stage, its optimiser and EMA; from the checkpoint when there is one
-    path = checkpoint_path(cfg)
-    resume = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
-    if resume is not None:  # the networks are rebuilt exactly as they were saved
-        parts = {name: type(c)(**resume["config"][name]) for name, c in parts.items()}
-    dataset = make_dataset(cfg, master)
-    n_identities = cfg.identities if cfg.data == "synthetic" else len(dataset.identities)
-    stage = stages.build(cfg, parts, device, n_identities)
-    optimizer = torch.optim.Adam([p for p in stage.parameters() if p.requires_grad], lr=cfg.lr)
-    start = 0
-    if resume is not None:
-        stage.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        set_rng_state(resume["rng"][min(rank, len(resume["rng"]) - 1)])
-        start = resume["step"]
+    with folder_lock(path.parent, ddp, device, master):
+        dataset = make_dataset(cfg, master)
+        n_identities = cfg.identities if cfg.data == "synthetic" else len(dataset.identities)
+        stage, optimizer, ema_state, start, config = build_or_resume(cfg, parts, device, rank,
+                                                                     path, n_identities)
+        if start >= cfg.steps:
+            if master:
+                print(f"{cfg.stage}: {path} is at step {start}, --steps={cfg.steps}: nothing to "
+                      f"do (raise --steps to train on)")
+            return start
         if master:
-            print(f"resuming {cfg.stage} from {path} at step {start}")
-    # under DDP the gradients are averaged across ranks in backward()
-    model = DistributedDataParallel(stage, device_ids=[local_rank] if device.type == "cuda"
-                                    else None) if ddp else stage
-    # made after DDP's broadcast of rank 0's weights, so that every rank averages the same, and
-    # after loading: an average first asked for on resume starts from the loaded weights
-    ema = EMA(stage, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if ema is not None and resume is not None and resume.get("ema"):
-        ema.load_state_dict(resume["ema"])
-    config = {"train": dataclasses.asdict(cfg),
-              **{name: dataclasses.asdict(c) for name, c in parts.items()}}
+            print(f"{cfg.stage}: resuming from {path} at step {start}" if start else
+                  f"{cfg.stage}: training from scratch into {path}")
+        # under DDP the gradients are averaged across ranks in backward()
+        model = DistributedDataParallel(stage, device_ids=[device.index]
+                                        if device.type == "cuda" else None) if ddp else stage
+        # the EMA is made after DDP's broadcast of rank 0's weights, so that every rank averages
+        # the same, and after loading: one first asked for on resume starts from the loaded ones
+        ema = EMA(stage, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        if ema is not None and ema_state:
+            ema.load_state_dict(ema_state)
+        loader = make_loader(cfg, dataset, start, rank, dist.get_world_size() if ddp else 1)
+        run = {"stage": stage, "model": model, "optimizer": optimizer, "ema": ema,
+               "config": config, "path": path, "ddp": ddp, "device": device}
+        return loop(cfg, run, loader, start, master)
 
-    # its own generator: the loader draws a base seed when iterated, which would otherwise
-    # shift the global stream (t and ε of the ldm stage) between a resumed run and a whole one
-    batches = StepBatches(len(dataset), cfg.batch_size // processes, start, cfg.steps,
-                          cfg.seed + rank)
-    loader = DataLoader(dataset, batch_sampler=batches,
-                        num_workers=cfg.num_workers, collate_fn=default_collate,
-                        generator=torch.Generator().manual_seed(cfg.seed + rank))
+
+def loop(cfg, run, loader, start, master):
+    """The training loop, after nanoGPT's: forward and backward, a check that every rank can go
+    on, the step, then logging, checkpointing and evaluation at their intervals."""
+    stage, optimizer, ema, path, device = (run[k] for k in ("stage", "optimizer", "ema", "path",
+                                                              "device"))
     held_out = stages.to_device(stages.eval_set(cfg), device) if master else None
-    if master:
-        truncate_log(path.parent / "log.jsonl", start)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=cfg.bf16 and (device.type == "cuda"
                                                     or device.type == "cpu" and cfg.bf16_cpu))
-    kept = f"{path} holds step {start}" if resume is not None else "no checkpoint was written"
+    if master:
+        truncate_log(path.parent / "log.jsonl", start)
+    done, started = start, time.time()
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(open(path.parent / "log.jsonl", "a")) if master else None
         progress = stack.enter_context(tqdm(total=cfg.steps, initial=start, disable=not master,
-                                            desc=cfg.stage))
-        received = stack.enter_context(signals_caught((signal.SIGTERM, signal.SIGINT)))
-        started = time.time()
+                                            desc=cfg.stage, dynamic_ncols=True))
+        guard = stack.enter_context(Guard(cfg, path, run["ddp"], device, start))
         for step, batch in enumerate(loader, start):
             batch = stages.to_device(batch, device)
-            for group in optimizer.param_groups:  # linear warm-up
+            for group in optimizer.param_groups:  # linear warm-up of the learning rate
                 group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-            # forward / backward
+            # forward, backward, clip; then every rank learns whether any must stop
             stage.train()
             with autocast:
-                losses = model(batch, step)
-            loss = losses["loss"]
+                losses = run["model"](batch, step)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(stage.parameters(), cfg.grad_clip)
-            # every rank learns whether any saw a non-finite loss or gradient, or a signal, so
-            # that all stop at the same step (one alone would leave the others waiting)
-            bad, signalled = agree([not (torch.isfinite(loss) and torch.isfinite(grad_norm)),
-                                    bool(received)], ddp, device)
-            if bad:  # before the weights change
-                seen = f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}"
-                if ddp:
-                    seen = f"on {bad:.0f} of {dist.get_world_size()} processes; rank 0: {seen}"
-                raise Stopped(f"error: {cfg.stage}: non-finite loss or gradient norm at step "
-                              f"{step + 1} ({seen}); the weights were not updated and {kept}: "
-                              f"lower --lr or --grad_clip and rerun", 1)
+            guard.check(losses["loss"], grad_norm, step)
             # step, EMA, then the stage's work outside the gradient (the VQ-VAE's code restarts)
             optimizer.step()
             if ema is not None:
                 ema.update(stage)
             stage.after_step(batch, step)
-            done = step + 1
+            done, last = step + 1, step + 1 == cfg.steps or guard.timed_out
+            progress.update(1)
             # log
-            if master and (done % cfg.log_every == 0 or done == cfg.steps):
+            if master and (done % cfg.log_every == 0 or last):
                 print(json.dumps({"step": done, "time": round(time.time() - started, 1),
                                   "grad_norm": float(grad_norm),
                                   **{k: float(v.detach()) for k, v in losses.items()}}),
                       file=log, flush=True)
-                progress.set_postfix(loss=f"{loss.item():.4f}")
-            progress.update(1)
-            # checkpoint: every rank hands in its RNG states, rank 0 writes; a failed write
-            # (a full disk) leaves the previous checkpoint whole and stops every rank
-            if done % cfg.ckpt_every == 0 or done == cfg.steps or signalled:
-                rng, failed = rng_states(ddp), None
-                if master:
-                    try:
-                        atomic_save({"stage": cfg.stage, "step": done, "rng": rng,
-                                     "model": stage.state_dict(), "config": config,
-                                     "optimizer": optimizer.state_dict(),
-                                     "ema": ema.state_dict() if ema else None}, path)
-                    except OSError as error:
-                        failed = error
-                if agree([failed is not None], ddp, device)[0]:
-                    raise Stopped(f"error: writing the checkpoint of step {done} failed "
-                                  f"({failed}); {kept}, unharmed", 1)
-                kept = f"{path} holds step {done}"
-            if signalled:
-                name = signal.Signals(received[0]).name if received else "a signal"
-                raise Stopped(f"stopped by {name} at step {done}; {path} holds it: rerun the "
-                              f"same command to resume", 128 + (received or [signal.SIGTERM])[0])
-            # evaluate on held-out identities, with the EMA weights swapped in; its own RNG
-            # streams, so that evaluating never changes what training draws next
-            if master and (done % cfg.eval_every == 0 or done == cfg.steps):
-                stage.eval()
-                with torch.random.fork_rng([device] if device.type == "cuda" else []), \
-                        ema.applied(stage) if ema else contextlib.nullcontext():
-                    result = stage.evaluate(held_out, path.parent / f"eval_{done:07d}.png")
-                print(json.dumps({"step": done, "eval": result}), file=log, flush=True)
-                tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}"
-                                                        for k, v in result.items()))
+                progress.set_postfix(loss=f"{losses['loss'].item():.4f}")
+            # checkpoint: every rank hands in its RNG states, rank 0 writes
+            if done % cfg.ckpt_every == 0 or last or guard.signalled:
+                checkpoint(cfg, run, guard, done, master)
+            guard.stop_if_signalled(done)
+            # evaluate held-out identities with the EMA weights, on RNG streams of its own
+            if master and (done % cfg.eval_every == 0 or last):
+                evaluate(run, held_out, path.parent / f"eval_{done:07d}.png", done, log)
+            if last:
+                break
+    return done
 
+
+def checkpoint(cfg, run, guard, done, master):
+    """Saves step `done` (rank 0); a failed write stops every rank, the last checkpoint whole."""
+    rng, failed = rng_states(run["ddp"]), None
+    if master:
+        try:
+            save_checkpoint({"stage": cfg.stage, "step": done, "rng": rng,
+                             "model": run["stage"].state_dict(), "config": run["config"],
+                             "optimizer": run["optimizer"].state_dict(),
+                             "ema": run["ema"].state_dict() if run["ema"] else None},
+                            run["path"])
+        except OSError as error:  # a full disk
+            failed = error
+    guard.saved(failed, done)
+
+
+def evaluate(run, held_out, png, done, log):
+    """Measures held-out items (stages.Stage.evaluate) and logs the result."""
+    stage, ema, device = run["stage"], run["ema"], run["device"]
+    stage.eval()
+    with torch.random.fork_rng([device] if device.type == "cuda" else []), \
+            ema.applied(stage) if ema else contextlib.nullcontext():
+        result = stage.evaluate(held_out, png)
+    print(json.dumps({"step": done, "eval": result}), file=log, flush=True)
+    tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+
+
+# -- The programs: one stage, the whole chain, the export ------------------------------------------
 
 def export(cfg, out):
-    """Writes the inference weights (EMA, float16) of the stage's checkpoint to `out`."""
+    """Writes the inference weights (EMA, float16) of the ldm checkpoint to `out`."""
     from difffae import export_inference
-    path = checkpoint_path(cfg)
     if cfg.stage != "ldm":
         raise ConfigError("--export: only the ldm stage makes a complete model")
-    if not path.exists():
-        raise stages.MissingCheckpoint(f"{path} is missing: nothing to export")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = stages.read_stage_checkpoint(checkpoint_path(cfg))
+    if checkpoint is None:
+        raise stages.MissingCheckpoint(f"{checkpoint_path(cfg)} is missing: nothing to export")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     export_inference(checkpoint, out)
     print(f"wrote {out} (step {checkpoint['step']}, {Path(out).stat().st_size / 2**20:.1f} MiB)")
 
 
+def finished(cfg, done, chain):
+    """Where a stage's run left its checkpoint, its last picture and what comes next."""
+    path = checkpoint_path(cfg)
+    pictures = sorted(path.parent.glob("eval_*.png"))
+    line = f"{cfg.stage}: step {done} of {cfg.steps} in {path}"
+    if pictures:
+        line += f"; held-out picture {pictures[-1]}"
+    if not chain:
+        following = STAGES[STAGES.index(cfg.stage) + 1:]
+        line += (f"; next: python train.py --stage {following[0]} --out={cfg.out}" if following
+                 else f"; next: python train.py --stage ldm --out={cfg.out} --export=model.pt")
+    print(line)
+
+
+def run_chain(chain):
+    """Each stage of `chain` in order (finished ones skipped), then the export of --export."""
+    for cfg, parts in chain:
+        state = stages.read_stage_checkpoint(checkpoint_path(cfg))
+        if state is not None and state["step"] >= cfg.steps:
+            print(f"{cfg.stage}: finished ({checkpoint_path(cfg)} at step {state['step']} of "
+                  f"{cfg.steps}), skipped")
+            continue
+        limit = f", at most {cfg.time_limit:g} s this run" if cfg.time_limit else ""
+        print(f"{cfg.stage}: stage {STAGES.index(cfg.stage) + 1} of {len(STAGES)}, to step "
+              f"{cfg.steps}{limit}", flush=True)
+        finished(cfg, train(cfg, parts), chain=True)
+    cfg = chain[-1][0]
+    if cfg.export and int(os.environ.get("RANK", 0)) == 0:
+        export(cfg, cfg.export)
+
+
 def main(argv=None):
     try:
-        cfg, parts = build_configs(sys.argv[1:] if argv is None else argv)
-        if cfg.export:
+        chain = build_chain(sys.argv[1:] if argv is None else argv)
+        cfg, parts = chain[0]
+        if len(chain) > 1:
+            run_chain(chain)
+        elif cfg.export:
             export(cfg, cfg.export)
         else:
-            train(cfg, parts)
+            done = train(cfg, parts)
+            if int(os.environ.get("RANK", 0)) == 0:
+                finished(cfg, done, chain=False)
     except ValueError as error:  # ConfigError, MissingCheckpoint and the configs' own checks
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except Stopped as stop:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if int(os.environ.get("RANK", 0)) == 0 and str(stop):
             print(stop, file=sys.stderr)
         sys.exit(stop.status)
     except OSError as error:  # a full disk, an unreadable data folder

@@ -17,7 +17,7 @@ import torch
 
 import stages
 import train
-from config import PRESETS, TrainConfig
+from config import PRESETS, STAGES, stage_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny, with evaluations and dead-code restarts (a short usage memory leaves codes dead) often
@@ -160,7 +160,8 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_whole(tmp_path, monke
                      f"{os.strerror(errno.ENOSPC)}); {checkpoint} holds step 2, unharmed")
     assert checkpoint.read_bytes() == before
     assert torch.load(checkpoint, weights_only=True)["step"] == 2
-    assert sorted(p.name for p in checkpoint.parent.iterdir() if ".pt" in p.name) == ["ckpt.pt"]
+    names = sorted(p.name for p in checkpoint.parent.iterdir() if ".pt" in p.name)
+    assert names == ["ckpt.prev.pt", "ckpt.pt"]  # no temporary file left
 
 
 @pytest.mark.parametrize("value", ["--steps=0", "--steps=-5", "--batch_size=0", "--lr=nan",
@@ -177,8 +178,10 @@ def test_bad_values_are_refused_in_one_line_before_any_work(value, tmp_path, cap
 def test_help_lists_every_option_with_its_type_and_default(capsys):
     cfg, parts = train.build_configs(["--stage", "vqvae", "--steps", "7", "--vqvae.beta", "0.5"])
     assert cfg.steps == 7 and parts["vqvae"].beta == 0.5  # `--key value` as `--key=value`
-    everything = [("", TrainConfig())] + [(f"{name}.", cls()) for part in stages.PARTS.values()
-                                          for name, cls in part.items()]
+    # without --stage: each part with its stage's preset values (no preset uses the
+    # dataclasses' own), and an option whose value differs between stages shows each
+    everything = [(f"{name}.", part) for stage in STAGES
+                  for name, part in stage_defaults(stage, "tiny")[1].items()]
     cfg, parts = train.build_configs(["--stage", "ldm"])  # the tiny preset's values
     ldm = [("", cfg)] + [(f"{name}.", config) for name, config in parts.items()]
     for argv, configs in (([], everything), (["--stage", "ldm"], ldm)):
@@ -197,5 +200,9 @@ def test_help_lists_every_option_with_its_type_and_default(capsys):
                 assert option in text, option
                 shown = re.search(r"\(default (.*?)\)", text.split(option, 1)[1])[1]
                 assert shown == (",".join(map(str, value)) if many else repr(value)), option
+        if not argv:
+            steps = ", ".join(f"{stage} {PRESETS['tiny'][stage]['train']['steps']}"
+                              for stage in STAGES)
+            assert f"(default per stage: {steps})" in text
     assert cfg.steps == PRESETS["tiny"]["ldm"]["train"]["steps"]
     assert "--steps INT the run ends" in text and "--vqvae." not in text

@@ -125,7 +125,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert run([*common, "--steps=2", "--eval_every=3"], split).returncode == 0
     resumed = run([*common, "--steps=4", "--eval_every=3"], split)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming vqvae" in resumed.stdout and "at step 2" in resumed.stdout
+    assert "vqvae: resuming from" in resumed.stdout and "at step 2" in resumed.stdout
     a = torch.load(whole / "vqvae" / "ckpt.pt", weights_only=True)
     b = torch.load(split / "vqvae" / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 4
@@ -141,7 +141,9 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
 def test_missing_prerequisite_is_a_clear_error(tmp_path):
     done = run(["--stage", "slots", "--steps=1"], tmp_path)
     assert done.returncode == 2
-    assert "vqvae/ckpt.pt is missing: run `python train.py --stage vqvae` first" in done.stderr
+    assert (f"vqvae/ckpt.pt is missing: run `python train.py --stage vqvae --out={tmp_path}` "
+            f"first") in done.stderr
+    assert not (tmp_path / "data").exists()  # refused before the pool is rendered
     bad = run(["--stage", "vqvae", "--no_such_key=1"], tmp_path)
     assert bad.returncode == 2 and "unknown key" in bad.stderr
 
