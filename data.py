@@ -3,7 +3,9 @@
 load_image(path, S) turns any still image Pillow can read into a (3, S, S) float32 tensor in
 [-1, 1], in this order:
   1. decode fully (`Image.load()` inside the error handling, so a truncated file fails here and
-     not later inside a DataLoader worker); refuse sources above MAX_IMAGE_PIXELS;
+     not later inside a DataLoader worker); a JPEG above MAX_IMAGE_PIXELS is decoded at the
+     smallest of 1/2, 1/4, 1/8 scale that keeps S pixels (`Image.draft`), other formats above
+     it are refused;
   2. apply the EXIF orientation tag 0x0112 (`ImageOps.exif_transpose`; EXIF 2.3, TIFF 6.0 tag 274):
      phone photos are stored sideways and only display upright;
   3. centre-crop to a square of side min(H, W);
@@ -49,9 +51,12 @@ from torch.utils.data import Dataset
 
 MIN_SIZE = 8  # below this a face is no longer a face; also catches a swapped (size, path)
 MAX_SIZE = 4096  # 16× the paper's 256 px (DiffFAE §5.1); larger is almost surely a typo
-# Refuse sources above 64 Mi pixels (8192 × 8192): lower than Pillow's own decompression-bomb
-# threshold (Image.MAX_IMAGE_PIXELS ≈ 89 M), a full decode of one would take ~1 GB in float.
+# Sources above 64 Mi pixels (8192 × 8192) are decoded at a reduced scale where the format
+# allows it (JPEG's DCT scaling by 1/2, 1/4 or 1/8), else refused: a full decode of one takes
+# ~1 GB in float. This check replaces Pillow's own decompression-bomb check, whose message
+# names no limit and no way past it.
 MAX_IMAGE_PIXELS = 8192 * 8192
+Image.MAX_IMAGE_PIXELS = None
 MAX_UPSCALE = 4  # enlargements beyond this warn: a 16 px face at 64 px is already a blur
 EIGHT_BIT_MAX = 255.0
 SIXTEEN_BIT_MAX = 65535.0
@@ -122,24 +127,22 @@ def load_image(path, size: int) -> torch.Tensor:
     _require(not os.path.isdir(name), f"{name}: is a directory, not an image file", ImageError)
     _require(os.path.getsize(name) > 0, f"{name}: empty file (0 bytes)", ImageError)
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between its bomb threshold and 2× it; make that an error too
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(name) as opened:
-                width, height = opened.size
-                _require(width * height <= MAX_IMAGE_PIXELS, f"{name}: {width}x{height} is larger "
-                         f"than the limit of {MAX_IMAGE_PIXELS} pixels (data.MAX_IMAGE_PIXELS)",
-                         ImageError)
-                opened.load()  # decode it all now, so a truncated file fails here
-                image = from_pil(ImageOps.exif_transpose(opened), int(size))
+        with Image.open(name) as opened:
+            if opened.width * opened.height > MAX_IMAGE_PIXELS and opened.format == "JPEG":
+                opened.draft(opened.mode, (size, size))  # a smaller decode, still >= S × S
+            width, height = opened.size
+            _require(width * height <= MAX_IMAGE_PIXELS, f"{name}: {width}x{height} is more than "
+                     f"the limit of {MAX_IMAGE_PIXELS / 2 ** 20:.0f} Mi pixels; shrink it first "
+                     f"(e.g. to 4096 px on its longer side) or save it as JPEG", ImageError)
+            opened.load()  # decode it all now, so a truncated file fails here
+            image = from_pil(ImageOps.exif_transpose(opened), int(size))
     except ImageError:
         raise
     except UnidentifiedImageError as error:
         raise ImageError(f"{name}: not an image file (or a format Pillow cannot read)") from error
     except Exception as error:
         # Pillow's format plugins signal corrupt data with OSError ("image file is truncated"),
-        # SyntaxError, ValueError, EOFError, struct.error, ... depending on the format; and
-        # images over its decompression-bomb threshold with DecompressionBombError/Warning.
+        # SyntaxError, ValueError, EOFError, struct.error, ... depending on the format.
         raise ImageError(f"{name}: cannot decode image ({type(error).__name__}: "
                          f"{_one_line(error)})") from error
     if size > MAX_UPSCALE * min(width, height):
@@ -201,18 +204,33 @@ def _scan(split_dir: Path) -> dict:
             "clips": clips}
 
 
-def _read_fresh_index(path: Path, split_dir: Path) -> Optional[dict]:
-    """The index cached at path if it describes split_dir as it is now (os.stat only, no
-    listing); None if it is missing, unreadable, corrupt or stale."""
+def _read_fresh_index(path: Path, split_dir: Path) -> Tuple[Optional[dict], Optional[str]]:
+    """(index, problem): the index cached at path if it describes split_dir as it is now (os.stat
+    only, no listing), else None; problem says why a cache file that is there cannot be an index
+    at all (None when the file is missing, of another INDEX_VERSION or merely stale)."""
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
-        fresh = (index["version"] == INDEX_VERSION and index["split_dir"] == str(split_dir)
+    except OSError:  # missing, a folder, unreadable: no cache here, nothing damaged
+        return None, None
+    except ValueError as error:  # not JSON, not UTF-8
+        return None, _one_line(error)
+    if isinstance(index, dict) and index.get("version") not in (None, INDEX_VERSION):
+        return None, None
+    try:
+        _require(isinstance(index["split_dir"], str) and isinstance(index["mtime_ns"], int)
+                 and all(isinstance(name, str) and isinstance(mtime, int)
+                         and all(isinstance(frame, str) for frame in frames)
+                         for name, mtime, frames in index["clips"]), "")
+    except (KeyError, TypeError, ValueError):
+        return None, "not a frame index"
+    try:
+        fresh = (index["split_dir"] == str(split_dir)
                  and os.stat(split_dir).st_mtime_ns == index["mtime_ns"]
                  and all(os.stat(split_dir / name).st_mtime_ns == mtime
                          for name, mtime, _ in index["clips"]))
-    except (OSError, KeyError, TypeError, ValueError):
-        return None
-    return index if fresh else None
+    except OSError:  # a clip folder gone since
+        return None, None
+    return (index if fresh else None), None
 
 
 class FrameFolder(Dataset):
@@ -231,6 +249,7 @@ class FrameFolder(Dataset):
     The cache keeps every clip's frame names and the mtimes of the split folder and of each clip
     folder; any mtime change (a clip or frame added, removed, renamed) triggers a rescan.
     Edits that keep mtimes (same-second edits on coarse-timestamp file systems) are not seen.
+    A damaged cache file (not JSON, not an index) is rebuilt, with a warning naming it.
 
     Parameters: root (holds `split`, or the clip folders directly); split, a sub-folder name
     such as "train" or "test"; size S in [MIN_SIZE, MAX_SIZE]; pairs, "clip" or "identity";
@@ -292,9 +311,13 @@ class FrameFolder(Dataset):
         paths = [cache_home / "difffae" / f"framefolder-{key}-{split}.json"]
         if self.split_dir != self.root:
             paths.insert(0, self.root / f".framefolder-{split}.json")
-        for index in (_read_fresh_index(path, self.split_dir) for path in paths):
+        for path in paths:
+            index, problem = _read_fresh_index(path, self.split_dir)
             if index is not None:
                 return index
+            if problem:  # derived data: say so, and build it again
+                warnings.warn(f"{path}: damaged frame index cache ({problem}); rebuilding it",
+                              stacklevel=3)
         index = _scan(self.split_dir)
         text = json.dumps(index, separators=(",", ":"))
         problems = []
