@@ -19,7 +19,6 @@
 
 Shape letters: B batch, V vertices, F faces, H/W image size.
 """
-import argparse
 import json
 import os
 import subprocess

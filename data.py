@@ -66,7 +66,7 @@ ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 RESAMPLE = Image.Resampling.LANCZOS
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
-PAIR_MODES = ("clip", "identity")
+MIN_FRAMES = 2  # a pair needs two frames: shorter clips are skipped
 INDEX_VERSION = 1
 WARN_NAMES = 3  # clip names quoted in the "skipped clips" warning
 
@@ -236,11 +236,8 @@ def _read_fresh_index(path: Path, split_dir: Path) -> Tuple[Optional[dict], Opti
 class FrameFolder(Dataset):
     """Pairs of frames of one person from a folder of clip folders (map-style Dataset).
 
-    len(dataset) = number of usable clips; item i uses clip i and
+    len(dataset) = number of usable clips; item i is two different frames of clip i, drawn by
     `np.random.default_rng([seed, i])`, so it is the same in every process and every instance.
-      pairs="clip":     source and query are two different frames of clip i;
-      pairs="identity": source is a frame of clip i, query is uniform over all OTHER frames of
-                        that person, in any of their clips of this split.
     Reassign `dataset.seed` (e.g. base seed + epoch) for new pairs.
 
     The scan is cached as JSON in root/.framefolder-<split>.json, or, if that cannot be written
@@ -252,8 +249,8 @@ class FrameFolder(Dataset):
     A damaged cache file (not JSON, not an index) is rebuilt, with a warning naming it.
 
     Parameters: root (holds `split`, or the clip folders directly); split, a sub-folder name
-    such as "train" or "test"; size S in [MIN_SIZE, MAX_SIZE]; pairs, "clip" or "identity";
-    seed >= 0; min_frames >= 2 (shorter clips are skipped, with one warning for all).
+    such as "train" or "test"; size S in [MIN_SIZE, MAX_SIZE]; seed >= 0.
+    Clips of fewer than MIN_FRAMES frames are skipped, with one warning for all.
 
     Attributes: identities, the sorted person ids; clips, (identity, clip_dir, [sorted frame
     names]) of each usable clip, sorted by folder name; split_dir, where the clips were found.
@@ -262,18 +259,14 @@ class FrameFolder(Dataset):
     `identities`; source_path, query_path: str. (Real frames carry no ground-truth parameters.)
     """
 
-    def __init__(self, root, split: str = "train", size: int = 256, pairs: str = "clip",
-                 seed: int = 0, min_frames: int = 2):
+    def __init__(self, root, split: str = "train", size: int = 256, seed: int = 0):
         _require(isinstance(split, str) and split not in ("", ".", "..")
                  and os.path.basename(split) == split,
                  f"split must be a folder name such as 'train' or 'test', got {split!r}")
-        _require(pairs in PAIR_MODES, f"pairs must be one of {PAIR_MODES}, got {pairs!r}")
         _require(_int_in(seed, 0), f"seed must be an int >= 0, got {seed!r}")
-        _require(_int_in(min_frames, 2),
-                 f"min_frames must be an int >= 2 (a pair needs two frames), got {min_frames!r}")
         _require(_int_in(size, MIN_SIZE, MAX_SIZE),
                  f"size must be an int in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
-        self.size, self.pairs, self.seed = int(size), pairs, int(seed)
+        self.size, self.seed = int(size), int(seed)
         self.root = Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
         _require(self.root.is_dir(), f"{self.root}: dataset root not found (or not a folder)")
         nested = self.root / split
@@ -283,27 +276,20 @@ class FrameFolder(Dataset):
         _require(self.split_dir != self.root or any(frames for _, _, frames in index["clips"]),
                  f"{nested}: split folder not found, and {self.root} holds no clip folders of "
                  f"{'/'.join(FRAME_SUFFIXES)} frames")
-        kept = [(name, frames) for name, _, frames in index["clips"] if len(frames) >= min_frames]
-        skipped = [name for name, _, frames in index["clips"] if len(frames) < min_frames]
-        _require(kept, f"{self.split_dir}: no clip folder has >= {min_frames} frames "
+        kept = [(name, frames) for name, _, frames in index["clips"] if len(frames) >= MIN_FRAMES]
+        skipped = [name for name, _, frames in index["clips"] if len(frames) < MIN_FRAMES]
+        _require(kept, f"{self.split_dir}: no clip folder has >= {MIN_FRAMES} frames "
                        f"({len(skipped)} folders checked)")
         if skipped:
             shown = ", ".join(skipped[:WARN_NAMES]) + (", ..." if len(skipped) > WARN_NAMES else "")
             warnings.warn(f"{self.split_dir}: skipped {len(skipped)} clip folder(s) with fewer "
-                          f"than {min_frames} frames: {shown}", stacklevel=2)
+                          f"than {MIN_FRAMES} frames: {shown}", stacklevel=2)
 
         # the person is the text before the first "#" (a plain clip folder name is its own)
         self.clips: List[Tuple[str, str, List[str]]] = [
             (name.split("#", 1)[0], str(self.split_dir / name), frames) for name, frames in kept]
         self.identities: List[str] = sorted({person for person, _, _ in self.clips})
         self._identity_ids = {person: k for k, person in enumerate(self.identities)}
-        # identity pairs: each person's frames, all their clips end to end, as one flat pool,
-        # kept as clip offsets (one number per clip rather than one path per frame)
-        self._pool_clips: List[List[int]] = [[] for _ in self.identities]
-        for c, (person, _, _) in enumerate(self.clips):
-            self._pool_clips[self._identity_ids[person]].append(c)
-        self._pool_offsets = [np.cumsum([0] + [len(self.clips[c][2]) for c in pool])
-                              for pool in self._pool_clips]
 
     def _load_index(self, split: str) -> dict:
         key = hashlib.sha256(f"{self.root}\0{split}".encode("utf-8")).hexdigest()[:16]
@@ -337,20 +323,8 @@ class FrameFolder(Dataset):
         i = range(len(self.clips))[index]  # negative indices count from the end
         rng = np.random.default_rng([self.seed, i])
         person, clip_dir, frames = self.clips[i]
-        if self.pairs == "clip":
-            a, b = rng.choice(len(frames), size=2, replace=False)
-            query_path = os.path.join(clip_dir, frames[b])
-        else:
-            a = int(rng.integers(len(frames)))
-            k = self._identity_ids[person]
-            clips, offsets = self._pool_clips[k], self._pool_offsets[k]
-            own = int(offsets[clips.index(i)]) + a  # the source's place in the pool
-            flat = int(rng.integers(int(offsets[-1]) - 1))
-            flat += flat >= own  # uniform over the pool without the source
-            slot = int(np.searchsorted(offsets, flat, side="right")) - 1
-            _, query_dir, query_frames = self.clips[clips[slot]]
-            query_path = os.path.join(query_dir, query_frames[flat - int(offsets[slot])])
-        source_path = os.path.join(clip_dir, frames[a])
+        a, b = rng.choice(len(frames), size=2, replace=False)
+        source_path, query_path = (os.path.join(clip_dir, frames[k]) for k in (a, b))
         return {"source": load_image(source_path, self.size), "source_path": source_path,
                 "query": load_image(query_path, self.size), "query_path": query_path,
                 "identity": self._identity_ids[person]}

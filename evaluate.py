@@ -46,7 +46,6 @@ method uses), for each model's region encoder and a slots-stage checkpoint (`--s
 With --grid PNG it also writes a picture: source | query | I_R | DiffFAE | ground truth, then
 the source with the hair, clothes and background of the next item ("other").
 """
-import argparse
 import json
 import time
 from pathlib import Path
@@ -321,8 +320,8 @@ def arguments():
     parser.add_argument("--n", type=int, default=200, help="test pairs (default: %(default)s)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's own)")
     parser.add_argument("--sampler", choices=SAMPLERS, help="(default: the model's own)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the noise (default: "
-                        "%(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data and the noise (default: %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON "
                         "(missing folders are made)")
     parser.add_argument("--grid", metavar="PNG", help="also write the picture grid (missing "

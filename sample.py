@@ -6,7 +6,7 @@ and lighting (DiffFAE, Wang et al. 2024, §4). Region swaps are the paper's expa
     python sample.py SRC QRY --edit expression --panel                    # only the expression
     python sample.py SRC QRY --swap hair=other.png                        # and another's hair
     python sample.py SRC --set yaw=25 --set jaw=15 --set light=1,0,1      # edit by numbers
-    python sample.py SRC QRY --sampler dpm++2m --steps 20                 # the faster sampler
+    python sample.py SRC QRY --sampler ddim --steps 50     # not the model's own sampler and steps
     python sample.py SRC QRY --explain fig.png       # and a figure of what each part did
 
 The model is the bundled one (weights/difffae-tiny.pt, trained on synthetic 64 px portraits)
