@@ -1,36 +1,25 @@
 """Benchmarks of the pipeline's hot parts on the current device (CUDA if available, else CPU).
 
-rasterizer: render.rasterize on the built-in FLAME head (256×256, batch 8), with and without
-    back-face culling, against the brute-force reference_rasterize written here, with the
-    speed-up and the fraction of pixels on which both pick the same face.
-renderer: the whole render.Renderer forward, and forward + backward to the vertices.
-flame: the FLAME forward for a batch of 64 random faces (ms per batch).
-data: synthetic training pairs rendered per second at 64 px and 256 px.
-diffusion: one UNet forward (batch 1) at the paper's scale (64×64×3 latent, 256 px images) and at
-    the bundled tiny model's; a whole edit per image (estimator, FLAME, render, slots, identity,
-    sampling, decoding) with DDIM-50 and DPM-Solver++(2M)-20; and each sampler's own arithmetic
-    per step (with a free ε prediction), to show that the UNet is the cost.
+    python bench.py               a table of ms per image, median and best of REPEATS:
+        rasterizer  render.rasterize on the built-in FLAME head (256×256, batch 8), with and
+                    without back-face culling;
+        renderer    the whole render.Renderer forward, and forward + backward to the vertices;
+        flame       the FLAME forward for a batch of 64 random faces (ms per batch);
+        data        synthetic training pairs rendered per second at 64 px and 256 px;
+        diffusion   one UNet forward (batch 1) at the paper's scale (64×64×3 latent) and at the
+                    bundled tiny model's; a whole edit with DDIM-50 and DPM-Solver++(2M)-20; each
+                    sampler's own arithmetic per step (ε given), to show that the UNet is the cost.
+    python bench.py --paper-step  every stage of `train.py --preset paper` (256 px, batch 1) on
+        the CPU: one step from scratch, one resumed, then a 256 px sample.py edit; each run's
+        wall time and peak memory (RSS, from os.wait4), and each network's size.
+    python bench.py --gpu-check   a few train.py steps of every stage at the paper preset (bf16
+        autocast): peak GPU memory per stage, the ldm stage's steps/s, a 2-process DDP run when
+        two GPUs are present, and the latency of a 256 px edit. `--device cpu` is its dry run at
+        tiny sizes (bf16 autocast on the CPU, a gloo DDP run).
 
-Run: python bench.py   (a table of ms per image, median and best of REPEATS; numbers vary when
-other processes share the CPU — rerun when it is quiet)
-
-python bench.py --paper-step: the paper preset wired end to end on the CPU. Each stage runs as
-    `train.py --preset paper` (256 px, batch 1, synthetic pairs rendered as drawn): one step
-    from scratch (build, forward, backward, Adam, checkpoint, evaluation), then a second one
-    resumed from that checkpoint; then sample.py edits at 256 px with 4 DPM-Solver++ steps. It
-    prints each run's wall time and peak memory (RSS, from os.wait4) and each network's size.
-python bench.py --gpu-check: the GPU figures of the README in one run of a few minutes. Every
-    stage trains a few steps of train.py at the paper preset (batch 16, bf16 autocast), which
-    gives the peak GPU memory per stage and the ldm stage's steps/s; a 2-process nccl DDP run of
-    the ldm stage when two GPUs are present; the latency of a 256 px edit with DPM-Solver++(2M)
-    20 and DDIM 50, in bf16 and float32. `--device cpu` is its dry run: the same code at tiny
-    sizes with bf16 autocast on the CPU and a gloo DDP run (tests/test_gpu_check.py runs it).
-
-Shape letters: B batch, V vertices, F faces, H/W image size, K (face, pixel) pairs in a chunk.
+Shape letters: B batch, V vertices, F faces, H/W image size.
 """
-import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -41,7 +30,7 @@ from pathlib import Path
 import torch
 
 import render
-from sample import check_device, fail
+from cli import DEFAULT_CHECKPOINT, Parser, check_device, fail, run
 
 ROOT = Path(__file__).resolve().parent
 
@@ -49,8 +38,6 @@ IMAGE_SIZE = 256
 BATCH = 8
 WARMUP = 1
 REPEATS = 5
-# Faces per chunk of the brute-force reference (bounds its memory).
-REFERENCE_FACES = 2 ** 15
 # DECA-like framing: orthographic scale s and the half-height (m) of the head part of the mesh; the
 # image then spans 2/s = 0.25 m around the head's centre (the neck is cropped).
 FRAME_SCALE = 8.0
@@ -75,44 +62,6 @@ def frame_camera(vertices):
     return torch.stack([scale, -centre_x, -centre_y], -1)  # (B, 3)
 
 
-def reference_rasterize(verts, faces, image_size):
-    """The independent reference for render.rasterize (also used by its tests). Brute force:
-    every face against every pixel centre of its bounding box (enumerated with
-    repeat_interleave), inclusive edge tests, then a two-pass z-buffer (minimum depth, then the
-    lowest face index at that depth). verts (B, V, 3) screen space -> pix_to_face (B, H, W)."""
-    B, nF, H, W = verts.shape[0], faces.shape[0], image_size, image_size
-    tri = verts[:, faces].reshape(B * nF, 3, 3)  # (B·F, 3, 3)
-    x, y, z = tri.unbind(-1)  # (B·F, 3) each
-    left = torch.ceil(x.amin(-1) - 0.5).clamp(0, W).long()
-    top = torch.ceil(y.amin(-1) - 0.5).clamp(0, H).long()
-    box_w = (torch.floor(x.amax(-1) - 0.5).clamp(-1, W - 1).long() - left + 1).clamp(min=0)
-    box_h = (torch.floor(y.amax(-1) - 0.5).clamp(-1, H - 1).long() - top + 1).clamp(min=0)
-    area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])
-    count = torch.where(area != 0, box_w * box_h, 0)  # (B·F,) pixels to test per face
-    depth_buf = torch.full((B * H * W,), math.inf, device=verts.device, dtype=verts.dtype)
-    found = []
-    for ids in torch.arange(B * nF, device=verts.device).split(REFERENCE_FACES):
-        face = ids.repeat_interleave(count[ids])  # (K,) one entry per (face, pixel) pair
-        start = torch.cumsum(count[ids], 0) - count[ids]
-        k = torch.arange(len(face), device=verts.device) - start.repeat_interleave(count[ids])
-        row = top[face] + k // box_w[face]
-        col = left[face] + k % box_w[face]
-        px, py = col + 0.5, row + 0.5
-        w = [(x[face, (i + 2) % 3] - x[face, (i + 1) % 3]) * (py - y[face, (i + 1) % 3])
-             - (y[face, (i + 2) % 3] - y[face, (i + 1) % 3]) * (px - x[face, (i + 1) % 3])
-             for i in range(3)]  # 3 × (K,) edge functions
-        hit = ((w[0] >= 0) & (w[1] >= 0) & (w[2] >= 0)) | ((w[0] <= 0) & (w[1] <= 0) & (w[2] <= 0))
-        depth = (w[0] * z[face, 0] + w[1] * z[face, 1] + w[2] * z[face, 2]) / area[face]
-        pixel = (face // nF * H + row) * W + col
-        depth_buf.scatter_reduce_(0, pixel[hit], depth[hit], "amin")
-        found.append((pixel[hit], depth[hit], face[hit] % nF))
-    face_buf = torch.full((B * H * W,), nF, device=verts.device)
-    for pixel, depth, face in found:  # second pass: the lowest face index at the minimum depth
-        nearest = depth == depth_buf[pixel]
-        face_buf.scatter_reduce_(0, pixel[nearest], face[nearest], "amin")
-    return torch.where(face_buf < nF, face_buf, -1).view(B, H, W)
-
-
 def time_ms(fns, device, per=BATCH):
     """(median, best) wall time in ms of each function divided by `per`, run in turn REPEATS
     times after WARMUP rounds, so that a load change from other processes hits all alike."""
@@ -131,23 +80,18 @@ def time_ms(fns, device, per=BATCH):
 
 def bench_rasterizer(device, flame):
     """Rows (name, (median, best) ms per image, note): render.rasterize with and without back-face
-    culling, and the brute-force reference, on the same screen-space head."""
+    culling on the same screen-space head."""
     vertices = neutral_head(flame, 1).expand(BATCH, -1, -1)
     screen, faces = render.project(vertices, frame_camera(vertices), IMAGE_SIZE), flame.faces
     calls = [lambda: render.rasterize(screen, faces, IMAGE_SIZE).pix_to_face,
-             lambda: render.rasterize(screen, faces, IMAGE_SIZE, cull_backfaces=True).pix_to_face,
-             lambda: reference_rasterize(screen, faces, IMAGE_SIZE)]
+             lambda: render.rasterize(screen, faces, IMAGE_SIZE, cull_backfaces=True).pix_to_face]
     with torch.no_grad():
-        ours, culled, reference = (call() for call in calls)
-        fast, cull, slow = time_ms(calls, device)
-    agree, agree_culled, covered = (t.double().mean().item() for t in (
-        ours == reference, ours == culled, ours >= 0))
+        ours, culled = (call() for call in calls)
+        fast, cull = time_ms(calls, device)
+    agree_culled, covered = (t.double().mean().item() for t in (ours == culled, ours >= 0))
     return [("rasterize", fast, f"FLAME head, F={faces.shape[0]}, {IMAGE_SIZE}², B={BATCH}, "
                                 f"{covered:.0%} covered; with bary + depth"),
-            ("rasterize, cull_backfaces", cull, f"same face on {agree_culled:.4%} of pixels"),
-            ("brute-force reference", slow, f"pix_to_face only; rasterize is "
-                                            f"{slow[0] / fast[0]:.1f}x faster (medians); "
-                                            f"same face on {agree:.4%} of pixels")]
+            ("rasterize, cull_backfaces", cull, f"same face on {agree_culled:.4%} of pixels")]
 
 
 def bench_renderer(device, flame):
@@ -203,7 +147,6 @@ def bench_diffusion(device, flame):
     """Rows for the denoiser and whole edits (see the module docstring)."""
     from difffae import load_model
     from samplers import make_timesteps, sample_loop
-    from sample import DEFAULT_CHECKPOINT
     from unet import UNet, UNetConfig
     rows = []
     paper = UNetConfig()
@@ -333,25 +276,13 @@ def logged_speed(log, first):
     return (lines[-1]["step"] - lines[0]["step"]) / (lines[-1]["time"] - lines[0]["time"])
 
 
-def gpu_check(device, out):
-    """The measurements for the README's GPU table (see CHECK); prints it in Markdown."""
+def train_stages(check, out, peak, cuda):
+    """Rows of every stage trained for a few steps in this process (bf16 autocast on CUDA),
+    then the ldm stage's speed and a 2-process DDP run of it; returns (rows, batch size)."""
     import stages
     import train
-    from difffae import load_model
-    from synthetic import SyntheticPortraits
-    check, cuda = CHECK[device.type], device.type == "cuda"
     rows = []
-
-    def peak():
-        if not cuda:
-            return "— (CPU)"
-        gib = torch.cuda.max_memory_allocated() / 2 ** 30
-        torch.cuda.empty_cache()  # the cache goes back too: the DDP run needs this GPU
-        torch.cuda.reset_peak_memory_stats()
-        return f"{gib:.1f} GiB"
-
-    peak()
-    for stage in stages.STAGES:  # train.py's loop in this process, bf16 autocast on CUDA
+    for stage in stages.STAGES:
         steps = check["ldm_steps"] if stage == "ldm" else check["steps"]
         cfg, parts = train.build_configs(train_command(stage, out, *check["args"], "--log_every=1",
                                                        f"--steps={steps}")[2:])
@@ -367,19 +298,28 @@ def gpu_check(device, out):
     ddp = f"DDP, 2 processes ({'nccl' if cuda else 'gloo'}), ldm, {check['ddp_steps']} steps"
     if cuda and gpus < 2:
         rows.insert(1, (ddp, "skipped", f"{gpus} GPU visible; it needs 2"))
-    else:
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        wall, _, status, output = run_measured(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             *train_command("ldm", out, *check["args"], "--tag=ddp", "--log_every=1",
-                            f"--steps={check['ddp_steps']}")[1:]], env)
-        if status:
-            raise SystemExit(f"the DDP run failed:\n{output[-3000:]}")
-        speed = logged_speed(Path(out) / "ldm-ddp" / "log.jsonl", check["warm"])
-        rows.insert(1, (ddp, f"{speed:.2f} steps/s", f"rank 0's log, {wall:.0f} s in all"))
+        return rows
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    wall, _, status, output = run_measured(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         *train_command("ldm", out, *check["args"], "--tag=ddp", "--log_every=1",
+                        f"--steps={check['ddp_steps']}")[1:]], env)
+    if status:
+        raise SystemExit(f"the DDP run failed:\n{output[-3000:]}")
+    speed = logged_speed(Path(out) / "ldm-ddp" / "log.jsonl", check["warm"])
+    rows.insert(1, (ddp, f"{speed:.2f} steps/s", f"rank 0's log, {wall:.0f} s in all"))
+    return rows
+
+
+def time_edits(check, out, device):
+    """Rows of the latency of one edit by the ldm checkpoint in `out`, per sampler and
+    precision."""
+    from difffae import load_model
+    from synthetic import SyntheticPortraits
     model = load_model(Path(out) / "ldm" / "ckpt.pt", device)
     pair = SyntheticPortraits(model.image_size, "test", length=1)[0]
     source, query = (pair[key][None].to(device) for key in ("source", "query"))
+    rows = []
     for sampler, steps in check["edits"]:
         for precision in ("bf16", "float32"):
             with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
@@ -387,17 +327,34 @@ def gpu_check(device, out):
                                                     sampler=sampler)], device, per=1)
             rows.append((f"edit, {sampler} {steps} steps, {precision}", f"{ms[0] / 1e3:.2f} s",
                          f"{model.image_size} px, batch 1, median of {REPEATS}"))
+    return rows
+
+
+def gpu_check(device, out):
+    """The measurements for the README's GPU table (see CHECK); prints it in Markdown."""
+    check, cuda = CHECK[device.type], device.type == "cuda"
+
+    def peak():
+        if not cuda:
+            return "— (CPU)"
+        gib = torch.cuda.max_memory_allocated() / 2 ** 30
+        torch.cuda.empty_cache()  # the cache goes back too: the DDP run needs this GPU
+        torch.cuda.reset_peak_memory_stats()
+        return f"{gib:.1f} GiB"
+
+    peak()
+    rows = train_stages(check, out, peak, cuda) + time_edits(check, out, device)
     rows.append(("peak GPU memory, edit", peak(), "the four edits above"))
     name = torch.cuda.get_device_name(device) if cuda else "CPU (dry run, tiny sizes)"
-    print(f"\n{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, {gpus} GPU(s)\n")
+    print(f"\n{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"{torch.cuda.device_count()} GPU(s)\n")
     print("| measurement | value | setting |\n|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.error = fail
+    parser = Parser(description=__doc__.splitlines()[0])
     command = parser.add_mutually_exclusive_group()
     command.add_argument("--gpu-check", action="store_true", help="the GPU table of the README")
     command.add_argument("--paper-step", action="store_true",
@@ -433,4 +390,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -3,7 +3,9 @@
 load_image(path, S) turns any still image Pillow can read into a (3, S, S) float32 tensor in
 [-1, 1], in this order:
   1. decode fully (`Image.load()` inside the error handling, so a truncated file fails here and
-     not later inside a DataLoader worker); refuse sources above MAX_IMAGE_PIXELS;
+     not later inside a DataLoader worker); a JPEG above MAX_IMAGE_PIXELS is decoded at the
+     smallest of 1/2, 1/4, 1/8 scale that keeps S pixels (`Image.draft`), other formats above
+     it are refused;
   2. apply the EXIF orientation tag 0x0112 (`ImageOps.exif_transpose`; EXIF 2.3, TIFF 6.0 tag 274):
      phone photos are stored sideways and only display upright;
   3. centre-crop to a square of side min(H, W);
@@ -33,11 +35,9 @@ two frames of one person, source I_S and query I_Q (Wang et al. 2024, §5.1).
 
 Shapes: S output side (the `size` argument), H/W source image height/width.
 """
-import argparse
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -48,13 +48,15 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from layers import REGION_COLOURS
 
 MIN_SIZE = 8  # below this a face is no longer a face; also catches a swapped (size, path)
 MAX_SIZE = 4096  # 16× the paper's 256 px (DiffFAE §5.1); larger is almost surely a typo
-# Refuse sources above 64 Mi pixels (8192 × 8192): lower than Pillow's own decompression-bomb
-# threshold (Image.MAX_IMAGE_PIXELS ≈ 89 M), a full decode of one would take ~1 GB in float.
+# Sources above 64 Mi pixels (8192 × 8192) are decoded at a reduced scale where the format
+# allows it (JPEG's DCT scaling by 1/2, 1/4 or 1/8), else refused: a full decode of one takes
+# ~1 GB in float. This check replaces Pillow's own decompression-bomb check, whose message
+# names no limit and no way past it.
 MAX_IMAGE_PIXELS = 8192 * 8192
+Image.MAX_IMAGE_PIXELS = None
 MAX_UPSCALE = 4  # enlargements beyond this warn: a 16 px face at 64 px is already a blur
 EIGHT_BIT_MAX = 255.0
 SIXTEEN_BIT_MAX = 65535.0
@@ -64,7 +66,7 @@ ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 RESAMPLE = Image.Resampling.LANCZOS
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
-PAIR_MODES = ("clip", "identity")
+MIN_FRAMES = 2  # a pair needs two frames: shorter clips are skipped
 INDEX_VERSION = 1
 WARN_NAMES = 3  # clip names quoted in the "skipped clips" warning
 
@@ -125,24 +127,22 @@ def load_image(path, size: int) -> torch.Tensor:
     _require(not os.path.isdir(name), f"{name}: is a directory, not an image file", ImageError)
     _require(os.path.getsize(name) > 0, f"{name}: empty file (0 bytes)", ImageError)
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between its bomb threshold and 2× it; make that an error too
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(name) as opened:
-                width, height = opened.size
-                _require(width * height <= MAX_IMAGE_PIXELS, f"{name}: {width}x{height} is larger "
-                         f"than the limit of {MAX_IMAGE_PIXELS} pixels (data.MAX_IMAGE_PIXELS)",
-                         ImageError)
-                opened.load()  # decode it all now, so a truncated file fails here
-                image = from_pil(ImageOps.exif_transpose(opened), int(size))
+        with Image.open(name) as opened:
+            if opened.width * opened.height > MAX_IMAGE_PIXELS and opened.format == "JPEG":
+                opened.draft(opened.mode, (size, size))  # a smaller decode, still >= S × S
+            width, height = opened.size
+            _require(width * height <= MAX_IMAGE_PIXELS, f"{name}: {width}x{height} is more than "
+                     f"the limit of {MAX_IMAGE_PIXELS / 2 ** 20:.0f} Mi pixels; shrink it first "
+                     f"(e.g. to 4096 px on its longer side) or save it as JPEG", ImageError)
+            opened.load()  # decode it all now, so a truncated file fails here
+            image = from_pil(ImageOps.exif_transpose(opened), int(size))
     except ImageError:
         raise
     except UnidentifiedImageError as error:
         raise ImageError(f"{name}: not an image file (or a format Pillow cannot read)") from error
     except Exception as error:
         # Pillow's format plugins signal corrupt data with OSError ("image file is truncated"),
-        # SyntaxError, ValueError, EOFError, struct.error, ... depending on the format; and
-        # images over its decompression-bomb threshold with DecompressionBombError/Warning.
+        # SyntaxError, ValueError, EOFError, struct.error, ... depending on the format.
         raise ImageError(f"{name}: cannot decode image ({type(error).__name__}: "
                          f"{_one_line(error)})") from error
     if size > MAX_UPSCALE * min(width, height):
@@ -204,28 +204,40 @@ def _scan(split_dir: Path) -> dict:
             "clips": clips}
 
 
-def _read_fresh_index(path: Path, split_dir: Path) -> Optional[dict]:
-    """The index cached at path if it describes split_dir as it is now (os.stat only, no
-    listing); None if it is missing, unreadable, corrupt or stale."""
+def _read_fresh_index(path: Path, split_dir: Path) -> Tuple[Optional[dict], Optional[str]]:
+    """(index, problem): the index cached at path if it describes split_dir as it is now (os.stat
+    only, no listing), else None; problem says why a cache file that is there cannot be an index
+    at all (None when the file is missing, of another INDEX_VERSION or merely stale)."""
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
-        fresh = (index["version"] == INDEX_VERSION and index["split_dir"] == str(split_dir)
+    except OSError:  # missing, a folder, unreadable: no cache here, nothing damaged
+        return None, None
+    except ValueError as error:  # not JSON, not UTF-8
+        return None, _one_line(error)
+    if isinstance(index, dict) and index.get("version") not in (None, INDEX_VERSION):
+        return None, None
+    try:
+        _require(isinstance(index["split_dir"], str) and isinstance(index["mtime_ns"], int)
+                 and all(isinstance(name, str) and isinstance(mtime, int)
+                         and all(isinstance(frame, str) for frame in frames)
+                         for name, mtime, frames in index["clips"]), "")
+    except (KeyError, TypeError, ValueError):
+        return None, "not a frame index"
+    try:
+        fresh = (index["split_dir"] == str(split_dir)
                  and os.stat(split_dir).st_mtime_ns == index["mtime_ns"]
                  and all(os.stat(split_dir / name).st_mtime_ns == mtime
                          for name, mtime, _ in index["clips"]))
-    except (OSError, KeyError, TypeError, ValueError):
-        return None
-    return index if fresh else None
+    except OSError:  # a clip folder gone since
+        return None, None
+    return (index if fresh else None), None
 
 
 class FrameFolder(Dataset):
     """Pairs of frames of one person from a folder of clip folders (map-style Dataset).
 
-    len(dataset) = number of usable clips; item i uses clip i and
+    len(dataset) = number of usable clips; item i is two different frames of clip i, drawn by
     `np.random.default_rng([seed, i])`, so it is the same in every process and every instance.
-      pairs="clip":     source and query are two different frames of clip i;
-      pairs="identity": source is a frame of clip i, query is uniform over all OTHER frames of
-                        that person, in any of their clips of this split.
     Reassign `dataset.seed` (e.g. base seed + epoch) for new pairs.
 
     The scan is cached as JSON in root/.framefolder-<split>.json, or, if that cannot be written
@@ -234,10 +246,11 @@ class FrameFolder(Dataset):
     The cache keeps every clip's frame names and the mtimes of the split folder and of each clip
     folder; any mtime change (a clip or frame added, removed, renamed) triggers a rescan.
     Edits that keep mtimes (same-second edits on coarse-timestamp file systems) are not seen.
+    A damaged cache file (not JSON, not an index) is rebuilt, with a warning naming it.
 
     Parameters: root (holds `split`, or the clip folders directly); split, a sub-folder name
-    such as "train" or "test"; size S in [MIN_SIZE, MAX_SIZE]; pairs, "clip" or "identity";
-    seed >= 0; min_frames >= 2 (shorter clips are skipped, with one warning for all).
+    such as "train" or "test"; size S in [MIN_SIZE, MAX_SIZE]; seed >= 0.
+    Clips of fewer than MIN_FRAMES frames are skipped, with one warning for all.
 
     Attributes: identities, the sorted person ids; clips, (identity, clip_dir, [sorted frame
     names]) of each usable clip, sorted by folder name; split_dir, where the clips were found.
@@ -246,18 +259,14 @@ class FrameFolder(Dataset):
     `identities`; source_path, query_path: str. (Real frames carry no ground-truth parameters.)
     """
 
-    def __init__(self, root, split: str = "train", size: int = 256, pairs: str = "clip",
-                 seed: int = 0, min_frames: int = 2):
+    def __init__(self, root, split: str = "train", size: int = 256, seed: int = 0):
         _require(isinstance(split, str) and split not in ("", ".", "..")
                  and os.path.basename(split) == split,
                  f"split must be a folder name such as 'train' or 'test', got {split!r}")
-        _require(pairs in PAIR_MODES, f"pairs must be one of {PAIR_MODES}, got {pairs!r}")
         _require(_int_in(seed, 0), f"seed must be an int >= 0, got {seed!r}")
-        _require(_int_in(min_frames, 2),
-                 f"min_frames must be an int >= 2 (a pair needs two frames), got {min_frames!r}")
         _require(_int_in(size, MIN_SIZE, MAX_SIZE),
                  f"size must be an int in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
-        self.size, self.pairs, self.seed = int(size), pairs, int(seed)
+        self.size, self.seed = int(size), int(seed)
         self.root = Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
         _require(self.root.is_dir(), f"{self.root}: dataset root not found (or not a folder)")
         nested = self.root / split
@@ -267,27 +276,20 @@ class FrameFolder(Dataset):
         _require(self.split_dir != self.root or any(frames for _, _, frames in index["clips"]),
                  f"{nested}: split folder not found, and {self.root} holds no clip folders of "
                  f"{'/'.join(FRAME_SUFFIXES)} frames")
-        kept = [(name, frames) for name, _, frames in index["clips"] if len(frames) >= min_frames]
-        skipped = [name for name, _, frames in index["clips"] if len(frames) < min_frames]
-        _require(kept, f"{self.split_dir}: no clip folder has >= {min_frames} frames "
+        kept = [(name, frames) for name, _, frames in index["clips"] if len(frames) >= MIN_FRAMES]
+        skipped = [name for name, _, frames in index["clips"] if len(frames) < MIN_FRAMES]
+        _require(kept, f"{self.split_dir}: no clip folder has >= {MIN_FRAMES} frames "
                        f"({len(skipped)} folders checked)")
         if skipped:
             shown = ", ".join(skipped[:WARN_NAMES]) + (", ..." if len(skipped) > WARN_NAMES else "")
             warnings.warn(f"{self.split_dir}: skipped {len(skipped)} clip folder(s) with fewer "
-                          f"than {min_frames} frames: {shown}", stacklevel=2)
+                          f"than {MIN_FRAMES} frames: {shown}", stacklevel=2)
 
         # the person is the text before the first "#" (a plain clip folder name is its own)
         self.clips: List[Tuple[str, str, List[str]]] = [
             (name.split("#", 1)[0], str(self.split_dir / name), frames) for name, frames in kept]
         self.identities: List[str] = sorted({person for person, _, _ in self.clips})
         self._identity_ids = {person: k for k, person in enumerate(self.identities)}
-        # identity pairs: each person's frames, all their clips end to end, as one flat pool,
-        # kept as clip offsets (one number per clip rather than one path per frame)
-        self._pool_clips: List[List[int]] = [[] for _ in self.identities]
-        for c, (person, _, _) in enumerate(self.clips):
-            self._pool_clips[self._identity_ids[person]].append(c)
-        self._pool_offsets = [np.cumsum([0] + [len(self.clips[c][2]) for c in pool])
-                              for pool in self._pool_clips]
 
     def _load_index(self, split: str) -> dict:
         key = hashlib.sha256(f"{self.root}\0{split}".encode("utf-8")).hexdigest()[:16]
@@ -295,9 +297,13 @@ class FrameFolder(Dataset):
         paths = [cache_home / "difffae" / f"framefolder-{key}-{split}.json"]
         if self.split_dir != self.root:
             paths.insert(0, self.root / f".framefolder-{split}.json")
-        for index in (_read_fresh_index(path, self.split_dir) for path in paths):
+        for path in paths:
+            index, problem = _read_fresh_index(path, self.split_dir)
             if index is not None:
                 return index
+            if problem:  # derived data: say so, and build it again
+                warnings.warn(f"{path}: damaged frame index cache ({problem}); rebuilding it",
+                              stacklevel=3)
         index = _scan(self.split_dir)
         text = json.dumps(index, separators=(",", ":"))
         problems = []
@@ -317,110 +323,8 @@ class FrameFolder(Dataset):
         i = range(len(self.clips))[index]  # negative indices count from the end
         rng = np.random.default_rng([self.seed, i])
         person, clip_dir, frames = self.clips[i]
-        if self.pairs == "clip":
-            a, b = rng.choice(len(frames), size=2, replace=False)
-            query_path = os.path.join(clip_dir, frames[b])
-        else:
-            a = int(rng.integers(len(frames)))
-            k = self._identity_ids[person]
-            clips, offsets = self._pool_clips[k], self._pool_offsets[k]
-            own = int(offsets[clips.index(i)]) + a  # the source's place in the pool
-            flat = int(rng.integers(int(offsets[-1]) - 1))
-            flat += flat >= own  # uniform over the pool without the source
-            slot = int(np.searchsorted(offsets, flat, side="right")) - 1
-            _, query_dir, query_frames = self.clips[clips[slot]]
-            query_path = os.path.join(query_dir, query_frames[flat - int(offsets[slot])])
-        source_path = os.path.join(clip_dir, frames[a])
+        a, b = rng.choice(len(frames), size=2, replace=False)
+        source_path, query_path = (os.path.join(clip_dir, frames[k]) for k in (a, b))
         return {"source": load_image(source_path, self.size), "source_path": source_path,
                 "query": load_image(query_path, self.size), "query_path": query_path,
                 "identity": self._identity_ids[person]}
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: export the synthetic data set to disk, preview it, write the README's examples
-# ---------------------------------------------------------------------------------------------
-
-OVERLAY_ALPHA = 0.55
-EXPORT_BATCH = 32
-
-
-def export_synthetic(out_dir, n, size, split="train", seed=0):
-    """Writes n synthetic items in the vox-png layout, one clip of two frames per item:
-    out_dir/<split>/id<identity>#synthetic#<item>#<item>.mp4/0000000.png (source) and
-    0000001.png (train: query; test: target, i.e. the source person in the query's frame), plus
-    params.json with the generating coefficients of both frames. Returns the clip folders."""
-    from synthetic import SyntheticPortraits  # imported here: reading images needs no renderer
-    dataset = SyntheticPortraits(size, split, seed, length=n)
-    clips = []
-    for start in range(0, n, EXPORT_BATCH):
-        batch = dataset.__getitems__(range(start, min(n, start + EXPORT_BATCH)))
-        for index, item in enumerate(batch, start):
-            name = f"id{item['identity']:07d}#synthetic#{index:06d}#{index:06d}.mp4"
-            clip = Path(out_dir) / split / name
-            save_image(item["source"], clip / "0000000.png")
-            save_image(item["target" if split == "test" else "query"], clip / "0000001.png")
-            text = json.dumps({frame: {k: v.tolist() for k, v in item[f"{frame}_params"].items()}
-                               for frame in ("source", "query")})
-            write_atomic(clip / "params.json", lambda file: file.write(text.encode()))
-            clips.append(clip)
-    return clips
-
-
-def preview_grid(size=128, n=6, seed=0):
-    """(3, H, W) grid: a row per item — source | query | query regions overlay | target; train
-    items first, then test items (whose target is the ground-truth edit)."""
-    from synthetic import SyntheticPortraits
-    rows = []
-    for split in ("train", "test"):
-        for item in SyntheticPortraits(size, split, seed, length=n).__getitems__(range(n)):
-            colours = REGION_COLOURS[item["query_regions"]].permute(2, 0, 1) * 2 - 1  # (3, H, W)
-            overlay = item["query"] + OVERLAY_ALPHA * (colours - item["query"])
-            target = item.get("target", torch.full_like(item["query"], -1.0))
-            rows.append(torch.cat([item["source"], item["query"], overlay, target], 2))
-    return torch.cat(rows, 1)
-
-
-def write_examples(out_dir, size, seed=0):
-    """The README's example inputs, from held-out test identities: src.png, qry.png (another
-    person), target.png (the exact edit: src's person in qry's frame) and other.png (a third
-    person, for --swap). Returns the paths written."""
-    from synthetic import SyntheticPortraits
-    first, second = SyntheticPortraits(size, "test", seed).__getitems__([0, 1])
-    images = {"src": first["source"], "qry": first["query"], "target": first["target"],
-              "other": second["source"]}
-    paths = [Path(out_dir) / f"{name}.png" for name in images]
-    for image, path in zip(images.values(), paths):
-        save_image(image, path)
-    return paths
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Export, preview or sample synthetic portraits.")
-    parser.add_argument("--export", metavar="DIR", help="write items in the vox-png layout")
-    parser.add_argument("--n", type=int, default=1000, help="items to export")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--split", choices=("train", "test"), default="train")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--preview", metavar="PNG", help="write a grid of train and test items")
-    parser.add_argument("--examples", metavar="DIR", help="write the README's example inputs")
-    args = parser.parse_args(argv)
-    if not (args.export or args.preview or args.examples):
-        parser.error("nothing to do: give --export DIR, --preview PNG or --examples DIR")
-    try:
-        if args.export:
-            _require(args.n >= 1, f"--n {args.n}: expected at least 1 item")
-            clips = export_synthetic(args.export, args.n, args.size, args.split, args.seed)
-            print(f"wrote {len(clips)} clips to {Path(args.export) / args.split}")
-        if args.preview:
-            save_image(preview_grid(args.size, seed=args.seed), args.preview)
-            print(f"wrote {args.preview}")
-        if args.examples:
-            paths = write_examples(args.examples, args.size, args.seed)
-            print("wrote " + ", ".join(str(p) for p in paths))
-    except (ValueError, OSError) as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

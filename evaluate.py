@@ -46,7 +46,6 @@ method uses), for each model's region encoder and a slots-stage checkpoint (`--s
 With --grid PNG it also writes a picture: source | query | I_R | DiffFAE | ground truth, then
 the source with the hair, clothes and background of the next item ("other").
 """
-import argparse
 import json
 import time
 from pathlib import Path
@@ -59,8 +58,8 @@ from data import save_image
 from difffae import EDIT_ATTRIBUTES, combine_coefficients, load_model
 from flame import FLAME, flame15_to_pose6, pose6_to_flame15
 from layers import FACE, REGION_NAMES
-from sample import DEFAULT_CHECKPOINT, SWAPPABLE, check_device, check_output, check_sampling
-from sample import fail
+from cli import (DEFAULT_CHECKPOINT, SWAPPABLE, Parser, check_device, check_output,
+                 check_sampling, fail, read_checkpoint, run)
 from samplers import SAMPLERS
 from slots import masks_at
 from stages import network_of, to_device, true_coefficients
@@ -71,6 +70,7 @@ GRID_ROWS = 6
 IMAGE_METRICS = ("psnr", "ssim", *(f"psnr_{name}" for name in REGION_NAMES))
 JUDGE_METRICS = ("apd", "aed", "ald", "csim")
 # Checkpoints of training stages that stand in for a part: the judge's, and slots to score
+JUDGES = ("--judge-estimator", "--judge-identity")
 STAGE_OF = {"--judge-estimator": "estimator", "--judge-identity": "identity",
             "--slots-ckpt": "slots"}
 # FLAME's pose columns that DECA's pose6 holds (global and jaw); neck and eyes are the rest
@@ -304,10 +304,11 @@ def tables(results):
                         markdown(results["slots"], slot_columns, "slots of")])
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", help="model to evaluate (default: the bundled "
-                        "weights/difffae-tiny.pt)")
+def arguments():
+    """evaluate.py's command line."""
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", default=str(DEFAULT_CHECKPOINT),
+                        help="model to evaluate (default: the bundled weights/difffae-tiny.pt)")
     parser.add_argument("--ablation", action="append", default=[], metavar="NAME=PATH",
                         help="another checkpoint scored as row NAME (repeatable)")
     parser.add_argument("--judge-estimator", metavar="PATH", help="an estimator-stage "
@@ -316,67 +317,90 @@ def main(argv=None):
                         "checkpoint that reads csim (default: the model's own)")
     parser.add_argument("--slots-ckpt", metavar="PATH", help="also score the slot masks of "
                         "this slots-stage checkpoint")
-    parser.add_argument("--n", type=int, default=200, help="test pairs")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n", type=int, default=200, help="test pairs (default: %(default)s)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's own)")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="(default: the model's own)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data and the noise (default: %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON "
                         "(missing folders are made)")
     parser.add_argument("--grid", metavar="PNG", help="also write the picture grid (missing "
                         "folders are made)")
-    parser.add_argument("--device", default="cpu")
-    parser.error = fail  # argparse's errors too: one line, no usage
-    args = parser.parse_args(argv)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: "
+                        "%(default)s)")
+    return parser
+
+
+def load_everything(args):
+    """The models {row: DiffFAE}, the judge and the slot networks, after checking every
+    argument that needs no checkpoint. Raises ValueError naming the option at fault."""
+    if args.n < 1:
+        raise ValueError(f"--n {args.n}: expected at least 1 pair")
+    check_device(args.device)
+    for path, option, suffix in ((args.json, "--json", None), (args.grid, "--grid", ".png")):
+        if path:
+            check_output(path, option, suffix)
+    given = {option: getattr(args, option[2:].replace("-", "_")) for option in STAGE_OF}
+    networks = {option: load_network(path, STAGE_OF[option], option, args.device)
+                for option, path in given.items() if path}
+    models = {"difffae": read_checkpoint(load_model, args.ckpt, "--ckpt", args.device)}
+    for item in args.ablation:
+        name, _, path = item.partition("=")
+        if not path or name in models:
+            raise ValueError(f"--ablation {item}: expected a new NAME=PATH")
+        models[name] = read_checkpoint(load_model, path, f"--ablation", args.device)
+    sizes = {**{name: m.image_size for name, m in models.items()},
+             **{option: network.cfg.image_size for option, network in networks.items()}}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"the checkpoints work at different image sizes: {sizes}")
+    for m in models.values():
+        check_sampling(m, args.steps, args.sampler)
+    model = models["difffae"]
+    judge = {"estimator": networks.get("--judge-estimator", model.estimator),
+             "identity": networks.get("--judge-identity", model.identity),
+             "flame": FLAME().to(args.device)}
+    slot_networks = {"slots_ckpt": networks["--slots-ckpt"]} if args.slots_ckpt else {}
+    return models, judge, slot_networks
+
+
+def report(args, results, seconds, independent):
+    """Prints the tables and writes --json (the paths as given, the bundled model's relative to
+    the repository; the sampler and steps as used)."""
+    print(tables(results))
+    if not all(independent.values()):
+        own = [option for option, given in independent.items() if not given]
+        print(f"\njudge: the model's own networks read the outputs, not an independent judge "
+              f"(give {' and '.join(own)})")
+    print(f"\n{args.n} pairs, {args.sampler} {args.steps} steps, {seconds:.0f} s")
+    if args.json:
+        config = {key: value for key, value in vars(args).items() if key not in ("json", "grid")}
+        if Path(args.ckpt) == DEFAULT_CHECKPOINT:
+            config["ckpt"] = str(DEFAULT_CHECKPOINT.relative_to(Path(__file__).resolve().parent))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**results, "n": args.n, "config": config,
+                                               "independent_judge": all(independent.values())},
+                                              indent=2) + "\n")
+
+
+def main(argv=None):
+    args = arguments().parse_args(argv)
     try:
-        if args.n < 1:
-            raise ValueError(f"--n {args.n}: expected at least 1 pair")
-        check_device(args.device)
-        for path, option, suffix in ((args.json, "--json", None), (args.grid, "--grid", ".png")):
-            if path:
-                check_output(path, option, suffix)
-        given = {option: getattr(args, option[2:].replace("-", "_")) for option in STAGE_OF}
-        networks = {option: load_network(path, STAGE_OF[option], option, args.device)
-                    for option, path in given.items() if path}
-        models = {"difffae": load_model(args.ckpt or DEFAULT_CHECKPOINT, args.device)}
-        for item in args.ablation:
-            name, _, path = item.partition("=")
-            if not path or name in models:
-                raise ValueError(f"--ablation {item}: expected a new NAME=PATH")
-            models[name] = load_model(path, args.device)
-        sizes = {**{name: m.image_size for name, m in models.items()},
-                 **{option: network.cfg.image_size for option, network in networks.items()}}
-        if len(set(sizes.values())) != 1:
-            raise ValueError(f"the checkpoints work at different image sizes: {sizes}")
-        model = models["difffae"]
-        judge = {"estimator": networks.get("--judge-estimator", model.estimator),
-                 "identity": networks.get("--judge-identity", model.identity),
-                 "flame": FLAME().to(args.device)}
-        slot_networks = {"slots_ckpt": networks["--slots-ckpt"]} if args.slots_ckpt else {}
-        for m in models.values():
-            check_sampling(m, args.steps, args.sampler)
+        models, judge, slot_networks = load_everything(args)
+        diffusion = models["difffae"].diffusion  # the model's own sampling where none is given
+        args.sampler = args.sampler or diffusion.sampler
+        args.steps = args.steps or diffusion.sample_steps
         started = time.time()
         results = evaluate(models, judge, slot_networks, args.n, args.steps, args.sampler,
                            args.seed, args.device)
         seconds = time.time() - started
         if args.grid:
-            picture(model, args.grid, args.steps, args.sampler, args.seed, args.device)
+            picture(models["difffae"], args.grid, args.steps, args.sampler, args.seed,
+                    args.device)
     except (ValueError, OSError) as error:
         fail(error)
-    print(tables(results))
-    own = [option for option in ("--judge-estimator", "--judge-identity")
-           if option not in networks]
-    if own:
-        print(f"\njudge: the model's own networks read the outputs, not an independent judge "
-              f"(give {' and '.join(own)})")
-    print(f"\n{args.n} pairs, {args.sampler} {args.steps} steps, {seconds:.0f} s")
-    if args.json:  # the paths as given, the default one relative to the repository
-        config = {key: value for key, value in vars(args).items() if key not in ("json", "grid")}
-        here = Path(__file__).resolve().parent
-        config["ckpt"] = args.ckpt or str(DEFAULT_CHECKPOINT.relative_to(here))
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**results, "n": args.n, "config": config,
-                                               "independent_judge": not own}, indent=2) + "\n")
+    report(args, results, seconds, {option: getattr(args, option[2:].replace("-", "_"))
+                                    is not None for option in JUDGES})
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -250,6 +250,32 @@ def rodrigues(axis_angle):
     return eye + sin_term * cross + cos_term * (cross @ cross)
 
 
+def forward_kinematics(rotations, joints, parents):
+    """The kinematic chain (step 4 of `lbs`, as smplx's batch_rigid_transform):
+    G_j = G_parent(j) · [R_j | J_j − J_parent(j)], then A_j = G_j · [I | −J_j].
+
+    rotations (B, J, 3, 3), joints (B, J, 3) at rest, parents: list of J ints (-1 for the root).
+    Returns the posed joints (B, J, 3) and the rest-relative transforms A_j (B, J, 4, 4)."""
+    batch = rotations.shape[0]
+    rel_joints = joints.clone()
+    rel_joints[:, 1:] = joints[:, 1:] - joints[:, parents[1:]]
+    local = torch.zeros(batch, len(parents), 4, 4, dtype=rotations.dtype,
+                        device=rotations.device)
+    local[..., :3, :3] = rotations
+    local[..., :3, 3] = rel_joints
+    local[..., 3, 3] = 1
+    chain = [local[:, 0]]
+    for j in range(1, len(parents)):  # J = 5 joints: a loop over the tree, not over data
+        chain.append(chain[parents[j]] @ local[:, j])
+    world = torch.stack(chain, 1)  # (B, J, 4, 4)
+    posed_joints = world[..., :3, 3]  # (B, J, 3)
+    # remove the rest position: A_j = G_j · [I | −J_j]
+    transforms = world.clone()
+    transforms[..., :3, 3] = posed_joints - torch.einsum("bjik,bjk->bji", world[..., :3, :3],
+                                                         joints)
+    return posed_joints, transforms
+
+
 def lbs(coefficients, pose, v_template, shapedirs, posedirs, J_regressor, parents, weights):
     """FLAME's vertices by linear blend skinning (Li et al. 2017, Eq. 1–5).
 
@@ -277,22 +303,8 @@ def lbs(coefficients, pose, v_template, shapedirs, posedirs, J_regressor, parent
     eye = torch.eye(3, dtype=pose.dtype, device=pose.device)
     pose_feature = (rotations[:, 1:] - eye).reshape(batch, -1)  # (B, P)
     v_posed = v_shaped + (pose_feature @ posedirs).reshape(batch, -1, 3)  # (B, V, 3)
-    # 4. forward kinematics: G_j = G_parent(j) · [R_j | J_j − J_parent(j)]
-    rel_joints = joints.clone()
-    rel_joints[:, 1:] = joints[:, 1:] - joints[:, parents[1:]]
-    local = torch.zeros(batch, len(parents), 4, 4, dtype=pose.dtype, device=pose.device)
-    local[..., :3, :3] = rotations
-    local[..., :3, 3] = rel_joints
-    local[..., 3, 3] = 1
-    chain = [local[:, 0]]
-    for j in range(1, len(parents)):  # J = 5 joints: a loop over the tree, not over data
-        chain.append(chain[parents[j]] @ local[:, j])
-    world = torch.stack(chain, 1)  # (B, J, 4, 4)
-    posed_joints = world[..., :3, 3]  # (B, J, 3)
-    # remove the rest position: A_j = G_j · [I | −J_j]
-    transforms = world.clone()
-    transforms[..., :3, 3] = posed_joints - torch.einsum("bjik,bjk->bji", world[..., :3, :3],
-                                                         joints)
+    # 4. forward kinematics: each joint's posed position and rest-relative transform A_j
+    posed_joints, transforms = forward_kinematics(rotations, joints, parents)
     # 5. skinning: T_v = Σ_j w_vj A_j, of which only the top rows [R_v | t_v] matter, then
     # v' = t_v + R_v v. Blended per item (as smplx does), T comes out in vertex order, where the
     # B·V small products run 4x faster than in the (V, B) order of one (V, J) @ (J, B·16) product.

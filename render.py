@@ -85,20 +85,17 @@ def project(vertices: torch.Tensor, cam: torch.Tensor, image_size) -> torch.Tens
     return torch.stack([x, y, -vertices[..., 2]], dim=-1)  # (B, V, 3)
 
 
-def _nearest_faces(verts: torch.Tensor, faces: torch.Tensor, H: int, W: int,
-                   cull_backfaces: bool) -> torch.Tensor:
-    """The z-buffer, without gradient: for each pixel the index (0..F−1) of the nearest face that
-    covers its centre, −1 where none. verts (B, V, 3) screen space -> (B·H·W,) long.
-
-    Each face is tested against the centres of its bounding box. Faces whose box height and width
-    round up to the same powers of two (a size class) share one (h, w) tile, the class's largest
-    height by largest width: ~1.5× the tests the boxes need, in a few dozen tensor ops per class."""
+def _candidate_faces(verts, faces, H, W, cull_backfaces):
+    """Step 1 of _nearest_faces: the faces that can cover a pixel centre, sorted by size class.
+    Returns keep (N',) indices into the B·F faces, size_class (N',), the corners x, y, z
+    (3, N') each, the doubled signed area (N',) and the box of centres col0, row0, box_h, box_w
+    (N',) each."""
     B, nF = verts.shape[0], faces.shape[0]
     corners = verts.index_select(1, faces.T.reshape(-1)).view(B, 3, nF, 3)  # (B, corner, F, xyz)
     xyz = corners.permute(3, 1, 0, 2).reshape(3, 3, B * nF)  # (xyz, corner, N)
     x, y, z = xyz  # (3, N) each
-    # 1. Faces that can cover a centre, by size class: not degenerate (non-finite x, y fail that
-    #    too), finite z, facing us when culling, box of centres (col0..col1, row0..row1) on image.
+    # Not degenerate (non-finite x, y fail that too), finite z, facing us when culling, box of
+    # centres (col0..col1, row0..row1) on the image.
     area2 = (x[1] - x[0]) * (y[2] - y[0]) - (y[1] - y[0]) * (x[2] - x[0])  # (N,) doubled area A
     longest2 = ((x - x.roll(1, 0)) ** 2 + (y - y.roll(1, 0)) ** 2).amax(0)  # (N,)
     valid = (area2.abs() > DEGENERATE_REL * longest2) & z.isfinite().all(0)
@@ -116,7 +113,12 @@ def _nearest_faces(verts: torch.Tensor, faces: torch.Tensor, H: int, W: int,
     x, y, z = xyz.reshape(9, -1).index_select(1, keep).view(3, 3, -1)  # (3, N') each
     area2, col0, row0, box_h, box_w = (t.index_select(0, keep) for t in (
         area2, col0, row0, box_h, box_w))  # (N',) each
+    return keep, size_class, (x, y, z), area2, (col0, row0, box_h, box_w)
 
+
+def _edge_planes(x, y, z, area2):
+    """Steps 2-3 of _nearest_faces: each face's three edge functions, as inward normal c,
+    origin o and top-left threshold (3, N') each, and its depth plane d_x, d_y, d_0 (N',)."""
     # 2. Edge k runs from a = corner k+1 to b = corner k+2; signed to be positive inside,
     #    E_k(p) = sign(A)·(b − a) × (p − a) = c_x·(p_x − o_x) + c_y·(p_y − o_y), with the inward
     #    normal (c_x, c_y) = sign(A)·(a_y − b_y, b_x − a_x) and o an end of the edge; Σ_k E_k = |A|.
@@ -135,7 +137,23 @@ def _nearest_faces(verts: torch.Tensor, faces: torch.Tensor, H: int, W: int,
     # 3. Depth is a plane over the screen: z(p) = Σ_k z_k·E_k(p)/|A| = d_x·p_x + d_y·p_y + d_0.
     c0 = -(cx * ox + cy * oy)  # E_k(p) = c_x·p_x + c_y·p_y + c0
     dx, dy, d0 = ((z * c).sum(0) / area2.abs() for c in (cx, cy, c0))  # (N',) each
+    return (cx, cy), (ox, oy), threshold, (dx, dy, d0)
 
+
+def _nearest_faces(verts: torch.Tensor, faces: torch.Tensor, H: int, W: int,
+                   cull_backfaces: bool) -> torch.Tensor:
+    """The z-buffer, without gradient: for each pixel the index (0..F−1) of the nearest face that
+    covers its centre, −1 where none. verts (B, V, 3) screen space -> (B·H·W,) long.
+
+    Each face is tested against the centres of its bounding box. Faces whose box height and width
+    round up to the same powers of two (a size class) share one (h, w) tile, the class's largest
+    height by largest width: ~1.5× the tests the boxes need, in a few dozen tensor ops per class."""
+    B, nF = verts.shape[0], faces.shape[0]
+    # 1. Faces that can cover a centre, by size class (_candidate_faces).
+    keep, size_class, (x, y, z), area2, (col0, row0, box_h, box_w) = _candidate_faces(
+        verts, faces, H, W, cull_backfaces)
+    # 2.-3. Edge functions and depth planes (_edge_planes).
+    (cx, cy), (ox, oy), threshold, (dx, dy, d0) = _edge_planes(x, y, z, area2)
     # 4. First pass: each pixel's minimum depth (compared in float32 whatever the input dtype).
     #    Each face tests its class's (h, w) tile of centres from its box's top-left pixel (those
     #    past its box fail), faces on the last (long) axis; E_k = column + row term, once each.

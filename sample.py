@@ -6,7 +6,7 @@ and lighting (DiffFAE, Wang et al. 2024, §4). Region swaps are the paper's expa
     python sample.py SRC QRY --edit expression --panel                    # only the expression
     python sample.py SRC QRY --swap hair=other.png                        # and another's hair
     python sample.py SRC --set yaw=25 --set jaw=15 --set light=1,0,1      # edit by numbers
-    python sample.py SRC QRY --sampler dpm++2m --steps 20                 # the faster sampler
+    python sample.py SRC QRY --sampler ddim --steps 50     # not the model's own sampler and steps
     python sample.py SRC QRY --explain fig.png       # and a figure of what each part did
 
 The model is the bundled one (weights/difffae-tiny.pt, trained on synthetic 64 px portraits)
@@ -16,7 +16,7 @@ is a strip source | query | I_R (the rendered face) | result; --explain also dra
 own tensors, row by row (explain.py). Runs on the CPU by default.
 """
 import argparse
-import sys
+import math
 import time
 import warnings
 from pathlib import Path
@@ -25,23 +25,16 @@ import torch
 import torch.nn.functional as F
 
 import explain
+from cli import (DEFAULT_CHECKPOINT, SWAPPABLE, Parser, check_device, check_output,
+                 check_sampling, fail, read_checkpoint, run)
 from data import ImageError, load_image, save_image
 from difffae import EDIT_ATTRIBUTES, NUMBERS, load_model
 from samplers import SAMPLERS
 from head import EXPRESSION_NAMES
-from layers import REGION_NAMES
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "difffae-tiny.pt"
-SWAPPABLE = REGION_NAMES[1:]  # the face is what the edit changes
 NUMBER_HELP = ("yaw, pitch, roll, jaw in degrees; light=x,y,z (a direction in camera space: "
                "+x to the image's right, +y up, +z towards the camera); or an expression name "
                "of the built-in head = its coefficient (e.g. smile=1.2)")
-
-
-def fail(message):
-    """A command-line error: one line on stderr and exit status 2, as argparse's own."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def parse_swap(items):
@@ -69,45 +62,13 @@ def parse_numbers(items):
             raise ValueError(f"--set {item}: expected NAME=NUMBER or light=X,Y,Z") from None
         if name not in known:
             raise ValueError(f"unknown number {name!r}: expected one of {', '.join(known)}")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"--set {item}: expected a finite number")
         light = name == "light"
         if len(values) != (3 if light else 1) or (light and not any(values)):
             raise ValueError(f"--set {item}: expected NAME=NUMBER or light=X,Y,Z (not 0,0,0)")
         numbers[name] = values if light else values[0]
     return numbers
-
-
-def check_sampling(model, steps, sampler, eta=0.0):
-    """The sampling options against the model's diffusion (sampler=None: the model's own)."""
-    timesteps = model.diffusion.timesteps
-    if steps is not None and not 1 <= steps <= timesteps:
-        raise ValueError(f"--steps {steps}: expected 1..{timesteps}")
-    if not 0 <= eta <= 1:
-        raise ValueError(f"--eta {eta}: expected a value in [0, 1]")
-    if eta and (sampler or model.diffusion.sampler) != "ddim":
-        raise ValueError(f"--eta {eta}: applies to the ddim sampler only (dpm++2m is "
-                         f"deterministic)")
-
-
-def check_device(name):
-    """--device: one this machine has, refused now rather than deep inside torch later."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name}: expected cpu, cuda, cuda:N or mps")
-    count = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
-    if device.type in count and (device.index or 0) >= count[device.type]:
-        raise ValueError(f"--device {name}: this machine has {count[device.type] or 'no'} "
-                         f"{device.type} device(s) (torch {torch.__version__})")
-
-
-def check_output(path, option, suffix=None):
-    """An output file name, checked before the work that fills it (missing folders are made)."""
-    if Path(path).is_dir():
-        raise ValueError(f"{option} {path}: a directory; expected a file name")
-    if suffix and Path(path).suffix.lower() != suffix:
-        raise ValueError(f"{option} {path}: expected a {suffix} file name")
 
 
 def parse_edit(text):
@@ -126,9 +87,9 @@ def zoom(image, factor):
     return F.interpolate(image[None], scale_factor=factor, mode="nearest")[0]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments():
+    """sample.py's command line."""
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="the person to edit (any image Pillow reads)")
     parser.add_argument("query", nargs="?", help="whose pose / expression / lighting to take")
     parser.add_argument("--out", default="out.png",
@@ -143,7 +104,8 @@ def main(argv=None):
                         dest="numbers", help=f"edit by numbers (repeatable): {NUMBER_HELP}")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the "
                         "model's, 20 for the bundled one)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default=None)
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None,
+                        help="(default: the model's, dpm++2m for the bundled one)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 "
                         "ancestral")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
@@ -153,46 +115,56 @@ def main(argv=None):
                         "ACR and the sampler did in this edit")
     parser.add_argument("--zoom", type=int, default=1, help="enlarge the output N× (nearest)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps")
-    parser.error = fail  # argparse's errors too: one line, no usage
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_arguments(args):
+    """Every argument that needs no model, checked before loading one; returns the edit's
+    attributes, the swap images' paths and the numbers."""
+    check_device(args.device)
+    check_output(args.out, "--out", ".png")
+    if args.query is None and not args.numbers:
+        raise ValueError("nothing to edit: give a query image or --set NAME=VALUE")
+    if args.zoom < 1:
+        raise ValueError(f"--zoom {args.zoom}: expected a positive integer")
+    if args.explain:
+        check_output(args.explain, "--explain", ".png")
+    return parse_edit(args.edit), parse_swap(args.swap), parse_numbers(args.numbers)
+
+
+def edit(args, attributes, swap_paths, numbers):
+    """Loads the model and the images, edits, and writes --out (and --explain)."""
+    model = read_checkpoint(load_model, args.ckpt, "--ckpt", args.device)
+    check_sampling(model, args.steps, args.sampler, args.eta)
+
+    def read(path):
+        return load_image(path, model.image_size)[None].to(args.device)
+
+    source = read(args.source)
+    query = read(args.query) if args.query else None
+    swap = {region: read(path) for region, path in swap_paths.items()}
+    trace = {} if args.explain else None
+    result = model.edit(source, query, edit=attributes, swap=swap, numbers=numbers,
+                        steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta,
+                        trace=trace)
+    if args.explain:
+        Path(args.explain).parent.mkdir(parents=True, exist_ok=True)
+        explain.figure(model, trace, result, source, query, attributes, swap, numbers).save(
+            args.explain)
+    image = result["image"][0].cpu()
+    if args.panel:
+        strip = [source[0].cpu(), (query if query is not None else source)[0].cpu(),
+                 result["render"][0].cpu(), image]
+        image = torch.cat(strip, dim=2)  # (3, H, 4·W)
+    save_image(zoom(image, args.zoom), args.out)
+
+
+def main(argv=None):
+    args = arguments().parse_args(argv)
     warnings.formatwarning = lambda message, *_: f"warning: {message}\n"  # one line, no source
+    started = time.time()
     try:
-        check_device(args.device)
-        check_output(args.out, "--out", ".png")
-        if args.query is None and not args.numbers:
-            raise ValueError("nothing to edit: give a query image or --set NAME=VALUE")
-        if args.zoom < 1:
-            raise ValueError(f"--zoom {args.zoom}: expected a positive integer")
-        if args.explain:
-            check_output(args.explain, "--explain", ".png")
-        edit = parse_edit(args.edit)
-        swap_paths = parse_swap(args.swap)
-        numbers = parse_numbers(args.numbers)
-        started = time.time()
-        model = load_model(args.ckpt, args.device)
-        check_sampling(model, args.steps, args.sampler, args.eta)
-        size = model.image_size
-
-        def read(path):
-            return load_image(path, size)[None].to(args.device)
-
-        source = read(args.source)
-        query = read(args.query) if args.query else None
-        swap = {region: read(path) for region, path in swap_paths.items()}
-        trace = {} if args.explain else None
-        result = model.edit(source, query, edit=edit, swap=swap, numbers=numbers,
-                            steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta,
-                            trace=trace)
-        if args.explain:
-            Path(args.explain).parent.mkdir(parents=True, exist_ok=True)
-            explain.figure(model, trace, result, source, query, edit, swap, numbers).save(
-                args.explain)
-        image = result["image"][0].cpu()
-        if args.panel:
-            strip = [source[0].cpu(), (query if query is not None else source)[0].cpu(),
-                     result["render"][0].cpu(), image]
-            image = torch.cat(strip, dim=2)  # (3, H, 4·W)
-        save_image(zoom(image, args.zoom), args.out)
+        edit(args, *check_arguments(args))
     except (ImageError, ValueError, OSError) as error:
         fail(error)
     also = f" and {args.explain}" if args.explain else ""
@@ -200,4 +172,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -39,6 +39,8 @@ A frame (`sample_frame`, seeded by item and slot):
 
 Letters: B batch, V vertices, F faces, H/W image size, T texture size.
 """
+import argparse
+import json
 import math
 import multiprocessing
 import sys
@@ -52,11 +54,11 @@ from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
 import head
-from data import write_atomic
+from data import save_image, write_atomic
 from flame import FLAME, flame15_to_pose6
 from head_surface import (capped_cylinder_radius, direction, grid_angles, latlong_faces,
                           smoothstep)
-from layers import BACKGROUND, CLOTHES, FACE, HAIR
+from layers import BACKGROUND, CLOTHES, FACE, HAIR, REGION_COLOURS
 from render import interpolate, project, rasterize, sample_texture, sh_shading, vertex_normals
 
 # Bump whenever a change alters the rendered images: cached pools are named by it.
@@ -470,3 +472,89 @@ def _params(identity, frame):
     values = {**identity, **frame,
               "pose6": flame15_to_pose6(torch.as_tensor(frame["pose"])[None])[0]}
     return {key: torch.as_tensor(values[key], dtype=torch.float32) for key in PARAM_KEYS}
+
+
+# -- Command line: export the data set to disk, preview it, write the README's examples --------
+
+OVERLAY_ALPHA = 0.55
+EXPORT_BATCH = 32
+
+
+def export_synthetic(out_dir, n, size, split="train", seed=0):
+    """Writes n synthetic items in the vox-png layout, one clip of two frames per item:
+    out_dir/<split>/id<identity>#synthetic#<item>#<item>.mp4/0000000.png (source) and
+    0000001.png (train: query; test: target, i.e. the source person in the query's frame), plus
+    params.json with the generating coefficients of both frames. Returns the clip folders."""
+    dataset = SyntheticPortraits(size, split, seed, length=n)
+    clips = []
+    for start in range(0, n, EXPORT_BATCH):
+        batch = dataset.__getitems__(range(start, min(n, start + EXPORT_BATCH)))
+        for index, item in enumerate(batch, start):
+            name = f"id{item['identity']:07d}#synthetic#{index:06d}#{index:06d}.mp4"
+            clip = Path(out_dir) / split / name
+            save_image(item["source"], clip / "0000000.png")
+            save_image(item["target" if split == "test" else "query"], clip / "0000001.png")
+            text = json.dumps({frame: {k: v.tolist() for k, v in item[f"{frame}_params"].items()}
+                               for frame in ("source", "query")})
+            write_atomic(clip / "params.json", lambda file: file.write(text.encode()))
+            clips.append(clip)
+    return clips
+
+
+def preview_grid(size=128, n=6, seed=0):
+    """(3, H, W) grid: a row per item — source | query | query regions overlay | target; train
+    items first, then test items (whose target is the ground-truth edit)."""
+    rows = []
+    for split in ("train", "test"):
+        for item in SyntheticPortraits(size, split, seed, length=n).__getitems__(range(n)):
+            colours = REGION_COLOURS[item["query_regions"]].permute(2, 0, 1) * 2 - 1  # (3, H, W)
+            overlay = item["query"] + OVERLAY_ALPHA * (colours - item["query"])
+            target = item.get("target", torch.full_like(item["query"], -1.0))
+            rows.append(torch.cat([item["source"], item["query"], overlay, target], 2))
+    return torch.cat(rows, 1)
+
+
+def write_examples(out_dir, size, seed=0):
+    """The README's example inputs, from held-out test identities: src.png, qry.png (another
+    person), target.png (the exact edit: src's person in qry's frame) and other.png (a third
+    person, for --swap). Returns the paths written."""
+    first, second = SyntheticPortraits(size, "test", seed).__getitems__([0, 1])
+    images = {"src": first["source"], "qry": first["query"], "target": first["target"],
+              "other": second["source"]}
+    paths = [Path(out_dir) / f"{name}.png" for name in images]
+    for image, path in zip(images.values(), paths):
+        save_image(image, path)
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Export, preview or sample synthetic portraits.")
+    parser.add_argument("--export", metavar="DIR", help="write items in the vox-png layout")
+    parser.add_argument("--n", type=int, default=1000, help="items to export")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--split", choices=("train", "test"), default="train")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preview", metavar="PNG", help="write a grid of train and test items")
+    parser.add_argument("--examples", metavar="DIR", help="write the README's example inputs")
+    args = parser.parse_args(argv)
+    if not (args.export or args.preview or args.examples):
+        parser.error("nothing to do: give --export DIR, --preview PNG or --examples DIR")
+    try:
+        if args.export:
+            if args.n < 1:
+                raise ValueError(f"--n {args.n}: expected at least 1 item")
+            clips = export_synthetic(args.export, args.n, args.size, args.split, args.seed)
+            print(f"wrote {len(clips)} clips to {Path(args.export) / args.split}")
+        if args.preview:
+            save_image(preview_grid(args.size, seed=args.seed), args.preview)
+            print(f"wrote {args.preview}")
+        if args.examples:
+            paths = write_examples(args.examples, args.size, args.seed)
+            print("wrote " + ", ".join(str(p) for p in paths))
+    except (ValueError, OSError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

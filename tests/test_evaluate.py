@@ -2,6 +2,9 @@
 edits and region swaps), and the program's tables recomputed from their definitions on a tiny
 random-weight model (test_difffae.py's fixtures), with its error messages."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,13 +15,14 @@ import metrics
 import stages
 from difffae import EDIT_ATTRIBUTES, load_model
 from layers import FACE, REGION_NAMES
-from sample import SWAPPABLE
+from cli import SWAPPABLE
 from slots import masks_at
 from synthetic import SyntheticPortraits
 from test_difffae import SIZE, batch, exported, ldm_stage, pretrained  # noqa: F401 (fixtures)
 
 
 N = 1  # test pairs of the program's run
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +82,11 @@ def test_program_scores_every_table_against_its_definition(exported, pretrained,
     other = torch.load(exported, weights_only=True)  # the same model with a different denoiser
     other["weights"]["unet.conv_out.bias"] += 0.5
     torch.save(other, tmp_path / "other.pt")
-    printed = run_main(capsys, f"--ckpt={exported}", f"--n={N}", "--steps=1", f"--json={out}",
+    printed = run_main(capsys, f"--ckpt={exported}", f"--n={N}", f"--json={out}",
                        f"--grid={tmp_path / 'grid.png'}",
                        f"--ablation=other={tmp_path / 'other.pt'}",
                        f"--slots-ckpt={pretrained / 'slots' / 'ckpt.pt'}",
-                       f"--judge-estimator={pretrained / 'estimator' / 'ckpt.pt'}")
+                       f"--judge_estimator={pretrained / 'estimator' / 'ckpt.pt'}")
     results = json.loads(out.read_text())
     assert results["n"] == N and results["config"]["ckpt"] == str(exported)  # as given
     methods = results["methods"]
@@ -92,10 +96,31 @@ def test_program_scores_every_table_against_its_definition(exported, pretrained,
     truth = methods["ground_truth"]
     assert truth["ssim"] == pytest.approx(1.0) and all(
         truth[m] == float("inf") for m in ("psnr", *(f"psnr_{r}" for r in REGION_NAMES)))
-
-    model = load_model(exported)
     items = default_collate(SyntheticPortraits(SIZE, "test", 0, length=N).__getitems__(range(N)))
+    check_methods(methods, load_model(exported), items, pretrained)
+    assert set(results["single_attribute"]) == set(EDIT_ATTRIBUTES)
+    for rows in results["single_attribute"].values():
+        assert set(rows) == {"difffae", "copy_source"}
+    for row in results["swaps"].values():
+        assert row["gain"] == pytest.approx(row["psnr_region_swap"] - row["psnr_region_no_swap"])
+    assert set(results["swaps"]) == set(SWAPPABLE)
+    check_slots(results["slots"], items, pretrained)
+    assert not results["independent_judge"]
+    for line in ("| copy_source |", "| hair |", "| slots_ckpt |", "| pose: difffae |",
+                 "not an independent judge (give --judge-identity)"):
+        assert line in printed, line
+    from PIL import Image
+    assert Image.open(tmp_path / "grid.png").size == (9 * SIZE, 2 * SIZE)
+
+
+def check_methods(methods, model, items, pretrained):
+    """The methods table's rows recomputed from their definitions; the edit with the model's
+    own sampler and steps, as evaluate.py uses when given none."""
     source, target = items["source"], items["target"]
+    with torch.no_grad():
+        edited = model.edit(source, items["query"], seed=0)["image"]
+    expected = metrics.psnr(edited, target).mean().item()
+    assert methods["difffae"]["psnr"] == pytest.approx(expected, rel=1e-5)
     expected = metrics.psnr(source, target).mean().item()
     assert methods["copy_source"]["psnr"] == pytest.approx(expected, rel=1e-5)
     face = (items["target_regions"] == FACE)[:, None]
@@ -118,31 +143,24 @@ def test_program_scores_every_table_against_its_definition(exported, pretrained,
     expected = (read["light"] - truth["light"]).abs().mean().item()
     assert methods["copy_source"]["ald"] == pytest.approx(expected, rel=1e-5)
 
-    assert set(results["single_attribute"]) == set(EDIT_ATTRIBUTES)
-    for rows in results["single_attribute"].values():
-        assert set(rows) == {"difffae", "copy_source"}
-    for row in results["swaps"].values():
-        assert row["gain"] == pytest.approx(row["psnr_region_swap"] - row["psnr_region_no_swap"])
-    assert set(results["swaps"]) == set(SWAPPABLE)
-    slots, _ = stages.load_part(pretrained, "slots", "cpu")  # the checkpoint, loaded otherwise
+
+def check_slots(slot_rows, items, pretrained):
+    """The slots table's row of --slots-ckpt, from the checkpoint loaded otherwise."""
+    slots, _ = stages.load_part(pretrained, "slots", "cpu")
     with torch.no_grad():
-        masks = masks_at(slots(source)["masks"], SIZE)
+        masks = masks_at(slots(items["source"])["masks"], SIZE)
     confusion = metrics.region_confusion(masks, items["source_regions"])
-    assert results["slots"]["slots_ckpt"]["matched_miou"] == pytest.approx(
+    assert slot_rows["slots_ckpt"]["matched_miou"] == pytest.approx(
         metrics.slot_iou(confusion).mean().item())
-    assert results["slots"]["slots_ckpt"]["fixed_miou"] == pytest.approx(
+    assert slot_rows["slots_ckpt"]["fixed_miou"] == pytest.approx(
         metrics.slot_iou(confusion, fixed=True).mean().item())
-    assert set(results["slots"]) == {"difffae", "other", "slots_ckpt"}
-    assert not results["independent_judge"]
-    for line in ("| copy_source |", "| hair |", "| slots_ckpt |", "| pose: difffae |",
-                 "not an independent judge (give --judge-identity)"):
-        assert line in printed, line
-    from PIL import Image
-    assert Image.open(tmp_path / "grid.png").size == (9 * SIZE, 2 * SIZE)
+    assert set(slot_rows) == {"difffae", "other", "slots_ckpt"}
 
 
 def test_program_refuses_bad_input_in_one_line(exported, pretrained, tmp_path, capsys):
     vqvae = pretrained / "vqvae" / "ckpt.pt"
+    truncated = tmp_path / "cut.pt"  # a copy cut short
+    truncated.write_bytes(exported.read_bytes()[:1000])
     for args, message in {("--steps=1001",): "--steps 1001: expected 1..1000",
                           ("--sampler=euler",): "invalid choice: 'euler'",
                           ("--n=0",): "--n 0: expected at least 1 pair",
@@ -152,10 +170,32 @@ def test_program_refuses_bad_input_in_one_line(exported, pretrained, tmp_path, c
                           ("--judge-estimator=no.pt",): "--judge-estimator no.pt: no such",
                           (f"--judge-identity={vqvae}",): "a vqvae checkpoint; expected one "
                                                           "of the identity stage",
-                          (f"--slots-ckpt={exported}",): "a non-training checkpoint"}.items():
+                          (f"--slots-ckpt={exported}",): "a non-training checkpoint",
+                          (f"--slots_ckpt={truncated}",): f"--slots-ckpt {truncated}: not a "
+                                                          "readable checkpoint",
+                          (f"--ablation=cut={truncated}",): f"--ablation {truncated}: not a "
+                                                            "readable",
+                          (f"--json={exported}/r.json",): f"{exported} is a file, not a folder",
+                          }.items():
         with pytest.raises(SystemExit) as exit_status:
             evaluate.main([f"--ckpt={exported}", *args])
         captured = capsys.readouterr()
         assert exit_status.value.code == 2 and message in captured.err, captured.err
         assert len(captured.err.strip().splitlines()) == 1, captured.err
         assert not captured.out  # refused before the evaluation, not after
+
+
+def test_a_damaged_checkpoint_is_one_line_in_a_real_process(exported, tmp_path):
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(exported.read_bytes()[:1000])
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"),
+                           f"--ckpt={truncated}", "--n=1"], capture_output=True, text=True)
+    assert done.returncode == 2 and not done.stdout, done.stderr
+    assert done.stderr == f"error: --ckpt {truncated}: not a readable checkpoint (RuntimeError)\n"
+
+
+def test_help_shows_the_defaults():
+    shown = evaluate.arguments().format_help()
+    for default in ("(default: 200)", "(default: the model's own)", "(default: cpu)",
+                    "(default: the bundled weights/difffae-tiny.pt)"):
+        assert default in " ".join(shown.split()), default

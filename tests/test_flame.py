@@ -366,3 +366,16 @@ def test_obj_uvs_give_per_corner_uvs_in_face_order(tmp_path):
     model["faces"] = faces
     model["face_uvs"] = uvs
     assert FLAME(model, n_shape=2, n_exp=1).face_uvs.shape == (2, 3, 2)
+
+
+def test_the_preview_in_docs_is_what_the_command_draws(tmp_path):
+    """docs/flame_preview.png is `python flame.py --preview docs/flame_preview.png` of today's
+    head (float64 rendering: equal to within one 8-bit level on another machine)."""
+    from PIL import Image
+
+    import flame
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flame._preview(tmp_path / "preview.png")
+    drawn, shipped = (np.asarray(Image.open(path), dtype=np.int16) for path in (
+        tmp_path / "preview.png", os.path.join(root, "docs", "flame_preview.png")))
+    assert drawn.shape == shipped.shape and np.abs(drawn - shipped).max() <= 1

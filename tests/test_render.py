@@ -162,10 +162,10 @@ def test_small_chunks_and_float32_give_the_same_fragments(monkeypatch):
     assert (single.pix_to_face == expected.pix_to_face).float().mean() > 0.999
 
 
-def test_closed_meshes_match_the_brute_force_reference_in_bench():
-    # bench.py's reference tests every face against every centre of its box, then keeps the
-    # nearest (lowest index on equal depths); front and back of each ellipsoid overlap
-    from bench import reference_rasterize
+def test_closed_meshes_match_the_brute_force_reference():
+    # the reference tests every face against every centre of its box, then keeps the nearest
+    # (lowest index on equal depths); front and back of each ellipsoid overlap
+    from reference_raster import reference_rasterize
     verts, faces = icosphere(3)
     world = verts * (0.5 + torch.rand(3, 1, 3, dtype=torch.float64)) + 0.2 * torch.randn(3, 1, 3)
     cam = torch.tensor([[0.9, 0.0, 0.0], [0.7, 0.1, -0.05], [1.1, -0.1, 0.1]])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import synthetic
-from data import FrameFolder, export_synthetic, load_image
+from data import FrameFolder, load_image
 from layers import BACKGROUND, CLOTHES, FACE, HAIR
 from synthetic import SyntheticPortraits
 
@@ -119,7 +119,7 @@ def test_bad_arguments():
 
 
 def test_export_round_trips_through_frame_folder(tmp_path):
-    clips = export_synthetic(tmp_path, 3, 32, "train", seed=0)
+    clips = synthetic.export_synthetic(tmp_path, 3, 32, "train", seed=0)
     dataset = SyntheticPortraits(32, "train", length=3)
     folder = FrameFolder(tmp_path, "train", size=32)
     assert len(folder) == 3 and len(clips) == 3
@@ -134,10 +134,10 @@ def test_export_round_trips_through_frame_folder(tmp_path):
 
 def test_command_line(tmp_path):
     out = tmp_path / "preview.png"
-    done = subprocess.run([sys.executable, "data.py", "--preview", str(out), "--size", "32"],
+    done = subprocess.run([sys.executable, "synthetic.py", "--preview", str(out), "--size", "32"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert load_image(out, 32).shape == (3, 32, 32)
-    bad = subprocess.run([sys.executable, "data.py", "--export", str(tmp_path), "--n", "0"],
+    bad = subprocess.run([sys.executable, "synthetic.py", "--export", str(tmp_path), "--n", "0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --n 0")

@@ -1,0 +1,109 @@
+"""What the programs (sample.py, evaluate.py, bench.py) share on the command line: the bundled
+model's path, one-line errors with exit status 2, a parser that takes `--multi-word` and
+`--multi_word` alike, and the checks of arguments that must fail before any long work (device,
+output files, sampling options, checkpoints).
+"""
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from layers import REGION_NAMES
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "difffae-tiny.pt"
+SWAPPABLE = REGION_NAMES[1:]  # the face is what the edit changes
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT (128 + 2)
+
+
+def fail(message):
+    """A command-line error: one line on stderr and exit status 2, as argparse's own."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage) and both spellings of multi-word options:
+    `--judge_estimator` is read as `--judge-estimator`, as train.py's underscores are."""
+
+    def error(self, message):
+        fail(message)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([hyphenated(arg) for arg in args], namespace)
+
+
+def hyphenated(arg):
+    """`--a_b=c_d` → `--a-b=c_d`: the option's name only, never its value or a positional."""
+    if not arg.startswith("--"):
+        return arg
+    name, equals, value = arg.partition("=")
+    return name.replace("_", "-") + equals + value
+
+
+def run(main):
+    """Runs a program's main(); Ctrl-C ends it with one line and status 130, not a traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(INTERRUPTED)
+
+
+def check_device(name):
+    """--device: one this machine has, refused now rather than deep inside torch later."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: expected cpu, cuda, cuda:N or mps")
+    count = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    if device.type in count and (device.index or 0) >= count[device.type]:
+        raise ValueError(f"--device {name}: this machine has {count[device.type] or 'no'} "
+                         f"{device.type} device(s) (torch {torch.__version__})")
+
+
+def check_output(path, option, suffix=None):
+    """An output file name, checked before the work that fills it: not a folder, the right
+    suffix, and a place this process can write to (missing folders are made later)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: a directory; expected a file name")
+    if suffix and path.suffix.lower() != suffix:
+        raise ValueError(f"{option} {path}: expected a {suffix} file name")
+    folder = path.absolute().parent
+    while not folder.exists():  # the nearest folder that exists is where the new ones go
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: {folder} is a file, not a folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{option} {path}: the file exists and cannot be overwritten")
+    try:  # a real write: permissions, read-only file systems and full quotas alike
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        raise ValueError(f"{option} {path}: cannot write in the folder {folder}") from None
+
+
+def check_sampling(model, steps, sampler, eta=0.0):
+    """The sampling options against the model's diffusion (sampler=None: the model's own)."""
+    timesteps = model.diffusion.timesteps
+    if steps is not None and not 1 <= steps <= timesteps:
+        raise ValueError(f"--steps {steps}: expected 1..{timesteps}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"--eta {eta}: expected a value in [0, 1]")
+    if eta and (sampler or model.diffusion.sampler) != "ddim":
+        raise ValueError(f"--eta {eta}: applies to the ddim sampler only (dpm++2m is "
+                         f"deterministic)")
+
+
+def read_checkpoint(load, path, option, *args):
+    """load(path, *args) with any problem of the file as one line naming the option and the file
+    (load raises ValueError '<file>: <problem>')."""
+    try:
+        return load(path, *args)
+    except ValueError as error:
+        raise ValueError(f"{option} {error}") from None
