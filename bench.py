@@ -12,6 +12,9 @@
     python bench.py --paper-step  every stage of `train.py --preset paper` (256 px, batch 1) on
         the CPU: one step from scratch, one resumed, then a 256 px sample.py edit; each run's
         wall time and peak memory (RSS, from os.wait4), and each network's size.
+    python bench.py --rehearse PRESET  every stage's first step at the preset's real sizes on
+        the CPU (batch included): wall time and peak memory, the FLOPs of a forward and
+        backward, and the GPU step rate they imply at an assumed sustained rate.
     python bench.py --gpu-check   a few train.py steps of every stage at the paper preset (bf16
         autocast): peak GPU memory per stage, the ldm stage's steps/s, a 2-process DDP run when
         two GPUs are present, and the latency of a 256 px edit. `--device cpu` is its dry run at
@@ -28,6 +31,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import default_collate
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 import render
 from cli import DEFAULT_CHECKPOINT, Parser, check_device, fail, run
@@ -196,7 +202,8 @@ STAGE_ARGS = {"vqvae": ["--vqvae.disc_start=0"], "ldm": ["--diffusion.sample_ste
 # The GPU check: the paper preset (its batch of 16) on CUDA; the CPU dry run at tiny sizes.
 # steps per stage (ldm_steps for the ldm stage, whose speed is measured from logged step `warm`
 # on), steps of the DDP run, and the (sampler, steps) of the timed edits.
-CHECK = {"cuda": {"args": ["--preset", "paper", "--pool=64", "--eval_items=2"],
+CHECK = {"cuda": {"args": ["--preset", "paper", "--pool=64", "--eval_items=2",
+                           "--workers=16"],
                   "steps": 3, "ldm_steps": 25, "warm": 5, "ddp_steps": 20,
                   "edits": (("dpm++2m", 20), ("ddim", 50))},
          "cpu": {"args": ["--preset", "tiny", "--image_size=32", "--batch_size=2", "--pool=8",
@@ -267,6 +274,67 @@ def paper_step(out):
     print("\n| network | parameters |\n|---|---|")
     for name, millions in parameter_counts(config).items():
         print(f"| {name} | {millions:.1f}M |")
+
+
+# --rehearse PRESET: each stage's first step at the preset's real sizes on the CPU, and the GPU
+# step rate its FLOPs imply at an assumed sustained rate: small 64 px networks keep a GPU far
+# from the 790 TFLOP/s an H200 reaches on large bf16 matrix products, so one eighth is assumed.
+ASSUMED_TFLOPS = 100
+
+
+class FlopCount(TorchDispatchMode):
+    """Within the block, adds up the FLOPs of every operator that PyTorch's flop counter has a
+    formula for (matrix products, convolutions, attention; torch.utils.flop_counter)."""
+    total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._overloadpacket in flop_registry:
+            self.total += flop_registry[func._overloadpacket](*args, **(kwargs or {}),
+                                                              out_val=out)
+        return out
+
+
+def step_cost(options):
+    """(FLOPs, seconds, trained parameters) of one forward and backward of the stage that
+    config.build_configs(options) describes, on the CPU, with a batch of synthetic pairs."""
+    import stages
+    from config import build_configs
+    from synthetic import SyntheticPortraits
+    cfg, parts = build_configs(options)
+    stage = stages.build(cfg, parts, torch.device("cpu"), cfg.identities)
+    data = SyntheticPortraits(cfg.image_size, "train", cfg.seed, length=cfg.batch_size,
+                              identities=cfg.identities)
+    batch = default_collate(data.__getitems__(range(cfg.batch_size)))
+    started = time.perf_counter()
+    with FlopCount() as count:
+        stage(batch, 0)["loss"].backward()
+    trained = sum(p.numel() for p in stage.parameters() if p.requires_grad)
+    return count.total, time.perf_counter() - started, trained
+
+
+def rehearse(preset, out):
+    """Every stage of `preset` at its real sizes on the CPU: train.py's first step (its wall
+    time from start to checkpoint and its peak memory), then one forward and backward counted
+    (FLOPs) and timed; prints a Markdown table with the GPU step rate the FLOPs imply."""
+    from config import STAGES, build_configs
+    print(f"| stage | batch | trained parameters | GFLOP a step | first step of train.py (wall, "
+          f"peak RSS) | CPU forward + backward | GPU estimate at {ASSUMED_TFLOPS} TFLOP/s |\n"
+          f"|---|---|---|---|---|---|---|")
+    for stage in STAGES:
+        options = ["--stage", stage, "--preset", preset, f"--out={out}", "--steps=1",
+                   "--pool=64", "--eval_items=2", "--workers=0", "--time_limit=0"]
+        wall, rss, status, output = run_measured([sys.executable, "train.py", *options])
+        if status:
+            raise SystemExit(f"{stage} failed:\n{output[-3000:]}")
+        flops, seconds, trained = step_cost(options)
+        cfg = build_configs(options)[0]
+        rate = ASSUMED_TFLOPS * 1e12 / flops
+        limit = build_configs(options[:4])[0].time_limit
+        steps = f", {rate * limit:.0f} steps in its {limit:g} s" if limit else ""
+        print(f"| {stage} | {cfg.batch_size} | {trained / 1e6:.1f}M | {flops / 1e9:.0f} | "
+              f"{wall:.0f} s, {rss:.1f} GiB | {seconds:.1f} s | {rate:.0f} steps/s{steps} |",
+              flush=True)
 
 
 def logged_speed(log, first):
@@ -359,20 +427,25 @@ def main():
     command.add_argument("--gpu-check", action="store_true", help="the GPU table of the README")
     command.add_argument("--paper-step", action="store_true",
                          help="one step of every stage at the paper preset's sizes on the CPU")
+    command.add_argument("--rehearse", metavar="PRESET", choices=("tiny", "paper", "gpu"),
+                         help="every stage's first step at the preset's real sizes on the CPU: "
+                              "time, memory, FLOPs and the GPU rate they imply")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         choices=("cuda", "cpu"), help="--gpu-check's device (cpu: a dry run)")
-    parser.add_argument("--out", help="checkpoints of --gpu-check / --paper-step (default: a "
-                        "temporary folder, removed after)")
+    parser.add_argument("--out", help="checkpoints of --gpu-check, --paper-step, --rehearse "
+                        "(default: a temporary folder, removed after)")
     args = parser.parse_args()
     try:
         check_device(args.device)
     except ValueError as error:
         fail(error)
-    if args.gpu_check or args.paper_step:
+    if args.gpu_check or args.paper_step or args.rehearse:
         with tempfile.TemporaryDirectory() as temporary:
             out = Path(args.out or temporary)
             if args.gpu_check:
                 gpu_check(torch.device(args.device), out)
+            elif args.rehearse:
+                rehearse(args.rehearse, out)
             else:
                 paper_step(out)
         return

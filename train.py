@@ -426,8 +426,10 @@ def loop(cfg, run, loader, start, master):
             progress.update(1)
             # log
             if master and (done % cfg.log_every == 0 or last):
+                memory = {"cuda_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                          } if device.type == "cuda" else {}
                 print(json.dumps({"step": done, "time": round(time.time() - started, 1),
-                                  "grad_norm": float(grad_norm),
+                                  "grad_norm": float(grad_norm), **memory,
                                   **{k: float(v.detach()) for k, v in losses.items()}}),
                       file=log, flush=True)
                 progress.set_postfix(loss=f"{losses['loss'].item():.4f}")

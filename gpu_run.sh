@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU run in one command: every stage of the gpu preset with its export, evaluate.py on 200
+# held-out pairs, then bench.py --gpu-check; everything docs/gpu.md reports lands in OUT.
+#
+#   bash gpu_run.sh OUT                    # one GPU: about nine minutes in all
+#   N=8 bash gpu_run.sh OUT --smoke=true   # its rehearsal on a CPU: the same steps, tiny sizes
+#
+# Extra arguments go to train.py. Each phase has a time limit of its own, so that a slow one
+# cannot take the others' time, and what a phase wrote stays in OUT if a later one fails.
+# OUT ends with at most seven files: the export (one file, or several parts), the results grid
+# and logs.tar.gz (the logs, measurements and held-out pictures of every phase).
+set -uo pipefail
+out=$(realpath -m "${1:?usage: bash gpu_run.sh OUT [train.py options]}")
+shift
+cd "$(dirname "$0")"
+runs=runs/gpu-run
+mkdir -p "$out/logs" "$runs"
+note() { echo "[$(date +%T)] $*" | tee -a "$out/logs/run.log"; }
+
+{ nvidia-smi; nproc; free -g; python3 -c "import torch; print('torch', torch.__version__, \
+'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
+} > "$out/logs/machine.txt" 2>&1
+note "machine: $(tail -1 "$out/logs/machine.txt")"
+
+started=$SECONDS
+timeout 430 python3 train.py --stage all --preset gpu --out="$runs" \
+    --export="$out/difffae-gpu.pt" "$@" > "$out/logs/train.log" 2>&1
+status=$?
+note "train.py --stage all: exit $status after $((SECONDS - started)) s"
+if [ ! -e "$out/difffae-gpu.pt" ] && [ -e "$runs/ldm/ckpt.pt" ]; then  # cut short: the last
+    python3 train.py --stage ldm --preset gpu --out="$runs" \
+        --export="$out/difffae-gpu.pt" "$@" >> "$out/logs/train.log" 2>&1  # checkpoint's
+    note "export of the last ldm checkpoint: exit $?"
+fi
+
+if [ -e "$out/difffae-gpu.pt" ]; then
+    started=$SECONDS
+    timeout 100 python3 evaluate.py --ckpt "$out/difffae-gpu.pt" --n "${N:-200}" \
+        --json "$out/logs/results.json" --grid "$out/results_grid.png" \
+        > "$out/logs/evaluate.log" 2>&1
+    note "evaluate.py: exit $? after $((SECONDS - started)) s"
+fi
+
+started=$SECONDS
+timeout 120 python3 bench.py --gpu-check --out "$runs/check" > "$out/logs/gpu_check.md" 2>&1
+note "bench.py --gpu-check: exit $? after $((SECONDS - started)) s"
+
+cp "$runs"/*/log.jsonl --parents "$out/logs/" 2>/dev/null
+for stage in "$runs"/*/; do  # the last held-out picture of every stage
+    last=$(ls "$stage"eval_*.png 2>/dev/null | tail -1)
+    [ -n "$last" ] && cp --parents "$last" "$out/logs/"
+done
+tar czf "$out/logs.tar.gz" -C "$out" logs && rm -r "$out/logs"
+ls -l "$out"
