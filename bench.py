@@ -201,8 +201,8 @@ def bench_data(device, flame):
 
 def bench_diffusion(device, flame):
     """Rows for the denoiser and whole edits (see the module docstring)."""
-    from difffae import load_model
-    from samplers import make_timesteps, sample_loop
+    from checkpoint import load_model
+    from samplers import SAMPLERS, make_timesteps
     from sample import DEFAULT_CHECKPOINT
     from unet import UNet, UNetConfig
     rows = []
@@ -220,7 +220,7 @@ def bench_diffusion(device, flame):
     alphas = torch.linspace(0.9991, 0.0047, 1000, device=device)  # any decreasing ᾱ will do
     for sampler, steps in (("ddim", 50), ("dpm++2m", 20)):
         timesteps = make_timesteps(steps, 1000)
-        (ms,) = time_ms([lambda: sample_loop(lambda x, t: eps, eps, alphas, timesteps, sampler)],
+        (ms,) = time_ms([lambda: SAMPLERS[sampler](lambda x, t: eps, eps, alphas, timesteps)],
                         device, per=steps)
         rows.append((f"{sampler} arithmetic per step", ms, "64×64×3 latent, ε given"))
     if not DEFAULT_CHECKPOINT.exists():
@@ -337,7 +337,7 @@ def gpu_check(device, out):
     """The measurements for the README's GPU table (see CHECK); prints it in Markdown."""
     import stages
     import train
-    from difffae import load_model
+    from checkpoint import load_model
     from synthetic import SyntheticPortraits
     check, cuda = CHECK[device.type], device.type == "cuda"
     rows = []

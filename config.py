@@ -1,7 +1,7 @@
 """The training configuration: TrainConfig, the presets, and the command line of train.py.
 
 One dataclass per part (TrainConfig here, VQConfig, SlotsConfig, ... beside their networks;
-stages.PARTS says which a stage builds); a preset is, per stage, a dict of overrides of each.
+checkpoint.PARTS says which a stage builds); a preset is, per stage, a dict of overrides of each.
 `--key=value` (or `--key value`) sets a TrainConfig field, `--part.key=value` a part's
 (`--vqvae.codebook_size=64`), parsed to the field's type. `--help` is made from the fields
 themselves (types, the preset's defaults, their comments), so it cannot drift from them; a bad
@@ -14,6 +14,7 @@ import math
 import re
 
 import stages
+from checkpoint import PARTS
 
 
 class ConfigError(ValueError):
@@ -178,14 +179,14 @@ def build_configs(argv):
     first.error = _refuse
     known, _ = first.parse_known_args(argv)
     if known.stage is None:  # an error, or --help: then every stage's options
-        train, parts = TrainConfig(), {name: cls() for part in stages.PARTS.values()
-                                       for name, cls in part.items()}
+        train, parts = TrainConfig(), {name: cls() for part in PARTS.values()
+                                       for name, cls in part.configs.items()}
     else:
         preset = PRESETS[known.preset][known.stage]
         train = dataclasses.replace(TrainConfig(stage=known.stage, preset=known.preset),
                                     **preset.get("train", {}))
         parts = {name: cls(**preset.get(name, {}))
-                 for name, cls in stages.PARTS[known.stage].items()}
+                 for name, cls in PARTS[known.stage].configs.items()}
     args, unknown = make_parser(train, parts).parse_known_args(argv)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key for the {train.stage} stage; "

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 import explain
+from checkpoint import load_model
 from data import ImageError, load_image, save_image
-from difffae import EDIT_ATTRIBUTES, NUMBERS, load_model
+from editing import EDIT_ATTRIBUTES, NUMBERS
 from samplers import SAMPLERS
 from head import EXPRESSION_NAMES
 from layers import REGION_NAMES

@@ -16,23 +16,17 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 import metrics
+from checkpoint import PARTS, read_checkpoint, rebuild
 from data import save_image
-from difffae import DiffFAE, DiffusionConfig, render_face
-from estimator import ArcMarginHead, CoefficientEstimator, EstimatorConfig, IdentityConfig
-from estimator import IdentityEncoder
-from explain import mask_rows
+from difffae import DiffFAE, render_face
+from estimator import ArcMarginHead, CoefficientEstimator, IdentityEncoder
 from layers import FACE, REGION_NAMES
-from slots import RegionSlots, SlotsConfig, masks_at, pretraining_loss
+from pictures import grid as picture_grid, mask_rows
+from slots import RegionSlots, masks_at, pretraining_loss
 from synthetic import SyntheticPortraits
-from unet import UNetConfig
-from vqvae import PatchDiscriminator, VQConfig, VQVAE, discriminator_hinge_loss, vq_loss
+from vqvae import PatchDiscriminator, VQVAE, discriminator_hinge_loss, vq_loss
 
-# The config classes of the networks each stage builds (train.py's --part.key=value).
-PARTS = {"vqvae": {"vqvae": VQConfig}, "slots": {"slots": SlotsConfig},
-         "estimator": {"estimator": EstimatorConfig}, "identity": {"identity": IdentityConfig},
-         "ldm": {"unet": UNetConfig, "diffusion": DiffusionConfig}}
 STAGES = tuple(PARTS)
-REQUIRES = {"slots": ("vqvae",), "ldm": ("vqvae", "slots", "estimator", "identity")}
 # Spread of each coefficient in the synthetic data (synthetic.py's sampling), used to weigh the
 # estimator's regression so that every group counts alike.
 COEFFICIENT_SCALE = {"shape": 1.0, "albedo": 0.9, "expression": 0.45, "pose": 0.3,
@@ -73,23 +67,6 @@ def true_coefficients(batch, image):
             "light": params["light"]}
 
 
-# The network each stage trains, its config class, and its key prefix in the stage's state.
-NETWORKS = {"vqvae": (VQVAE, VQConfig, "vqvae."), "slots": (RegionSlots, SlotsConfig, "slots."),
-            "estimator": (CoefficientEstimator, EstimatorConfig, "estimator."),
-            "identity": (IdentityEncoder, IdentityConfig, "encoder.")}
-
-
-def network_of(checkpoint, stage):
-    """The trained network of a `stage` checkpoint (a dict as train.py saves it), rebuilt from
-    the config saved with it. Returns (network, its config)."""
-    network, config_class, prefix = NETWORKS[stage]
-    config = config_class(**checkpoint["config"][stage])
-    model = network(config)
-    model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items()
-                           if k.startswith(prefix)})
-    return model, config
-
-
 def load_part(out, stage, device, tag=""):
     """The trained network of an earlier stage from <out>/<stage>/ckpt.pt (<stage>-<tag>/ with
     a tag), frozen. Returns (network, its config)."""
@@ -98,7 +75,7 @@ def load_part(out, stage, device, tag=""):
     if not path.exists():
         run = f"python train.py --stage {stage}" + (f" --tag={tag}" if tag else "")
         raise MissingCheckpoint(f"{path} is missing: run `{run}` first")
-    model, config = network_of(torch.load(path, map_location="cpu", weights_only=True), stage)
+    model, config = rebuild(read_checkpoint(path, (stage,)), stage)
     return model.to(device).eval().requires_grad_(False), config
 
 
@@ -120,7 +97,7 @@ def eval_set(cfg):
 
 def grid(rows, path):
     """Saves rows of (N, 3, H, W) tensors in [-1, 1] as one PNG: one row per entry."""
-    save_image(torch.cat([torch.cat(list(row), 2) for row in rows], 1), path)
+    save_image(picture_grid(rows), path)
 
 
 class Stage(nn.Module):
@@ -376,7 +353,7 @@ class LDMStage(Stage):
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
         networks = {name: load_part(cfg.out, name, device, cfg.slots_tag if name == "slots"
-                                    else "") for name in REQUIRES["ldm"]}
+                                    else "") for name in PARTS["ldm"].requires}
         for name, (_, config) in networks.items():
             parts[name] = config
         sizes = {name: parts[name].image_size for name in ("slots", "estimator", "identity")}
@@ -409,6 +386,8 @@ class LDMStage(Stage):
 
     def forward(self, batch, step):
         model = self.model
+        if not model.latent_scale_set:  # LDM's scale_factor, from the first batch's queries
+            model.set_latent_scale(batch["query"])
         truth = model.diffusion.render_from == "truth"
         losses = model.loss(batch["source"], batch["query"],
                             true_coefficients(batch, "query") if truth else None)

@@ -370,7 +370,7 @@ def train(cfg, parts):
 
 def export(cfg, out):
     """Writes the inference weights (EMA, float16) of the stage's checkpoint to `out`."""
-    from difffae import export_inference
+    from checkpoint import export_inference
     path = checkpoint_path(cfg)
     if cfg.stage != "ldm":
         raise ConfigError("--export: only the ldm stage makes a complete model")

@@ -17,6 +17,7 @@ import torch
 
 import stages
 import train
+from checkpoint import PARTS
 from config import PRESETS, TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,8 +178,8 @@ def test_bad_values_are_refused_in_one_line_before_any_work(value, tmp_path, cap
 def test_help_lists_every_option_with_its_type_and_default(capsys):
     cfg, parts = train.build_configs(["--stage", "vqvae", "--steps", "7", "--vqvae.beta", "0.5"])
     assert cfg.steps == 7 and parts["vqvae"].beta == 0.5  # `--key value` as `--key=value`
-    everything = [("", TrainConfig())] + [(f"{name}.", cls()) for part in stages.PARTS.values()
-                                          for name, cls in part.items()]
+    everything = [("", TrainConfig())] + [(f"{name}.", cls()) for part in PARTS.values()
+                                          for name, cls in part.configs.items()]
     cfg, parts = train.build_configs(["--stage", "ldm"])  # the tiny preset's values
     ldm = [("", cfg)] + [(f"{name}.", config) for name, config in parts.items()]
     for argv, configs in (([], everything), (["--stage", "ldm"], ldm)):
