@@ -90,9 +90,10 @@ def configs_of(checkpoint):
         if name not in CONFIGS:
             continue  # "train": the loop's options
         fields = dict(fields)
-        for (part, field), value in RETIRED.items():
-            if part == name and fields.pop(field, value) != value:
-                raise TypeError(f"{name}.{field}={fields[field]!r} is no longer supported")
+        for (part, field), kept in RETIRED.items():
+            value = fields.pop(field, kept) if part == name else kept
+            if value != kept:
+                raise TypeError(f"{name}.{field}={value!r} is no longer supported")
         configs[name] = CONFIGS[name](**fields)
     return configs
 

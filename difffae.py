@@ -213,8 +213,8 @@ class DiffFAE(nn.Module):
         """Latent (B, C, h, w) from z_T ~ N(0, I) (seeded) under the given conditions, by a
         sampler of samplers.SAMPLERS; callback receives its dict per step plus "attn", the
         UNet's cross-attention maps of that step."""
-        d = self.diffusion
-        steps = d.sample_steps if steps is None else steps
+        d, sampler = self.diffusion, self.diffusion.sampler if sampler is None else sampler
+        assert sampler in SAMPLERS, f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}"
         generator = torch.Generator(device=cond["f_r"].device).manual_seed(seed)
         x_T = torch.randn(cond["f_r"].shape, generator=generator, device=cond["f_r"].device,
                           dtype=cond["f_r"].dtype)
@@ -225,9 +225,9 @@ class DiffFAE(nn.Module):
             return eps
 
         step = None if callback is None else lambda state: callback({**state, **maps})
-        return SAMPLERS[d.sampler if sampler is None else sampler](
-            model_fn, x_T, self.alphas_cumprod, make_timesteps(steps, d.timesteps), step, eta,
-            generator)
+        timesteps = make_timesteps(d.sample_steps if steps is None else steps, d.timesteps)
+        return SAMPLERS[sampler](model_fn, x_T, self.alphas_cumprod, timesteps, step, eta,
+                                 generator)
 
     @torch.no_grad()
     def edit(self, source, query=None, edit=EDIT_ATTRIBUTES, swap=None, numbers=None,
