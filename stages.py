@@ -75,7 +75,7 @@ def load_part(out, stage, device, tag=""):
     if not path.exists():
         run = f"python train.py --stage {stage}" + (f" --tag={tag}" if tag else "")
         raise MissingCheckpoint(f"{path} is missing: run `{run}` first")
-    model, config = rebuild(read_checkpoint(path, (stage,)), stage)
+    model, config = rebuild(read_checkpoint(path), stage)
     return model.to(device).eval().requires_grad_(False), config
 
 

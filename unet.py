@@ -304,7 +304,8 @@ class UNet(nn.Module):
                 self.downsample.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1))
                 skip_channels.append(channels)
         self.mid_stage = UNetStage(channels, channels, temb_dim, config, attend=True)
-        self.mid_res = AdaINResBlock(channels, channels, temb_dim, config.id_dim, config.norm_groups)
+        self.mid_res = AdaINResBlock(channels, channels, temb_dim, config.id_dim,
+                                     config.norm_groups)
         self.up = nn.ModuleList([nn.ModuleList() for _ in levels])  # indexed by level
         self.upsample = nn.ModuleList(  # level l → l−1: nearest ×2, then a 3×3 conv (LDM)
             nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
