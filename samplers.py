@@ -12,6 +12,9 @@ Samplers, each from x_T at the first timestep down to the clean sample:
         D_i = (1 + 1/(2r))·x̂_0,i − 1/(2r)·x̂_0,i−1       (first step: D_0 = x̂_0,0)
         x_{i+1} = (σ_{i+1}/σ_i)·x_i − α_{i+1}·(e^{−h_i} − 1)·D_i
     The last step goes to ᾱ = 1, where both samplers return x̂_0 (a first-order step).
+Each sampler is one function of one signature, sampler(model_fn, x_T, alphas_cumprod, timesteps,
+callback=None, eta=0.0, generator=None), handing each step's state to `callback` (the shape of
+k-diffusion's samplers); SAMPLERS names them.
 Timesteps are "trailing" (Lin et al. 2024, Table 2): t_i = round(T−1 − i·T/steps), so sampling
 starts at the noisiest step t = T−1.
 
