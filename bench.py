@@ -151,8 +151,8 @@ def bench_data(device, flame):
 
 def bench_diffusion(device, flame):
     """Rows for the denoiser and whole edits (see the module docstring)."""
-    from difffae import load_model
-    from samplers import make_timesteps, sample_loop
+    from checkpoint import load_model
+    from samplers import SAMPLERS, make_timesteps
     from unet import UNet, UNetConfig
     rows = []
     paper = UNetConfig()
@@ -169,7 +169,7 @@ def bench_diffusion(device, flame):
     alphas = torch.linspace(0.9991, 0.0047, 1000, device=device)  # any decreasing ᾱ will do
     for sampler, steps in (("ddim", 50), ("dpm++2m", 20)):
         timesteps = make_timesteps(steps, 1000)
-        (ms,) = time_ms([lambda: sample_loop(lambda x, t: eps, eps, alphas, timesteps, sampler)],
+        (ms,) = time_ms([lambda: SAMPLERS[sampler](lambda x, t: eps, eps, alphas, timesteps)],
                         device, per=steps)
         rows.append((f"{sampler} arithmetic per step", ms, "64×64×3 latent, ε given"))
     if not DEFAULT_CHECKPOINT.exists():
@@ -349,6 +349,9 @@ def train_stages(check, out, peak, cuda):
     then the ldm stage's speed and a 2-process DDP run of it; returns (rows, batch size)."""
     import stages
     import train
+    from checkpoint import load_model
+    from synthetic import SyntheticPortraits
+    check, cuda = CHECK[device.type], device.type == "cuda"
     rows = []
     for stage in stages.STAGES:
         steps = check["ldm_steps"] if stage == "ldm" else check["steps"]

@@ -1,7 +1,7 @@
 """The training configuration: TrainConfig, the presets, and the command line of train.py.
 
 One dataclass per part (TrainConfig here, VQConfig, SlotsConfig, ... beside their networks;
-PARTS says which a stage builds); a preset is, per stage, a dict of overrides of each.
+checkpoint.PARTS says which a stage builds); a preset is, per stage, a dict of overrides of each.
 `--stage all` runs every stage in order (STAGES); `--smoke=true` shrinks each to a few steps
 at tiny sizes (SMOKE), to try the whole chain in minutes.
 `--key=value` (or `--key value`) sets a TrainConfig field, `--part.key=value` a part's
@@ -15,19 +15,9 @@ import inspect
 import math
 import re
 
-from difffae import DiffusionConfig
-from estimator import EstimatorConfig, IdentityConfig
-from slots import SlotsConfig
-from unet import UNetConfig
-from vqvae import VQConfig
+from checkpoint import PARTS
 
-# The stages in training order, the config classes of the networks each builds
-# (--part.key=value), and the earlier stages whose checkpoints each one reads.
-PARTS = {"vqvae": {"vqvae": VQConfig}, "slots": {"slots": SlotsConfig},
-         "estimator": {"estimator": EstimatorConfig}, "identity": {"identity": IdentityConfig},
-         "ldm": {"unet": UNetConfig, "diffusion": DiffusionConfig}}
-STAGES = tuple(PARTS)
-REQUIRES = {"slots": ("vqvae",), "ldm": ("vqvae", "slots", "estimator", "identity")}
+STAGES = tuple(PARTS)  # in training order
 
 
 class ConfigError(ValueError):
@@ -257,7 +247,7 @@ def stage_defaults(stage, preset, smoke=False):
     if smoke:
         layers += [{"train": SMOKE_TRAIN}, SMOKE[stage]]
     train = TrainConfig(stage=stage, preset=preset, smoke=smoke)
-    parts = {name: cls() for name, cls in PARTS[stage].items()}
+    parts = {name: cls() for name, cls in PARTS[stage].configs.items()}
     for layer in layers:
         train = dataclasses.replace(train, **layer.get("train", {}))
         parts = {name: dataclasses.replace(c, **layer.get(name, {})) for name, c in parts.items()}

@@ -19,43 +19,26 @@ slot-attention masks of the query (detached: the target of the consistency term,
 route for the masks to drift towards the attention).
 Schedule: LDM's scaled-linear β, √β evenly spaced from √0.00085 to √0.012, T = 1000 (Rombach
 et al. 2022). Latents are scaled to unit variance by 1/std measured on the first training batch
-(LDM's scale_factor) and stored with the model.
-
-Samplers: samplers.py (DDIM and DPM-Solver++(2M)).
+(LDM's scale_factor, set_latent_scale) and stored with the model. Samplers: samplers.py.
 
 Letters: B batch, K slots, C latent channels, h/w latent size, H/W image size.
 """
 import dataclasses
-import math
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy.spatial.transform import Rotation
 
-import metrics
-from estimator import CoefficientEstimator, EstimatorConfig, IdentityConfig, IdentityEncoder
+from editing import EDIT_ATTRIBUTES, combine_coefficients, set_numbers
+from estimator import CoefficientEstimator, IdentityEncoder
 from flame import FLAME, pose6_to_flame15
-from head import EXPRESSION_NAMES
 from layers import REGION_NAMES, require
 from render import Renderer
-from samplers import SAMPLERS, make_timesteps, sample_loop, scaled_linear_alphas_cumprod
-from slots import RegionSlots, SlotsConfig
-from unet import UNet, UNetConfig, average_cross_attention
-from vqvae import VQConfig, VQVAE
-
-EDIT_ATTRIBUTES = ("pose", "expression", "lighting")
-# The estimator coefficients (key, columns) each attribute takes from the query. The jaw
-# (pose6[3:]) is part of the expression; the camera moves with the head pose (DiffFAE Eq. 3 takes
-# both from I_Q).
-ATTRIBUTE_KEYS = {"pose": (("pose", slice(0, 3)), ("cam", slice(None))),
-                  "expression": (("expression", slice(None)), ("pose", slice(3, None))),
-                  "lighting": (("light", slice(None)),)}
-# Networks of the pretraining stages that DiffFAE is built from, with their config classes.
-PARTS = {"vqvae": VQConfig, "slots": SlotsConfig, "estimator": EstimatorConfig,
-         "identity": IdentityConfig, "unet": UNetConfig}
+from samplers import SAMPLERS, make_timesteps, scaled_linear_alphas_cumprod
+from slots import RegionSlots
+from unet import UNet, average_cross_attention
+from vqvae import VQVAE
 
 
 @dataclasses.dataclass
@@ -69,8 +52,8 @@ class DiffusionConfig:
     use_identity: bool = True      # False: f_id = 0, the "no identity token" ablation
     render_from: str = "estimated"  # training I_R from "estimated" (as at inference) or exact
                                    # "truth" coefficients (synthetic data only)
-    sample_steps: int = 50
-    sampler: str = "ddim"
+    sample_steps: int = 20
+    sampler: str = "dpm++2m"       # "ddim" (Song et al. 2021) or "dpm++2m" (Lu et al. 2022)
 
     def __post_init__(self):
         require(self.timesteps >= 2, f"DiffusionConfig.timesteps={self.timesteps}: expected >= 2")
@@ -84,58 +67,6 @@ class DiffusionConfig:
                 f"{self.sample_steps}: expected 1..{self.timesteps}")
         require(self.sampler in SAMPLERS, f"DiffusionConfig.sampler={self.sampler!r}: expected "
                 f"one of {', '.join(SAMPLERS)}")
-
-
-# -- Coefficients: combining source and query, and editing by numbers ------------------------------
-
-def combine_coefficients(source, query, edit=EDIT_ATTRIBUTES):
-    """Eq. 3: shape and albedo always from the source; each attribute in `edit` from the query,
-    the others from the source. Coefficient dicts as CoefficientEstimator returns them."""
-    assert not isinstance(edit, str) and set(edit) <= set(EDIT_ATTRIBUTES), edit
-    out = {key: value.clone() for key, value in source.items()}
-    for attribute in edit:
-        for key, columns in ATTRIBUTE_KEYS[attribute]:
-            out[key][:, columns] = query[key][:, columns]
-    return out
-
-
-NUMBERS = ("yaw", "pitch", "roll", "jaw", "light")  # and the built-in head's expression names
-
-
-def set_numbers(coefficients, numbers, expression_names=()):
-    """Edit by numbers: overwrite coefficients with explicit values.
-
-    numbers: {name: value}; yaw/pitch/roll/jaw in degrees (head rotation as intrinsic Y-X-Z
-    Euler angles, the convention of metrics.head_pose_degrees; jaw opening about the x axis);
-    light: a non-zero 3-vector direction — the first-order SH band is set to that direction with
-    its current strength per colour; any name in expression_names sets that expression
-    coefficient.
-    """
-    assert set(numbers) <= {*NUMBERS, *expression_names}, numbers
-    out = {key: value.clone() for key, value in coefficients.items()}
-    euler = {}
-    for name, value in numbers.items():
-        if name in ("yaw", "pitch", "roll"):
-            euler[name] = float(value)
-        elif name == "jaw":
-            out["pose"][:, 3:] = 0
-            out["pose"][:, 3] = math.radians(float(value))
-        elif name == "light":
-            direction = torch.as_tensor(value, dtype=out["light"].dtype,
-                                        device=out["light"].device).flatten()
-            assert direction.numel() == 3 and direction.norm() > 0, value
-            strength = out["light"][:, 1:4].norm(dim=1, keepdim=True)  # (B, 1, 3) per colour
-            out["light"][:, 1:4] = strength * (direction / direction.norm())[None, :, None]
-        else:
-            out["expression"][:, list(expression_names).index(name)] = float(value)
-    if euler:
-        angles = metrics.head_pose_degrees(out["pose"])  # (B, 3) yaw, pitch, roll
-        for index, name in enumerate(("yaw", "pitch", "roll")):
-            if name in euler:
-                angles[:, index] = euler[name]
-        rotvec = Rotation.from_euler("YXZ", angles.numpy(), degrees=True).as_rotvec()
-        out["pose"][:, :3] = torch.as_tensor(rotvec, dtype=out["pose"].dtype)
-    return out
 
 
 # -- The model -------------------------------------------------------------------------------------
@@ -152,12 +83,12 @@ def render_face(flame, renderer, coefficients):
 
 
 class DiffFAE(nn.Module):
-    """All networks of the method; FLAME (the built-in head) and the renderer are rebuilt, never
-    saved (FLAME's license forbids redistributing it, and the built-in head is deterministic).
+    """All networks of the method. FLAME (the built-in head) and the renderer are submodules
+    whose buffers are not saved: they are rebuilt (FLAME's license forbids redistributing it,
+    and the built-in head is deterministic).
 
-    configs: {"vqvae", "slots", "estimator", "identity", "unet": part config,
-              "diffusion": DiffusionConfig}, consistent with each other (the ldm stage makes
-              them so; load_model refuses a checkpoint whose parts do not fit).
+    configs: {"vqvae", "slots", "estimator", "identity", "unet": part config, "diffusion":
+    DiffusionConfig}, consistent with each other (the ldm stage makes them so).
     """
 
     def __init__(self, configs):
@@ -169,26 +100,19 @@ class DiffFAE(nn.Module):
         self.estimator = CoefficientEstimator(configs["estimator"])
         self.identity = IdentityEncoder(configs["identity"])
         self.unet = UNet(configs["unet"])
-        flame = FLAME()
-        self.physical = {"flame": flame,  # plain dict: outside state_dict and parameters()
-                         "renderer": Renderer(flame.faces, flame.face_uvs, self.image_size,
-                                              cull_backfaces=True)}
+        self.flame = FLAME()
+        self.renderer = Renderer(self.flame.faces, self.flame.face_uvs, self.image_size,
+                                 cull_backfaces=True)
         self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod(
             d.timesteps, d.beta_start, d.beta_end).float(), persistent=False)
-        self.register_buffer("latent_scale", torch.tensor(0.0))  # set by the first loss()
+        # LDM's scale_factor: 0 until set_latent_scale measures it where training starts; saved
+        self.register_buffer("latent_scale", torch.tensor(0.0))
         c, unet, latent = configs, configs["unet"], configs["vqvae"].latent_channels
         assert c["slots"].image_size == c["estimator"].image_size == c["identity"].image_size
         assert (unet.in_channels, unet.out_channels, unet.context_dim, unet.id_dim) == (
             2 * latent, latent, c["slots"].slot_dim, c["identity"].embedding_dim), unet
-        assert all(getattr(c["estimator"], f"n_{name}") == getattr(flame, f"n_{name}")
+        assert all(getattr(c["estimator"], f"n_{name}") == getattr(self.flame, f"n_{name}")
                    for name in ("shape", "exp", "albedo")), "estimator and FLAME disagree"
-
-    def _apply(self, fn, *args, **kwargs):
-        """.to(device) etc. also move FLAME and the renderer (kept outside the state dict)."""
-        super()._apply(fn, *args, **kwargs)
-        for module in self.physical.values():
-            module._apply(fn, *args, **kwargs)
-        return self
 
     @property
     def image_size(self):
@@ -205,7 +129,7 @@ class DiffFAE(nn.Module):
 
     def render(self, coefficients):
         """SPC's I_R (see render_face)."""
-        return render_face(self.physical["flame"], self.physical["renderer"], coefficients)
+        return render_face(self.flame, self.renderer, coefficients)
 
     def conditions(self, source, rendered):
         """Everything the UNet is conditioned on: f_r (B, C, h, w), the slot tokens F (B, K, D)
@@ -216,27 +140,38 @@ class DiffFAE(nn.Module):
             identity = torch.zeros_like(identity)
         return {**regions, "f_r": self.encode_latent(rendered), "id": identity}
 
-    def denoise(self, z_t, t, cond, return_attn=False):
-        """ε_θ([z_t ; f_r], t, F, f_id); a list cond["trace"] keeps (t, z_t, ε̂, attn) of calls."""
-        eps, attn = self.unet(torch.cat([z_t, cond["f_r"]], dim=1), t, cond["slots"], cond["id"],
-                              return_attn=True)
-        cond.get("trace", []).append((t, z_t, eps, attn))  # the maps are computed in any case
-        return (eps, attn) if return_attn else eps
+    def denoise(self, z_t, t, cond):
+        """ε_θ([z_t ; f_r], t, F, f_id): the predicted noise (B, C, h, w) and the UNet's
+        cross-attention maps (unet.UNet.forward with return_attn)."""
+        return self.unet(torch.cat([z_t, cond["f_r"]], dim=1), t, cond["slots"], cond["id"],
+                         return_attn=True)
 
     # -- training ----------------------------------------------------------------------------
-    def loss(self, source, query, coefficients=None):
+    @property
+    def latent_scale_set(self):  # False until set_latent_scale
+        return bool(self.latent_scale != 0)
+
+    @torch.no_grad()
+    def set_latent_scale(self, images):
+        """LDM's scale_factor, measured once where training starts: 1/std of the VQ latents of
+        `images` (B, 3, H, W), the mean over the processes under DDP (each measured its own)."""
+        with torch.autocast(images.device.type, enabled=False):  # float32: it scales every latent
+            std = self.vqvae.encode(images).float().std()
+        self.latent_scale.fill_(1.0 / float(std))
+        if dist.is_initialized():
+            dist.all_reduce(self.latent_scale)
+            self.latent_scale /= dist.get_world_size()
+
+    def loss(self, source, query, coefficients=None, t=None, noise=None):
         """The whole training objective, L = L_LDM + δ·L_attn (Eq. 8), for a batch of
         same-person pairs: source I_S and query I_Q (B, 3, H, W) in [-1, 1]. coefficients: the
         query's exact ones (the estimator's keys), used when diffusion.render_from is "truth";
-        with "estimated" the estimator reads them from I_Q, as at inference.
+        with "estimated" the estimator reads them from I_Q, as at inference. t (B,) and noise ε
+        (B, C, h, w): drawn from the global generator when not given, t first.
         Returns {"loss": L, "ldm_loss", "acr_loss"} (the last two detached).
         """
         d = self.diffusion
-        if float(self.latent_scale) == 0:  # LDM's scale_factor: measured once, then saved
-            self.set_latent_scale(query)
-            if dist.is_initialized():  # each rank measured its own batch: take the mean
-                dist.all_reduce(self.latent_scale)
-                self.latent_scale /= dist.get_world_size()
+        assert self.latent_scale_set, "set_latent_scale first (LDM's scale_factor)"
         # 1. SPC, Eq. 3: the query's coefficients drawn through FLAME into I_R (B, 3, H, W)
         if d.render_from == "estimated":
             with torch.no_grad():
@@ -249,13 +184,15 @@ class DiffFAE(nn.Module):
         cond = self.conditions(source, rendered)
         # 4. forward diffusion (Eq. 1): t ~ U{0..T−1}, ε ~ N(0, I), z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε
         batch = z0.shape[0]
-        t = torch.randint(d.timesteps, (batch,), device=z0.device)
-        noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype)
+        if t is None:
+            t = torch.randint(d.timesteps, (batch,), device=z0.device)
+        if noise is None:
+            noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype)
         alpha_bar = self.alphas_cumprod[t].view(batch, 1, 1, 1)
         z_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise
         # 5. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖², each image's
         #    weighted by min(SNR_t, γ)/SNR_t, SNR_t = ᾱ_t/(1−ᾱ_t), when min_snr_gamma = γ > 0
-        eps, attn = self.denoise(z_t, t, cond, return_attn=True)
+        eps, attn = self.denoise(z_t, t, cond)
         ldm = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)  # (B,)
         if d.min_snr_gamma > 0:
             snr = alpha_bar.flatten() / (1 - alpha_bar.flatten())
@@ -270,25 +207,27 @@ class DiffFAE(nn.Module):
         return {"loss": ldm + d.acr_weight * acr, "ldm_loss": ldm.detach(),
                 "acr_loss": acr.detach()}
 
-    @torch.no_grad()
-    def set_latent_scale(self, images):
-        """LDM's scale_factor: 1/std of the VQ latents of `images` (B, 3, H, W)."""
-        with torch.autocast(images.device.type, enabled=False):  # float32: it scales every latent
-            std = self.vqvae.encode(images).float().std()
-        self.latent_scale.fill_(1.0 / float(std))
-
     # -- inference ---------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, cond, steps=None, sampler=None, seed=0, eta=0.0):
-        """Latent (B, C, h, w) from z_T ~ N(0, I) (seeded) under the given conditions."""
-        d = self.diffusion
-        steps = d.sample_steps if steps is None else steps
-        sampler = d.sampler if sampler is None else sampler
+    def sample(self, cond, steps=None, sampler=None, seed=0, eta=0.0, callback=None):
+        """Latent (B, C, h, w) from z_T ~ N(0, I) (seeded) under the given conditions, by a
+        sampler of samplers.SAMPLERS; callback receives its dict per step plus "attn", the
+        UNet's cross-attention maps of that step."""
+        d, sampler = self.diffusion, self.diffusion.sampler if sampler is None else sampler
+        assert sampler in SAMPLERS, f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}"
         generator = torch.Generator(device=cond["f_r"].device).manual_seed(seed)
         x_T = torch.randn(cond["f_r"].shape, generator=generator, device=cond["f_r"].device,
                           dtype=cond["f_r"].dtype)
-        return sample_loop(lambda x, t: self.denoise(x, t, cond), x_T, self.alphas_cumprod,
-                           make_timesteps(steps, d.timesteps), sampler, eta, generator)
+        maps = {}
+
+        def model_fn(x, t):
+            eps, maps["attn"] = self.denoise(x, t, cond)  # the maps are computed in any case
+            return eps
+
+        step = None if callback is None else lambda state: callback({**state, **maps})
+        timesteps = make_timesteps(d.sample_steps if steps is None else steps, d.timesteps)
+        return SAMPLERS[sampler](model_fn, x_T, self.alphas_cumprod, timesteps, step, eta,
+                                 generator)
 
     @torch.no_grad()
     def edit(self, source, query=None, edit=EDIT_ATTRIBUTES, swap=None, numbers=None,
@@ -298,85 +237,24 @@ class DiffFAE(nn.Module):
 
         swap: {"hair" | "clothes" | "background": images (B, 3, H, W)} replaces those slot
         tokens by the other image's (expandable editing, App. G). numbers: explicit coefficient
-        values applied last (set_numbers); with no query, only numbers change the source.
-        trace: a dict that receives the edit's own tensors, for explain.figure to draw.
+        values applied last (editing.set_numbers); with no query, only numbers change the
+        source. trace: a dict that receives the edit's own tensors, for explain.figure to draw:
+        "cond", "estimates" and "steps", the sampler's dict of each step (DiffFAE.sample).
         Returns {"image", "render" (I_R), "mask", "coefficients"}.
         """
         estimates = [self.estimator(source), None if query is None else self.estimator(query)]
         coefficients = estimates[0] if query is None else combine_coefficients(*estimates, edit)
         if numbers:
-            coefficients = set_numbers(coefficients, numbers, EXPRESSION_NAMES)
+            coefficients = set_numbers(coefficients, numbers)
         rendered, mask = self.render(coefficients)
         cond = self.conditions(source, rendered)
         for region, image in (swap or {}).items():
             assert region in REGION_NAMES[1:], f"cannot swap {region!r}"  # the face is the edit
             k = REGION_NAMES.index(region)
             cond["slots"][:, k] = self.slots(image)["slots"][:, k]
-        if trace is not None:  # "steps" fills as the sampler calls denoise
-            trace.update(cond=cond, estimates=estimates, steps=cond.setdefault("trace", []))
-        image = self.decode_latent(self.sample(cond, steps, sampler, seed, eta))
+        callback = None
+        if trace is not None:  # "steps" fills as the sampler steps
+            trace.update(cond=cond, estimates=estimates, steps=[])
+            callback = trace["steps"].append
+        image = self.decode_latent(self.sample(cond, steps, sampler, seed, eta, callback))
         return {"image": image, "render": rendered, "mask": mask, "coefficients": coefficients}
-
-
-# -- Checkpoints: a training checkpoint of the ldm stage, or the exported inference weights --------
-
-INFERENCE_FORMAT = "difffae-inference-1"
-TRAINING_ONLY = ("slots.decoder.",)  # ζ decodes the slots for the slots loss, never in an edit
-
-
-def configs_from(saved):
-    """Part configs from a checkpoint's "config" dict (dataclass fields as plain values)."""
-    return {name: cls(**saved[name])
-            for name, cls in {**PARTS, "diffusion": DiffusionConfig}.items()}
-
-
-def inference_weights(checkpoint):
-    """The model's weights from an ldm training checkpoint, its EMA replacing trained ones,
-    without the TRAINING_ONLY ones."""
-    prefix = "model."
-    weights = {k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)}
-    for name, value in (checkpoint.get("ema") or {}).get("shadow", {}).items():
-        weights[name[len(prefix):]] = value
-    return {k: v for k, v in weights.items() if not k.startswith(TRAINING_ONLY)}
-
-
-def export_inference(checkpoint, path, dtype=torch.float16):
-    """Writes the EMA weights of an ldm training checkpoint (a dict) in `dtype`, with the
-    config: everything sample.py needs, nothing for training (no optimiser, no RNG)."""
-    weights = {k: v.to(dtype) if v.is_floating_point() else v
-               for k, v in inference_weights(checkpoint).items()}
-    torch.save({"format": INFERENCE_FORMAT, "step": checkpoint["step"],
-                "config": checkpoint["config"], "weights": weights}, path)
-
-
-def load_model(path, device="cpu"):
-    """DiffFAE from an exported inference file or an ldm training checkpoint (its EMA weights),
-    in eval mode, float32. Raises ValueError naming the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        problem = "a directory, not a checkpoint file" if path.is_dir() else "no such checkpoint"
-        raise ValueError(f"{path}: {problem}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and unsafe-global errors alike
-        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
-    kind = isinstance(checkpoint, dict) and (checkpoint.get("format") or checkpoint.get("stage"))
-    if kind == INFERENCE_FORMAT:
-        weights = checkpoint["weights"]
-    elif kind == "ldm":
-        weights = inference_weights(checkpoint)
-    else:
-        raise ValueError(f"{path}: a {kind or 'non-DiffFAE'} checkpoint; DiffFAE needs one of "
-                         f"the ldm stage or an exported inference file")
-    try:  # a part's config missing or refused, parts that do not fit, weights that do not load
-        model = DiffFAE(configs_from(checkpoint["config"]))
-        missing, unexpected = model.load_state_dict(
-            {k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
-            strict=False)
-        missing = [k for k in missing if not k.startswith(TRAINING_ONLY)]
-        if missing or unexpected:
-            raise RuntimeError(f"missing weights {missing[:3]}, unexpected {unexpected[:3]}")
-    except (AssertionError, KeyError, TypeError, RuntimeError, ValueError) as error:
-        first = (str(error).strip() or type(error).__name__).splitlines()[0]
-        raise ValueError(f"{path}: incompatible with this model version ({first})") from None
-    return model.to(device).eval()

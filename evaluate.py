@@ -54,15 +54,16 @@ import torch
 from torch.utils.data import default_collate
 
 import metrics
+from checkpoint import load_model, rebuild
 from data import save_image
-from difffae import EDIT_ATTRIBUTES, combine_coefficients, load_model
+from editing import EDIT_ATTRIBUTES, combine_coefficients
 from flame import FLAME, flame15_to_pose6, pose6_to_flame15
 from layers import FACE, REGION_NAMES
 from cli import (DEFAULT_CHECKPOINT, SWAPPABLE, Parser, check_device, check_output,
                  check_sampling, fail, read_checkpoint, run)
 from samplers import SAMPLERS
 from slots import masks_at
-from stages import network_of, to_device, true_coefficients
+from stages import to_device, true_coefficients
 from synthetic import SyntheticPortraits
 
 CHUNK = 50       # pairs per batch
@@ -262,7 +263,7 @@ def picture(model, path, steps, sampler, seed, device):
 
 def load_network(path, stage, option, device):
     """A pretraining stage's network from its training checkpoint (as train.py writes it),
-    rebuilt by stages.network_of. Raises ValueError naming the option, the file and the problem."""
+    rebuilt by checkpoint.rebuild. Raises ValueError naming the option, the file and the problem."""
     if not Path(path).is_file():
         raise ValueError(f"{option} {path}: no such checkpoint file")
     try:
@@ -275,7 +276,7 @@ def load_network(path, stage, option, device):
         raise ValueError(f"{option} {path}: a {kind or 'non-training'} checkpoint; expected "
                          f"one of the {stage} stage")
     try:
-        built, _ = network_of(checkpoint, stage)
+        built, _ = rebuild(checkpoint, stage)
     except (KeyError, TypeError, RuntimeError, ValueError) as error:
         first = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise ValueError(f"{option} {path}: incompatible with this version ({first})") from None

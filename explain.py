@@ -1,7 +1,7 @@
 """See inside an edit: one labelled figure of what each part of DiffFAE (Wang et al., ECCV 2024,
 arXiv 2403.17664, §4) did to one image, drawn from the edit's own tensors (DiffFAE.edit with a
-trace: nothing runs twice, and the output is the same to the bit), and the slot-mask rows of the
-training stages' evaluation grids.
+trace, filled by the sampler's callback: nothing runs twice, and the output is the same to the
+bit). The slot masks and maps are painted by pictures.py.
 
 Rows of `figure`, top to bottom:
 1. Physical, SPC (§4.1, Eq. 2-3): source | query | I_R, FLAME with the source's shape and albedo
@@ -16,7 +16,7 @@ Rows of `figure`, top to bottom:
    them M_Q, which Eq. 7 pulls A_cross towards in training: L_attn = mean (A_cross − M_Q)².
 4. Trajectory (DDIM Eq. 12): x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t (samplers.predict_x0), decoded at
    six steps, then the output.
-The numbers are set_numbers' (difffae.py): head yaw, pitch, roll as intrinsic Y-X-Z Euler angles
+The numbers are set_numbers' (editing.py): head yaw, pitch, roll as intrinsic Y-X-Z Euler angles
 (metrics.head_pose_degrees) and jaw opening, in degrees; the light's direction (x right, y up,
 z towards the camera) and strength, the first SH band being direction ⊗ strength per colour.
 Panels are enlarged nearest-neighbour, so a 64 px model's figure stays readable and a map's
@@ -32,9 +32,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 import metrics
 from data import to_pil
-from difffae import EDIT_ATTRIBUTES
-from samplers import predict_x0
+from editing import EDIT_ATTRIBUTES
 from layers import REGION_COLOURS, REGION_NAMES
+from pictures import argmax_map, enlarge, mask_rows, overlay, paint, paint_one
 from unet import average_cross_attention
 
 PANEL = 128           # least side of a panel in px: images are enlarged by a whole factor
@@ -42,8 +42,6 @@ COLUMNS = 7           # panels in a row
 GAP = 6               # px between panels
 CAPTION = 14          # px of a caption line above a panel
 TITLE = 20            # px of a row's title bar
-TINT = 0.65           # opacity of a slot's colour where its mask is 1
-DIM = 0.35            # brightness of the image outside a slot's mask
 TRAJECTORY = 6        # x̂_0 panels in row 4
 INK, PAPER, BAR, NOTE = (20, 20, 20), (255, 255, 255), (60, 60, 60), (232, 232, 232)
 # Where each coefficient of the table comes from: source, query, or set by number.
@@ -70,7 +68,7 @@ in training (step 6
 of DiffFAE.loss). At
 inference nothing
 pulls on A_cross."""
-# The edit attribute each number belongs to (difffae.ATTRIBUTE_KEYS): the jaw is expression.
+# The edit attribute each number belongs to (editing.ATTRIBUTE_KEYS): the jaw is expression.
 ATTRIBUTE = {"yaw": "pose", "pitch": "pose", "roll": "pose", "jaw": "expression",
              "light": "lighting", "strength": "lighting"}
 
@@ -86,55 +84,6 @@ def numbers_of(coefficients):
             "jaw": coefficients["pose"][:, 3].detach().float().cpu().rad2deg(),
             "light": direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12),
             "strength": band.norm(dim=1).mean(dim=1)}
-
-
-# -- Maps as pictures (also the training stages' grids) --------------------------------------------
-
-def enlarge(images, size):
-    """Nearest-neighbour resize of (B, C, h, w) to size (int or (H, W)): every value kept as it
-    is, so maps that sum to 1 over C still do."""
-    return F.interpolate(images, size=size, mode="nearest")
-
-
-def paint(masks):
-    """Maps (B, K, h, w) as the colour Σ_k m_k·colour_k, in [-1, 1]: (B, 3, h, w). For maps that
-    sum to 1 over K, a mixture of the slots' colours."""
-    colours = REGION_COLOURS[:masks.shape[1]].to(masks)  # (K, 3)
-    return torch.einsum("bkhw,kc->bchw", masks, colours) * 2 - 1
-
-
-def paint_one(masks, k):
-    """Map k of (B, K, h, w) alone in slot k's colour, black where it is 0: (B, 3, h, w)."""
-    alone = torch.zeros_like(masks)
-    alone[:, k] = masks[:, k]
-    return paint(alone)
-
-
-def overlay(images, masks):
-    """The painted masks over the faded images: images (B, 3, H, W) in [-1, 1], masks (B, K,
-    h, w) → (B, 3, H, W)."""
-    return images + TINT * (paint(enlarge(masks, images.shape[-2:])) - images)
-
-
-def argmax_map(images, masks):
-    """Each pixel in the colour of the slot whose mask wins it, over the faded images: images
-    (B, 3, H, W) in [-1, 1], masks (B, K, h, w) → (B, 3, H, W)."""
-    winner = F.one_hot(masks.argmax(1), masks.shape[1]).permute(0, 3, 1, 2)  # (B, K, h, w)
-    return overlay(images, winner.to(images))
-
-
-def mask_rows(images, masks):
-    """The slot masks as rows of pictures: for each slot k, m_k tinted over the images in
-    colour k (the rest dimmed), then the argmax map. images (B, 3, H, W) in [-1, 1], masks
-    (B, K, h, w) summing to 1 over K → K + 1 tensors (B, 3, H, W)."""
-    large = enlarge(masks, images.shape[-2:])  # (B, K, H, W)
-    dimmed = (images + 1) * DIM - 1
-    rows = []
-    for k in range(masks.shape[1]):
-        colour = REGION_COLOURS[k].to(images)[None, :, None, None] * 2 - 1  # (1, 3, 1, 1)
-        mask = large[:, k:k + 1]  # (B, 1, H, W)
-        rows.append(dimmed + mask * (images + TINT * (colour - images) - dimmed))
-    return rows + [argmax_map(images, masks)]
 
 
 # -- The tensors of one edit -----------------------------------------------------------------------
@@ -156,17 +105,17 @@ def explanation(model, trace, query=None):
     w)}, "timesteps", "x0" {step: decoded x̂_0 (B, 3, H, W)} at the steps of the trajectory and
     the attention, "f_r" decoded (B, 3, H, W)}.
     Masks and maps are softmaxes over the K tokens: each sums to 1 at every pixel."""
-    cond, steps = trace["cond"], trace["steps"]
+    cond, steps = trace["cond"], trace["steps"]  # steps: the sampler's dict of each step
     size = cond["masks"].shape[-2:]  # Eq. 7 compares A_cross and M_Q at the masks' size
-    alphas, attended = model.alphas_cumprod, attention_steps(len(steps))
+    attended = attention_steps(len(steps))
     shown = set(trajectory_steps(len(steps))) | set(attended)
     return {"masks": cond["masks"],
             # M_Q: the query's slot masks, the target of Eq. 7 (not used by an edit itself)
             "query_masks": None if query is None else model.slots(query)["masks"],
-            "attention": {i: average_cross_attention(steps[i][3], size) for i in attended},
-            "timesteps": [t for t, *_ in steps],
-            "x0": {i: model.decode_latent(predict_x0(z_t, eps, float(alphas[t])))
-                   for i, (t, z_t, eps, _) in enumerate(steps) if i in shown},
+            "attention": {i: average_cross_attention(steps[i]["attn"], size) for i in attended},
+            "timesteps": [step["t"] for step in steps],
+            "x0": {i: model.decode_latent(step["x0"]) for i, step in enumerate(steps)
+                   if i in shown},
             "f_r": model.decode_latent(cond["f_r"])}
 
 

@@ -357,11 +357,13 @@ class FLAME(nn.Module):
         buffers = {"v_template": model["v_template"], "blenddirs": dirs, "posedirs": posedirs,
                    "J_regressor": model["J_regressor"], "weights": model["weights"]}
         for name, value in buffers.items():
-            self.register_buffer(name, torch.as_tensor(np.asarray(value), dtype=torch.float32))
-        self.register_buffer("faces", torch.as_tensor(model["faces"], dtype=torch.long))
+            self.register_buffer(name, torch.as_tensor(np.asarray(value), dtype=torch.float32),
+                                 persistent=False)  # rebuilt from the model file, never saved
+        self.register_buffer("faces", torch.as_tensor(model["faces"], dtype=torch.long),
+                             persistent=False)
         for name in ("face_uvs", "albedo_mean", "albedo_dirs"):  # None when the model lacks them
             value = torch.as_tensor(model[name], dtype=torch.float32) if name in model else None
-            self.register_buffer(name, value)
+            self.register_buffer(name, value, persistent=False)
         self.n_albedo = 0 if self.albedo_dirs is None else self.albedo_dirs.shape[0]
 
     def forward(self, shape, expression, pose, return_transforms=False):

@@ -7,10 +7,10 @@ always mean the same thing.
 
 Blocks of LDM's autoencoder (Rombach et al., CVPR 2022; latent-diffusion's model.py), used by the
 VQ-VAE (vqvae.py) and the region encoder φ^E (slots.py):
-    ResBlock(x)      = skip(x) + conv(SiLU(GN(conv(SiLU(GN(x))))))      skip: 1×1 conv or identity
-    SelfAttention(x) = x + W_o·concat_heads(softmax(q kᵀ / √d) v),  [q, k, v] = W_qkv·GN(x)
-    Encoder          = conv in; per level `num_res_blocks` ResBlocks, a stride-2 conv between
-                       levels; middle ResBlock → SelfAttention → ResBlock; GN, SiLU, conv out
+    ResBlock(x)       = skip(x) + conv(SiLU(GN(conv(SiLU(GN(x))))))      skip: 1×1 conv or identity
+    AttentionBlock(x) = x + W_o·concat_heads(softmax(q kᵀ / √d) v),  [q, k, v] = W_qkv·GN(x)
+    Encoder           = conv in; per level `num_res_blocks` ResBlocks, a stride-2 conv between
+                        levels; middle ResBlock → AttentionBlock → ResBlock; GN, SiLU, conv out
 LDM's AttnBlock has one head; φ^E uses eight (DiffFAE Table 4). φ^E builds its U-Net from the
 same levels and middle block (slots.RegionEncoder).
 
@@ -83,7 +83,7 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class SelfAttention(nn.Module):
+class AttentionBlock(nn.Module):
     """Self-attention over the h·w positions, with a residual: (B, C, h, w) → (B, C, h, w).
 
     heads=None is LDM's AttnBlock: one head, on (B, N, C) tensors, which PyTorch multiplies as
@@ -108,10 +108,10 @@ class SelfAttention(nn.Module):
         return x + self.proj(out)
 
 
-def mid_block(channels, groups, heads=None, attention=True):
-    """LDM's middle block ResBlock → SelfAttention → ResBlock (attention=False leaves it out)."""
-    attend = SelfAttention(channels, groups, heads) if attention else nn.Identity()
-    return nn.Sequential(ResBlock(channels, channels, groups), attend,
+def mid_block(channels, groups, heads=None):
+    """LDM's middle block ResBlock → AttentionBlock → ResBlock."""
+    return nn.Sequential(ResBlock(channels, channels, groups),
+                         AttentionBlock(channels, groups, heads),
                          ResBlock(channels, channels, groups))
 
 
@@ -137,17 +137,17 @@ class Encoder(nn.Module):
     """LDM's encoder: (B, C_in, S, S) → (B, C_out, S/f, S/f), f = 2**(len(channel_mult) − 1).
 
     cfg gives in_channels, base_channels, channel_mult, num_res_blocks and norm_groups (a
-    VQConfig); attention: whether the middle block attends.
+    VQConfig).
     """
 
-    def __init__(self, cfg, out_channels, attention=True):
+    def __init__(self, cfg, out_channels):
         super().__init__()
         widths, groups = [cfg.base_channels * m for m in cfg.channel_mult], cfg.norm_groups
 
         self.net = nn.Sequential(
             nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1),
             *levels(widths[0], widths, cfg.num_res_blocks, groups, downsample),
-            mid_block(widths[-1], groups, attention=attention),
+            mid_block(widths[-1], groups),
             nn.GroupNorm(groups, widths[-1], eps=NORM_EPS), nn.SiLU(),
             nn.Conv2d(widths[-1], out_channels, 3, padding=1))
 

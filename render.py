@@ -313,8 +313,9 @@ class Renderer(nn.Module):
             raise ValueError(f"face_uvs must be (F, 3, 2), got {tuple(face_uvs.shape)}")
         self.image_size = _image_hw(image_size)
         self.cull_backfaces = cull_backfaces
-        self.register_buffer("faces", faces.clone())
-        self.register_buffer("face_uvs", None if face_uvs is None else face_uvs[None].clone())
+        self.register_buffer("faces", faces.clone(), persistent=False)  # the mesh's, not saved
+        self.register_buffer("face_uvs", None if face_uvs is None else face_uvs[None].clone(),
+                             persistent=False)
 
     def forward(self, vertices, albedo, light, cam) -> dict:
         screen = project(vertices, cam, self.image_size)  # (B, V, 3)

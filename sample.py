@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 
 import explain
+from checkpoint import load_model
 from cli import (DEFAULT_CHECKPOINT, SWAPPABLE, Parser, check_device, check_output,
                  check_sampling, fail, read_checkpoint, run)
 from data import ImageError, load_image, save_image
-from difffae import EDIT_ATTRIBUTES, NUMBERS, load_model
+from editing import EDIT_ATTRIBUTES, NUMBERS
 from samplers import SAMPLERS
 from head import EXPRESSION_NAMES
 

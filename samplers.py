@@ -12,6 +12,9 @@ Samplers, each from x_T at the first timestep down to the clean sample:
         D_i = (1 + 1/(2r))·x̂_0,i − 1/(2r)·x̂_0,i−1       (first step: D_0 = x̂_0,0)
         x_{i+1} = (σ_{i+1}/σ_i)·x_i − α_{i+1}·(e^{−h_i} − 1)·D_i
     The last step goes to ᾱ = 1, where both samplers return x̂_0 (a first-order step).
+Each sampler is one function of one signature, sampler(model_fn, x_T, alphas_cumprod, timesteps,
+callback=None, eta=0.0, generator=None), handing each step's state to `callback` (the shape of
+k-diffusion's samplers); SAMPLERS names them.
 Timesteps are "trailing" (Lin et al. 2024, Table 2): t_i = round(T−1 − i·T/steps), so sampling
 starts at the noisiest step t = T−1.
 
@@ -20,8 +23,6 @@ Letters: x latents of any shape, T timesteps.
 import math
 
 import torch
-
-SAMPLERS = ("ddim", "dpm++2m")
 
 
 def scaled_linear_alphas_cumprod(timesteps, beta_start, beta_end):
@@ -60,28 +61,50 @@ def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None):
     return x_prev
 
 
-def sample_loop(eps_fn, x_T, alphas_cumprod, timesteps, sampler="ddim", eta=0.0,
-                generator=None):
-    """Integrates from x_T at timesteps[0] down to the clean sample (ᾱ = 1 after the last).
-
-    eps_fn(x, t) returns the predicted noise at integer timestep t; timesteps is a descending
-    list of ints indexing alphas_cumprod (T,). sampler "ddim" (eta as in ddim_step; its noise
-    drawn from `generator`) or "dpm++2m" (deterministic; eta must be 0).
-    """
-    assert sampler in SAMPLERS and 0 <= eta <= 1 and (sampler == "ddim" or eta == 0)
+def _checked(alphas_cumprod, timesteps, eta):
+    """ᾱ at each timestep and 1 after the last (the clean sample), after checking the list."""
+    assert 0 <= eta <= 1, f"eta={eta}: expected 0..1"
     assert all(a > b for a, b in zip(timesteps, timesteps[1:])) and timesteps \
         and 0 <= timesteps[-1] and timesteps[0] < len(alphas_cumprod), timesteps
-    alpha_bar = [float(alphas_cumprod[t]) for t in timesteps] + [1.0]
-    x, previous_x0, previous_h = x_T, None, None
+    return [float(alphas_cumprod[t]) for t in timesteps] + [1.0]
+
+
+def _denoised(model_fn, x, t, alpha_bar, i, callback):
+    """ε̂ and x̂_0 at step i, handed to the callback with the state x: (ε̂, x̂_0)."""
+    eps = model_fn(x, t).to(x.dtype)  # the arithmetic in x's precision, even for a bf16 ε
+    x0 = predict_x0(x, eps, alpha_bar)
+    if callback is not None:
+        callback({"i": i, "t": t, "x": x, "eps": eps, "x0": x0})
+    return eps, x0
+
+
+def sample_ddim(model_fn, x, alphas_cumprod, timesteps, callback=None, eta=0.0, generator=None):
+    """DDIM (Song et al. 2021, Eq. 12) from x = x_T at timesteps[0] down to the clean sample.
+
+    model_fn(x, t) returns the predicted noise ε̂ at integer timestep t; timesteps is a
+    descending list of ints indexing alphas_cumprod (T,); callback, if given, receives a dict
+    per step {"i", "t", "x" (the state at t), "eps" ε̂, "x0" x̂_0}; eta as in ddim_step, its
+    noise drawn from `generator`.
+    """
+    alpha_bar = _checked(alphas_cumprod, timesteps, eta)
     for i, t in enumerate(timesteps):
-        eps = eps_fn(x, t).to(x.dtype)  # the arithmetic in x's precision, even for a bf16 ε
-        if sampler == "ddim":
-            noise = None
-            if eta > 0:
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = ddim_step(x, eps, alpha_bar[i], alpha_bar[i + 1], eta, noise)
-            continue
-        x0 = predict_x0(x, eps, alpha_bar[i])
+        eps, _ = _denoised(model_fn, x, t, alpha_bar[i], i, callback)
+        noise = None
+        if eta > 0:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = ddim_step(x, eps, alpha_bar[i], alpha_bar[i + 1], eta, noise)
+    return x
+
+
+def sample_dpmpp_2m(model_fn, x, alphas_cumprod, timesteps, callback=None, eta=0.0,
+                    generator=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), as sample_ddim; deterministic: eta must be 0
+    and `generator` is not used."""
+    assert eta == 0, f"eta={eta}: DPM-Solver++(2M) is deterministic, expected 0"
+    alpha_bar = _checked(alphas_cumprod, timesteps, eta)
+    previous_x0, previous_h = None, None
+    for i, t in enumerate(timesteps):
+        _, x0 = _denoised(model_fn, x, t, alpha_bar[i], i, callback)
         if alpha_bar[i + 1] >= 1.0:  # the step to σ = 0 (λ = ∞) is first order: x = x̂_0
             return x0
         lam, lam_next = (0.5 * math.log(a / (1 - a)) for a in alpha_bar[i:i + 2])  # λ = log(α/σ)
@@ -95,3 +118,8 @@ def sample_loop(eps_fn, x_T, alphas_cumprod, timesteps, sampler="ddim", eta=0.0,
         x = (sigma_next / sigma) * x - math.sqrt(alpha_bar[i + 1]) * math.expm1(-h) * data
         previous_x0, previous_h = x0, h
     return x
+
+
+# The samplers by name (DiffusionConfig.sampler, sample.py --sampler): one signature,
+# sampler(model_fn, x_T, alphas_cumprod, timesteps, callback=None, eta=0.0, generator=None).
+SAMPLERS = {"ddim": sample_ddim, "dpm++2m": sample_dpmpp_2m}

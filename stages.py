@@ -17,17 +17,17 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 import metrics
-from config import REQUIRES, STAGES
+from checkpoint import PARTS, read_checkpoint, rebuild
 from data import save_image
 from difffae import DiffFAE, render_face
-from estimator import ArcMarginHead, CoefficientEstimator, EstimatorConfig, IdentityConfig
-from estimator import IdentityEncoder
-from explain import mask_rows
+from estimator import ArcMarginHead, CoefficientEstimator, IdentityEncoder
 from layers import FACE, REGION_NAMES
-from slots import RegionSlots, SlotsConfig, masks_at, pretraining_loss
+from pictures import grid as picture_grid, mask_rows
+from slots import RegionSlots, masks_at, pretraining_loss
 from synthetic import SyntheticPortraits
-from vqvae import PatchDiscriminator, VQConfig, VQVAE, discriminator_hinge_loss, vq_loss
+from vqvae import PatchDiscriminator, VQVAE, discriminator_hinge_loss, vq_loss
 
+STAGES = tuple(PARTS)
 # Spread of each coefficient in the synthetic data (synthetic.py's sampling), used to weigh the
 # estimator's regression so that every group counts alike.
 COEFFICIENT_SCALE = {"shape": 1.0, "albedo": 0.9, "expression": 0.45, "pose": 0.3,
@@ -68,35 +68,9 @@ def true_coefficients(batch, image):
             "light": params["light"]}
 
 
-# The network each stage trains, its config class, and its key prefix in the stage's state.
-NETWORKS = {"vqvae": (VQVAE, VQConfig, "vqvae."), "slots": (RegionSlots, SlotsConfig, "slots."),
-            "estimator": (CoefficientEstimator, EstimatorConfig, "estimator."),
-            "identity": (IdentityEncoder, IdentityConfig, "encoder.")}
-
-
-def network_of(checkpoint, stage):
-    """The trained network of a `stage` checkpoint (a dict as train.py saves it), rebuilt from
-    the config saved with it. Returns (network, its config)."""
-    network, config_class, prefix = NETWORKS[stage]
-    config = config_class(**checkpoint["config"][stage])
-    model = network(config)
-    model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items()
-                           if k.startswith(prefix)})
-    return model, config
-
-
 def previous_checkpoint(path):
     """The checkpoint kept beside `path` (ckpt.pt), one save older."""
     return Path(path).with_name("ckpt.prev.pt")
-
-
-def read_checkpoint(path):
-    """A checkpoint file as a dict; a ValueError naming the file if it cannot be read."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # zip, pickle and unsafe-global errors alike
-        raise ValueError(f"{path}: not a readable checkpoint (truncated, or not a PyTorch file: "
-                         f"{type(error).__name__})") from None
 
 
 def read_stage_checkpoint(path):
@@ -107,11 +81,11 @@ def read_stage_checkpoint(path):
         return None
     try:
         return read_checkpoint(path)
-    except (ValueError, FileNotFoundError) as error:
-        problem = error if isinstance(error, ValueError) else f"{path}: missing"
+    except ValueError as error:
+        problem = error
     try:
         state = read_checkpoint(previous)
-    except (ValueError, FileNotFoundError):
+    except ValueError:
         raise ValueError(f"neither {path} nor {previous} can be read: restore a copy, or move "
                          f"them away to train the stage again") from None
     print(f"{problem}; using {previous} (step {state['step']}) instead", file=sys.stderr)
@@ -124,7 +98,7 @@ def stage_folder(out, stage, tag=""):
 
 def require_earlier_checkpoints(cfg):
     """Refuses, in one line and before any work, a stage whose earlier stages are not trained."""
-    for stage in REQUIRES.get(cfg.stage, ()):
+    for stage in PARTS[cfg.stage].requires:
         tag = cfg.slots_tag if stage == "slots" else ""
         path = stage_folder(cfg.out, stage, tag) / "ckpt.pt"
         if not path.exists() and not previous_checkpoint(path).exists():
@@ -141,7 +115,7 @@ def load_part(out, stage, device, tag=""):
     if checkpoint is None:
         run = f"python train.py --stage {stage} --out={out}" + (f" --tag={tag}" if tag else "")
         raise MissingCheckpoint(f"{path} is missing: run `{run}` first")
-    model, config = network_of(checkpoint, stage)
+    model, config = rebuild(checkpoint, stage)
     return model.to(device).eval().requires_grad_(False), config
 
 
@@ -163,7 +137,7 @@ def eval_set(cfg):
 
 def grid(rows, path):
     """Saves rows of (N, 3, H, W) tensors in [-1, 1] as one PNG: one row per entry."""
-    save_image(torch.cat([torch.cat(list(row), 2) for row in rows], 1), path)
+    save_image(picture_grid(rows), path)
 
 
 class Stage(nn.Module):
@@ -419,7 +393,7 @@ class LDMStage(Stage):
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
         networks = {name: load_part(cfg.out, name, device, cfg.slots_tag if name == "slots"
-                                    else "") for name in REQUIRES["ldm"]}
+                                    else "") for name in PARTS["ldm"].requires}
         for name, (_, config) in networks.items():
             parts[name] = config
         sizes = {name: parts[name].image_size for name in ("slots", "estimator", "identity")}
@@ -452,6 +426,8 @@ class LDMStage(Stage):
 
     def forward(self, batch, step):
         model = self.model
+        if not model.latent_scale_set:  # LDM's scale_factor, from the first batch's queries
+            model.set_latent_scale(batch["query"])
         truth = model.diffusion.render_from == "truth"
         losses = model.loss(batch["source"], batch["query"],
                             true_coefficients(batch, "query") if truth else None)

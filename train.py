@@ -475,15 +475,17 @@ def evaluate(run, held_out, png, done, log):
 
 def export(cfg, out):
     """Writes the inference weights (EMA, float16) of the ldm checkpoint to `out`."""
-    from difffae import export_inference
+    from checkpoint import export_inference
     if cfg.stage != "ldm":
         raise ConfigError("--export: only the ldm stage makes a complete model")
     checkpoint = stages.read_stage_checkpoint(checkpoint_path(cfg))
     if checkpoint is None:
         raise stages.MissingCheckpoint(f"{checkpoint_path(cfg)} is missing: nothing to export")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    export_inference(checkpoint, out)
-    print(f"wrote {out} (step {checkpoint['step']}, {Path(out).stat().st_size / 2**20:.1f} MiB)")
+    written = export_inference(checkpoint, out)
+    size = sum(Path(file).stat().st_size for file in written) / 2 ** 20
+    files = f"{len(written)} files, keep them together" if len(written) > 1 else "one file"
+    print(f"wrote {out} (step {checkpoint['step']}, {size:.1f} MiB in {files})")
 
 
 def finished(cfg, done, chain):

@@ -130,7 +130,7 @@ class AdaIN(nn.Module):
         return self.norm(h) * scale[:, :, None, None] + shift[:, :, None, None]
 
 
-class ResBlock(nn.Module):
+class AdaINResBlock(nn.Module):
     """GN+SiLU+conv, AdaIN(f_id) + time projection, SiLU+conv (zero-init), + skip.
 
     Input x (B, C_in, H, W), temb (B, 4·base), f_id (B, Di); output (B, C_out, H, W).
@@ -244,14 +244,14 @@ class SpatialTransformer(nn.Module):
 
 
 class UNetStage(nn.Module):
-    """One ResBlock, then a SpatialTransformer if this resolution attends.
+    """One AdaINResBlock, then a SpatialTransformer if this resolution attends.
 
     Returns (h, maps): maps is [probs (B, heads, H, W, K)] or [] — threaded up functionally.
     """
 
     def __init__(self, in_channels, out_channels, temb_dim, config, attend):
         super().__init__()
-        self.res = ResBlock(in_channels, out_channels, temb_dim, config.id_dim,
+        self.res = AdaINResBlock(in_channels, out_channels, temb_dim, config.id_dim,
                             config.norm_groups)
         self.transformer = None
         if attend:
@@ -304,7 +304,8 @@ class UNet(nn.Module):
                 self.downsample.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1))
                 skip_channels.append(channels)
         self.mid_stage = UNetStage(channels, channels, temb_dim, config, attend=True)
-        self.mid_res = ResBlock(channels, channels, temb_dim, config.id_dim, config.norm_groups)
+        self.mid_res = AdaINResBlock(channels, channels, temb_dim, config.id_dim,
+                                     config.norm_groups)
         self.up = nn.ModuleList([nn.ModuleList() for _ in levels])  # indexed by level
         self.upsample = nn.ModuleList(  # level l → l−1: nearest ×2, then a 3×3 conv (LDM)
             nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),

@@ -57,7 +57,6 @@ class VQConfig:
     channel_mult: tuple = (1, 2, 4)  # len − 1 = number of 2× downsamplings
     num_res_blocks: int = 2
     norm_groups: int = 32
-    use_mid_attention: bool = True  # single-head self-attention at the lowest resolution (LDM)
     latent_channels: int = 3
     codebook_size: int = 8192
     beta: float = 0.25  # van den Oord et al. 2017, §3.2
@@ -103,7 +102,7 @@ class Decoder(nn.Module):
 
         self.net = nn.Sequential(
             nn.Conv2d(cfg.latent_channels, widths[0], 3, padding=1),
-            mid_block(widths[0], groups, attention=cfg.use_mid_attention),
+            mid_block(widths[0], groups),
             *levels(widths[0], widths, cfg.num_res_blocks, groups, up),
             nn.GroupNorm(groups, widths[-1], eps=NORM_EPS), nn.SiLU())
         self.conv_out = nn.Conv2d(widths[-1], cfg.in_channels, 3, padding=1)
@@ -202,7 +201,7 @@ class VQVAE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg, cfg.latent_channels, attention=cfg.use_mid_attention)
+        self.encoder = Encoder(cfg, cfg.latent_channels)
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.latent_channels, cfg.beta,
                                          cfg.usage_decay, cfg.dead_code_threshold)
         self.decoder = Decoder(cfg)

@@ -16,7 +16,7 @@ from torch.utils.data import default_collate
 
 import stages
 import train
-from samplers import SAMPLERS, make_timesteps, sample_loop, scaled_linear_alphas_cumprod
+from samplers import SAMPLERS, make_timesteps, scaled_linear_alphas_cumprod
 from synthetic import SyntheticPortraits
 from vqvae import VectorQuantizer
 
@@ -121,7 +121,7 @@ def test_softmax_statistics_stay_float32(trained, batch):
         slots = model.slots(batch["source"])
         decoded = model.slots.decode(slots["slots"])
         cond = model.conditions(batch["source"], batch["query"])
-        _, maps = model.denoise(torch.randn_like(cond["f_r"]), 500, cond, return_attn=True)
+        _, maps = model.denoise(torch.randn_like(cond["f_r"]), 500, cond)
     for name, probs, dim in [("M_Q", slots["masks"], 1), ("alphas", decoded["alphas"], 1),
                              *[("A_cross", m, -1) for m in maps]]:
         assert probs.dtype == torch.float32, name  # in bf16 sums were off by 3e-3
@@ -169,8 +169,8 @@ def test_sampler_arithmetic_on_a_bf16_eps_is_float32(sampler):
     eps = torch.randn(2, 3, 8, 8, generator=generator).to(torch.bfloat16)  # a bf16 network's
     alphas = scaled_linear_alphas_cumprod(1000, 0.00085, 0.012)
     timesteps = make_timesteps(10, 1000)
-    out = sample_loop(lambda x, t: eps, x_T, alphas.float(), timesteps, sampler)
-    exact = sample_loop(lambda x, t: eps.double(), x_T.double(), alphas, timesteps, sampler)
+    out = SAMPLERS[sampler](lambda x, t: eps, x_T, alphas.float(), timesteps)
+    exact = SAMPLERS[sampler](lambda x, t: eps.double(), x_T.double(), alphas, timesteps)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
 

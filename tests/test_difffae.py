@@ -17,7 +17,9 @@ from torch.utils.data import default_collate
 import stages
 import train
 from data import save_image
-from difffae import TRAINING_ONLY, DiffFAE, configs_from, load_model
+from checkpoint import (PARTS, TRAINING_ONLY, CheckpointError, configs_of, export_inference,
+                        load_model, read_checkpoint)
+from difffae import DiffFAE
 from layers import REGION_NAMES
 from slots import pretraining_loss
 from synthetic import SyntheticPortraits
@@ -31,7 +33,7 @@ SMALL = [f"--image_size={SIZE}", "--batch_size=2", "--pool=8", "--identities=4",
 def write_prerequisites(out):
     """Random-weight checkpoints of the four pretraining stages under `out`, as train.py
     writes them (the slots stage reads the VQ-VAE's, so the VQ-VAE goes first)."""
-    for stage in stages.REQUIRES["ldm"]:
+    for stage in PARTS["ldm"].requires:
         cfg, parts = train.build_configs(["--stage", stage, *SMALL[:4], f"--out={out}"])
         built = stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
         train.atomic_save({"stage": stage, "step": 0, "model": built.state_dict(),
@@ -46,16 +48,18 @@ def pretrained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ldm_stage(pretrained):
-    torch.manual_seed(0)
-    cfg, parts = train.build_configs(["--stage", "ldm", *SMALL, f"--out={pretrained}"])
-    return stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
-
-
-@pytest.fixture(scope="module")
 def batch():
     items = SyntheticPortraits(SIZE, "test", length=2).__getitems__([0, 1])
     return default_collate(items)
+
+
+@pytest.fixture(scope="module")
+def ldm_stage(pretrained, batch):
+    torch.manual_seed(0)
+    cfg, parts = train.build_configs(["--stage", "ldm", *SMALL, f"--out={pretrained}"])
+    stage = stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
+    stage.model.set_latent_scale(batch["query"])  # as the stage's first step does
+    return stage
 
 
 def run(program, *args, cwd=ROOT):
@@ -122,7 +126,7 @@ def test_paper_variant_is_eq8_alone_with_i_r_from_the_estimator(pretrained, batc
 def test_ldm_stage_starts_from_a_tagged_slots_run_of_another_slot_count(pretrained, batch,
                                                                         tmp_path):
     """The 2- and 8-slot ablations: --slots_tag picks the slots run; without labels."""
-    for stage in stages.REQUIRES["ldm"]:
+    for stage in PARTS["ldm"].requires:
         (tmp_path / stage).mkdir()
         os.link(pretrained / stage / "ckpt.pt", tmp_path / stage / "ckpt.pt")
     options = [*SMALL[:4], f"--out={tmp_path}", "--slots_supervision=0"]
@@ -165,27 +169,27 @@ def test_acr_term_is_the_squared_distance_of_attention_to_query_masks(ldm_stage,
 
 @pytest.mark.parametrize("gamma", [0.0, 5.0])
 def test_min_snr_weights_each_image_by_its_timestep(ldm_stage, batch, gamma):
-    """With ε̂ = 0 the loss of image b is mean(ε_b²); Min-SNR-γ weighs it by
-    min(SNR_t, γ)/SNR_t, SNR_t = ᾱ_t/(1−ᾱ_t) (γ = 0: no weights, the paper's loss)."""
+    """With ε̂ = 0 (the UNet's last conv zeroed, as LDM initialises it) the loss of image b is
+    mean(ε_b²); Min-SNR-γ weighs it by min(SNR_t, γ)/SNR_t, SNR_t = ᾱ_t/(1−ᾱ_t) (γ = 0: no
+    weights, the paper's loss)."""
     model = ldm_stage.model
-    unet_forward = model.unet.forward
-
-    def zero(x, t, context, id_embed, return_attn=False):
-        eps, attn = unet_forward(x, t, context, id_embed, return_attn=True)
-        return torch.zeros_like(eps), attn
-
+    t = torch.tensor([10, 900])  # a low-noise step (weighted when γ > 0) and a noisy one
+    noise = torch.randn(model.encode_latent(batch["query"]).shape,
+                        generator=torch.Generator().manual_seed(3))
+    conv_out = model.unet.conv_out
+    saved = [p.detach().clone() for p in conv_out.parameters()]
     preset = model.diffusion.min_snr_gamma
-    model.unet.forward, model.diffusion.min_snr_gamma = zero, gamma
-    try:
-        torch.manual_seed(3)
-        out = model.loss(batch["source"], batch["query"])
-    finally:
-        del model.unet.forward
-        model.diffusion.min_snr_gamma = preset
-    torch.manual_seed(3)  # the same draws as the loss: t, then ε
-    t = torch.randint(model.diffusion.timesteps, (len(batch["query"]),))
     with torch.no_grad():
-        noise = torch.randn(model.encode_latent(batch["query"]).shape)
+        for p in conv_out.parameters():
+            p.zero_()
+    model.diffusion.min_snr_gamma = gamma
+    try:
+        out = model.loss(batch["source"], batch["query"], t=t, noise=noise)
+    finally:
+        with torch.no_grad():
+            for p, value in zip(conv_out.parameters(), saved):
+                p.copy_(value)
+        model.diffusion.min_snr_gamma = preset
     alpha_bar = model.alphas_cumprod[t].double()
     snr = alpha_bar / (1 - alpha_bar)
     weight = snr.clamp(max=gamma) / snr if gamma else torch.ones_like(snr)
@@ -194,15 +198,28 @@ def test_min_snr_weights_each_image_by_its_timestep(ldm_stage, batch, gamma):
     assert gamma == 0 or weight.min() < 1  # the draw includes a weighted (low-noise) step
 
 
+def test_loss_draws_t_then_noise_when_not_given(ldm_stage, batch):
+    """Training draws t ~ U{0..T−1}, then ε ~ N(0, I), from the global generator: the loss of
+    those draws handed in is the same to the bit."""
+    model = ldm_stage.model
+    torch.manual_seed(4)
+    drawn = model.loss(batch["source"], batch["query"])
+    torch.manual_seed(4)
+    t = torch.randint(model.diffusion.timesteps, (len(batch["query"]),))
+    noise = torch.randn(model.encode_latent(batch["query"]).shape)
+    given = model.loss(batch["source"], batch["query"], t=t, noise=noise)
+    assert torch.equal(drawn["loss"], given["loss"])
+
+
 def test_edit_swaps_slot_tokens_and_keeps_unedited_attributes(ldm_stage, batch):
     model = ldm_stage.model.eval()
     source, query = batch["source"][:1], batch["query"][:1]
     seen = []
     denoise = model.denoise
 
-    def spy(z_t, t, cond, return_attn=False):
+    def spy(z_t, t, cond):
         seen.append(cond["slots"].clone())
-        return denoise(z_t, t, cond, return_attn)
+        return denoise(z_t, t, cond)
 
     model.denoise = spy
     try:
@@ -239,7 +256,7 @@ def test_same_seed_same_edit_and_sampler_choice(ldm_stage, batch):
 def test_ldm_stage_trains_resumes_with_its_ema_and_exports(pretrained, tmp_path):
     """A run split 2 + 2 steps ends with the weights and EMA of an uninterrupted 4-step run."""
     for folder in ("whole", "split"):
-        for stage in stages.REQUIRES["ldm"]:
+        for stage in PARTS["ldm"].requires:
             (tmp_path / folder / stage).mkdir(parents=True)
             os.link(pretrained / stage / "ckpt.pt", tmp_path / folder / stage / "ckpt.pt")
     common = ["--stage", "ldm", *SMALL, "--ckpt_every=1", "--ema_decay=0.9"]
@@ -275,7 +292,7 @@ def test_ldm_stage_trains_resumes_with_its_ema_and_exports(pretrained, tmp_path)
 
 def test_two_process_ddp_run_of_the_ldm_stage(pretrained, tmp_path):
     """Frozen parts and the unused slot decoder must not trip DDP's unused-parameter check."""
-    for stage in stages.REQUIRES["ldm"]:
+    for stage in PARTS["ldm"].requires:
         (tmp_path / stage).mkdir()
         os.link(pretrained / stage / "ckpt.pt", tmp_path / stage / "ckpt.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -291,12 +308,11 @@ def test_two_process_ddp_run_of_the_ldm_stage(pretrained, tmp_path):
 
 @pytest.fixture(scope="module")
 def exported(ldm_stage, batch, tmp_path_factory):
-    """An inference file of the fixture's model, as train.py --export writes it."""
-    from difffae import export_inference
-    ldm_stage.model.set_latent_scale(batch["query"])  # as the first training step does
+    """An inference file of the fixture's model, as train.py --export writes it (in one)."""
     path = tmp_path_factory.mktemp("model") / "model.pt"
     config = {name: vars(c) for name, c in ldm_stage.model.configs.items()}
-    export_inference({"step": 0, "config": config, "model": ldm_stage.state_dict()}, path)
+    export_inference({"step": 0, "config": config, "model": ldm_stage.state_dict()}, path,
+                     max_part_bytes=2 ** 30)  # one file, which the tests below take apart
     return path
 
 
@@ -315,13 +331,54 @@ def test_load_model_errors_name_the_file(exported, pretrained, tmp_path):
     with pytest.raises(ValueError, match="other.pt: incompatible"):
         load_model(tmp_path / "other.pt")
     assert isinstance(load_model(exported), DiffFAE)
-    assert configs_from(bundle["config"])["unet"].base_channels == 64
+    assert configs_of(bundle)["unet"].base_channels == 64
     bundle = torch.load(exported, weights_only=True)  # the slot decoder is not exported ...
     assert not any(name.startswith(TRAINING_ONLY) for name in bundle["weights"])
     bundle["weights"].pop(next(name for name in bundle["weights"] if name.startswith("unet.")))
     torch.save(bundle, tmp_path / "short.pt")  # ... but every other weight must be there
     with pytest.raises(ValueError, match="short.pt: incompatible.*missing weights"):
         load_model(tmp_path / "short.pt")
+
+
+def test_a_truncated_or_retired_checkpoint_is_one_line(exported, tmp_path):
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(exported.read_bytes()[:5000])
+    with pytest.raises(CheckpointError) as error:
+        load_model(cut)
+    assert str(error.value) == (f"{cut}: not a readable checkpoint (truncated or not a PyTorch "
+                                f"file)")
+    with pytest.raises(CheckpointError, match="a directory"):
+        read_checkpoint(tmp_path)
+    bundle = torch.load(exported, weights_only=True)
+    bundle["config"]["vqvae"]["use_mid_attention"] = True  # a retired field, at its one value
+    assert configs_of(bundle)["vqvae"] == configs_of(torch.load(exported, weights_only=True))[
+        "vqvae"]
+    bundle["config"]["vqvae"]["use_mid_attention"] = False
+    torch.save(bundle, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="old.pt: incompatible.*use_mid_attention=False"):
+        load_model(tmp_path / "old.pt")
+
+
+def test_an_export_in_parts_loads_the_same_weights(ldm_stage, tmp_path):
+    """Split by max_part_bytes: every file within it, the weights those of the whole file; a
+    missing or damaged part is one line naming it."""
+    config = {name: vars(c) for name, c in ldm_stage.model.configs.items()}
+    checkpoint = {"step": 0, "config": config, "model": ldm_stage.state_dict()}
+    limit = 4 * 2 ** 20
+    files = export_inference(checkpoint, tmp_path / "split.pt", max_part_bytes=limit)
+    assert len(files) > 3 and [f.name for f in files[1:3]] == ["split.pt.part1", "split.pt.part2"]
+    assert all(f.stat().st_size <= limit for f in files)
+    (one,) = export_inference(checkpoint, tmp_path / "one.pt", max_part_bytes=2 ** 30)
+    whole, split = load_model(one).state_dict(), load_model(files[0]).state_dict()
+    assert whole.keys() == split.keys()
+    assert all(torch.equal(whole[k], split[k]) for k in whole if not k.startswith(TRAINING_ONLY))
+    files[2].write_bytes(files[2].read_bytes()[:-1] + b"x")
+    with pytest.raises(CheckpointError, match=r"split.pt.part2: damaged.*part 2 of"):
+        load_model(files[0])
+    files[2].unlink()
+    with pytest.raises(CheckpointError) as error:
+        load_model(files[0])
+    assert str(error.value) == f"{files[2]}: missing (part 2 of {len(files) - 1} of {files[0]})"
 
 
 def test_sample_program_writes_an_edit_and_fails_cleanly(exported, batch, tmp_path, capsys,

@@ -13,7 +13,8 @@ from torch.utils.data import default_collate
 import evaluate
 import metrics
 import stages
-from difffae import EDIT_ATTRIBUTES, load_model
+from checkpoint import load_model
+from editing import EDIT_ATTRIBUTES
 from layers import FACE, REGION_NAMES
 from cli import SWAPPABLE
 from slots import masks_at

@@ -17,10 +17,12 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 import explain
+import pictures
 import stages
 import train
 from data import load_image, to_pil
-from difffae import load_model, set_numbers
+from checkpoint import load_model
+from editing import set_numbers
 from samplers import ddim_step, make_timesteps, predict_x0
 from layers import REGION_NAMES
 from sample import DEFAULT_CHECKPOINT
@@ -84,19 +86,19 @@ def test_the_trace_is_the_edit_itself_and_changes_nothing(model, images, edits):
     assert torch.equal(again["image"], result["image"])
     steps = trace["steps"]
     timesteps = make_timesteps(STEPS, model.diffusion.timesteps)
-    assert [t for t, *_ in steps] == timesteps
+    assert [step["t"] for step in steps] == timesteps
     alpha_bar = [float(model.alphas_cumprod[t]) for t in timesteps] + [1.0]
-    for i, (t, z_t, eps, attn) in enumerate(steps[:-1]):  # DDIM from the trace: the next z_t
-        assert torch.equal(ddim_step(z_t, eps, alpha_bar[i], alpha_bar[i + 1]), steps[i + 1][1])
-    cond = {key: value for key, value in trace["cond"].items() if key != "trace"}
-    again = model.denoise(steps[2][1], steps[2][0], cond, return_attn=True)
-    assert torch.equal(again[0], steps[2][2])
-    assert all(torch.equal(a, b) for a, b in zip(again[1], steps[2][3]))
+    for i, step in enumerate(steps[:-1]):  # DDIM from the trace: the next z_t
+        assert torch.equal(ddim_step(step["x"], step["eps"], alpha_bar[i], alpha_bar[i + 1]),
+                           steps[i + 1]["x"])
+    again = model.denoise(steps[2]["x"], steps[2]["t"], trace["cond"])
+    assert torch.equal(again[0], steps[2]["eps"])
+    assert all(torch.equal(a, b) for a, b in zip(again[1], steps[2]["attn"]))
     seen = explain.explanation(model, trace, images["qry"])
     last = len(steps) - 1
     assert explain.trajectory_steps(STEPS) == [0, 1, 2, 3, 4, 5] == sorted(seen["x0"])
     assert torch.equal(seen["x0"][last], result["image"])  # the last step lands on x̂_0
-    x0 = predict_x0(steps[0][1], steps[0][2], alpha_bar[0])
+    x0 = predict_x0(steps[0]["x"], steps[0]["eps"], alpha_bar[0])
     assert torch.equal(seen["x0"][0], model.decode_latent(x0))
 
 
@@ -113,13 +115,13 @@ def test_maps_sum_to_one_over_the_tokens_at_every_pixel(model, images, edits):
     assert not torch.allclose(attention, seen["query_masks"], atol=0.05)  # not a copy of M_Q
     # the panels are these maps enlarged: a nearest-neighbour block per map pixel, still
     # summing to one; the argmax map takes each pixel's winning slot colour
-    large = explain.enlarge(seen["masks"], 64)
+    large = pictures.enlarge(seen["masks"], 64)
     assert torch.equal(large[..., ::4, ::4], seen["masks"]) and torch.allclose(
         large.sum(1), torch.ones(1, 64, 64), atol=1e-5)
-    rows = explain.mask_rows(images["src"], seen["masks"])
+    rows = pictures.mask_rows(images["src"], seen["masks"])
     assert len(rows) == len(REGION_NAMES) + 1
     winner = large.argmax(1)[0]  # (64, 64)
-    faded = images["src"][0] + explain.TINT * (explain.paint(
+    faded = images["src"][0] + pictures.TINT * (pictures.paint(
         torch.nn.functional.one_hot(winner, 4).permute(2, 0, 1)[None].float())[0]
         - images["src"][0])
     assert torch.allclose(rows[-1][0], faded, atol=1e-6)
@@ -134,7 +136,7 @@ def panel(figure, row_top, column, line, side):
 
 def expected(image, side):
     """A (3, h, w) image in [-1, 1] as the figure draws it, (side, side, 3) 8-bit."""
-    picture = to_pil(explain.enlarge(image[None].float(), side)[0])
+    picture = to_pil(pictures.enlarge(image[None].float(), side)[0])
     return torch.from_numpy(np.asarray(picture).copy())
 
 
@@ -155,7 +157,7 @@ def test_the_layout_holds_with_and_without_swaps(model, images, edits):
         seen = explain.explanation(model, trace, arguments.get("query"))
         for line_number, attention in enumerate(seen["attention"].values()):  # "all" panels
             assert torch.equal(panel(figure, tops[2], 4, line_number, side),
-                               expected(explain.paint(attention)[0], side))
+                               expected(pictures.paint(attention)[0], side))
         for column, step in enumerate(explain.trajectory_steps(STEPS)):
             assert torch.equal(panel(figure, tops[3], column, 0, side),
                                expected(seen["x0"][step][0], side))

@@ -9,7 +9,7 @@ Checked against these and other closed forms:
 - ddim_step with η = 1 is DDPM's ancestral step (Ho et al. 2020, Alg. 2) and, between any two
   steps, a draw from the posterior q(x_s | x_t, x̂_0) (Ho et al. Eq. 6-7); η = 0 is
   √ᾱ_prev·x̂_0 + √(1−ᾱ_prev)·ε;
-- sample_loop("ddim", η = 1) over all T steps: sample mean and variance equal the moments of the
+- sample_ddim with η = 1 over all T steps: sample mean and variance equal the moments of the
   linear-Gaussian DDPM chain, propagated analytically;
 - both samplers converge to the exact PF-ODE solution; on a grid uniform in λ = log(α/σ) DDIM is
   first order and DPM-Solver++(2M) second order (Lu et al. 2022), measured against the exact
@@ -28,9 +28,10 @@ import pytest
 import torch
 
 import metrics
-from difffae import EDIT_ATTRIBUTES, DiffusionConfig, combine_coefficients, set_numbers
-from samplers import (SAMPLERS, ddim_step, make_timesteps, predict_x0, sample_loop,
-                      scaled_linear_alphas_cumprod)
+from difffae import DiffusionConfig
+from editing import EDIT_ATTRIBUTES, combine_coefficients, set_numbers
+from samplers import (SAMPLERS, ddim_step, make_timesteps, predict_x0, sample_ddim,
+                      sample_dpmpp_2m, scaled_linear_alphas_cumprod)
 from head import EXPRESSION_NAMES
 
 T = 1000
@@ -169,8 +170,8 @@ def test_ddim_eta1_all_steps_matches_ancestral_chain_in_distribution():
     out = []
     for _ in range(3):
         x_T = torch.randn(25_000, dtype=torch.float64, generator=g)
-        out.append(sample_loop(gaussian_eps, x_T, AB, list(range(T - 1, -1, -1)), "ddim",
-                               eta=1.0, generator=g))
+        out.append(sample_ddim(gaussian_eps, x_T, AB, list(range(T - 1, -1, -1)), eta=1.0,
+                               generator=g))
     out = torch.cat(out)
     n = len(out)
     mean, var = ancestral_chain_moments(0.0, 1.0)
@@ -190,7 +191,7 @@ def test_samplers_converge_to_probability_flow_solution():
     errors = {}
     for sampler in SAMPLERS:
         errors[sampler] = [
-            float((sample_loop(gaussian_eps, x_T, AB, make_timesteps(n, T), sampler) - exact)
+            float((SAMPLERS[sampler](gaussian_eps, x_T, AB, make_timesteps(n, T)) - exact)
                   .abs().max()) for n in (10, 20, 50, 200)]
         assert all(a > b for a, b in zip(errors[sampler], errors[sampler][1:])), errors
     # The final step returns x̂_0 at t = T/n − 1: an O(1/n) shrinkage towards MU for both.
@@ -218,9 +219,9 @@ def test_convergence_orders_on_a_log_snr_grid():
         for n in counts:
             grid = log_snr_grid(n)
             a_last = AB_LIST[grid[-1]]
-            # Exact flow to the last timestep, then sample_loop's final step x̂_0 there.
+            # Exact flow to the last timestep, then the sampler's final step x̂_0 there.
             reference = posterior_mean_x0(pf_flow(x_T, AB_LIST[grid[0]], a_last), a_last)
-            out = sample_loop(gaussian_eps, x_T, AB, grid, sampler)
+            out = SAMPLERS[sampler](gaussian_eps, x_T, AB, grid)
             errors.append(float((out - reference).abs().max()))
         orders[sampler] = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
     assert all(0.9 < p < 1.1 for p in orders["ddim"]), orders
@@ -231,15 +232,15 @@ def test_dpm_solver_first_step_is_ddim():
     g = torch.Generator().manual_seed(2)
     x_T = torch.randn(32, dtype=torch.float64, generator=g)
     for grid in ([999], [999, 500], [700, 20]):
-        ddim = sample_loop(gaussian_eps, x_T, AB, grid, "ddim")
-        dpm = sample_loop(gaussian_eps, x_T, AB, grid, "dpm++2m")
+        ddim = sample_ddim(gaussian_eps, x_T, AB, grid)
+        dpm = sample_dpmpp_2m(gaussian_eps, x_T, AB, grid)
         torch.testing.assert_close(dpm, ddim, rtol=0, atol=1e-12)
-    single = sample_loop(gaussian_eps, x_T, AB, [600], "dpm++2m")
+    single = sample_dpmpp_2m(gaussian_eps, x_T, AB, [600])
     torch.testing.assert_close(single, posterior_mean_x0(x_T, AB_LIST[600]), rtol=0, atol=1e-12)
     # From the third timestep on the second-order correction makes them differ.
     grid = [999, 600, 300]
-    difference = sample_loop(gaussian_eps, x_T, AB, grid, "dpm++2m") \
-        - sample_loop(gaussian_eps, x_T, AB, grid, "ddim")
+    difference = sample_dpmpp_2m(gaussian_eps, x_T, AB, grid) \
+        - sample_ddim(gaussian_eps, x_T, AB, grid)
     assert float(difference.abs().max()) > 1e-3
 
 
@@ -260,11 +261,11 @@ def test_dtypes_are_kept(dtype):
         torch.testing.assert_close(out.double(), reference, rtol=0, atol=1e-5)
     grid = make_timesteps(10, T)
     for sampler, eta in (("ddim", 0.0), ("ddim", 1.0), ("dpm++2m", 0.0)):
-        out = sample_loop(gaussian_eps, x, AB, grid, sampler, eta,
-                          generator=torch.Generator().manual_seed(0))
+        out = SAMPLERS[sampler](gaussian_eps, x, AB, grid, eta=eta,
+                                generator=torch.Generator().manual_seed(0))
         assert out.dtype == dtype
         if eta == 0:
-            reference = sample_loop(gaussian_eps, x64, AB, grid, sampler)
+            reference = SAMPLERS[sampler](gaussian_eps, x64, AB, grid)
             torch.testing.assert_close(out.double(), reference, rtol=0, atol=1e-4)
 
 
@@ -310,14 +311,34 @@ def test_scaled_linear_schedule():
 # (sample.py checks its options: tests/test_difffae.py; evaluate.py: tests/test_evaluate.py)
 # ---------------------------------------------------------------------------------------------
 
-def test_sample_loop_asserts_its_arguments():
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_callback_sees_every_step_and_its_posterior_mean(sampler):
+    """The callback gets step i at timestep t_i with the state x_i it was given (x_T first, the
+    previous step's output after: for DDIM, ddim_step of the last dict) and x̂_0, which with
+    the optimal ε is E[x_0 | x_t]."""
+    x_T = torch.linspace(-2, 2, 5, dtype=torch.float64)
+    grid, seen = make_timesteps(6, T), []
+    out = SAMPLERS[sampler](gaussian_eps, x_T, AB, grid, callback=seen.append)
+    assert [s["i"] for s in seen] == list(range(6)) and [s["t"] for s in seen] == grid
+    assert torch.equal(seen[0]["x"], x_T)
+    for state in seen:
+        torch.testing.assert_close(state["x0"], posterior_mean_x0(state["x"], AB_LIST[state["t"]]),
+                                   rtol=0, atol=1e-12)
+    if sampler == "ddim":
+        for a, b in zip(seen, seen[1:]):
+            torch.testing.assert_close(b["x"], ddim_step(a["x"], a["eps"], AB_LIST[a["t"]],
+                                                         AB_LIST[b["t"]]), rtol=0, atol=0)
+    torch.testing.assert_close(out, seen[-1]["x0"], rtol=0, atol=1e-12)  # ᾱ = 1 after the last
+
+
+def test_samplers_assert_their_arguments():
     x = torch.zeros(4, dtype=torch.float64)
     for grid in ([999, 999, 500], [500, 999], [10, 20, 5], [1000, 500], []):
         with pytest.raises(AssertionError):
-            sample_loop(gaussian_eps, x, AB, grid, "ddim")
-    for sampler, eta in (("euler", 0.0), ("dpm++2m", 1.0), ("ddim", 1.5), ("ddim", -0.1)):
+            sample_ddim(gaussian_eps, x, AB, grid)
+    for sampler, eta in ((sample_dpmpp_2m, 1.0), (sample_ddim, 1.5), (sample_ddim, -0.1)):
         with pytest.raises(AssertionError):
-            sample_loop(gaussian_eps, x, AB, [999, 500], sampler, eta)
+            sampler(gaussian_eps, x, AB, [999, 500], eta=eta)
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from layers import UNET_NORM_EPS
-from unet import (AdaIN, CrossAttention, ResBlock, SelfAttention, SpatialTransformer, UNet,
+from unet import (AdaIN, AdaINResBlock, CrossAttention, SelfAttention, SpatialTransformer, UNet,
                   UNetConfig, average_cross_attention, count_parameters, timestep_embedding)
 
 K = 4  # slot tokens
@@ -116,7 +116,7 @@ def test_adain_starts_as_plain_instance_norm():
 def test_the_timestep_reaches_every_res_block():
     """AdaIN normalises each channel of each image: a time shift added before it would vanish."""
     model = make_model()
-    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+    blocks = [m for m in model.modules() if isinstance(m, AdaINResBlock)]
     assert blocks
     for block in blocks:
         x = torch.randn(2, block.conv1.in_channels, 4, 4, dtype=torch.float64)

@@ -47,7 +47,7 @@ def test_default_config_is_ldm4_and_validates():
 @pytest.mark.parametrize("size", [64, 256])
 def test_shapes_factor_four(size):
     torch.manual_seed(0)
-    cfg = small_config(base_channels=4, norm_groups=2, use_mid_attention=(size == 64))
+    cfg = small_config(base_channels=4, norm_groups=2)
     model = VQVAE(cfg)
     x = torch.rand(1, 3, size, size) * 2 - 1
     with torch.no_grad():
@@ -190,7 +190,7 @@ def test_adaptive_disc_weight_is_gradient_norm_ratio():
 
 def test_vq_loss_terms_and_total():
     torch.manual_seed(4)
-    model = VQVAE(small_config(use_mid_attention=False)).double()
+    model = VQVAE(small_config()).double()
     disc = PatchDiscriminator(3, 8, 2, norm_groups=4).double()
     x = torch.rand(2, 3, 16, 16, dtype=torch.float64) * 2 - 1
     x_hat, info = model(x)
@@ -215,7 +215,7 @@ def test_patch_discriminator_shape():
 
 
 def test_bad_inputs_assert():
-    model = VQVAE(small_config(use_mid_attention=False))
+    model = VQVAE(small_config())
     with pytest.raises(AssertionError, match="image"):
         model.encode(torch.randn(1, 1, 16, 16))
     with pytest.raises(AssertionError, match="image"):
@@ -232,7 +232,7 @@ def test_bad_inputs_assert():
 
 def test_tiny_overfit_reduces_l1():
     torch.manual_seed(5)
-    cfg = small_config(channel_mult=(1, 2), use_mid_attention=False, codebook_size=32)
+    cfg = small_config(channel_mult=(1, 2), codebook_size=32)
     model = VQVAE(cfg)
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
