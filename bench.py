@@ -347,13 +347,10 @@ def logged_speed(log, first):
 def train_stages(check, out, peak, cuda):
     """Rows of every stage trained for a few steps in this process (bf16 autocast on CUDA),
     then the ldm stage's speed and a 2-process DDP run of it; returns (rows, batch size)."""
-    import stages
     import train
-    from checkpoint import load_model
-    from synthetic import SyntheticPortraits
-    check, cuda = CHECK[device.type], device.type == "cuda"
+    from config import STAGES
     rows = []
-    for stage in stages.STAGES:
+    for stage in STAGES:
         steps = check["ldm_steps"] if stage == "ldm" else check["steps"]
         cfg, parts = train.build_configs(train_command(stage, out, *check["args"], "--log_every=1",
                                                        f"--steps={steps}")[2:])
@@ -385,7 +382,7 @@ def train_stages(check, out, peak, cuda):
 def time_edits(check, out, device):
     """Rows of the latency of one edit by the ldm checkpoint in `out`, per sampler and
     precision."""
-    from difffae import load_model
+    from checkpoint import load_model
     from synthetic import SyntheticPortraits
     model = load_model(Path(out) / "ldm" / "ckpt.pt", device)
     pair = SyntheticPortraits(model.image_size, "test", length=1)[0]

@@ -14,41 +14,47 @@ out=$(realpath -m "${1:?usage: bash gpu_run.sh OUT [train.py options]}")
 shift
 cd "$(dirname "$0")"
 runs=runs/gpu-run
-mkdir -p "$out/logs" "$runs"
-note() { echo "[$(date +%T)] $*" | tee -a "$out/logs/run.log"; }
+logs=$runs/logs  # packed into OUT/logs.tar.gz after every phase, so a cut run keeps them
+mkdir -p "$out" "$logs"
+note() { echo "[$(date +%T)] $*" | tee -a "$logs/run.log"; }
+pack() {
+    cp "$runs"/*/log.jsonl --parents "$logs/" 2>/dev/null
+    for stage in "$runs"/*/; do  # the last held-out picture of every stage
+        last=$(ls "$stage"eval_*.png 2>/dev/null | tail -1)
+        [ -n "$last" ] && cp --parents "$last" "$logs/"
+    done
+    tar czf "$out/logs.tar.gz" -C "$logs" .
+}
 
 { nvidia-smi; nproc; free -g; python3 -c "import torch; print('torch', torch.__version__, \
 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
-} > "$out/logs/machine.txt" 2>&1
-note "machine: $(tail -1 "$out/logs/machine.txt")"
+} > "$logs/machine.txt" 2>&1
+note "machine: $(tail -1 "$logs/machine.txt")"
 
 started=$SECONDS
-timeout 430 python3 train.py --stage all --preset gpu --out="$runs" \
-    --export="$out/difffae-gpu.pt" "$@" > "$out/logs/train.log" 2>&1
+timeout 400 python3 train.py --stage all --preset gpu --out="$runs" \
+    --export="$out/difffae-gpu.pt" "$@" > "$logs/train.log" 2>&1
 status=$?
 note "train.py --stage all: exit $status after $((SECONDS - started)) s"
+pack
 if [ ! -e "$out/difffae-gpu.pt" ] && [ -e "$runs/ldm/ckpt.pt" ]; then  # cut short: the last
     python3 train.py --stage ldm --preset gpu --out="$runs" \
-        --export="$out/difffae-gpu.pt" "$@" >> "$out/logs/train.log" 2>&1  # checkpoint's
+        --export="$out/difffae-gpu.pt" "$@" >> "$logs/train.log" 2>&1  # checkpoint's
     note "export of the last ldm checkpoint: exit $?"
 fi
 
 if [ -e "$out/difffae-gpu.pt" ]; then
     started=$SECONDS
-    timeout 100 python3 evaluate.py --ckpt "$out/difffae-gpu.pt" --n "${N:-200}" \
-        --json "$out/logs/results.json" --grid "$out/results_grid.png" \
-        > "$out/logs/evaluate.log" 2>&1
+    timeout 80 python3 evaluate.py --ckpt "$out/difffae-gpu.pt" --n "${N:-200}" \
+        --json "$logs/results.json" --grid "$out/results_grid.png" \
+        > "$logs/evaluate.log" 2>&1
     note "evaluate.py: exit $? after $((SECONDS - started)) s"
+    pack
 fi
 
 started=$SECONDS
-timeout 120 python3 bench.py --gpu-check --out "$runs/check" > "$out/logs/gpu_check.md" 2>&1
+timeout 90 python3 bench.py --gpu-check --out "$runs/check" > "$logs/gpu_check.md" 2>&1
 note "bench.py --gpu-check: exit $? after $((SECONDS - started)) s"
 
-cp "$runs"/*/log.jsonl --parents "$out/logs/" 2>/dev/null
-for stage in "$runs"/*/; do  # the last held-out picture of every stage
-    last=$(ls "$stage"eval_*.png 2>/dev/null | tail -1)
-    [ -n "$last" ] && cp --parents "$last" "$out/logs/"
-done
-tar czf "$out/logs.tar.gz" -C "$out" logs && rm -r "$out/logs"
+pack
 ls -l "$out"
