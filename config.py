@@ -84,14 +84,13 @@ GPU_RUN = {"steps": 1_000_000, "pool": 16_000, "identities": 4000, "workers": 16
            "log_every": 50, "eval_every": 10 ** 9, "ckpt_every": 1000}  # the time limit ends it
 PRESETS = {
     "tiny": {
-        # 24.6 dB on held-out 64 px images (2,500 steps and 512 codes: 23.5; 32 base channels
-        # ran about 3× slower a step on the 2-core CPU)
+        # sized for a 2-core CPU; each choice below is measured in docs/ablations.md
         "vqvae": {"train": {"steps": 6000, "batch_size": 8, "lr": 4e-4},
                   "vqvae": {"base_channels": 16, "channel_mult": (1, 2, 4), "num_res_blocks": 1,
                             "norm_groups": 8, "codebook_size": 1024, "restart_every": 25,
                             "disc_start": 10 ** 9}},
-        # unsupervised slots reached mIoU 0.29 in this budget, region-supervised 0.89 (README):
-        # the tiny preset supervises them (not in the paper; the paper preset does not)
+        # region-supervised slots (not in the paper): unsupervised ones do not separate the
+        # regions in this budget
         "slots": {"train": {"steps": 2500, "batch_size": 8, "lr": 4e-4, "slots_supervision": 1.0},
                   "slots": {"image_size": 64, "base_channels": 16, "channel_mult": (1, 2, 4),
                             "num_res_blocks": 1, "norm_groups": 8, "attn_heads": 4,
@@ -99,15 +98,13 @@ PRESETS = {
                             "decoder_channels": 32, "decoder_layers": 3}},
         "estimator": {"train": {"steps": 8000, "batch_size": 8, "lr": 4e-4},
                       "estimator": {"image_size": 64, "base_channels": 48, "norm_groups": 8}},
-        # ArcFace's s = 64, m = 0.5 suit 85k classes; with 2,000 synthetic identities seen a few
-        # times each, m = 0.5 left the embeddings in a narrow cone (README, measured)
+        # ArcFace's s = 64, m = 0.5 suit 85k classes; a smaller margin suits 2,000 identities
         "identity": {"train": {"steps": 2000, "batch_size": 16, "lr": 4e-4,
                                "arcface_scale": 16.0, "arcface_margin": 0.2},
                      "identity": {"image_size": 64, "base_channels": 16, "norm_groups": 8,
                                   "embedding_dim": 128}},
-        # the slots stage's loss kept on: without it the fixed-binding slot mIoU fell from 0.90 to
-        # 0.66 in 2,000 steps; Min-SNR weights (γ = 5) led the paper's plain loss by 0.3-0.4 dB
-        # at 1k-4k steps (README)
+        # the slots stage's loss kept on, so that the slots stay on their regions; Min-SNR
+        # weights (γ = 5) instead of the paper's plain loss
         "ldm": {"train": {"steps": 16000, "batch_size": 8, "lr": 4e-4, "ema_decay": 0.999,
                           "eval_every": 1000, "eval_items": 64, "slots_weight": 1.0,
                           "slots_supervision": 1.0},

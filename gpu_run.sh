@@ -43,10 +43,11 @@ if [ ! -e "$out/difffae-gpu.pt" ] && [ -e "$runs/ldm/ckpt.pt" ]; then  # cut sho
     note "export of the last ldm checkpoint: exit $?"
 fi
 
+device=$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 if [ -e "$out/difffae-gpu.pt" ]; then
     started=$SECONDS
     timeout 80 python3 evaluate.py --ckpt "$out/difffae-gpu.pt" --n "${N:-200}" \
-        --json "$logs/results.json" --grid "$out/results_grid.png" \
+        --device "$device" --json "$logs/results.json" --grid "$out/results_grid.png" \
         > "$logs/evaluate.log" 2>&1
     note "evaluate.py: exit $? after $((SECONDS - started)) s"
     pack
