@@ -424,7 +424,7 @@ def gpu_check(device, out):
 def main():
     parser = Parser(description=__doc__.splitlines()[0])
     command = parser.add_mutually_exclusive_group()
-    command.add_argument("--gpu-check", action="store_true", help="the GPU table of the README")
+    command.add_argument("--gpu-check", action="store_true", help="the GPU table of docs/gpu.md")
     command.add_argument("--paper-step", action="store_true",
                          help="one step of every stage at the paper preset's sizes on the CPU")
     command.add_argument("--rehearse", metavar="PRESET", choices=("tiny", "paper", "gpu"),

@@ -140,8 +140,8 @@ def test_ldm_stage_starts_from_a_tagged_slots_run_of_another_slot_count(pretrain
     assert stage.model.slots.cfg.num_slots == 2
     assert torch.isfinite(stage(batch, 0)["loss"])
     cfg, parts = train.build_configs(["--stage", "ldm", *options, "--slots_tag=k8"])
-    with pytest.raises(stages.MissingCheckpoint, match="run `python train.py --stage slots "
-                                                       "--tag=k8` first"):
+    with pytest.raises(stages.MissingCheckpoint, match=f"run `python train.py --stage slots "
+                                                       f"--out={tmp_path} --tag=k8` first"):
         stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
 
 
