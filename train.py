@@ -438,6 +438,8 @@ def loop(cfg, run, loader, start, master):
                 checkpoint(cfg, run, guard, done, master)
             guard.stop_if_signalled(done)
             # evaluate held-out identities with the EMA weights, on RNG streams of its own
+            if last:
+                progress.close()  # before the last evaluation's line, so the bar ends once
             if master and (done % cfg.eval_every == 0 or last):
                 evaluate(run, held_out, path.parent / f"eval_{done:07d}.png", done, log)
             if last:
