@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import render
+from config import STAGES, build_configs
 from cli import DEFAULT_CHECKPOINT, Parser, check_device, fail, run
 
 ROOT = Path(__file__).resolve().parent
@@ -254,9 +255,8 @@ def parameter_counts(config):
 def paper_step(out):
     """Every stage at the paper preset's sizes on the CPU (see PAPER_STEP), then an edit of
     4 DPM-Solver++ steps with sample.py; prints Markdown tables of time, memory, parameters."""
-    import stages
     print("| stage | run | wall time | peak memory (RSS) |\n|---|---|---|---|")
-    for stage in stages.STAGES:
+    for stage in STAGES:
         for steps, what in ((1, "step 1 from scratch"), (2, "step 2, resumed")):
             wall, rss, status, output = run_measured(train_command(
                 stage, out, *PAPER_STEP, f"--steps={steps}"))
@@ -299,7 +299,6 @@ def step_cost(options):
     """(FLOPs, seconds, trained parameters) of one forward and backward of the stage that
     config.build_configs(options) describes, on the CPU, with a batch of synthetic pairs."""
     import stages
-    from config import build_configs
     from synthetic import SyntheticPortraits
     cfg, parts = build_configs(options)
     stage = stages.build(cfg, parts, torch.device("cpu"), cfg.identities)
@@ -317,7 +316,6 @@ def rehearse(preset, out):
     """Every stage of `preset` at its real sizes on the CPU: train.py's first step (its wall
     time from start to checkpoint and its peak memory), then one forward and backward counted
     (FLOPs) and timed; prints a Markdown table with the GPU step rate the FLOPs imply."""
-    from config import STAGES, build_configs
     print(f"| stage | batch | trained parameters | GFLOP a step | first step of train.py (wall, "
           f"peak RSS) | CPU forward + backward | GPU estimate at {ASSUMED_TFLOPS} TFLOP/s |\n"
           f"|---|---|---|---|---|---|---|")
@@ -348,7 +346,6 @@ def train_stages(check, out, peak, cuda):
     """Rows of every stage trained for a few steps in this process (bf16 autocast on CUDA),
     then the ldm stage's speed and a 2-process DDP run of it; returns (rows, batch size)."""
     import train
-    from config import STAGES
     rows = []
     for stage in STAGES:
         steps = check["ldm_steps"] if stage == "ldm" else check["steps"]

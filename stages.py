@@ -27,7 +27,6 @@ from slots import RegionSlots, masks_at, pretraining_loss
 from synthetic import SyntheticPortraits
 from vqvae import PatchDiscriminator, VQVAE, discriminator_hinge_loss, vq_loss
 
-STAGES = tuple(PARTS)
 # Spread of each coefficient in the synthetic data (synthetic.py's sampling), used to weigh the
 # estimator's regression so that every group counts alike.
 COEFFICIENT_SCALE = {"shape": 1.0, "albedo": 0.9, "expression": 0.45, "pose": 0.3,

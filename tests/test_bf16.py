@@ -16,6 +16,7 @@ from torch.utils.data import default_collate
 
 import stages
 import train
+from config import STAGES
 from samplers import SAMPLERS, make_timesteps, scaled_linear_alphas_cumprod
 from synthetic import SyntheticPortraits
 from vqvae import VectorQuantizer
@@ -44,7 +45,7 @@ def trained(batch, tmp_path_factory):
     it for the next. Returns {stage: (module, [losses of every step])}."""
     out = tmp_path_factory.mktemp("runs")
     result = {}
-    for stage in stages.STAGES:
+    for stage in STAGES:
         torch.manual_seed(0)
         cfg, parts = train.build_configs(["--stage", stage, *SMALL, f"--out={out}",
                                           *EXTRA.get(stage, [])])
@@ -66,7 +67,7 @@ def trained(batch, tmp_path_factory):
     return result
 
 
-@pytest.mark.parametrize("stage", stages.STAGES)
+@pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_trains_under_bf16_with_finite_float32_losses(trained, stage):
     _, history = trained[stage]
     for losses in history:
@@ -89,7 +90,7 @@ def loss_and_gradient(module, batch, enabled):
 # losses within 0.4 % of the stage's loss at its first step (the scale of its terms: the identity
 # loss, with two identities, falls from 3.5 to 3e-4 in three steps, while its logits keep their
 # size and their rounding), gradient cosines 0.996 and above
-@pytest.mark.parametrize("stage", stages.STAGES)
+@pytest.mark.parametrize("stage", STAGES)
 def test_bf16_loss_and_gradient_agree_with_float32(trained, batch, stage):
     module, history = trained[stage]
     loss32, gradient32 = loss_and_gradient(module, batch, enabled=False)

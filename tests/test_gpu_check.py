@@ -65,3 +65,16 @@ def test_the_paper_preset_steps_on_the_cpu(tmp_path):
     assert {name: count for name, count in table(networks)}["UNet ε_θ"] == "421.0M"
     assert (tmp_path / "edit.png").stat().st_size > 0
     assert torch.load(tmp_path / "ldm" / "ckpt.pt", mmap=True, weights_only=True)["step"] == 2
+
+
+def test_the_flop_count_of_the_rehearsal_matches_the_closed_form():
+    """A matrix product (B, I) @ (I, O) is 2·B·I·O FLOPs; a 3×3 convolution of C_in to C_out
+    channels on an H × W output is 2·C_in·9·C_out·H·W per image; backward doubles each."""
+    linear, conv = torch.nn.Linear(7, 5, bias=False), torch.nn.Conv2d(3, 4, 3, padding=1)
+    x, image = torch.randn(6, 7), torch.randn(2, 3, 8, 8)
+    with bench.FlopCount() as count:
+        linear(x)
+    assert count.total == 2 * 6 * 7 * 5
+    with bench.FlopCount() as count:
+        conv(image.requires_grad_()).sum().backward()  # forward, grads of input and weight
+    assert count.total == 3 * (2 * 3 * 9 * 4 * 8 * 8 * 2)
