@@ -254,7 +254,7 @@ class DiffFAE(nn.Module):
             cond["slots"][:, k] = self.slots(image)["slots"][:, k]
         callback = None
         if trace is not None:  # "steps" fills as the sampler steps
-            trace.update(cond=cond, estimates=estimates, steps=[])
+            trace.update(cond=cond, estimates=estimates, steps=[], sampler=sampler)
             callback = trace["steps"].append
         image = self.decode_latent(self.sample(cond, steps, sampler, seed, eta, callback))
         return {"image": image, "render": rendered, "mask": mask, "coefficients": coefficients}

@@ -14,8 +14,8 @@ Rows of `figure`, top to bottom:
 3. Attention, ACR (Eq. 7): A_cross per token, the UNet's cross-attention averaged over heads and
    layers (unet.average_cross_attention), at the first, middle and last sampling step; below
    them M_Q, which Eq. 7 pulls A_cross towards in training: L_attn = mean (A_cross − M_Q)².
-4. Trajectory (DDIM Eq. 12): x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t (samplers.predict_x0), decoded at
-   six steps, then the output.
+4. Trajectory of the sampler: x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t (DDIM Eq. 12's prediction,
+   whatever the sampler; samplers.predict_x0), decoded at six steps, then the output.
 The numbers are set_numbers' (editing.py): head yaw, pitch, roll as intrinsic Y-X-Z Euler angles
 (metrics.head_pose_degrees) and jaw opening, in degrees; the light's direction (x right, y up,
 z towards the camera) and strength, the first SH band being direction ⊗ strength per colour.
@@ -265,14 +265,15 @@ def _attention_row(sheet, seen, query, item):
               "sampling, and M_Q, its training target", cells, lines=len(maps))
 
 
-def _trajectory_row(sheet, seen, result, item):
+def _trajectory_row(sheet, seen, sampler, result, item):
     """Row 4: x̂_0 decoded along the sampler's steps, then the output."""
     timesteps = seen["timesteps"]
     cells = [((column, 0), f"x0 at t={timesteps[step]}", seen["x0"][step][item])
              for column, step in enumerate(trajectory_steps(len(timesteps)))]
     cells.append(((COLUMNS - 1, 0), "output I_O", result["image"][item]))
-    sheet.row("4  Trajectory (DDIM Eq. 12): samplers.predict_x0, x0 = (z_t - sqrt(1 - abar_t) eps) "
-              f"/ sqrt(abar_t), decoded at {len(cells) - 1} of {len(timesteps)} steps", cells)
+    sheet.row(f"4  Trajectory of {sampler}: samplers.predict_x0 (DDIM Eq. 12), x0 = (z_t "
+              f"- sqrt(1 - abar_t) eps) / sqrt(abar_t), decoded at {len(cells) - 1} of "
+              f"{len(timesteps)} steps", cells)
 
 
 @torch.no_grad()
@@ -286,5 +287,5 @@ def figure(model, trace, result, source, query=None, edit=EDIT_ATTRIBUTES, swap=
     _physical_row(sheet, seen, trace, result, source, query, edit, numbers or {}, item)
     _regions_row(sheet, seen, source, query, swap or {}, item)
     _attention_row(sheet, seen, query, item)
-    _trajectory_row(sheet, seen, result, item)
+    _trajectory_row(sheet, seen, trace["sampler"] or model.diffusion.sampler, result, item)
     return sheet.image()
