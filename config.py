@@ -119,7 +119,7 @@ PRESETS = {
                           "ema_decay": 0.9999 if stage == "ldm" else 0.0}}
         for stage in STAGES
     },
-    # One GPU, about six minutes of training in all: 64 px as the tiny preset, the networks
+    # One GPU, about five minutes of training in all: 64 px as the tiny preset, the networks
     # several times larger, large batches, bf16 autocast, the pool rendered by 16 processes,
     # and each stage stopped by its time limit (a rerun trains it on for as long again).
     "gpu": {
