@@ -17,7 +17,8 @@ camera), unless said otherwise:
     self_reconstruction  the model given the source alone (no query), against the SOURCE
 Every row has psnr and ssim (whole image; metrics.psnr, metrics.ssim) and psnr_face, psnr_hair,
 psnr_clothes, psnr_background over the reference's regions (the target's; the source's for
-self_reconstruction). The judge scores every row against the reference's exact coefficients:
+self_reconstruction), and the face detail ratio and correlation (metrics.face_detail, medians
+over the pairs; 1 and 1 for the reference itself). The judge scores every row against the reference's exact coefficients:
     apd   pose distance: mean |yaw|, |pitch|, |roll| error in degrees
     aed   expression distance: the mean vertex distance in mm of FLAME meshes of ψ and the jaw
           (metrics.expression_distance)
@@ -47,6 +48,7 @@ With --grid PNG it also writes a picture: source | query | I_R | DiffFAE | groun
 the source with the hair, clothes and background of the next item ("other").
 """
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -68,7 +70,8 @@ from synthetic import SyntheticPortraits
 
 CHUNK = 50       # pairs per batch
 GRID_ROWS = 6
-IMAGE_METRICS = ("psnr", "ssim", *(f"psnr_{name}" for name in REGION_NAMES))
+MEDIANS = ("face_detail_ratio", "face_detail_correlation")  # reported as medians over images
+IMAGE_METRICS = ("psnr", "ssim", *(f"psnr_{name}" for name in REGION_NAMES), *MEDIANS)
 JUDGE_METRICS = ("apd", "aed", "ald", "csim")
 # Checkpoints of training stages that stand in for a part: the judge's, and slots to score
 JUDGES = ("--judge-estimator", "--judge-identity")
@@ -114,9 +117,11 @@ def mixed_targets(data, indices):
 # -- Scores ----------------------------------------------------------------------------------
 
 def image_scores(output, reference, regions):
-    """psnr, ssim and the region PSNRs (B,) of `output` against `reference` (B, 3, H, W)."""
+    """psnr, ssim, the region PSNRs and the face detail measures (B,) of `output` against
+    `reference` (B, 3, H, W)."""
     return {"psnr": metrics.psnr(output, reference), "ssim": metrics.ssim(output, reference),
-            **metrics.region_psnr(output, reference, regions)}
+            **metrics.region_psnr(output, reference, regions),
+            **metrics.face_detail(output, reference, regions)}
 
 
 def judge_scores(judge, output, regions, truth, source, source_regions):
@@ -132,11 +137,14 @@ def judge_scores(judge, output, regions, truth, source, source_regions):
 
 
 def add(totals, path, scores):
-    """Sums and counts per metric under `path` (a tuple of table keys); NaN (a region an image
-    lacks) is left out of the mean."""
+    """Sums and counts per metric under `path` (a tuple of table keys), or every value for the
+    MEDIANS; NaN (a region an image lacks) is left out."""
     for metric, values in scores.items():
         values = values.detach().double().cpu()
         seen = ~values.isnan()
+        if metric in MEDIANS:
+            totals.setdefault((*path, metric), []).extend(values[seen].tolist())
+            continue
         total = totals.setdefault((*path, metric), [0.0, 0])
         total[0] += float(values[seen].sum())
         total[1] += int(seen.sum())
@@ -203,13 +211,16 @@ def slot_scores(confusion):
 
 
 def nest(totals):
-    """{(table, ..., row, metric): [sum, count]} → nested dicts of means."""
+    """{(table, ..., row, metric): [sum, count] or values} → nested dicts of means (medians)."""
     results = {}
-    for (*path, metric), (total, count) in totals.items():
+    for (*path, metric), total in totals.items():
         node = results
         for key in path:
             node = node.setdefault(key, {})
-        node[metric] = total / count if count else float("nan")
+        if metric in MEDIANS:
+            node[metric] = statistics.median(total) if total else float("nan")
+        else:
+            node[metric] = total[0] / total[1] if total[1] else float("nan")
     return results
 
 

@@ -149,8 +149,9 @@ class Stage(nn.Module):
 class VQStage(Stage):
     """The VQ-VAE, retrained on faces as DiffFAE §5.4 does (LDM's VQ-reg autoencoder, Esser et
     al. 2021): L1 + codebook + β·commitment, plus a hinge PatchGAN term once the step reaches
-    `disc_start`; dead codes restarted at encoder outputs. Measures the PSNR of reconstructions
-    of held-out identities, the perplexity and the codebook usage."""
+    `disc_start`; dead codes restarted at encoder outputs. Measures the PSNR and the face detail
+    (metrics.face_detail, medians) of reconstructions of held-out identities, the perplexity and
+    the codebook usage."""
 
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
@@ -203,7 +204,9 @@ class VQStage(Stage):
         recon, info = self.vqvae(images)
         used = torch.unique(info["indices"]).numel()
         grid([images[:GRID_ITEMS], recon[:GRID_ITEMS]], png)
+        detail = metrics.face_detail(recon.clamp(-1, 1), images, batch["source_regions"])
         return {"psnr": float(metrics.psnr(recon.clamp(-1, 1), images).mean()),
+                **{name: float(values.nanmedian()) for name, values in detail.items()},
                 "perplexity": float(info["perplexity"]),
                 "codebook_usage": used / self.config.codebook_size}
 
@@ -386,7 +389,7 @@ class LDMStage(Stage):
     frozen: trained by L alone, the region encoder's masks drifted off their regions (the
     slot called "background" took the face), and the region swaps went with them. Measures
     the PSNR of cross-identity edits of held-out people against the exact target, whole and on
-    the target's face, sampled with the EMA weights (train.py swaps them in) and I_R drawn
+    the target's face, and the face detail (medians), sampled with the EMA weights (train.py swaps them in) and I_R drawn
     from the estimator's coefficients, as in every edit."""
 
     def __init__(self, cfg, parts, device, n_identities):
@@ -449,8 +452,10 @@ class LDMStage(Stage):
         n = GRID_ITEMS
         grid([batch["source"][:n], batch["query"][:n], out["render"][:n], edited[:n],
               batch["target"][:n], *mask_rows(batch["source"][:n], masks[:n])], png)
+        detail = metrics.face_detail(edited, batch["target"], batch["target_regions"])
         return {"psnr": float(metrics.psnr(edited, batch["target"]).mean()),
-                "psnr_face": float(metrics.psnr(edited, batch["target"], mask=face).mean())}
+                "psnr_face": float(metrics.psnr(edited, batch["target"], mask=face).mean()),
+                **{name: float(values.nanmedian()) for name, values in detail.items()}}
 
 
 def build(cfg, parts, device, n_identities):

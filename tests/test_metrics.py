@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import metrics
 from flame import FLAME
@@ -175,3 +176,39 @@ def test_face_only_keeps_face_pixels_and_sets_the_rest_to_grey():
     masked = metrics.face_only(images, regions)
     face = (regions == FACE)[:, None].expand_as(images)
     assert torch.equal(masked[face], images[face]) and (masked[~face] == 0).all()
+
+
+def test_face_detail_on_hand_made_cases():
+    """The target gives 1 and 1; a blurred copy less detail; added noise more detail and a low
+    correlation; a copy shifted by one pixel keeps its detail and loses its correlation."""
+    torch.manual_seed(0)
+    target = torch.rand(4, 3, 32, 32) * 2 - 1
+    regions = torch.full((4, 32, 32), FACE + 1)
+    regions[:, 4:28, 4:28] = FACE
+    def detail(x):
+        return metrics.face_detail(x, target, regions)
+
+    same = detail(target)
+    assert torch.allclose(same["face_detail_ratio"], torch.ones(4, dtype=torch.float64))
+    assert torch.allclose(same["face_detail_correlation"], torch.ones(4, dtype=torch.float64))
+    blurred = F.avg_pool2d(target, 3, stride=1, padding=1, count_include_pad=False)
+    assert (detail(blurred)["face_detail_ratio"] < 0.5).all()
+    noisy = detail(target + torch.randn_like(target))
+    assert (noisy["face_detail_ratio"] > 2).all() and (noisy["face_detail_correlation"] < 0.7).all()
+    shifted = detail(torch.roll(target, 1, dims=3))
+    assert torch.allclose(shifted["face_detail_ratio"], torch.ones(4, dtype=torch.float64),
+                          atol=0.15)
+    # for white noise, L∗x at a one-pixel lag correlates (−4·1 + 1·(−4)) / (16 + 4) = −0.4
+    assert torch.allclose(shifted["face_detail_correlation"],
+                          torch.full((4,), -0.4, dtype=torch.float64), atol=0.1)
+
+
+def test_face_detail_ratio_matches_the_laplacian_written_out():
+    """The ratio against a target of known Laplacian: a lone bright pixel in the eroded face."""
+    target = torch.zeros(1, 1, 9, 9)
+    target[0, 0, 4, 4] = 1.0  # its Laplacian: −4 at the centre, 1 at the four neighbours
+    regions = torch.full((1, 9, 9), FACE)
+    assert torch.equal(metrics.laplacian(target)[0, 0, 3:6, 3:6],
+                       torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]))
+    twice = metrics.face_detail(2 * target, target, regions)
+    assert torch.allclose(twice["face_detail_ratio"], torch.tensor([4.0], dtype=torch.float64))
