@@ -18,7 +18,8 @@ camera), unless said otherwise:
 Every row has psnr and ssim (whole image; metrics.psnr, metrics.ssim) and psnr_face, psnr_hair,
 psnr_clothes, psnr_background over the reference's regions (the target's; the source's for
 self_reconstruction), and the face detail ratio and correlation (metrics.face_detail, medians
-over the pairs; 1 and 1 for the reference itself). The judge scores every row against the reference's exact coefficients:
+over the pairs; 1 and 1 for the reference itself). The judge scores every row against the
+reference's exact coefficients:
     apd   pose distance: mean |yaw|, |pitch|, |roll| error in degrees
     aed   expression distance: the mean vertex distance in mm of FLAME meshes of ψ and the jaw
           (metrics.expression_distance)

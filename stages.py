@@ -389,8 +389,8 @@ class LDMStage(Stage):
     frozen: trained by L alone, the region encoder's masks drifted off their regions (the
     slot called "background" took the face), and the region swaps went with them. Measures
     the PSNR of cross-identity edits of held-out people against the exact target, whole and on
-    the target's face, and the face detail (medians), sampled with the EMA weights (train.py swaps them in) and I_R drawn
-    from the estimator's coefficients, as in every edit."""
+    the target's face, and the face detail (medians), sampled with the EMA weights (train.py
+    swaps them in) and I_R drawn from the estimator's coefficients, as in every edit."""
 
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
