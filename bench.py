@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import render
-from config import STAGES, build_configs
+from config import STAGES, build_configs, stage_defaults
 from cli import DEFAULT_CHECKPOINT, Parser, check_device, fail, run
 
 ROOT = Path(__file__).resolve().parent
@@ -295,12 +295,11 @@ class FlopCount(TorchDispatchMode):
         return out
 
 
-def step_cost(options):
+def step_cost(cfg, parts):
     """(FLOPs, seconds, trained parameters) of one forward and backward of the stage that
-    config.build_configs(options) describes, on the CPU, with a batch of synthetic pairs."""
+    (cfg, parts) describe, on the CPU, with a batch of synthetic pairs."""
     import stages
     from synthetic import SyntheticPortraits
-    cfg, parts = build_configs(options)
     stage = stages.build(cfg, parts, torch.device("cpu"), cfg.identities)
     data = SyntheticPortraits(cfg.image_size, "train", cfg.seed, length=cfg.batch_size,
                               identities=cfg.identities)
@@ -325,10 +324,10 @@ def rehearse(preset, out):
         wall, rss, status, output = run_measured([sys.executable, "train.py", *options])
         if status:
             raise SystemExit(f"{stage} failed:\n{output[-3000:]}")
-        flops, seconds, trained = step_cost(options)
-        cfg = build_configs(options)[0]
+        cfg, parts = build_configs(options)
+        flops, seconds, trained = step_cost(cfg, parts)
         rate = ASSUMED_TFLOPS * 1e12 / flops
-        limit = build_configs(options[:4])[0].time_limit
+        limit = stage_defaults(stage, preset)[0].time_limit  # the preset's, not the one above
         steps = f", {rate * limit:.0f} steps in its {limit:g} s" if limit else ""
         print(f"| {stage} | {cfg.batch_size} | {trained / 1e6:.1f}M | {flops / 1e9:.0f} | "
               f"{wall:.0f} s, {rss:.1f} GiB | {seconds:.1f} s | {rate:.0f} steps/s{steps} |",

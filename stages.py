@@ -95,15 +95,20 @@ def stage_folder(out, stage, tag=""):
     return Path(out) / (f"{stage}-{tag}" if tag else stage)
 
 
+def missing(path, stage, out, tag=""):
+    """The error for an earlier stage's checkpoint that is not there, with the command to make
+    it."""
+    run = f"python train.py --stage {stage} --out={out}" + (f" --tag={tag}" if tag else "")
+    return MissingCheckpoint(f"{path} is missing: run `{run}` first")
+
+
 def require_earlier_checkpoints(cfg):
     """Refuses, in one line and before any work, a stage whose earlier stages are not trained."""
     for stage in PARTS[cfg.stage].requires:
         tag = cfg.slots_tag if stage == "slots" else ""
         path = stage_folder(cfg.out, stage, tag) / "ckpt.pt"
         if not path.exists() and not previous_checkpoint(path).exists():
-            run = f"python train.py --stage {stage} --out={cfg.out}" + (f" --tag={tag}" if tag
-                                                                          else "")
-            raise MissingCheckpoint(f"{path} is missing: run `{run}` first")
+            raise missing(path, stage, cfg.out, tag)
 
 
 def load_part(out, stage, device, tag=""):
@@ -112,8 +117,7 @@ def load_part(out, stage, device, tag=""):
     path = stage_folder(out, stage, tag) / "ckpt.pt"
     checkpoint = read_stage_checkpoint(path)
     if checkpoint is None:
-        run = f"python train.py --stage {stage} --out={out}" + (f" --tag={tag}" if tag else "")
-        raise MissingCheckpoint(f"{path} is missing: run `{run}` first")
+        raise missing(path, stage, out, tag)
     model, config = rebuild(checkpoint, stage)
     return model.to(device).eval().requires_grad_(False), config
 

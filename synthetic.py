@@ -424,8 +424,8 @@ def _one_thread():
 
 
 def render_pool(path, size, pairs, identities, seed, workers=0):
-    """Renders `pairs` training pairs and saves them atomically at `path`; `workers` > 0
-    processes share the chunks (one thread each), 0 renders in this process."""
+    """Renders `pairs` training pairs, saves them atomically at `path` and returns them;
+    `workers` > 0 processes share the chunks (one thread each), 0 renders in this process."""
     tasks = [(size, seed, pairs, identities, start) for start in range(0, pairs, POOL_CHUNK)]
     progress = dict(total=len(tasks), desc=f"rendering {Path(path).name}", unit="chunk")
     if workers:
@@ -436,35 +436,38 @@ def render_pool(path, size, pairs, identities, seed, workers=0):
         chunks = [_render_chunk(task) for task in tqdm(tasks, **progress)]
     tensors = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
     write_atomic(path, lambda file: torch.save(tensors, file))
+    return tensors
 
 
-def pool_problem(path, pairs):
-    """Why the cached pool at `path` cannot be used (a short phrase), or None if it can."""
+def read_pool(path, pairs):
+    """(the pool's tensors, None) if the file at `path` holds a pool of `pairs` pairs, else
+    (None, why not: a short phrase)."""
     try:
         tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, unsafe contents
-        return f"unreadable ({type(error).__name__})"
+        return None, f"unreadable ({type(error).__name__})"
     expected = {"identity"} | {f"{image}{suffix}" for image in ("source", "query")
                                for suffix in ("", "_regions", *(f"_{k}" for k in PARAM_KEYS))}
     if not isinstance(tensors, dict) or set(tensors) != expected:
-        return "not a pool of this version (other keys)"
+        return None, "not a pool of this version (other keys)"
     if any(not torch.is_tensor(t) or len(t) != pairs for t in tensors.values()):
-        return f"inconsistent (expected {pairs} pairs in every tensor)"
-    return None
+        return None, f"inconsistent (expected {pairs} pairs in every tensor)"
+    return tensors, None
 
 
 def load_pool(folder, size, pairs, identities, seed, workers=0, render=True):
     """The cached training pool in `folder`, rendered first if it is missing, or rendered again,
-    with one line saying why, if it cannot be read. With render=False (a process that is not
+    with one line saying why, if it cannot be used. With render=False (a process that is not
     the one rendering) it is only read."""
     path = pool_path(folder, size, pairs, identities, seed)
-    if render:
-        problem = pool_problem(path, pairs) if path.exists() else None
-        if problem:
+    tensors, problem = read_pool(path, pairs) if path.exists() else (None, "missing")
+    if tensors is None and not render:
+        raise ValueError(f"{path}: {problem}")
+    if tensors is None:
+        if problem != "missing":
             print(f"{path}: {problem}; rendering it again", file=sys.stderr)
-        if problem or not path.exists():
-            render_pool(path, size, pairs, identities, seed, workers)
-    return PairPool(torch.load(path, map_location="cpu", weights_only=True))
+        tensors = render_pool(path, size, pairs, identities, seed, workers)
+    return PairPool(tensors)
 
 
 def _params(identity, frame):
