@@ -490,8 +490,15 @@ def export(cfg, out):
     print(f"wrote {out} (step {checkpoint['step']}, {size:.1f} MiB in {files})")
 
 
+def first_process():
+    """Whether this is rank 0 (or the only process): the one that speaks and writes."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def finished(cfg, done, chain):
-    """Where a stage's run left its checkpoint, its last picture and what comes next."""
+    """Says where a stage's run left its checkpoint, its last picture and what comes next."""
+    if not first_process():
+        return
     path = checkpoint_path(cfg)
     pictures = sorted(path.parent.glob("eval_*.png"))
     line = f"{cfg.stage}: step {done} of {cfg.steps} in {path}"
@@ -509,15 +516,17 @@ def run_chain(chain):
     for cfg, parts in chain:
         state = stages.read_stage_checkpoint(checkpoint_path(cfg))
         if state is not None and state["step"] >= cfg.steps:
-            print(f"{cfg.stage}: finished ({checkpoint_path(cfg)} at step {state['step']} of "
-                  f"{cfg.steps}), skipped")
+            if first_process():
+                print(f"{cfg.stage}: finished ({checkpoint_path(cfg)} at step {state['step']} "
+                      f"of {cfg.steps}), skipped")
             continue
         limit = f", at most {cfg.time_limit:g} s this run" if cfg.time_limit else ""
-        print(f"{cfg.stage}: stage {STAGES.index(cfg.stage) + 1} of {len(STAGES)}, to step "
-              f"{cfg.steps}{limit}", flush=True)
+        if first_process():
+            print(f"{cfg.stage}: stage {STAGES.index(cfg.stage) + 1} of {len(STAGES)}, to step "
+                  f"{cfg.steps}{limit}", flush=True)
         finished(cfg, train(cfg, parts), chain=True)
     cfg = chain[-1][0]
-    if cfg.export and int(os.environ.get("RANK", 0)) == 0:
+    if cfg.export and first_process():
         export(cfg, cfg.export)
 
 
@@ -530,14 +539,12 @@ def main(argv=None):
         elif cfg.export:
             export(cfg, cfg.export)
         else:
-            done = train(cfg, parts)
-            if int(os.environ.get("RANK", 0)) == 0:
-                finished(cfg, done, chain=False)
+            finished(cfg, train(cfg, parts), chain=False)
     except ValueError as error:  # ConfigError, MissingCheckpoint and the configs' own checks
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except Stopped as stop:
-        if int(os.environ.get("RANK", 0)) == 0 and str(stop):
+        if first_process() and str(stop):
             print(stop, file=sys.stderr)
         sys.exit(stop.status)
     except OSError as error:  # a full disk, an unreadable data folder
