@@ -34,6 +34,16 @@ NORM_EPS = 1e-6
 UNET_NORM_EPS = 1e-5
 
 
+LAPLACIAN = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]])  # the 5-point stencil
+
+
+def laplacian(images):
+    """The 3×3 Laplacian of each channel of (B, C, H, W) images, edges replicated."""
+    channels = images.shape[1]
+    kernel = LAPLACIAN.to(images).expand(channels, 1, 3, 3)
+    return F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), kernel, groups=channels)
+
+
 def require(ok, message):
     """The config dataclasses' checks: raise ValueError(message) unless ok."""
     if not ok:

@@ -40,10 +40,9 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.transform import Rotation
 
 from flame import pose6_to_flame15
-from layers import FACE, REGION_NAMES
+from layers import FACE, REGION_NAMES, laplacian
 
 MILLIMETRES = 1000  # FLAME's unit is the metre
-LAPLACIAN = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]])
 
 
 def psnr(prediction, target, data_range=2.0, mask=None):
@@ -65,13 +64,6 @@ def region_psnr(prediction, target, regions):
     (B, H, W), NaN where an image lacks the region."""
     return {f"psnr_{name}": psnr(prediction, target, mask=(regions == r)[:, None])
             for r, name in enumerate(REGION_NAMES)}
-
-
-def laplacian(images):
-    """The 3×3 Laplacian of each channel of (B, C, H, W) images, edges replicated."""
-    channels = images.shape[1]
-    kernel = LAPLACIAN.to(images).expand(channels, 1, 3, 3)
-    return F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), kernel, groups=channels)
 
 
 def face_detail(prediction, target, regions):

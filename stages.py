@@ -179,7 +179,7 @@ class VQStage(Stage):
             frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
             fake_logits = torch.func.functional_call(self.discriminator, frozen, (recon,))
         terms = vq_loss(recon, images, info, fake_logits, self.vqvae.last_layer,
-                        self.config.disc_weight)
+                        self.config.disc_weight, self.config.detail_weight)
         loss = terms.pop("total")
         if self.discriminator is not None:
             d_loss = discriminator_hinge_loss(self.discriminator(images),
@@ -208,8 +208,11 @@ class VQStage(Stage):
         recon, info = self.vqvae(images)
         used = torch.unique(info["indices"]).numel()
         grid([images[:GRID_ITEMS], recon[:GRID_ITEMS]], png)
-        detail = metrics.face_detail(recon.clamp(-1, 1), images, batch["source_regions"])
-        return {"psnr": float(metrics.psnr(recon.clamp(-1, 1), images).mean()),
+        recon = recon.clamp(-1, 1)
+        face = metrics.psnr(recon, images, mask=(batch["source_regions"] == FACE)[:, None])
+        detail = metrics.face_detail(recon, images, batch["source_regions"])
+        return {"psnr": float(metrics.psnr(recon, images).mean()),
+                "psnr_face": float(face.nanmean()),
                 **{name: float(values.nanmedian()) for name, values in detail.items()},
                 "perplexity": float(info["perplexity"]),
                 "codebook_usage": used / self.config.codebook_size}

@@ -26,6 +26,11 @@ it needs pretrained VGG weights, outside our package set), L_VQ, and a hinge Pat
 2017) whose generator term is weighted by λ = ||∇_{G_L} L_rec|| / (||∇_{G_L} L_GAN|| + δ) at the
 decoder's last layer G_L (Eq. 7), clamped; δ = 1e-4 and the clamp [0, 1e4] follow taming's code
 (the paper writes δ = 1e-6). Hinge losses follow taming's `hinge_d_loss` (factor ½).
+In place of LPIPS, which makes LDM's autoencoders keep fine structure, an optional detail term
+(our choice, `detail_weight` w) adds the L1 error of the images' Laplacians (layers.laplacian):
+    L_rec = mean |x̂ − x| + w · mean |L∗x̂ − L∗x|
+At 64 px an eye is a few pixels across: plain L1 is satisfied by a blur of it, and the Laplacian
+term is not (its effect is measured in docs/ablations.md).
 
 Shape letters: B batch, C image channels, H/W image height/width, D latent channels (code dim),
 h/w latent height/width, N = B·h·w latent vectors, K codebook size, P patch-logit map size.
@@ -37,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import NORM_EPS, Encoder, check_network, levels, mid_block, require
+from layers import NORM_EPS, Encoder, check_network, laplacian, levels, mid_block, require
 
 LEAKY_SLOPE = 0.2  # PatchGAN LeakyReLU slope (Isola et al. 2017, appendix, discriminator)
 DISC_KERNEL = 4  # PatchGAN 4×4 convolutions (Isola et al. 2017, appendix, discriminator)
@@ -67,12 +72,13 @@ class VQConfig:
     disc_layers: int = 3  # strided layers; 3 gives the 70×70 PatchGAN
     disc_start: int = 30000  # our choice: L1 + VQ warm-up before the GAN is switched on
     disc_weight: float = 0.75  # latent-diffusion vq-f4 config
+    detail_weight: float = 0.0  # weight of the Laplacian L1 term of L_rec (our choice; 0: none)
 
     def __post_init__(self):
         check_network(self, "in_channels", "num_res_blocks", "latent_channels", "disc_channels",
                       "disc_layers")
         require(self.codebook_size >= 2, f"VQConfig.codebook_size={self.codebook_size}: need >= 2")
-        for name in ("beta", "restart_every", "disc_start", "disc_weight"):
+        for name in ("beta", "restart_every", "disc_start", "disc_weight", "detail_weight"):
             require(getattr(self, name) >= 0, f"VQConfig.{name}={getattr(self, name)}: need >= 0")
         require(0 <= self.usage_decay < 1,
                 f"VQConfig.usage_decay={self.usage_decay}: need 0 <= usage_decay < 1")
@@ -268,6 +274,12 @@ def reconstruction_loss(x_hat, x):
     return (x_hat - x).abs().mean()
 
 
+def detail_loss(x_hat, x):
+    """Mean absolute error |L∗x̂ − L∗x| of the images' Laplacians over all elements."""
+    assert x_hat.shape == x.shape, f"{tuple(x_hat.shape)} vs {tuple(x.shape)}"
+    return (laplacian(x_hat) - laplacian(x)).abs().mean()
+
+
 def discriminator_hinge_loss(real_logits, fake_logits):
     """½·(mean relu(1 − D(x)) + mean relu(1 + D(x̂))) over patch logits."""
     # the means in float32: under bf16 autocast the logits are bf16
@@ -292,23 +304,29 @@ def adaptive_disc_weight(rec_loss, g_loss, last_layer):
     return weight.clamp(0.0, ADAPTIVE_WEIGHT_MAX).detach()
 
 
-def vq_loss(x_hat, x, info, fake_logits=None, last_layer=None, disc_weight=1.0):
+def vq_loss(x_hat, x, info, fake_logits=None, last_layer=None, disc_weight=1.0,
+            detail_weight=0.0):
     """Autoencoder-side training loss.
 
-    total = L1 + codebook_loss + commitment_loss [+ disc_weight · λ · generator_loss]
+    L_rec = L1 [+ detail_weight · detail_loss]
+    total = L_rec + codebook_loss + commitment_loss [+ disc_weight · λ · generator_loss]
     The GAN term is added when `fake_logits` = D(x̂) is given (the trainer does so once
-    `cfg.disc_active(step)`); then `last_layer` (VQVAE.last_layer) is required for λ.
+    `cfg.disc_active(step)`); then `last_layer` (VQVAE.last_layer) is required for λ, which
+    balances it against the whole of L_rec.
     Returns a dict of the named scalar terms and `total`.
     """
     terms = {"reconstruction_loss": reconstruction_loss(x_hat, x),
              "codebook_loss": info["codebook_loss"],
              "commitment_loss": info["commitment_loss"]}
-    total = terms["reconstruction_loss"] + terms["codebook_loss"] + terms["commitment_loss"]
+    rec = terms["reconstruction_loss"]
+    if detail_weight:
+        terms["detail_loss"] = detail_loss(x_hat, x)
+        rec = rec + detail_weight * terms["detail_loss"]
+    total = rec + terms["codebook_loss"] + terms["commitment_loss"]
     if fake_logits is not None:
         assert last_layer is not None, "the GAN term needs last_layer for its weight λ"
         g_loss = generator_hinge_loss(fake_logits)
-        weight = disc_weight * adaptive_disc_weight(terms["reconstruction_loss"], g_loss,
-                                                    last_layer)
+        weight = disc_weight * adaptive_disc_weight(rec, g_loss, last_layer)
         terms["generator_loss"] = g_loss
         terms["disc_adaptive_weight"] = weight
         total = total + weight * g_loss

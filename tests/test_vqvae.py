@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from vqvae import (PatchDiscriminator, VectorQuantizer, VQConfig, VQVAE, adaptive_disc_weight,
-                   discriminator_hinge_loss, generator_hinge_loss, reconstruction_loss, vq_loss)
+                   detail_loss, discriminator_hinge_loss, generator_hinge_loss,
+                   reconstruction_loss, vq_loss)
 
 
 def small_config(**overrides) -> VQConfig:
@@ -204,6 +205,32 @@ def test_vq_loss_terms_and_total():
     assert torch.isclose(terms["total"], expected)
     with pytest.raises(AssertionError, match="last_layer"):
         vq_loss(x_hat, x, info, fake_logits)
+
+
+def test_detail_loss_of_one_changed_pixel():
+    # x̂ = x + c at one interior pixel of one channel: the Laplacian of the difference is −4c there
+    # and c at its four neighbours, so the mean |L∗x̂ − L∗x| is 8c over the C·H·W elements
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    x_hat = x.clone()
+    x_hat[0, 1, 4, 3] += 0.3
+    assert torch.isclose(detail_loss(x_hat, x), torch.tensor(8 * 0.3 / (3 * 64), dtype=x.dtype))
+    assert detail_loss(x + 0.7, x) < 1e-12  # a constant shift has no detail
+
+
+def test_detail_term_joins_the_reconstruction_and_its_gan_weight():
+    torch.manual_seed(5)
+    model = VQVAE(small_config()).double()
+    disc = PatchDiscriminator(3, 8, 2, norm_groups=4).double()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64) * 2 - 1
+    x_hat, info = model(x)
+    rec = (x_hat - x).abs().mean() + 2.0 * detail_loss(x_hat, x)
+    fake_logits = disc(x_hat)
+    terms = vq_loss(x_hat, x, info, fake_logits, model.last_layer, 0.5, detail_weight=2.0)
+    lam = adaptive_disc_weight(rec, -fake_logits.mean(), model.last_layer)
+    expected = rec + info["codebook_loss"] + info["commitment_loss"] - 0.5 * lam * fake_logits.mean()
+    assert torch.isclose(terms["total"], expected)
+    assert torch.isclose(terms["detail_loss"], detail_loss(x_hat, x))
+    assert "detail_loss" not in vq_loss(x_hat, x, info)
 
 
 def test_patch_discriminator_shape():
