@@ -32,11 +32,12 @@ import torch.nn.functional as F
 
 from editing import EDIT_ATTRIBUTES, combine_coefficients, set_numbers
 from estimator import CoefficientEstimator, IdentityEncoder
+from fitting import refine
 from flame import FLAME, pose6_to_flame15
-from layers import REGION_NAMES, require
+from layers import FACE, REGION_NAMES, require
 from render import Renderer
 from samplers import SAMPLERS, make_timesteps, scaled_linear_alphas_cumprod
-from slots import RegionSlots
+from slots import RegionSlots, masks_at
 from unet import UNet, average_cross_attention
 from vqvae import VQVAE
 
@@ -130,6 +131,17 @@ class DiffFAE(nn.Module):
     def render(self, coefficients):
         """SPC's I_R (see render_face)."""
         return render_face(self.flame, self.renderer, coefficients)
+
+    def fit_coefficients(self, images, steps=0, losses=None):
+        """The estimator's coefficients of `images` (B, 3, H, W), refined by `steps` steps of
+        the photometric loss through the renderer on the face slot's pixels (fitting.refine;
+        not in the paper). steps = 0 is the estimator alone. `losses` receives the loss."""
+        estimates = self.estimator(images)
+        if steps == 0 and losses is None:
+            return estimates
+        with torch.no_grad():  # the masks are fixed during the fit
+            face = masks_at(self.slots(images)["masks"], images.shape[-2:])[:, FACE:FACE + 1]
+        return refine(estimates, images, face, self.render, steps, losses=losses)
 
     def conditions(self, source, rendered):
         """Everything the UNet is conditioned on: f_r (B, C, h, w), the slot tokens F (B, K, D)
@@ -231,18 +243,29 @@ class DiffFAE(nn.Module):
 
     @torch.no_grad()
     def edit(self, source, query=None, edit=EDIT_ATTRIBUTES, swap=None, numbers=None,
-             steps=None, sampler=None, seed=0, eta=0.0, trace=None):
+             steps=None, sampler=None, seed=0, eta=0.0, refine_steps=0, trace=None):
         """The source person (B, 3, H, W in [-1, 1]) with the query's pose / expression /
         lighting, any subset of EDIT_ATTRIBUTES (those not edited keep the source's).
 
         swap: {"hair" | "clothes" | "background": images (B, 3, H, W)} replaces those slot
         tokens by the other image's (expandable editing, App. G). numbers: explicit coefficient
         values applied last (editing.set_numbers); with no query, only numbers change the
-        source. trace: a dict that receives the edit's own tensors, for explain.figure to draw:
-        "cond", "estimates" and "steps", the sampler's dict of each step (DiffFAE.sample).
+        source. refine_steps: the coefficients of the source and the query are refined by that
+        many steps of fit_coefficients (0: the estimator's reading, as in the paper). trace: a
+        dict that receives the edit's own tensors, for explain.figure to draw: "cond",
+        "estimates" (as used), "fit_losses" (the photometric loss of each fitting step) and
+        "steps", the sampler's dict of each step (DiffFAE.sample).
         Returns {"image", "render" (I_R), "mask", "coefficients"}.
         """
-        estimates = [self.estimator(source), None if query is None else self.estimator(query)]
+        losses = None if trace is None else []
+        if refine_steps:  # one fit for both images: half the steps' overhead
+            images = source if query is None else torch.cat([source, query])
+            fitted = self.fit_coefficients(images, refine_steps, losses)
+            n = len(source)
+            estimates = [{k: v[:n] for k, v in fitted.items()},
+                         None if query is None else {k: v[n:] for k, v in fitted.items()}]
+        else:
+            estimates = [self.estimator(source), None if query is None else self.estimator(query)]
         coefficients = estimates[0] if query is None else combine_coefficients(*estimates, edit)
         if numbers:
             coefficients = set_numbers(coefficients, numbers)
@@ -254,7 +277,8 @@ class DiffFAE(nn.Module):
             cond["slots"][:, k] = self.slots(image)["slots"][:, k]
         callback = None
         if trace is not None:  # "steps" fills as the sampler steps
-            trace.update(cond=cond, estimates=estimates, steps=[], sampler=sampler)
+            trace.update(cond=cond, estimates=estimates, fit_losses=losses, steps=[],
+                         sampler=sampler)
             callback = trace["steps"].append
         image = self.decode_latent(self.sample(cond, steps, sampler, seed, eta, callback))
         return {"image": image, "render": rendered, "mask": mask, "coefficients": coefficients}

@@ -59,6 +59,10 @@ DEFAULT_LIGHT_DC = 1.0 / SH_C0
 # 0.2 m tall and DECA's crop is 1.25× the face, so s ≈ 2 / (1.25 · 0.2 m) = 8 fills the frame
 # (our estimate; override it for a head of another size).
 DEFAULT_CAM_SCALE = 8.0
+# Spread of each coefficient group in the synthetic data (synthetic.py's sampling): the units in
+# which the estimator's regression weighs its errors and fitting.py moves its reading.
+COEFFICIENT_SCALE = {"shape": 1.0, "albedo": 0.9, "expression": 0.45, "pose": 0.3,
+                     "cam": (0.23, 0.009, 0.009), "light": 0.5}
 ESTIMATOR_STEM = (7, 2)  # kernel, stride: ResNet's ImageNet stem (He et al. 2016, Table 1)
 # 3×3 stride 1 for 112-px faces, ArcFace's input setting "L" (Deng et al. 2019, §4.1)
 IDENTITY_STEM = (3, 1)

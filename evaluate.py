@@ -2,7 +2,7 @@
 
 The synthetic test split pairs a source person A with a query person B (held-out identities);
 the generator renders any mix of their parameters exactly, so every edit has a true answer and
-every lost dB a place. Four tables:
+every lost dB a place. Five tables:
 
 Methods. Scored against the cross-identity target, A in B's frame (pose, expression, lighting,
 camera), unless said otherwise:
@@ -41,6 +41,15 @@ parameters; the output is the self-reconstruction with R's slot token from B's i
 Reported: PSNR inside R (R's pixels in the swap target) with and without the swap, the gain,
 and the change of face PSNR (swap vs no swap, each against its own target).
 
+Coefficients. The errors of the coefficients the edit used against the exact ones, for the
+estimator alone and, with `--refine N`, refined by N steps of the photometric fit (fitting.py):
+    pose_deg       the geodesic angle between the head rotations (metrics.rotation_error)
+    jaw_deg        |Δ jaw opening| in degrees
+    expression_mm  the mean vertex distance of the expression meshes (ψ and the jaw)
+    light          mean |Δl| over the 27 SH coefficients
+With --refine the methods table's paste_render and difffae rows use the refined coefficients,
+and paste_render_estimator pastes the estimator's.
+
 Slots. IoU of the slot masks on the sources with the true regions (metrics.slot_iou): matched
 (slots assigned to regions once for the set) and fixed (slot k = region k, the binding the
 method uses), for each model's region encoder and a slots-stage checkpoint (`--slots-ckpt`).
@@ -74,6 +83,7 @@ GRID_ROWS = 6
 MEDIANS = ("face_detail_ratio", "face_detail_correlation")  # reported as medians over images
 IMAGE_METRICS = ("psnr", "ssim", *(f"psnr_{name}" for name in REGION_NAMES), *MEDIANS)
 JUDGE_METRICS = ("apd", "aed", "ald", "csim")
+COEFFICIENT_METRICS = ("pose_deg", "jaw_deg", "expression_mm", "light")
 # Checkpoints of training stages that stand in for a part: the judge's, and slots to score
 JUDGES = ("--judge-estimator", "--judge-identity")
 STAGE_OF = {"--judge-estimator": "estimator", "--judge-identity": "identity",
@@ -137,6 +147,15 @@ def judge_scores(judge, output, regions, truth, source, source_regions):
             "csim": (embedded[0] * embedded[1]).sum(1)}
 
 
+def coefficient_scores(flame, coefficients, truth):
+    """The coefficients table's errors (B,) of a coefficient dict against the exact one."""
+    jaw = (coefficients["pose"][:, 3] - truth["pose"][:, 3]).abs().rad2deg()
+    return {"pose_deg": metrics.rotation_error(coefficients["pose"], truth["pose"]),
+            "jaw_deg": jaw,
+            "expression_mm": metrics.expression_distance(flame, coefficients, truth),
+            "light": (coefficients["light"] - truth["light"]).abs().flatten(1).mean(1)}
+
+
 def add(totals, path, scores):
     """Sums and counts per metric under `path` (a tuple of table keys), or every value for the
     MEDIANS; NaN (a region an image lacks) is left out."""
@@ -154,7 +173,8 @@ def add(totals, path, scores):
 def score_pairs(totals, model, judge, batch, targets, run, row="difffae", extra_rows=True):
     """Adds one batch's scores to `totals`: the model's edit as `row`, and with extra_rows the
     baselines, the ceilings and the single-attribute and swap tables (module docstring). run:
-    the sampling options of DiffFAE.edit (steps, sampler, seed), the same noise for every row."""
+    the options of DiffFAE.edit (steps, sampler, seed, refine_steps), the same noise for
+    every row."""
     source, source_regions, query = batch["source"], batch["source_regions"], batch["query"]
     known = {image: true_coefficients(batch, image) for image in ("source", "query")}
     exact = combine_coefficients(known["source"], known["query"])  # Eq. 3, exactly
@@ -162,13 +182,23 @@ def score_pairs(totals, model, judge, batch, targets, run, row="difffae", extra_
     edited = model.edit(source, query, **run)
     rows = {row: edited["image"]}
     if extra_rows:
+        sampling = {key: value for key, value in run.items() if key != "refine_steps"}
         rendered, _ = model.render(exact)
         cond = model.conditions(source, rendered)
-        rows.update(exact_render=model.decode_latent(model.sample(cond, **run)),
+        rows.update(exact_render=model.decode_latent(model.sample(cond, **sampling)),
                     copy_source=source,
                     paste_render=torch.where(edited["mask"] > 0.5, edited["render"], source),
                     ground_truth=target,
                     vq_ceiling=model.decode_latent(model.encode_latent(target)))
+        used = {"estimator": combine_coefficients(model.estimator(source),
+                                                  model.estimator(query))}
+        if run["refine_steps"]:
+            used[f"refined ({run['refine_steps']} steps)"] = edited["coefficients"]
+            rendered, mask = model.render(used["estimator"])
+            rows["paste_render_estimator"] = torch.where(mask > 0.5, rendered, source)
+        for name, coefficients in used.items():
+            add(totals, ("coefficients", name),
+                coefficient_scores(judge["flame"], coefficients, exact))
     for name, output in rows.items():
         add(totals, ("methods", name), {**image_scores(output, target, regions), **judge_scores(
             judge, output, regions, exact, source, source_regions)})
@@ -226,7 +256,7 @@ def nest(totals):
 
 
 @torch.no_grad()
-def evaluate(models, judge, slot_networks, n, steps, sampler, seed, device):
+def evaluate(models, judge, slot_networks, n, steps, sampler, seed, device, refine=0):
     """Every table of the module docstring as nested dicts: models {row name: DiffFAE}, the
     first of which also fills the extra rows and tables; judge {"estimator", "identity",
     "flame"}; slot_networks {name: RegionSlots} scored besides the models' region encoders."""
@@ -239,7 +269,7 @@ def evaluate(models, judge, slot_networks, n, steps, sampler, seed, device):
         indices = range(start, min(n, start + CHUNK))
         batch = to_device(default_collate(data.__getitems__(indices)), device)
         targets = to_device(mixed_targets(data, indices), device)
-        run = dict(steps=steps, sampler=sampler, seed=seed + index)
+        run = dict(steps=steps, sampler=sampler, seed=seed + index, refine_steps=refine)
         for name, model in models.items():
             first_model = name == first
             score_pairs(totals, model, judge, batch, targets, run,
@@ -305,7 +335,7 @@ def markdown(rows, columns, label="method"):
 
 
 def tables(results):
-    """The four tables of the module docstring, as printed."""
+    """The five tables of the module docstring, as printed."""
     single = {f"{attribute}: {row}": scores
               for attribute, rows in results["single_attribute"].items()
               for row, scores in rows.items()}
@@ -313,6 +343,7 @@ def tables(results):
     slot_columns = ("matched_miou", "fixed_miou", *(f"fixed_{r}" for r in REGION_NAMES))
     return "\n\n".join([markdown(results["methods"], IMAGE_METRICS + JUDGE_METRICS),
                         markdown(single, IMAGE_METRICS + JUDGE_METRICS, "single attribute"),
+                        markdown(results["coefficients"], COEFFICIENT_METRICS, "coefficients"),
                         markdown(results["swaps"], swap_columns, "swap"),
                         markdown(results["slots"], slot_columns, "slots of")])
 
@@ -335,6 +366,8 @@ def arguments():
     parser.add_argument("--sampler", choices=SAMPLERS, help="(default: the model's own)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the data and the noise (default: %(default)s)")
+    parser.add_argument("--refine", type=int, default=0, metavar="N", help="refine the "
+                        "coefficients by N steps of the photometric fit (default: 0)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON "
                         "(missing folders are made)")
     parser.add_argument("--grid", metavar="PNG", help="also write the picture grid (missing "
@@ -349,6 +382,8 @@ def load_everything(args):
     argument that needs no checkpoint. Raises ValueError naming the option at fault."""
     if args.n < 1:
         raise ValueError(f"--n {args.n}: expected at least 1 pair")
+    if args.refine < 0:
+        raise ValueError(f"--refine {args.refine}: expected a number of steps >= 0")
     check_device(args.device)
     for path, option, suffix in ((args.json, "--json", None), (args.grid, "--grid", ".png")):
         if path:
@@ -384,7 +419,8 @@ def report(args, results, seconds, independent):
         own = [option for option, given in independent.items() if not given]
         print(f"\njudge: the model's own networks read the outputs, not an independent judge "
               f"(give {' and '.join(own)})")
-    print(f"\n{args.n} pairs, {args.sampler} {args.steps} steps, {seconds:.0f} s")
+    refined = f", coefficients refined by {args.refine} steps" if args.refine else ""
+    print(f"\n{args.n} pairs, {args.sampler} {args.steps} steps{refined}, {seconds:.0f} s")
     if args.json:
         config = {key: value for key, value in vars(args).items() if key not in ("json", "grid")}
         if Path(args.ckpt) == DEFAULT_CHECKPOINT:
@@ -404,7 +440,7 @@ def main(argv=None):
         args.steps = args.steps or diffusion.sample_steps
         started = time.time()
         results = evaluate(models, judge, slot_networks, args.n, args.steps, args.sampler,
-                           args.seed, args.device)
+                           args.seed, args.device, args.refine)
         seconds = time.time() - started
         if args.grid:
             picture(models["difffae"], args.grid, args.steps, args.sampler, args.seed,

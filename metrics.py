@@ -161,6 +161,14 @@ def head_pose_error(pose, true_pose):
     return ((error + 180) % 360 - 180).abs()
 
 
+def rotation_error(pose, true_pose):
+    """Per-image geodesic angle (B,) in degrees between two global head rotations (axis-angle
+    pose[..., :3]): the angle of the rotation R_trueᵀ·R that takes one to the other."""
+    rotations = [Rotation.from_rotvec(p[..., :3].detach().double().cpu().numpy().reshape(-1, 3))
+                 for p in (pose, true_pose)]
+    return torch.as_tensor((rotations[1].inv() * rotations[0]).magnitude()).rad2deg()
+
+
 def expression_vertices(flame, coefficients):
     """FLAME vertices (B, V, 3) of a coefficient dict's (the estimator's keys) expression ψ and
     jaw (pose[:, 3:]) alone: zero shape and zero global pose."""

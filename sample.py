@@ -7,6 +7,7 @@ and lighting (DiffFAE, Wang et al. 2024, §4). Region swaps are the paper's expa
     python sample.py SRC QRY --swap hair=other.png                        # and another's hair
     python sample.py SRC --set yaw=25 --set jaw=15 --set light=1,0,1      # edit by numbers
     python sample.py SRC QRY --sampler ddim --steps 50     # not the model's own sampler and steps
+    python sample.py SRC QRY --refine 20   # coefficients refined through the renderer (fitting.py)
     python sample.py SRC QRY --explain fig.png       # and a figure of what each part did
 
 The model is the bundled one (weights/difffae-tiny.pt, trained on synthetic 64 px portraits)
@@ -110,6 +111,10 @@ def arguments():
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 "
                         "ancestral")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    parser.add_argument("--refine", type=int, default=0, metavar="N",
+                        help="refine the estimator's coefficients by N steps of the photometric "
+                        "fit through the renderer (fitting.py; default 0, the estimator alone: "
+                        "see docs/fitting.md)")
     parser.add_argument("--panel", action="store_true",
                         help="write source | query | I_R | result instead of the result alone")
     parser.add_argument("--explain", metavar="FIG", help="also write FIG, a PNG of what SPC, RSC, "
@@ -128,6 +133,8 @@ def check_arguments(args):
         raise ValueError("nothing to edit: give a query image or --set NAME=VALUE")
     if args.zoom < 1:
         raise ValueError(f"--zoom {args.zoom}: expected a positive integer")
+    if args.refine < 0:
+        raise ValueError(f"--refine {args.refine}: expected a number of steps >= 0")
     if args.explain:
         check_output(args.explain, "--explain", ".png")
     return parse_edit(args.edit), parse_swap(args.swap), parse_numbers(args.numbers)
@@ -147,7 +154,7 @@ def edit(args, attributes, swap_paths, numbers):
     trace = {} if args.explain else None
     result = model.edit(source, query, edit=attributes, swap=swap, numbers=numbers,
                         steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta,
-                        trace=trace)
+                        refine_steps=args.refine, trace=trace)
     if args.explain:
         Path(args.explain).parent.mkdir(parents=True, exist_ok=True)
         explain.figure(model, trace, result, source, query, attributes, swap, numbers).save(

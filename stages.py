@@ -20,17 +20,14 @@ import metrics
 from checkpoint import PARTS, read_checkpoint, rebuild
 from data import save_image
 from difffae import DiffFAE, render_face
-from estimator import ArcMarginHead, CoefficientEstimator, IdentityEncoder
+from estimator import ArcMarginHead, COEFFICIENT_SCALE, CoefficientEstimator, IdentityEncoder
+from fitting import photometric_loss
 from layers import FACE, REGION_NAMES
 from pictures import grid as picture_grid, mask_rows
 from slots import RegionSlots, masks_at, pretraining_loss
 from synthetic import SyntheticPortraits
 from vqvae import PatchDiscriminator, VQVAE, discriminator_hinge_loss, vq_loss
 
-# Spread of each coefficient in the synthetic data (synthetic.py's sampling), used to weigh the
-# estimator's regression so that every group counts alike.
-COEFFICIENT_SCALE = {"shape": 1.0, "albedo": 0.9, "expression": 0.45, "pose": 0.3,
-                     "cam": (0.23, 0.009, 0.009), "light": 0.5}
 EXPRESSION_MESH_SCALE = 0.003  # metres: the spread of a vertex's expression and jaw movement
 GRID_ITEMS = 8            # images shown in evaluation grids
 IDENTITY_EVAL = (32, 4)   # held-out identities × frames for the verification measurement
@@ -315,9 +312,8 @@ class EstimatorStage(Stage):
         # the photometric term on the sources only: rendering is the costly part of a step
         n = len(batch["source"])
         render, mask = self.render({key: value[:n] for key, value in predicted.items()})
-        face = mask * (batch["source_regions"] == FACE)[:, None].to(mask.dtype)  # drawn, skin
-        error = (render - batch["source"]).abs() * face
-        photometric = error.sum() / (3 * face.sum()).clamp(min=1)
+        skin = (batch["source_regions"] == FACE)[:, None].to(mask.dtype)
+        photometric = photometric_loss(render, mask, batch["source"], skin)
         loss = regression + self.photometric_weight * photometric
         return {"loss": loss, "photometric_loss": photometric.detach(),
                 **{k: v.detach() for k, v in terms.items()}}

@@ -52,6 +52,7 @@ def test_a_damaged_checkpoint_is_one_line_and_status_2(tmp_path):
     (("--set", "light=1,-inf,0"), "--set light=1,-inf,0: expected a finite number"),
     (("--out", "examples/src.png/x.png"), "examples/src.png is a file, not a folder"),
     (("--explain", "examples/src.png/deeper/x.png"), "--explain examples/src.png/deeper/x.png"),
+    (("--refine", "-1"), "--refine -1: expected a number of steps >= 0"),
 ])
 def test_bad_arguments_are_refused_before_the_model_loads(args, message, capsys, monkeypatch):
     def refuse(*_):
