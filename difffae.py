@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from editing import EDIT_ATTRIBUTES, combine_coefficients, set_numbers
+from editing import EDIT_ATTRIBUTES, edit_coefficients
 from estimator import CoefficientEstimator, IdentityEncoder
 from fitting import refine
 from flame import FLAME, pose6_to_flame15
@@ -253,22 +253,20 @@ class DiffFAE(nn.Module):
         source. refine_steps: the coefficients of the source and the query are refined by that
         many steps of fit_coefficients (0: the estimator's reading, as in the paper). trace: a
         dict that receives the edit's own tensors, for explain.figure to draw: "cond",
-        "estimates" (as used), "fit_losses" (the photometric loss of each fitting step) and
-        "steps", the sampler's dict of each step (DiffFAE.sample).
+        "estimates" (as used), "fit_losses" (the photometric loss before each fitting step and
+        after the last), "unrefined_render" (I_R from the estimator alone; None without
+        refinement) and "steps", the sampler's dict of each step (DiffFAE.sample).
         Returns {"image", "render" (I_R), "mask", "coefficients"}.
         """
-        losses = None if trace is None else []
-        if refine_steps:  # one fit for both images: half the steps' overhead
+        readings = [self.estimator(source), None if query is None else self.estimator(query)]
+        estimates, losses = readings, None if trace is None else []
+        if refine_steps:  # source and query fitted together: half the steps' overhead
             images = source if query is None else torch.cat([source, query])
             fitted = self.fit_coefficients(images, refine_steps, losses)
             n = len(source)
             estimates = [{k: v[:n] for k, v in fitted.items()},
                          None if query is None else {k: v[n:] for k, v in fitted.items()}]
-        else:
-            estimates = [self.estimator(source), None if query is None else self.estimator(query)]
-        coefficients = estimates[0] if query is None else combine_coefficients(*estimates, edit)
-        if numbers:
-            coefficients = set_numbers(coefficients, numbers)
+        coefficients = edit_coefficients(*estimates, edit, numbers)
         rendered, mask = self.render(coefficients)
         cond = self.conditions(source, rendered)
         for region, image in (swap or {}).items():
@@ -277,8 +275,11 @@ class DiffFAE(nn.Module):
             cond["slots"][:, k] = self.slots(image)["slots"][:, k]
         callback = None
         if trace is not None:  # "steps" fills as the sampler steps
-            trace.update(cond=cond, estimates=estimates, fit_losses=losses, steps=[],
-                         sampler=sampler)
+            unrefined = None
+            if refine_steps:  # I_R as the estimator alone would have drawn it
+                unrefined = self.render(edit_coefficients(*readings, edit, numbers))[0]
+            trace.update(cond=cond, estimates=estimates, fit_losses=losses,
+                         unrefined_render=unrefined, steps=[], sampler=sampler)
             callback = trace["steps"].append
         image = self.decode_latent(self.sample(cond, steps, sampler, seed, eta, callback))
         return {"image": image, "render": rendered, "mask": mask, "coefficients": coefficients}

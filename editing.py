@@ -72,3 +72,10 @@ def set_numbers(coefficients, numbers, expression_names=EXPRESSION_NAMES):
         rotvec = Rotation.from_euler("YXZ", angles.numpy(), degrees=True).as_rotvec()
         out["pose"][:, :3] = torch.as_tensor(rotvec, dtype=out["pose"].dtype)
     return out
+
+
+def edit_coefficients(source, query, edit, numbers):
+    """The coefficients of an edit: Eq. 3's mix of the source's and the query's (the source's
+    alone without a query), then the numbers set over them (set_numbers)."""
+    coefficients = source if query is None else combine_coefficients(source, query, edit)
+    return set_numbers(coefficients, numbers) if numbers else coefficients

@@ -8,6 +8,8 @@ Rows of `figure`, top to bottom:
    and the edit's pose, expression, light and camera (difffae.render_face) | f_r decoded: the VQ
    latent of I_R that the UNet is given (DiffFAE.encode_latent), read back through the decoder |
    the coefficients estimated on the source and on the query, and those the edit used.
+   When the edit refined its coefficients (`--refine N`, fitting.py), a second line shows I_R as
+   the estimator alone drew it, beside the photometric loss before and after the fit.
 2. Regions, RSC (§4.2, Eq. 6): the source's slot masks M_k (slots.RegionSlots), each over the
    source in its region's colour | their argmax | the query's masks M_Q | the image each token
    came from (a region swap, App. G, takes a token from another image).
@@ -201,13 +203,21 @@ def _physical_row(sheet, seen, trace, result, source, query, edit, numbers, item
     lines += [[(0, f"taken from the query: {taken}", INK)],
               [(0, "light dir: x right, y up, z to the camera; strength: |SH band 1|", INK)]]
     no_query = sheet.note("no query:", "numbers only")
+    cells = [((0, 0), "source I_S", source[item]),
+             ((1, 0), "query I_Q", no_query if query is None else query[item]),
+             ((2, 0), "I_R, FLAME rendered", result["render"][item]),
+             ((3, 0), "f_r, decoded", seen["f_r"][item]),
+             ((4, 0), "coefficients (explain.numbers_of)", sheet.text(lines))]
+    unrefined, losses = trace.get("unrefined_render"), trace.get("fit_losses")
+    if unrefined is not None:  # the refinement through the renderer (fitting.py)
+        cells += [((2, 1), "I_R, estimator alone", unrefined[item]),
+                  ((3, 1), "the fit", sheet.note(
+                      "photometric loss", "on the face slot", "(fitting.py),",
+                      f"{len(losses) - 1} Adam steps:", f"{losses[0]:.4f} before",
+                      f"{losses[-1]:.4f} after", "(the batch's mean)"))]
     sheet.row("1  Physical, SPC (Eq. 2-3): coefficients -> difffae.render_face -> I_R; "
-              "DiffFAE.encode_latent -> f_r, given to the UNet beside z_t", [
-                  ((0, 0), "source I_S", source[item]),
-                  ((1, 0), "query I_Q", no_query if query is None else query[item]),
-                  ((2, 0), "I_R, FLAME rendered", result["render"][item]),
-                  ((3, 0), "f_r, decoded", seen["f_r"][item]),
-                  ((4, 0), "coefficients (explain.numbers_of)", sheet.text(lines))])
+              "DiffFAE.encode_latent -> f_r, given to the UNet beside z_t", cells,
+              lines=1 if unrefined is None else 2)
 
 
 def _token_images(source, swap, item):

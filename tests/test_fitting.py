@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
+import explain
 import metrics
 from checkpoint import load_model
 from cli import DEFAULT_CHECKPOINT
@@ -86,5 +87,13 @@ def test_the_model_refines_its_own_reading():
     plain = model.edit(source, query, steps=2)
     same = model.edit(source, query, steps=2, refine_steps=0)
     assert torch.equal(plain["image"], same["image"])
-    refined = model.edit(source, query, steps=2, refine_steps=3)
+    trace = {}
+    refined = model.edit(source, query, steps=2, refine_steps=3, trace=trace)
     assert not torch.equal(refined["coefficients"]["pose"], plain["coefficients"]["pose"])
+    # the trace holds I_R as the estimator alone drew it: the plain edit's
+    assert torch.equal(trace["unrefined_render"], plain["render"])
+    assert len(trace["fit_losses"]) == 4
+    plain_figure = explain.figure(model, {**trace, "unrefined_render": None}, refined, source,
+                                  query)
+    figure = explain.figure(model, trace, refined, source, query)  # one more line in row 1
+    assert figure.height > plain_figure.height and figure.width == plain_figure.width
