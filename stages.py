@@ -23,13 +23,14 @@ from difffae import DiffFAE, render_face
 from estimator import ArcMarginHead, COEFFICIENT_SCALE, CoefficientEstimator, IdentityEncoder
 from fitting import photometric_loss
 from layers import FACE, REGION_NAMES
-from pictures import grid as picture_grid, mask_rows
+from pictures import enlarge, grid as picture_grid, mask_rows
 from slots import RegionSlots, masks_at, pretraining_loss
 from synthetic import SyntheticPortraits
 from vqvae import PatchDiscriminator, VQVAE, discriminator_hinge_loss, vq_loss
 
 EXPRESSION_MESH_SCALE = 0.003  # metres: the spread of a vertex's expression and jaw movement
 GRID_ITEMS = 8            # images shown in evaluation grids
+ROUND_TRIP_ZOOM = 3       # the vqvae stage's grid: held-out images over their round trips, 3×
 IDENTITY_EVAL = (32, 4)   # held-out identities × frames for the verification measurement
 
 
@@ -149,10 +150,11 @@ class Stage(nn.Module):
 
 class VQStage(Stage):
     """The VQ-VAE, retrained on faces as DiffFAE §5.4 does (LDM's VQ-reg autoencoder, Esser et
-    al. 2021): L1 + codebook + β·commitment, plus a hinge PatchGAN term once the step reaches
-    `disc_start`; dead codes restarted at encoder outputs. Measures the PSNR and the face detail
-    (metrics.face_detail, medians) of reconstructions of held-out identities, the perplexity and
-    the codebook usage."""
+    al. 2021): L1 [+ the Laplacian detail term] + codebook + β·commitment, plus a hinge
+    PatchGAN term once the step reaches `disc_start`; dead codes restarted at encoder outputs.
+    Measures the PSNR (whole image, and the face's) and the face detail (metrics.face_detail,
+    medians) of reconstructions of held-out identities, the perplexity and the codebook usage;
+    draws the images over their round trips, enlarged."""
 
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
@@ -204,8 +206,9 @@ class VQStage(Stage):
         images = batch["source"]
         recon, info = self.vqvae(images)
         used = torch.unique(info["indices"]).numel()
-        grid([images[:GRID_ITEMS], recon[:GRID_ITEMS]], png)
         recon = recon.clamp(-1, 1)
+        side = ROUND_TRIP_ZOOM * images.shape[-1]  # enlarged, so that the eyes can be judged
+        grid([enlarge(images[:GRID_ITEMS], side), enlarge(recon[:GRID_ITEMS], side)], png)
         face = metrics.psnr(recon, images, mask=(batch["source_regions"] == FACE)[:, None])
         detail = metrics.face_detail(recon, images, batch["source_regions"])
         return {"psnr": float(metrics.psnr(recon, images).mean()),
