@@ -50,6 +50,8 @@ class DiffusionConfig:
     beta_end: float = 0.012
     acr_weight: float = 0.1        # δ of Eq. 8; 0 is the "no ACR" ablation
     min_snr_gamma: float = 0.0     # γ of Min-SNR loss weights (Hang et al. 2023); 0: none (paper)
+    snr_floor: float = 0.0         # with Min-SNR, the least x0-weight: w = clamp(SNR, floor, γ)/SNR
+                                   # (1: the noisiest steps count as at SNR 1; 0: Min-SNR as published)
     use_identity: bool = True      # False: f_id = 0, the "no identity token" ablation
     render_from: str = "estimated"  # training I_R from "estimated" (as at inference) or exact
                                    # "truth" coefficients (synthetic data only)
@@ -62,6 +64,9 @@ class DiffusionConfig:
                 f"{self.beta_start}, beta_end={self.beta_end}: expected 0 < start < end < 1")
         require(self.min_snr_gamma >= 0, f"DiffusionConfig.min_snr_gamma={self.min_snr_gamma}: "
                 f"expected >= 0")
+        require(0 <= self.snr_floor <= self.min_snr_gamma or self.snr_floor == 0,
+                f"DiffusionConfig.snr_floor={self.snr_floor}: expected 0, or a value in "
+                f"[0, min_snr_gamma={self.min_snr_gamma}]")
         require(self.render_from in ("truth", "estimated"), f"DiffusionConfig.render_from="
                 f"{self.render_from!r}: expected 'truth' or 'estimated'")
         require(1 <= self.sample_steps <= self.timesteps, f"DiffusionConfig.sample_steps="
@@ -203,12 +208,13 @@ class DiffFAE(nn.Module):
         alpha_bar = self.alphas_cumprod[t].view(batch, 1, 1, 1)
         z_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise
         # 5. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖², each image's
-        #    weighted by min(SNR_t, γ)/SNR_t, SNR_t = ᾱ_t/(1−ᾱ_t), when min_snr_gamma = γ > 0
+        #    weighted by clamp(SNR_t, floor, γ)/SNR_t, SNR_t = ᾱ_t/(1−ᾱ_t), when min_snr_gamma
+        #    = γ > 0: the error of x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t weighted by clamp(SNR_t, floor, γ)
         eps, attn = self.denoise(z_t, t, cond)
         ldm = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)  # (B,)
         if d.min_snr_gamma > 0:
             snr = alpha_bar.flatten() / (1 - alpha_bar.flatten())
-            ldm = ldm * snr.clamp(max=d.min_snr_gamma) / snr
+            ldm = ldm * snr.clamp(min=d.snr_floor, max=d.min_snr_gamma) / snr
         ldm = ldm.mean()
         # 6. ACR (Eq. 7): L_attn = ‖A_cross − M_Q‖², the query's slot masks a fixed target
         with torch.no_grad():

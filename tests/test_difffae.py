@@ -167,32 +167,35 @@ def test_acr_term_is_the_squared_distance_of_attention_to_query_masks(ldm_stage,
     assert out["acr_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("gamma", [0.0, 5.0])
-def test_min_snr_weights_each_image_by_its_timestep(ldm_stage, batch, gamma):
+@pytest.mark.parametrize("gamma, floor", [(0.0, 0.0), (5.0, 0.0), (5.0, 1.0)])
+def test_min_snr_weights_each_image_by_its_timestep(ldm_stage, batch, gamma, floor):
     """With ε̂ = 0 (the UNet's last conv zeroed, as LDM initialises it) the loss of image b is
     mean(ε_b²); Min-SNR-γ weighs it by min(SNR_t, γ)/SNR_t, SNR_t = ᾱ_t/(1−ᾱ_t) (γ = 0: no
-    weights, the paper's loss)."""
+    weights, the paper's loss), and with a floor by clamp(SNR_t, floor, γ)/SNR_t."""
     model = ldm_stage.model
     t = torch.tensor([10, 900])  # a low-noise step (weighted when γ > 0) and a noisy one
     noise = torch.randn(model.encode_latent(batch["query"]).shape,
                         generator=torch.Generator().manual_seed(3))
     conv_out = model.unet.conv_out
     saved = [p.detach().clone() for p in conv_out.parameters()]
-    preset = model.diffusion.min_snr_gamma
+    preset = model.diffusion.min_snr_gamma, model.diffusion.snr_floor
     with torch.no_grad():
         for p in conv_out.parameters():
             p.zero_()
-    model.diffusion.min_snr_gamma = gamma
+    model.diffusion.min_snr_gamma, model.diffusion.snr_floor = gamma, floor
     try:
         out = model.loss(batch["source"], batch["query"], t=t, noise=noise)
     finally:
         with torch.no_grad():
             for p, value in zip(conv_out.parameters(), saved):
                 p.copy_(value)
-        model.diffusion.min_snr_gamma = preset
+        model.diffusion.min_snr_gamma, model.diffusion.snr_floor = preset
     alpha_bar = model.alphas_cumprod[t].double()
     snr = alpha_bar / (1 - alpha_bar)
     weight = snr.clamp(max=gamma) / snr if gamma else torch.ones_like(snr)
+    if floor:
+        weight = torch.where(snr < floor, floor / snr, weight)  # the noisy step: above 1
+        assert weight.max() > 1
     expected = (noise.double().pow(2).flatten(1).mean(1) * weight).mean()
     assert out["ldm_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert gamma == 0 or weight.min() < 1  # the draw includes a weighted (low-noise) step
