@@ -24,12 +24,14 @@ from estimator import ArcMarginHead, COEFFICIENT_SCALE, CoefficientEstimator, Id
 from fitting import photometric_loss
 from layers import FACE, REGION_NAMES
 from pictures import enlarge, grid as picture_grid, mask_rows
+from samplers import predict_x0
 from slots import RegionSlots, masks_at, pretraining_loss
 from synthetic import SyntheticPortraits
 from vqvae import PatchDiscriminator, VQVAE, discriminator_hinge_loss, vq_loss
 
 EXPRESSION_MESH_SCALE = 0.003  # metres: the spread of a vertex's expression and jaw movement
 GRID_ITEMS = 8            # images shown in evaluation grids
+X0_REPORT_STEPS = (999, 800, 600, 400, 200, 50)  # timesteps of the ldm stage's x̂_0 report
 ROUND_TRIP_ZOOM = 3       # the vqvae stage's grid: held-out images over their round trips, 3×
 IDENTITY_EVAL = (32, 4)   # held-out identities × frames for the verification measurement
 
@@ -396,7 +398,8 @@ class LDMStage(Stage):
     slot called "background" took the face), and the region swaps went with them. Measures
     the PSNR of cross-identity edits of held-out people against the exact target, whole and on
     the target's face, and the face detail (medians), sampled with the EMA weights (train.py
-    swaps them in) and I_R drawn from the estimator's coefficients, as in every edit."""
+    swaps them in) and I_R drawn from the estimator's coefficients, as in every edit; and the
+    x̂_0 report (x0_report): the face error of x̂_0 at fixed noise levels beside f_r's."""
 
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
@@ -459,9 +462,39 @@ class LDMStage(Stage):
         grid([batch["source"][:n], batch["query"][:n], out["render"][:n], edited[:n],
               batch["target"][:n], *mask_rows(batch["source"][:n], masks[:n])], png)
         detail = metrics.face_detail(edited, batch["target"], batch["target_regions"])
+        z0 = self.model.encode_latent(batch["target"])
+        latent_face = F.avg_pool2d(face.float(), edited.shape[-1] // z0.shape[-1]) > 0.5
         return {"psnr": float(metrics.psnr(edited, batch["target"]).mean()),
                 "psnr_face": float(metrics.psnr(edited, batch["target"], mask=face).mean()),
-                **{name: float(values.nanmedian()) for name, values in detail.items()}}
+                **{name: float(values.nanmedian()) for name, values in detail.items()},
+                **x0_report(self.model, trace["cond"], z0, latent_face)}
+
+
+def x0_report(model, cond, z0, face, timesteps=X0_REPORT_STEPS, seed=0):
+    """How well the denoiser knows the answer at each noise level, on the face: for each t,
+    z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε for two noise draws ε, and x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t.
+    Returns {"x0_face_rms_t{t}": rms of x̂_0 − z_0 (first draw), "x0_spread_t{t}": rms of the
+    difference of the two draws' x̂_0, "f_r_face_rms": rms of f_r − z_0}, each over the face's
+    latent pixels (face (B, 1, h, w), a 0/1 mask) and the channels; z_0 (B, C, h, w) the
+    target's scaled latent, cond the edit's conditions (DiffFAE.conditions)."""
+    generator = torch.Generator(device=z0.device).manual_seed(seed)
+    weight = face.expand_as(z0).float()
+
+    def rms(error):
+        return float(((error.float() ** 2 * weight).sum() / weight.sum().clamp(min=1)).sqrt())
+
+    report = {"f_r_face_rms": rms(cond["f_r"] - z0)}
+    for t in (t for t in timesteps if t < len(model.alphas_cumprod)):
+        steps = torch.full((len(z0),), t, device=z0.device)
+        alpha_bar = model.alphas_cumprod[t]
+        x0 = []
+        for _ in range(2):
+            noise = torch.randn(z0.shape, generator=generator, device=z0.device)
+            z_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise
+            x0.append(predict_x0(z_t, model.denoise(z_t, steps, cond)[0], alpha_bar))
+        report[f"x0_face_rms_t{t}"] = rms(x0[0] - z0)
+        report[f"x0_spread_t{t}"] = rms(x0[0] - x0[1])
+    return report
 
 
 def build(cfg, parts, device, n_identities):

@@ -210,3 +210,34 @@ def test_ema_follows_its_formula_and_swaps_weights_in_and_out():
     with ema.applied(layer):
         assert torch.allclose(layer.weight, expected)
     assert torch.equal(layer.weight, torch.full((1, 2), 9.0))
+
+
+class _KnownNoise:
+    """A stand-in denoiser that predicts ε exactly (given it), or 0."""
+
+    def __init__(self, exact):
+        self.alphas_cumprod = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
+        self.exact, self.noise = exact, None
+
+    def denoise(self, z_t, t, cond):
+        alpha_bar = self.alphas_cumprod[t[0]]
+        eps = (z_t - alpha_bar.sqrt() * cond["z0"]) / (1 - alpha_bar).sqrt()
+        return (eps if self.exact else torch.zeros_like(z_t)), None
+
+
+def test_x0_report_against_its_closed_forms():
+    z0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    face = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    face[:, :, 1:3] = True
+    cond = {"z0": z0, "f_r": z0 + 0.5}
+    exact = stages.x0_report(_KnownNoise(True), cond, z0, face, timesteps=(999, 50))
+    assert exact["f_r_face_rms"] == pytest.approx(0.5)
+    assert max(exact[f"x0_{kind}_t{t}"] for kind in ("face_rms", "spread")
+               for t in (999, 50)) < 1e-9  # the true ε gives x̂_0 = z_0 for every draw
+    # ε̂ = 0: x̂_0 − z_0 = √((1 − ᾱ)/ᾱ)·ε, whose rms over 48 face values is about √(1/SNR)
+    blind = stages.x0_report(_KnownNoise(False), cond, z0, face, timesteps=(999,))
+    alpha_bar = 0.01
+    assert blind["x0_face_rms_t999"] == pytest.approx(((1 - alpha_bar) / alpha_bar) ** 0.5,
+                                                      rel=0.3)
+    assert blind["x0_spread_t999"] == pytest.approx((2 * (1 - alpha_bar) / alpha_bar) ** 0.5,
+                                                    rel=0.3)
