@@ -148,10 +148,11 @@ class DiffFAE(nn.Module):
             face = masks_at(self.slots(images)["masks"], images.shape[-2:])[:, FACE:FACE + 1]
         return refine(estimates, images, face, self.render, steps, losses=losses)
 
-    def conditions(self, source, rendered):
+    def conditions(self, source, rendered, regions=None):
         """Everything the UNet is conditioned on: f_r (B, C, h, w), the slot tokens F (B, K, D)
-        and f_id (B, Di); with the rest of RegionSlots' output (the source's slot masks)."""
-        regions = self.slots(source)
+        and f_id (B, Di); with the rest of RegionSlots' output (the source's slot masks).
+        regions: self.slots(source) when the caller has it already."""
+        regions = self.slots(source) if regions is None else regions
         identity = self.identity(source)
         if not self.diffusion.use_identity:
             identity = torch.zeros_like(identity)
@@ -179,12 +180,14 @@ class DiffFAE(nn.Module):
             dist.all_reduce(self.latent_scale)
             self.latent_scale /= dist.get_world_size()
 
-    def loss(self, source, query, coefficients=None, t=None, noise=None):
+    def loss(self, source, query, coefficients=None, t=None, noise=None, regions=None):
         """The whole training objective, L = L_LDM + δ·L_attn (Eq. 8), for a batch of
         same-person pairs: source I_S and query I_Q (B, 3, H, W) in [-1, 1]. coefficients: the
         query's exact ones (the estimator's keys), used when diffusion.render_from is "truth";
         with "estimated" the estimator reads them from I_Q, as at inference. t (B,) and noise ε
-        (B, C, h, w): drawn from the global generator when not given, t first.
+        (B, C, h, w): drawn from the global generator when not given, t first. regions:
+        self.slots(source), with its graph, when the caller needs it too (the ldm stage's
+        slots term): the region encoder then runs once.
         Returns {"loss": L, "ldm_loss", "acr_loss"} (the last two detached).
         """
         d = self.diffusion
@@ -198,7 +201,7 @@ class DiffFAE(nn.Module):
         z0 = self.encode_latent(query)
         # 3. the conditions: f_r = ℰ(I_R); RSC (§4.2): the slot tokens F of I_S, context of
         #    the cross-attention (Eq. 6), and f_id, the input of AdaIN (Eq. 4-5)
-        cond = self.conditions(source, rendered)
+        cond = self.conditions(source, rendered, regions)
         # 4. forward diffusion (Eq. 1): t ~ U{0..T−1}, ε ~ N(0, I), z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε
         batch = z0.shape[0]
         if t is None:

@@ -285,12 +285,12 @@ def masks_at(masks, size):
     return resized / resized.sum(dim=1, keepdim=True).clamp_min(torch.finfo(masks.dtype).tiny)
 
 
-def pretraining_loss(slots, images, target, regions=None, supervision=0.0):
+def pretraining_loss(slots, images, target, regions=None, supervision=0.0, out=None):
     """The loss of RSC's pretraining (§4.3): ζ's reconstruction of `target` (B, T, t, t), the
     frozen VQ latent of `images`, by MSE; with supervision > 0 (not in the paper) plus the mask
-    loss −log M_k at the pixels of region k, regions (B, H, W). Returns {"loss", and its terms,
-    detached}."""
-    out = slots(images)
+    loss −log M_k at the pixels of region k, regions (B, H, W). out: slots(images) when the
+    caller has it already. Returns {"loss", and its terms, detached}."""
+    out = slots(images) if out is None else out
     reconstruction = F.mse_loss(slots.decode(out["slots"])["recon"], target)
     if not supervision:
         return {"loss": reconstruction}

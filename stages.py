@@ -440,15 +440,18 @@ class LDMStage(Stage):
         if not model.latent_scale_set:  # LDM's scale_factor, from the first batch's queries
             model.set_latent_scale(batch["query"])
         truth = model.diffusion.render_from == "truth"
-        losses = model.loss(batch["source"], batch["query"],
-                            true_coefficients(batch, "query") if truth else None)
+        source = batch["source"]
+        # the region encoder runs once on the source: its output feeds both terms
+        encoded = model.slots(source) if self.slots_weight else None
+        losses = model.loss(source, batch["query"],
+                            true_coefficients(batch, "query") if truth else None,
+                            regions=encoded)
         if not self.slots_weight:
             return losses
         # the slots stage's loss on the sources, so that slot k stays the token of region k
         regions = batch["source_regions"] if self.supervision else None
-        source = batch["source"]
         held = pretraining_loss(model.slots, source, model.vqvae.encode(source), regions,
-                                self.supervision)
+                                self.supervision, out=encoded)
         return {**losses, "loss": losses["loss"] + self.slots_weight * held["loss"],
                 "slots_loss": held["loss"].detach()}
 

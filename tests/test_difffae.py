@@ -441,3 +441,39 @@ def test_the_bundled_model_edits_the_examples(tmp_path):
     from PIL import Image
     size = load_model(DEFAULT_CHECKPOINT).image_size
     assert Image.open(out).size == (size, size)
+
+
+def test_the_region_encoder_runs_once_with_the_same_loss_and_gradients(ldm_stage, batch):
+    """The ldm step shares one pass of the region encoder between DiffFAE.loss and the slots
+    term; computing each with its own pass gives the same loss and gradients."""
+    assert ldm_stage.slots_weight > 0
+    model = ldm_stage.model
+    calls = []
+    hook = model.slots.register_forward_hook(lambda *_: calls.append(1))
+    parameters = [p for p in ldm_stage.parameters() if p.requires_grad]
+
+    def loss_and_gradients(compute):
+        torch.manual_seed(5)
+        loss = compute()
+        return loss.detach(), torch.autograd.grad(loss, parameters, allow_unused=True)
+
+    try:
+        shared = loss_and_gradients(lambda: ldm_stage(batch, step=1)["loss"])
+        passes = len(calls)
+
+        def separate():
+            losses = model.loss(batch["source"], batch["query"])
+            held = pretraining_loss(model.slots, batch["source"],
+                                    model.vqvae.encode(batch["source"]), batch["source_regions"],
+                                    ldm_stage.supervision)
+            return losses["loss"] + ldm_stage.slots_weight * held["loss"]
+
+        reference = loss_and_gradients(separate)
+    finally:
+        hook.remove()
+    assert passes == 2 and len(calls) == 5  # shared: source + query masks; separate: three
+    assert torch.allclose(shared[0], reference[0], rtol=1e-6)
+    for mine, theirs in zip(shared[1], reference[1]):
+        assert (mine is None) == (theirs is None)
+        if mine is not None:
+            assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-7)
