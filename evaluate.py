@@ -379,8 +379,9 @@ def arguments():
                         "instead of the pairs (default: none)")
     parser.add_argument("--clip-frames", type=int, default=24, help="frames of each clip "
                         "(default: %(default)s)")
-    parser.add_argument("--smooth", type=float, default=0.0, metavar="SIGMA", help="also score "
-                        "the clips with coefficients smoothed over SIGMA frames")
+    parser.add_argument("--smooth", type=float, default=drive.SMOOTH_SIGMA, metavar="SIGMA",
+                        help="also score the clips with coefficients smoothed over SIGMA frames "
+                        "(default: %(default)s, sample.py's; 0: not)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: "
                         "%(default)s)")
     return parser
