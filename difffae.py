@@ -51,7 +51,8 @@ class DiffusionConfig:
     acr_weight: float = 0.1        # δ of Eq. 8; 0 is the "no ACR" ablation
     min_snr_gamma: float = 0.0     # γ of Min-SNR loss weights (Hang et al. 2023); 0: none (paper)
     snr_floor: float = 0.0         # with Min-SNR, the least x0-weight: w = clamp(SNR, floor, γ)/SNR
-                                   # (1: the noisiest steps count as at SNR 1; 0: Min-SNR as published)
+                                   # (1: the noisiest steps count as at SNR 1; 0: Min-SNR as
+                                   # published)
     use_identity: bool = True      # False: f_id = 0, the "no identity token" ablation
     render_from: str = "estimated"  # training I_R from "estimated" (as at inference) or exact
                                    # "truth" coefficients (synthetic data only)
@@ -158,6 +159,16 @@ class DiffFAE(nn.Module):
             identity = torch.zeros_like(identity)
         return {**regions, "f_r": self.encode_latent(rendered), "id": identity}
 
+    def swap_slots(self, cond, swap):
+        """cond with the slot tokens of the regions in swap ({"hair" | "clothes" |
+        "background": images (B, 3, H, W)}) replaced by those images' (expandable editing,
+        App. G). Changes cond in place and returns it."""
+        for region, image in (swap or {}).items():
+            assert region in REGION_NAMES[1:], f"cannot swap {region!r}"  # the face is the edit
+            k = REGION_NAMES.index(region)
+            cond["slots"][:, k] = self.slots(image)["slots"][:, k]
+        return cond
+
     def denoise(self, z_t, t, cond):
         """ε_θ([z_t ; f_r], t, F, f_id): the predicted noise (B, C, h, w) and the UNet's
         cross-attention maps (unet.UNet.forward with return_attn)."""
@@ -212,7 +223,8 @@ class DiffFAE(nn.Module):
         z_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise
         # 5. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖², each image's
         #    weighted by clamp(SNR_t, floor, γ)/SNR_t, SNR_t = ᾱ_t/(1−ᾱ_t), when min_snr_gamma
-        #    = γ > 0: the error of x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t weighted by clamp(SNR_t, floor, γ)
+        #    = γ > 0: the error of x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t weighted by
+        #    clamp(SNR_t, floor, γ)
         eps, attn = self.denoise(z_t, t, cond)
         ldm = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)  # (B,)
         if d.min_snr_gamma > 0:
@@ -277,11 +289,7 @@ class DiffFAE(nn.Module):
                          None if query is None else {k: v[n:] for k, v in fitted.items()}]
         coefficients = edit_coefficients(*estimates, edit, numbers)
         rendered, mask = self.render(coefficients)
-        cond = self.conditions(source, rendered)
-        for region, image in (swap or {}).items():
-            assert region in REGION_NAMES[1:], f"cannot swap {region!r}"  # the face is the edit
-            k = REGION_NAMES.index(region)
-            cond["slots"][:, k] = self.slots(image)["slots"][:, k]
+        cond = self.swap_slots(self.conditions(source, rendered), swap)
         callback = None
         if trace is not None:  # "steps" fills as the sampler steps
             unrefined = None

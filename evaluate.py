@@ -56,6 +56,15 @@ method uses), for each model's region encoder and a slots-stage checkpoint (`--s
 
 With --grid PNG it also writes a picture: source | query | I_R | DiffFAE | ground truth, then
 the source with the hair, clothes and background of the next item ("other").
+
+Clips. `--clips K` scores K synthetic driving clips instead (SyntheticPortraits.clip: person B
+moving, the target A in each of B's frames), each driven by drive.drive in these ways:
+    independent_seeds    every frame edited alone, frame k from the noise of seed + k
+    same_noise           every frame from the same noise, the source's conditions computed once
+    same_noise_smooth_σ  and the query's coefficients smoothed over σ frames (with --smooth σ)
+    copy_source          the source, still: its flicker is how much the target moves
+with psnr, ssim, the region PSNRs and the face detail measures of every frame, the flicker
+(drive.flicker, per clip) and the seconds per frame.
 """
 import json
 import statistics
@@ -65,6 +74,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import default_collate
 
+import drive
 import metrics
 from checkpoint import load_model, rebuild
 from data import save_image
@@ -84,6 +94,7 @@ MEDIANS = ("face_detail_ratio", "face_detail_correlation")  # reported as median
 IMAGE_METRICS = ("psnr", "ssim", *(f"psnr_{name}" for name in REGION_NAMES), *MEDIANS)
 JUDGE_METRICS = ("apd", "aed", "ald", "csim")
 COEFFICIENT_METRICS = ("pose_deg", "jaw_deg", "expression_mm", "light")
+CLIP_METRICS = ("psnr", "ssim", "psnr_face", *MEDIANS, "flicker", "seconds_per_frame")
 # Checkpoints of training stages that stand in for a part: the judge's, and slots to score
 JUDGES = ("--judge-estimator", "--judge-identity")
 STAGE_OF = {"--judge-estimator": "estimator", "--judge-identity": "identity",
@@ -303,6 +314,31 @@ def picture(model, path, steps, sampler, seed, device):
     save_image(torch.cat(rows, dim=1), path)
 
 
+@torch.no_grad()
+def evaluate_clips(model, n, length, run, sigma, device):
+    """The clips table (module docstring) of n clips of `length` frames; run: the sampling
+    options of drive.drive (steps, sampler, seed: clip i samples from seed + i)."""
+    data = SyntheticPortraits(model.image_size, "test", run["seed"], length=n)
+    ways = {"independent_seeds": dict(same_noise=False), "same_noise": {}}
+    if sigma:
+        ways[f"same_noise_smooth_{sigma:g}"] = dict(sigma=sigma)
+    totals = {}
+    for index in range(n):
+        clip = to_device(data.clip(index, length), device)
+        source, target = clip["source"][None], clip["target"]  # (1, 3, H, W), (N, 3, H, W)
+        outputs = {"copy_source": source.expand_as(target)}
+        for way, options in ways.items():
+            started = time.time()
+            outputs[way] = drive.drive(model, source, clip["query"], **{
+                **run, "seed": run["seed"] + index}, **options)["image"]
+            add(totals, ("clips", way), {"seconds_per_frame": torch.tensor(
+                [(time.time() - started) / length])})
+        for way, output in outputs.items():
+            add(totals, ("clips", way), {**image_scores(output, target, clip["target_regions"]),
+                                         "flicker": drive.flicker(output, target)[None]})
+    return nest(totals)
+
+
 def load_network(path, stage, option, device):
     """A pretraining stage's network from its training checkpoint (as train.py writes it),
     rebuilt by checkpoint.rebuild. Raises ValueError naming the option, the file and the problem."""
@@ -372,6 +408,13 @@ def arguments():
                         "(missing folders are made)")
     parser.add_argument("--grid", metavar="PNG", help="also write the picture grid (missing "
                         "folders are made)")
+    parser.add_argument("--clips", type=int, default=0, help="score this many driving clips "
+                        "instead of the pairs (default: none)")
+    parser.add_argument("--clip-frames", type=int, default=24, help="frames of each clip "
+                        "(default: %(default)s)")
+    parser.add_argument("--smooth", type=float, default=drive.SMOOTH_SIGMA, metavar="SIGMA",
+                        help="also score the clips with coefficients smoothed over SIGMA frames "
+                        "(default: %(default)s, sample.py's; 0: not)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: "
                         "%(default)s)")
     return parser
@@ -421,19 +464,54 @@ def report(args, results, seconds, independent):
               f"(give {' and '.join(own)})")
     refined = f", coefficients refined by {args.refine} steps" if args.refine else ""
     print(f"\n{args.n} pairs, {args.sampler} {args.steps} steps{refined}, {seconds:.0f} s")
+    write_json(args, {**results, "n": args.n, "independent_judge": all(independent.values())})
+
+
+def write_json(args, results):
+    """--json, if given: the results and the configuration."""
     if args.json:
         config = {key: value for key, value in vars(args).items() if key not in ("json", "grid")}
         if Path(args.ckpt) == DEFAULT_CHECKPOINT:
             config["ckpt"] = str(DEFAULT_CHECKPOINT.relative_to(Path(__file__).resolve().parent))
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**results, "n": args.n, "config": config,
-                                               "independent_judge": all(independent.values())},
-                                              indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({**results, "config": config}, indent=2) + "\n")
+
+
+def clips_program(args):
+    """evaluate.py --clips: its checks, then the clips table, printed and written to --json."""
+    if args.clips < 1:
+        raise ValueError(f"--clips {args.clips}: expected a number of clips >= 1")
+    if args.clip_frames < drive.MIN_FRAMES:
+        raise ValueError(f"--clip-frames {args.clip_frames}: a clip needs at least "
+                         f"{drive.MIN_FRAMES}")
+    if not 0 <= args.smooth < float("inf"):
+        raise ValueError(f"--smooth {args.smooth}: expected a number of frames >= 0")
+    pairs_only = [option for option in ("--grid", "--ablation", "--refine", *STAGE_OF)
+                  if getattr(args, option[2:].replace("-", "_"))]
+    if pairs_only:
+        raise ValueError(f"{', '.join(pairs_only)}: for the pairs; not used with --clips")
+    check_device(args.device)
+    if args.json:
+        check_output(args.json, "--json")
+    model = read_checkpoint(load_model, args.ckpt, "--ckpt", args.device)
+    check_sampling(model, args.steps, args.sampler)
+    args.sampler = args.sampler or model.diffusion.sampler
+    args.steps = args.steps or model.diffusion.sample_steps
+    started = time.time()
+    results = evaluate_clips(model, args.clips, args.clip_frames,
+                             dict(steps=args.steps, sampler=args.sampler, seed=args.seed),
+                             args.smooth, args.device)
+    print(markdown(results["clips"], CLIP_METRICS, "clip"))
+    print(f"\n{args.clips} clips of {args.clip_frames} frames, {args.sampler} {args.steps} "
+          f"steps, {time.time() - started:.0f} s")
+    write_json(args, results)
 
 
 def main(argv=None):
     args = arguments().parse_args(argv)
     try:
+        if args.clips:
+            return clips_program(args)
         models, judge, slot_networks = load_everything(args)
         diffusion = models["difffae"].diffusion  # the model's own sampling where none is given
         args.sampler = args.sampler or diffusion.sampler

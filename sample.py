@@ -9,12 +9,15 @@ and lighting (DiffFAE, Wang et al. 2024, §4). Region swaps are the paper's expa
     python sample.py SRC QRY --sampler ddim --steps 50     # not the model's own sampler and steps
     python sample.py SRC QRY --refine 20   # coefficients refined through the renderer (fitting.py)
     python sample.py SRC QRY --explain fig.png       # and a figure of what each part did
+    python sample.py SRC --drive CLIP --out out.gif  # every frame of a clip a query (drive.py)
 
 The model is the bundled one (weights/difffae-tiny.pt, trained on synthetic 64 px portraits)
 unless --ckpt names another: an exported file or a `runs/ldm/ckpt.pt` training checkpoint (its
 EMA weights). Images are centre-cropped and resized to the model's size; with --panel the output
 is a strip source | query | I_R (the rendered face) | result; --explain also draws the edit's
-own tensors, row by row (explain.py). Runs on the CPU by default.
+own tensors, row by row (explain.py). With --drive, CLIP (a folder of frames, a vox-png clip
+folder or an animated GIF) takes the query's place frame by frame and the output is a GIF; the
+other options apply to every frame. Runs on the CPU by default.
 """
 import argparse
 import math
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import drive
 import explain
 from checkpoint import load_model
 from cli import (DEFAULT_CHECKPOINT, SWAPPABLE, Parser, check_device, check_output,
@@ -94,8 +98,8 @@ def arguments():
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="the person to edit (any image Pillow reads)")
     parser.add_argument("query", nargs="?", help="whose pose / expression / lighting to take")
-    parser.add_argument("--out", default="out.png",
-                        help="output PNG (default out.png; missing folders are made)")
+    parser.add_argument("--out", help="output PNG, or GIF with --drive (default out.png, "
+                        "out.gif; missing folders are made)")
     parser.add_argument("--ckpt", default=str(DEFAULT_CHECKPOINT),
                         help="model file (default: the bundled weights/difffae-tiny.pt)")
     parser.add_argument("--edit", default=",".join(EDIT_ATTRIBUTES),
@@ -120,6 +124,15 @@ def arguments():
     parser.add_argument("--explain", metavar="FIG", help="also write FIG, a PNG of what SPC, RSC, "
                         "ACR and the sampler did in this edit")
     parser.add_argument("--zoom", type=int, default=1, help="enlarge the output N× (nearest)")
+    parser.add_argument("--drive", metavar="CLIP", help="a clip instead of a query: a folder "
+                        "of frames (name order), a vox-png clip folder or an animated GIF")
+    parser.add_argument("--frames", metavar="DIR", help="with --drive, also write the output "
+                        "frames as DIR/<frame:07d>.png")
+    parser.add_argument("--smooth", type=float, default=drive.SMOOTH_SIGMA, metavar="SIGMA",
+                        help="with --drive, smooth the query's coefficients over SIGMA frames "
+                        "(default %(default)s; 0: none)")
+    parser.add_argument("--fps", type=float, default=drive.FPS, help="with --drive, the GIF's "
+                        "frames a second (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps")
     return parser
 
@@ -128,9 +141,14 @@ def check_arguments(args):
     """Every argument that needs no model, checked before loading one; returns the edit's
     attributes, the swap images' paths and the numbers."""
     check_device(args.device)
-    check_output(args.out, "--out", ".png")
-    if args.query is None and not args.numbers:
-        raise ValueError("nothing to edit: give a query image or --set NAME=VALUE")
+    if args.drive:
+        check_drive(args)
+    elif args.frames:
+        raise ValueError(f"--frames {args.frames}: writes the frames of --drive; give a clip")
+    args.out = args.out or ("out.gif" if args.drive else "out.png")
+    check_output(args.out, "--out", ".gif" if args.drive else ".png")
+    if args.query is None and not (args.drive or args.numbers):
+        raise ValueError("nothing to edit: give a query image, --drive CLIP or --set NAME=VALUE")
     if args.zoom < 1:
         raise ValueError(f"--zoom {args.zoom}: expected a positive integer")
     if args.refine < 0:
@@ -138,6 +156,37 @@ def check_arguments(args):
     if args.explain:
         check_output(args.explain, "--explain", ".png")
     return parse_edit(args.edit), parse_swap(args.swap), parse_numbers(args.numbers)
+
+
+def check_drive(args):
+    """--drive's options, beside the rest."""
+    if args.query is not None:
+        raise ValueError(f"{args.query}: give a query image or --drive CLIP, not both")
+    if args.explain:
+        raise ValueError("--explain draws one edit; it cannot be used with --drive")
+    if args.frames and Path(args.frames).exists() and not Path(args.frames).is_dir():
+        raise ValueError(f"--frames {args.frames}: a file; expected a folder")
+    if not (math.isfinite(args.smooth) and args.smooth >= 0):
+        raise ValueError(f"--smooth {args.smooth}: expected a number of frames >= 0")
+    if not (math.isfinite(args.fps) and 1 <= args.fps <= 100):
+        raise ValueError(f"--fps {args.fps}: expected 1 to 100 (a GIF keeps 1/100 s)")
+
+
+def drive_clip(args, model, source, attributes, swap, numbers):
+    """--drive: the source driven by every frame of the clip (drive.py), written as a GIF."""
+    frames = drive.read_clip(args.drive, model.image_size).to(args.device)
+    result = drive.drive(model, source, frames, attributes, swap, numbers, args.steps,
+                         args.sampler, args.seed, args.eta, args.smooth,
+                         refine_steps=args.refine, progress=True)
+    images = result["image"].cpu()
+    if args.panel:  # source | driving frame | I_R | result, each frame
+        images = torch.cat([source.cpu().expand_as(images), frames.cpu(),
+                            result["render"].cpu(), images], dim=3)  # (N, 3, H, 4·W)
+    images = [zoom(image, args.zoom) for image in images]
+    drive.write_gif(images, args.out, args.fps)
+    if args.frames:
+        drive.write_frames(images, args.frames)
+    return len(images)
 
 
 def edit(args, attributes, swap_paths, numbers):
@@ -151,6 +200,8 @@ def edit(args, attributes, swap_paths, numbers):
     source = read(args.source)
     query = read(args.query) if args.query else None
     swap = {region: read(path) for region, path in swap_paths.items()}
+    if args.drive:
+        return drive_clip(args, model, source, attributes, swap, numbers)
     trace = {} if args.explain else None
     result = model.edit(source, query, edit=attributes, swap=swap, numbers=numbers,
                         steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta,
@@ -172,11 +223,17 @@ def main(argv=None):
     warnings.formatwarning = lambda message, *_: f"warning: {message}\n"  # one line, no source
     started = time.time()
     try:
-        edit(args, *check_arguments(args))
+        frames = edit(args, *check_arguments(args))
     except (ImageError, ValueError, OSError) as error:
         fail(error)
+    seconds = time.time() - started
+    if frames:  # --drive: the time includes loading the model
+        also = f" and {args.frames}" if args.frames else ""
+        print(f"wrote {args.out}{also}: {frames} frames ({seconds:.1f} s, "
+              f"{seconds / frames:.2f} s a frame)")
+        return
     also = f" and {args.explain}" if args.explain else ""
-    print(f"wrote {args.out}{also} ({time.time() - started:.1f} s)")
+    print(f"wrote {args.out}{also} ({seconds:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -36,8 +36,11 @@ A frame (`sample_frame`, seeded by item and slot):
 - cam (3,) = DECA's [s, tx, ty]: s = 7.8 · (1 + U(±0.05)) shows 0.26 m of height; tx U(±0.015);
   ty 0.055 + U(±0.015) centres the view 5.5 cm below the eyes. Framed like VoxCeleb's crops, the
   face covers about 37 % of the picture, the hair 17 %, the clothes 12 %.
+A clip (`trajectory`, `SyntheticPortraits.clip`): a held-out person B moves smoothly through
+CLIP_KEYFRAMES frames drawn as above, under a fixed camera; the exact target of each frame is
+the source person A rendered in it: what a portrait driven by the clip should be.
 
-Letters: B batch, V vertices, F faces, H/W image size, T texture size.
+Letters: B batch, N frames of a clip, V vertices, F faces, H/W image size, T texture size.
 """
 import argparse
 import json
@@ -78,6 +81,8 @@ TORSO_TOP, TORSO_Z, TORSO_EXPONENT, SHOULDER_DROP = -0.14, -0.02, 2.6, 0.06
 TORSO_ROWS, TORSO_COLS = 18, 32
 TEXTURE = 64                   # size of the hair and clothes textures
 CAM_SCALE, CAM_DROP = 7.8, 0.055  # the camera's mean s and ty (module docstring)
+CLIP_KEYFRAMES = 3              # the driving person's frames a synthetic clip moves through
+CLIP_CODE = 2                   # seeds a clip's trajectory apart from the pairs' frames (0, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +134,25 @@ def sample_frame(rng, n_exp):
     cam = np.array([CAM_SCALE * (1 + rng.uniform(-0.05, 0.05)), rng.uniform(-0.015, 0.015),
                     CAM_DROP + rng.uniform(-0.015, 0.015)])
     return {"expression": expression, "pose": pose, "light": light, "cam": cam}
+
+
+def trajectory(rng, n_exp, length, keyframes=CLIP_KEYFRAMES):
+    """A smooth motion of `length` frames: `keyframes` frames of sample_frame, and between
+    keyframes a and b the frame a + s(u)·(b − a), u in [0, 1] the position between them and
+    s(u) = 3u² − 2u³ (smoothstep: no jump in position or speed at a keyframe). The pose is
+    interpolated as rotation vectors, close to the rotation between them for the angles
+    sample_frame draws; the camera stays at the first keyframe's, as a camera on a tripod."""
+    assert length >= 2 and keyframes >= 2, (length, keyframes)
+    keys = [sample_frame(rng, n_exp) for _ in range(keyframes)]
+    frames = []
+    for k in range(length):
+        position = k * (keyframes - 1) / (length - 1)  # in keyframes, 0 .. keyframes − 1
+        a = min(int(position), keyframes - 2)
+        u = position - a
+        s = u * u * (3 - 2 * u)
+        frame = {key: keys[a][key] + s * (keys[a + 1][key] - keys[a][key]) for key in keys[a]}
+        frames.append({**frame, "cam": keys[0]["cam"]})
+    return frames
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +360,24 @@ class SyntheticPortraits(Dataset):
                   for key in dicts[0]} for dicts in (identities, frames)]
         return self.renderer.render(*stack, self.size)
 
+    def clip(self, index, length):
+        """A driving clip with exact targets (test split): person B of item `index` moves along
+        a `trajectory` of `length` frames; the targets are the source person A in each of those
+        frames. Returns source (3, H, W), A in the item's source frame; query, target
+        (N, 3, H, W); query_regions, target_regions (N, H, W); frames, the N frame dicts."""
+        if self.split != "test":
+            raise ValueError("clip: the test split has a driving person (train pairs one)")
+        index = range(self.length)[index]  # IndexError when out of range
+        a, b = (self.identity(person) for person in self.identity_ids(index))
+        frames = trajectory(_rng(self.seed, CLIP_CODE, index), self.renderer.flame.n_exp,
+                            length)
+        images, regions = self.render([a] + [b] * length + [a] * length,
+                                      [self.frame(index, 0)] + frames + frames)
+        query, target = slice(1, 1 + length), slice(1 + length, None)
+        return {"source": images[0], "query": images[query], "target": images[target],
+                "query_regions": regions[query], "target_regions": regions[target],
+                "frames": frames}
+
     def __getitem__(self, index):
         return self.__getitems__([index])[0]
 
@@ -504,6 +546,27 @@ def export_synthetic(out_dir, n, size, split="train", seed=0):
     return clips
 
 
+def export_clip(out_dir, length, size, seed=0, index=0):
+    """Writes one synthetic clip (SyntheticPortraits.clip of test item `index`): source.png,
+    query/<frame:07d>.png (the driving clip, named as vox-png frames), target/<frame:07d>.png
+    (the exact answers) and params.json (the source's coefficients and each frame's).
+    Returns the paths of source.png and of the two folders."""
+    data = SyntheticPortraits(size, "test", seed, length=index + 1)
+    clip = data.clip(index, length)
+    out = Path(out_dir)
+    save_image(clip["source"], out / "source.png")
+    for folder in ("query", "target"):
+        for k, image in enumerate(clip[folder]):
+            save_image(image, out / folder / f"{k:07d}.png")
+    people = [data.identity(person) for person in data.identity_ids(index)]
+    params = {"source": _params(people[0], data.frame(index, 0)),
+              "query": [_params(people[1], frame) for frame in clip["frames"]],
+              "target": [_params(people[0], frame) for frame in clip["frames"]]}
+    text = json.dumps(params, default=lambda tensor: tensor.tolist())
+    write_atomic(out / "params.json", lambda file: file.write(text.encode()))
+    return out / "source.png", out / "query", out / "target"
+
+
 def preview_grid(size=128, n=6, seed=0):
     """(3, H, W) grid: a row per item — source | query | query regions overlay | target; train
     items first, then test items (whose target is the ground-truth edit)."""
@@ -539,9 +602,13 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preview", metavar="PNG", help="write a grid of train and test items")
     parser.add_argument("--examples", metavar="DIR", help="write the README's example inputs")
+    parser.add_argument("--export-clip", metavar="DIR", help="write a driving clip with its "
+                        "exact targets (test identities)")
+    parser.add_argument("--frames", type=int, default=24, help="frames of --export-clip")
     args = parser.parse_args(argv)
-    if not (args.export or args.preview or args.examples):
-        parser.error("nothing to do: give --export DIR, --preview PNG or --examples DIR")
+    if not (args.export or args.preview or args.examples or args.export_clip):
+        parser.error("nothing to do: give --export DIR, --preview PNG, --examples DIR or "
+                     "--export-clip DIR")
     try:
         if args.export:
             if args.n < 1:
@@ -554,6 +621,11 @@ def main(argv=None):
         if args.examples:
             paths = write_examples(args.examples, args.size, args.seed)
             print("wrote " + ", ".join(str(p) for p in paths))
+        if args.export_clip:
+            if args.frames < 2:
+                raise ValueError(f"--frames {args.frames}: a clip needs at least 2")
+            paths = export_clip(args.export_clip, args.frames, args.size, args.seed)
+            print(f"wrote {paths[0]} and {args.frames} frames in each of {paths[1]}, {paths[2]}")
     except (ValueError, OSError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
+import drive
 import evaluate
 import metrics
 import stages
@@ -201,3 +202,28 @@ def test_help_shows_the_defaults():
     for default in ("(default: 200)", "(default: the model's own)", "(default: cpu)",
                     "(default: the bundled weights/difffae-tiny.pt)"):
         assert default in " ".join(shown.split()), default
+
+
+def test_clips_are_scored_against_their_definitions(tmp_path, capsys):
+    """evaluate.py --clips with the bundled model, its rows recomputed from the definitions."""
+    path = tmp_path / "clips.json"
+    run_main(capsys, "--clips", 1, "--clip-frames", 3, "--steps", 2, "--smooth", 1,
+             "--json", path)
+    rows = json.loads(path.read_text())["clips"]
+    assert set(rows) == {"independent_seeds", "same_noise", "same_noise_smooth_1", "copy_source"}
+    model = load_model(evaluate.DEFAULT_CHECKPOINT)
+    clip = SyntheticPortraits(model.image_size, "test", length=1).clip(0, 3)
+    source, target = clip["source"][None], clip["target"]
+    still = rows["copy_source"]  # a still output: flicker = mean |Δ target|
+    assert still["flicker"] == pytest.approx(float(target.double().diff(dim=0).abs().mean()))
+    assert still["psnr"] == pytest.approx(float(metrics.psnr(source.expand_as(target),
+                                                             target).mean()))
+    for way, options in (("same_noise", {}), ("independent_seeds", dict(same_noise=False))):
+        output = drive.drive(model, source, clip["query"], steps=2, **options)["image"]
+        assert rows[way]["psnr"] == pytest.approx(float(metrics.psnr(output, target).mean()))
+        assert rows[way]["flicker"] == pytest.approx(float(drive.flicker(output, target)))
+    assert rows["same_noise"]["flicker"] < rows["independent_seeds"]["flicker"]
+    with pytest.raises(SystemExit) as status:
+        evaluate.main(["--clips", "1", "--grid", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert status.value.code == 2 and err == "error: --grid: for the pairs; not used with --clips\n"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import drive
 import synthetic
 from data import FrameFolder, load_image
 from layers import BACKGROUND, CLOTHES, FACE, HAIR
@@ -141,3 +142,38 @@ def test_command_line(tmp_path):
     bad = subprocess.run([sys.executable, "synthetic.py", "--export", str(tmp_path), "--n", "0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --n 0")
+
+
+def test_a_clip_eases_through_its_keyframes_with_the_source_person_as_target(cross_pairs,
+                                                                            tmp_path):
+    clip = cross_pairs.clip(1, 5)
+    n_exp = cross_pairs.renderer.flame.n_exp
+    rng = synthetic._rng(cross_pairs.seed, synthetic.CLIP_CODE, 1)
+    keys = [synthetic.sample_frame(rng, n_exp) for _ in range(synthetic.CLIP_KEYFRAMES)]
+    frames = clip["frames"]
+    # 5 frames through 3 keyframes: frames 0, 2, 4 are keyframes; 1 and 3 halfway (s(½) = ½)
+    for key in ("pose", "expression", "light"):
+        for k, a in ((0, 0), (2, 1), (4, 2)):
+            assert np.allclose(frames[k][key], keys[a][key], atol=1e-12), (key, k)
+        assert np.allclose(frames[1][key], (keys[0][key] + keys[1][key]) / 2, atol=1e-12), key
+    assert all(np.array_equal(frame["cam"], keys[0]["cam"]) for frame in frames)
+    # the target is the source person (A) in each frame, the query person B in the same frames
+    a, b = (cross_pairs.identity(person) for person in cross_pairs.identity_ids(1))
+    images, regions = cross_pairs.render([a, b, a], [frames[3], frames[3], cross_pairs.frame(1, 0)])
+    for image, key in ((0, "target"), (1, "query")):
+        torch.testing.assert_close(clip[key][3], images[image], atol=1e-4, rtol=0)
+    assert torch.equal(clip["target_regions"][3], regions[0])
+    torch.testing.assert_close(clip["source"], images[2], atol=1e-4, rtol=0)
+    torch.testing.assert_close(clip["source"], cross_pairs[1]["source"], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="test split"):
+        SyntheticPortraits(32, "train", length=2).clip(0, 3)
+    # the export: the frames as read back by drive.read_clip, and their coefficients
+    synthetic.export_clip(tmp_path, 5, 48, index=1)
+    for key in ("query", "target"):
+        read = drive.read_clip(tmp_path / key, 48)
+        torch.testing.assert_close(read, clip[key], atol=1 / 127, rtol=0)
+    params = json.loads((tmp_path / "params.json").read_text())
+    assert len(params["query"]) == len(params["target"]) == 5
+    assert np.allclose(params["target"][3]["pose"], frames[3]["pose"], atol=1e-6)
+    assert np.allclose(params["target"][3]["shape"], a["shape"], atol=1e-6)
+    assert np.allclose(params["query"][3]["shape"], b["shape"], atol=1e-6)

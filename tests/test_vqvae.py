@@ -227,7 +227,8 @@ def test_detail_term_joins_the_reconstruction_and_its_gan_weight():
     fake_logits = disc(x_hat)
     terms = vq_loss(x_hat, x, info, fake_logits, model.last_layer, 0.5, detail_weight=2.0)
     lam = adaptive_disc_weight(rec, -fake_logits.mean(), model.last_layer)
-    expected = rec + info["codebook_loss"] + info["commitment_loss"] - 0.5 * lam * fake_logits.mean()
+    expected = (rec + info["codebook_loss"] + info["commitment_loss"]
+                - 0.5 * lam * fake_logits.mean())
     assert torch.isclose(terms["total"], expected)
     assert torch.isclose(terms["detail_loss"], detail_loss(x_hat, x))
     assert "detail_loss" not in vq_loss(x_hat, x, info)
