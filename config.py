@@ -57,6 +57,7 @@ class TrainConfig:
     slots_supervision: float = 0.0  # slots, ldm: weight of a mask loss on true regions (no paper)
     slots_weight: float = 0.0     # ldm: weight of the slots stage's loss, kept on (no paper)
     slots_tag: str = ""           # ldm: start from the slots stage's run of this --tag
+    frozen_cache: bool = True     # ldm: the frozen parts' outputs computed once per pool pair
     photometric_weight: float = 1.0  # estimator: weight of the re-rendering loss
     arcface_scale: float = 30.0   # identity: ArcFace s (the paper's 64 suits 85k classes)
     arcface_margin: float = 0.5   # identity: ArcFace m (Deng et al. 2019)

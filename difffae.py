@@ -13,7 +13,8 @@ Objective (§4.3, Eq. 1, 7, 8; every step in DiffFAE.loss), with z_0 the scaled 
     z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε,   t ~ U{0..T−1},   ε ~ N(0, I)
     L = ‖ε − ε̂‖² + δ·‖A_cross − M_Q‖²,   δ = 0.1
 (with min_snr_gamma = γ > 0, not in the paper, each ‖ε − ε̂‖² is weighted by min(SNR_t, γ)/SNR_t,
-SNR_t = ᾱ_t/(1−ᾱ_t): Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting").
+SNR_t = ᾱ_t/(1−ᾱ_t): Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"; with
+snr_floor = f > 0 by clamp(SNR_t, f, γ)/SNR_t, so that no step's x̂_0 error weighs less than f).
 A_cross: the UNet's cross-attention maps per slot token, averaged over heads and layers; M_Q: the
 slot-attention masks of the query (detached: the target of the consistency term, not a second
 route for the masks to drift towards the attention).
@@ -154,10 +155,12 @@ class DiffFAE(nn.Module):
         and f_id (B, Di); with the rest of RegionSlots' output (the source's slot masks).
         regions: self.slots(source) when the caller has it already."""
         regions = self.slots(source) if regions is None else regions
+        return {**regions, "f_r": self.encode_latent(rendered), "id": self.identity_of(source)}
+
+    def identity_of(self, source):
+        """f_id (B, Di), AdaIN's input: the identity encoder's, or zeros without use_identity."""
         identity = self.identity(source)
-        if not self.diffusion.use_identity:
-            identity = torch.zeros_like(identity)
-        return {**regions, "f_r": self.encode_latent(rendered), "id": identity}
+        return identity if self.diffusion.use_identity else torch.zeros_like(identity)
 
     def swap_slots(self, cond, swap):
         """cond with the slot tokens of the regions in swap ({"hair" | "clothes" |
@@ -191,29 +194,46 @@ class DiffFAE(nn.Module):
             dist.all_reduce(self.latent_scale)
             self.latent_scale /= dist.get_world_size()
 
-    def loss(self, source, query, coefficients=None, t=None, noise=None, regions=None):
+    @torch.no_grad()
+    def frozen_inputs(self, source, query, coefficients=None):
+        """What the loss takes from the parts that do not train (the VQ-VAE, the estimator,
+        FLAME and the renderer, the identity encoder), for same-person pairs I_S, I_Q: "z0", the
+        VQ latent of I_Q, and "f_r", that of its render I_R (both unscaled, float32), and "id",
+        f_id of I_S. I_R is drawn from `coefficients` with diffusion.render_from "truth", else
+        from the estimator's reading of I_Q, as at inference. The ldm stage computes them once
+        per pair of its pool (stages.FrozenCache)."""
+        if self.diffusion.render_from == "estimated":
+            coefficients = self.estimator(query)
+        rendered, _ = self.render(coefficients)
+        return {"z0": self.vqvae.encode(query).float(), "f_r": self.vqvae.encode(rendered).float(),
+                "id": self.identity_of(source)}
+
+    def loss(self, source, query, coefficients=None, t=None, noise=None, regions=None,
+             frozen=None):
         """The whole training objective, L = L_LDM + δ·L_attn (Eq. 8), for a batch of
         same-person pairs: source I_S and query I_Q (B, 3, H, W) in [-1, 1]. coefficients: the
         query's exact ones (the estimator's keys), used when diffusion.render_from is "truth";
         with "estimated" the estimator reads them from I_Q, as at inference. t (B,) and noise ε
         (B, C, h, w): drawn from the global generator when not given, t first. regions:
         self.slots(source), with its graph, when the caller needs it too (the ldm stage's
-        slots term): the region encoder then runs once.
+        slots term): the region encoder then runs once. frozen: frozen_inputs(source, query,
+        coefficients) when the caller has them (computed once per pair, stages.FrozenCache).
         Returns {"loss": L, "ldm_loss", "acr_loss"} (the last two detached).
         """
         d = self.diffusion
         assert self.latent_scale_set, "set_latent_scale first (LDM's scale_factor)"
-        # 1. SPC, Eq. 3: the query's coefficients drawn through FLAME into I_R (B, 3, H, W)
-        if d.render_from == "estimated":
-            with torch.no_grad():
-                coefficients = self.estimator(query)
-        rendered, _ = self.render(coefficients)
-        # 2. the target latent z_0 = ℰ(I_Q) (B, C, h, w), the VQ encoder's, scaled to unit variance
-        z0 = self.encode_latent(query)
-        # 3. the conditions: f_r = ℰ(I_R); RSC (§4.2): the slot tokens F of I_S, context of
-        #    the cross-attention (Eq. 6), and f_id, the input of AdaIN (Eq. 4-5)
-        cond = self.conditions(source, rendered, regions)
-        # 4. forward diffusion (Eq. 1): t ~ U{0..T−1}, ε ~ N(0, I), z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε
+        # 1. SPC, Eq. 3: the query's coefficients drawn through FLAME into I_R, and its latent
+        #    f_r = ℰ(I_R); the target latent z_0 = ℰ(I_Q); f_id of I_S (frozen_inputs). The
+        #    latents are scaled to unit variance, as encode_latent does.
+        if frozen is None:
+            frozen = self.frozen_inputs(source, query, coefficients)
+        scale = self.latent_scale
+        z0 = frozen["z0"] * scale  # (B, C, h, w)
+        # 2. RSC (§4.2): the slot tokens F of I_S, context of the cross-attention (Eq. 6), and
+        #    f_id, the input of AdaIN (Eq. 4-5); beside f_r, the conditions
+        regions = self.slots(source) if regions is None else regions
+        cond = {**regions, "f_r": frozen["f_r"] * scale, "id": frozen["id"]}
+        # 3. forward diffusion (Eq. 1): t ~ U{0..T−1}, ε ~ N(0, I), z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε
         batch = z0.shape[0]
         if t is None:
             t = torch.randint(d.timesteps, (batch,), device=z0.device)
@@ -221,7 +241,7 @@ class DiffFAE(nn.Module):
             noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype)
         alpha_bar = self.alphas_cumprod[t].view(batch, 1, 1, 1)
         z_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise
-        # 5. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖², each image's
+        # 4. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖², each image's
         #    weighted by clamp(SNR_t, floor, γ)/SNR_t, SNR_t = ᾱ_t/(1−ᾱ_t), when min_snr_gamma
         #    = γ > 0: the error of x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t weighted by
         #    clamp(SNR_t, floor, γ)
@@ -231,12 +251,12 @@ class DiffFAE(nn.Module):
             snr = alpha_bar.flatten() / (1 - alpha_bar.flatten())
             ldm = ldm * snr.clamp(min=d.snr_floor, max=d.min_snr_gamma) / snr
         ldm = ldm.mean()
-        # 6. ACR (Eq. 7): L_attn = ‖A_cross − M_Q‖², the query's slot masks a fixed target
+        # 5. ACR (Eq. 7): L_attn = ‖A_cross − M_Q‖², the query's slot masks a fixed target
         with torch.no_grad():
             query_masks = self.slots(query)["masks"]  # (B, K, h', w') M_Q
         attention = average_cross_attention(attn, query_masks.shape[-2:])  # (B, K, h', w')
         acr = F.mse_loss(attention.float(), query_masks.float())
-        # 7. L = L_LDM + δ·L_attn (Eq. 8)
+        # 6. L = L_LDM + δ·L_attn (Eq. 8)
         return {"loss": ldm + d.acr_weight * acr, "ldm_loss": ldm.detach(),
                 "acr_loss": acr.detach()}
 

@@ -7,6 +7,7 @@ png) measures held-out synthetic identities (a batch on the stage's device) and 
 Letters: B batch, K slots, H/W image size.
 """
 import dataclasses
+import hashlib
 import sys
 from pathlib import Path
 
@@ -15,10 +16,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import default_collate
+from tqdm import tqdm
 
 import metrics
 from checkpoint import PARTS, read_checkpoint, rebuild
-from data import save_image
+from data import save_image, write_atomic
 from difffae import DiffFAE, render_face
 from estimator import ArcMarginHead, COEFFICIENT_SCALE, CoefficientEstimator, IdentityEncoder
 from fitting import photometric_loss
@@ -26,7 +28,7 @@ from layers import FACE, REGION_NAMES
 from pictures import enlarge, grid as picture_grid, mask_rows
 from samplers import predict_x0
 from slots import RegionSlots, masks_at, pretraining_loss
-from synthetic import SyntheticPortraits
+from synthetic import SyntheticPortraits, pool_path
 from vqvae import PatchDiscriminator, VQVAE, discriminator_hinge_loss, vq_loss
 
 EXPRESSION_MESH_SCALE = 0.003  # metres: the spread of a vertex's expression and jaw movement
@@ -144,6 +146,10 @@ def grid(rows, path):
 
 
 class Stage(nn.Module):
+    def prepare(self, dataset, master):
+        """Work once before the first step, after the checkpoint is loaded (the ldm stage's
+        FrozenCache); nothing by default."""
+
     def after_step(self, batch, step):
         """Work outside the gradient step (the VQ-VAE's code restarts); nothing by default."""
 
@@ -416,6 +422,10 @@ class LDMStage(Stage):
                              "coefficients); use --diffusion.render_from=estimated")
         self.slots_weight = cfg.slots_weight
         self.supervision = supervision(cfg, parts["slots"]) if cfg.slots_weight else 0.0
+        self.device, self.cache = device, None
+        cached = cfg.frozen_cache and cfg.data == "synthetic" and cfg.pool > 0
+        self.pool_file = pool_path(Path(cfg.out) / "data", cfg.image_size, cfg.pool,
+                                   cfg.identities, cfg.seed) if cached else None
         parts["unet"] = dataclasses.replace(
             parts["unet"], in_channels=2 * parts["vqvae"].latent_channels,
             out_channels=parts["vqvae"].latent_channels, context_dim=parts["slots"].slot_dim,
@@ -435,23 +445,29 @@ class LDMStage(Stage):
             frozen.eval()  # frozen parts keep their inference behaviour
         return self
 
+    def prepare(self, dataset, master):
+        if self.pool_file is not None:  # after loading: the fingerprint is of the loaded weights
+            self.cache = FrozenCache(self.model, dataset, self.pool_file, self.device, master)
+
     def forward(self, batch, step):
         model = self.model
         if not model.latent_scale_set:  # LDM's scale_factor, from the first batch's queries
             model.set_latent_scale(batch["query"])
         truth = model.diffusion.render_from == "truth"
         source = batch["source"]
+        frozen = self.cache(batch["index"]) if self.cache is not None else None
         # the region encoder runs once on the source: its output feeds both terms
         encoded = model.slots(source) if self.slots_weight else None
         losses = model.loss(source, batch["query"],
                             true_coefficients(batch, "query") if truth else None,
-                            regions=encoded)
+                            regions=encoded, frozen=frozen)
         if not self.slots_weight:
             return losses
         # the slots stage's loss on the sources, so that slot k stays the token of region k
         regions = batch["source_regions"] if self.supervision else None
-        held = pretraining_loss(model.slots, source, model.vqvae.encode(source), regions,
-                                self.supervision, out=encoded)
+        target = frozen["source_z"] if frozen is not None else model.vqvae.encode(source)
+        held = pretraining_loss(model.slots, source, target, regions, self.supervision,
+                                out=encoded)
         return {**losses, "loss": losses["loss"] + self.slots_weight * held["loss"],
                 "slots_loss": held["loss"].detach()}
 
@@ -471,6 +487,78 @@ class LDMStage(Stage):
                 "psnr_face": float(metrics.psnr(edited, batch["target"], mask=face).mean()),
                 **{name: float(values.nanmedian()) for name, values in detail.items()},
                 **x0_report(self.model, trace["cond"], z0, latent_face)}
+
+
+class FrozenCache:
+    """DiffFAE.frozen_inputs of every pair of a synthetic pool, plus "source_z", the VQ latent of
+    the source (the slots term's target), computed once before training and kept on disk beside
+    the pool: a training step then runs only the parts that train, the region encoder and the
+    UNet. The file is named by the pool's file and by a fingerprint of every tensor of the frozen
+    parts and of the options frozen_inputs reads, so that outputs of other networks are never
+    read; a file that cannot be used is computed again, with one line saying why. The outputs
+    are computed in float32, and equal what an uncached step computes on the CPU (tested); under
+    bf16 autocast they are the more exact."""
+
+    BATCH = 64  # pairs per forward pass while computing
+
+    def __init__(self, model, pool, pool_file, device, master):
+        self.path = Path(pool_file).with_name(
+            f"{Path(pool_file).stem}-frozen-{self.fingerprint(model)}.pt")
+        tensors, problem = self.read(len(pool)) if self.path.exists() else (None, "missing")
+        if master and tensors is None:
+            if problem != "missing":
+                print(f"{self.path}: {problem}; computing it again", file=sys.stderr)
+            tensors = self.compute(model, pool, device)
+            write_atomic(self.path, lambda file: torch.save(tensors, file))
+        if dist.is_initialized():
+            dist.barrier()  # the other ranks wait for rank 0's file
+        if tensors is None:
+            tensors, problem = self.read(len(pool))
+            if tensors is None:
+                raise ValueError(f"{self.path}: {problem}")
+        self.tensors = {key: value.to(device) for key, value in tensors.items()}
+
+    @staticmethod
+    def fingerprint(model):
+        """12 hex digits of SHA-256 over the frozen parts' tensors and frozen_inputs' options."""
+        digest = hashlib.sha256(repr((model.diffusion.render_from,
+                                      model.diffusion.use_identity)).encode())
+        for part in ("vqvae", "estimator", "identity", "flame", "renderer"):
+            module = getattr(model, part)
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+                digest.update(f"{part}.{name}".encode())
+                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:12]
+
+    @torch.no_grad()
+    def compute(self, model, pool, device):
+        parts = []
+        for start in tqdm(range(0, len(pool), self.BATCH), desc="ldm: the frozen parts' outputs",
+                          unit="batch"):
+            batch = to_device(default_collate(pool.__getitems__(
+                range(start, min(len(pool), start + self.BATCH)))), device)
+            truth = model.diffusion.render_from == "truth"
+            frozen = model.frozen_inputs(batch["source"], batch["query"],
+                                         true_coefficients(batch, "query") if truth else None)
+            frozen["source_z"] = model.vqvae.encode(batch["source"]).float()
+            parts.append({key: value.cpu() for key, value in frozen.items()})
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    def read(self, pairs):
+        """(the tensors, None) if the file holds outputs for `pairs` pairs, else (None, why)."""
+        try:
+            tensors = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated, not a torch file, unsafe contents
+            return None, f"unreadable ({type(error).__name__})"
+        if not isinstance(tensors, dict) or set(tensors) != {"z0", "f_r", "id", "source_z"}:
+            return None, "not a cache of this version (other keys)"
+        if any(not torch.is_tensor(t) or len(t) != pairs for t in tensors.values()):
+            return None, f"inconsistent (expected {pairs} pairs in every tensor)"
+        return tensors, None
+
+    def __call__(self, index):
+        """The outputs of the pool's pairs `index` (B,)."""
+        return {key: value[index] for key, value in self.tensors.items()}
 
 
 def x0_report(model, cond, z0, face, timesteps=X0_REPORT_STEPS, seed=0):

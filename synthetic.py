@@ -425,10 +425,11 @@ class PairPool(Dataset):
         return len(self.tensors["source"])
 
     def __getitems__(self, indices):
-        """Items shaped like SyntheticPortraits' (images in [-1, 1], regions long, params)."""
+        """Items shaped like SyntheticPortraits' (images in [-1, 1], regions long, params), with
+        "index", the pair's place in the pool (the key of stages.FrozenCache)."""
         items = []
         for i in indices:
-            item = {"identity": int(self.tensors["identity"][i])}
+            item = {"identity": int(self.tensors["identity"][i]), "index": i}
             for image in ("source", "query"):
                 item[image] = self.tensors[image][i].float() / 127.5 - 1
                 item[f"{image}_regions"] = self.tensors[f"{image}_regions"][i].long()

@@ -247,6 +247,7 @@ def train(cfg, parts):
         if master:
             print(f"{cfg.stage}: resuming from {path} at step {start}" if start else
                   f"{cfg.stage}: training from scratch into {path}")
+        stage.prepare(dataset, master)
         # under DDP the gradients are averaged across ranks in backward()
         model = DistributedDataParallel(stage, device_ids=[device.index]
                                         if device.type == "cuda" else None) if ddp else stage

@@ -477,3 +477,54 @@ def test_the_region_encoder_runs_once_with_the_same_loss_and_gradients(ldm_stage
         assert (mine is None) == (theirs is None)
         if mine is not None:
             assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-7)
+
+
+def test_the_frozen_parts_cache_gives_the_same_step_and_is_keyed_by_their_weights(
+        pretrained, tmp_path, capsys):
+    """The ldm stage's FrozenCache: a step from the cached outputs has the loss and gradients of
+    one that runs the frozen parts; the file is read again by the same networks, named anew when
+    a frozen weight changes, and computed again (with one line) when damaged."""
+    for stage in PARTS["ldm"].requires:
+        (tmp_path / stage).mkdir()
+        os.link(pretrained / stage / "ckpt.pt", tmp_path / stage / "ckpt.pt")
+    cfg, parts = train.build_configs(["--stage", "ldm", *SMALL, f"--out={tmp_path}"])
+    stage = stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
+    pool = train.make_dataset(cfg, master=True)
+    batch = default_collate(pool.__getitems__([5, 2]))
+    stage.model.set_latent_scale(batch["query"])
+    parameters = [p for p in stage.parameters() if p.requires_grad]
+
+    def loss_and_gradients():
+        torch.manual_seed(3)
+        loss = stage(batch, step=1)["loss"]
+        return loss.detach(), torch.autograd.grad(loss, parameters, allow_unused=True)
+
+    reference = loss_and_gradients()
+    stage.prepare(pool, master=True)
+    cache = stage.cache
+    assert cache.path.exists() and len(cache.tensors["z0"]) == len(pool) == 8
+    cached = loss_and_gradients()
+    # float tolerance: the cache ran the frozen parts on 8 pairs at once, the step on 2 (some
+    # gradients are rounding noise around 0, so they are compared as one vector)
+    assert torch.allclose(cached[0], reference[0], rtol=1e-6)
+    assert [g is None for g in cached[1]] == [g is None for g in reference[1]]
+    mine, theirs = (torch.cat([g.flatten() for g in grads if g is not None])
+                    for grads in (cached[1], reference[1]))
+    assert (mine - theirs).norm() <= 1e-5 * theirs.norm()
+
+    def computed_again():
+        computed = []
+        original = stages.FrozenCache.compute
+        stages.FrozenCache.compute = lambda self, *a: computed.append(1) or original(self, *a)
+        try:
+            stage.prepare(pool, master=True)
+        finally:
+            stages.FrozenCache.compute = original
+        return bool(computed)
+
+    assert not computed_again() and stage.cache.path == cache.path  # the same networks: read
+    cache.path.write_bytes(b"damaged")
+    assert computed_again() and "unreadable" in capsys.readouterr().err
+    with torch.no_grad():
+        stage.model.estimator.head.weight[0, 0] += 1e-3  # a frozen part changed: another file
+    assert computed_again() and stage.cache.path != cache.path
