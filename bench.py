@@ -15,6 +15,9 @@
     python bench.py --rehearse PRESET  every stage's first step at the preset's real sizes on
         the CPU (batch included): wall time and peak memory, the FLOPs of a forward and
         backward, and the GPU step rate they imply at an assumed sustained rate.
+    python bench.py --ldm-step    the tiny preset's ldm training step on the CPU as it was
+        (the region encoder twice, the frozen parts run every step) and as it is (once, cached),
+        side by side: median ms and steps per CPU-second.
     python bench.py --gpu-check   a few train.py steps of every stage at the paper preset (bf16
         autocast): peak GPU memory per stage, the ldm stage's steps/s, a 2-process DDP run when
         two GPUs are present, and the latency of a 256 px edit. `--device cpu` is its dry run at
@@ -334,6 +337,60 @@ def rehearse(preset, out):
               flush=True)
 
 
+# --ldm-step: the tiny preset's ldm step three ways, side by side
+LDM_STEP_REPEATS = 12
+
+
+def ldm_step(out):
+    """The tiny preset's ldm training step (64 px, batch 8, forward and backward) as it was and
+    as it is: the region encoder run twice on the source (a pass for the conditions, one for
+    the slots term) with the frozen parts run; once, frozen parts run (`--frozen_cache=false`);
+    once, frozen parts cached (the preset). Random weights, which do not change the time; a
+    pool of 8 pairs under `out`. Prints a Markdown table of median milliseconds, interleaved."""
+    import stages
+    import train
+    from slots import pretraining_loss
+    options = [f"--out={out}", "--pool=8", "--identities=8"]
+    train.write_random_parts(out, options)
+    cfg, parts = build_configs(["--stage", "ldm", *options])
+    stage = stages.build(cfg, parts, torch.device("cpu"), cfg.identities).train()
+    pool = train.make_dataset(cfg, master=True)
+    batch = default_collate(pool.__getitems__(range(cfg.batch_size)))
+    model = stage.model
+    model.set_latent_scale(batch["query"])
+    stage.prepare(pool, master=True)
+    cache = stage.cache
+
+    def twice():
+        losses = model.loss(batch["source"], batch["query"])
+        held = pretraining_loss(model.slots, batch["source"], model.vqvae.encode(batch["source"]),
+                                batch["source_regions"], stage.supervision)
+        return losses["loss"] + stage.slots_weight * held["loss"]
+
+    def once(cached):
+        stage.cache = cache if cached else None
+        return stage(batch, 0)["loss"]
+
+    ways = {"region encoder twice, frozen parts run (before)": twice,
+            "region encoder once, frozen parts run": lambda: once(False),
+            "region encoder once, frozen parts cached (now)": lambda: once(True)}
+    times = {name: [] for name in ways}
+    for repeat in range(WARMUP + LDM_STEP_REPEATS):
+        for name, loss in ways.items():
+            started = time.perf_counter()
+            loss().backward()
+            stage.zero_grad(set_to_none=True)
+            if repeat >= WARMUP:
+                times[name].append(time.perf_counter() - started)
+    medians = {name: float(torch.tensor(values).median()) for name, values in times.items()}
+    first = next(iter(medians.values()))
+    print(f"torch threads: {torch.get_num_threads()}; median of {LDM_STEP_REPEATS} interleaved "
+          f"steps\n"
+          f"| the step | ms | steps per CPU-second |\n|---|---|---|")
+    for name, median in medians.items():
+        print(f"| {name} | {median * 1000:.0f} | {first / median:.2f}× |")
+
+
 def logged_speed(log, first):
     """Steps per second of a train.py log.jsonl from logged step `first` to the last one."""
     lines = [json.loads(line) for line in open(log)]
@@ -426,22 +483,27 @@ def main():
     command.add_argument("--rehearse", metavar="PRESET", choices=("tiny", "paper", "gpu"),
                          help="every stage's first step at the preset's real sizes on the CPU: "
                               "time, memory, FLOPs and the GPU rate they imply")
+    command.add_argument("--ldm-step", action="store_true",
+                         help="the tiny preset's ldm step with and without its savings, on the "
+                              "CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         choices=("cuda", "cpu"), help="--gpu-check's device (cpu: a dry run)")
-    parser.add_argument("--out", help="checkpoints of --gpu-check, --paper-step, --rehearse "
-                        "(default: a temporary folder, removed after)")
+    parser.add_argument("--out", help="checkpoints of --gpu-check, --paper-step, --rehearse, "
+                        "--ldm-step (default: a temporary folder, removed after)")
     args = parser.parse_args()
     try:
         check_device(args.device)
     except ValueError as error:
         fail(error)
-    if args.gpu_check or args.paper_step or args.rehearse:
+    if args.gpu_check or args.paper_step or args.rehearse or args.ldm_step:
         with tempfile.TemporaryDirectory() as temporary:
             out = Path(args.out or temporary)
             if args.gpu_check:
                 gpu_check(torch.device(args.device), out)
             elif args.rehearse:
                 rehearse(args.rehearse, out)
+            elif args.ldm_step:
+                ldm_step(out)
             else:
                 paper_step(out)
         return

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 import stages
+from checkpoint import PARTS
 from config import ConfigError, STAGES, build_chain, build_configs
 from data import write_atomic
 from guard import Guard, Stopped, folder_lock
@@ -85,6 +86,18 @@ def make_loader(cfg, dataset, start, rank, processes):
 def atomic_save(obj, path):
     """torch.save that never leaves half a file (data.write_atomic)."""
     write_atomic(path, lambda file: torch.save(obj, file))
+
+
+def write_random_parts(out, options=()):
+    """Checkpoints of the four stages the ldm stage starts from, with random weights, under
+    `out` in this program's format; `options` (command-line ones) size them. For tests and
+    benchmarks, whose figures do not depend on the weights. The VQ-VAE goes first: the slots
+    stage reads its config."""
+    for stage in PARTS["ldm"].requires:
+        cfg, parts = build_configs(["--stage", stage, *options, f"--out={out}"])
+        built = stages.build(cfg, parts, torch.device("cpu"), n_identities=cfg.identities)
+        atomic_save({"stage": stage, "step": 0, "model": built.state_dict(),
+                     "config": {stage: vars(parts[stage])}}, Path(out) / stage / "ckpt.pt")
 
 
 def checkpoint_path(cfg):

@@ -30,20 +30,10 @@ SMALL = [f"--image_size={SIZE}", "--batch_size=2", "--pool=8", "--identities=4",
          "--eval_items=4", "--log_every=1", "--warmup=1", "--diffusion.sample_steps=2"]
 
 
-def write_prerequisites(out):
-    """Random-weight checkpoints of the four pretraining stages under `out`, as train.py
-    writes them (the slots stage reads the VQ-VAE's, so the VQ-VAE goes first)."""
-    for stage in PARTS["ldm"].requires:
-        cfg, parts = train.build_configs(["--stage", stage, *SMALL[:4], f"--out={out}"])
-        built = stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
-        train.atomic_save({"stage": stage, "step": 0, "model": built.state_dict(),
-                           "config": {stage: vars(parts[stage])}}, out / stage / "ckpt.pt")
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    write_prerequisites(out)
+    train.write_random_parts(out, SMALL[:4])
     return out
 
 

@@ -27,7 +27,7 @@ from samplers import ddim_step, make_timesteps, predict_x0
 from layers import REGION_NAMES
 from sample import DEFAULT_CHECKPOINT
 from synthetic import SyntheticPortraits
-from test_difffae import SMALL, write_prerequisites
+from test_difffae import SMALL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -190,7 +190,7 @@ def test_sample_explain_writes_the_figure_and_the_same_output(tmp_path):
 
 
 def test_the_slots_and_ldm_stage_grids_show_the_masks(tmp_path):
-    write_prerequisites(tmp_path)
+    train.write_random_parts(tmp_path, SMALL[:4])
     size, items = 32, 2
     batch = default_collate(SyntheticPortraits(size, "test", length=items).__getitems__(
         range(items)))
