@@ -58,6 +58,7 @@ class TrainConfig:
     slots_weight: float = 0.0     # ldm: weight of the slots stage's loss, kept on (no paper)
     slots_tag: str = ""           # ldm: start from the slots stage's run of this --tag
     frozen_cache: bool = True     # ldm: the frozen parts' outputs computed once per pool pair
+    truth_fraction: float = 0.0   # ldm: share of pairs whose I_R is of the exact coefficients
     photometric_weight: float = 1.0  # estimator: weight of the re-rendering loss
     arcface_scale: float = 30.0   # identity: ArcFace s (the paper's 64 suits 85k classes)
     arcface_margin: float = 0.5   # identity: ArcFace m (Deng et al. 2019)
@@ -71,13 +72,17 @@ class TrainConfig:
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name}={getattr(self, name)}: expected an integer >= {low}")
         for name in ("lr", "grad_clip", "arcface_scale", "slots_supervision", "slots_weight",
-                     "photometric_weight", "arcface_margin", "ema_decay", "time_limit"):
+                     "photometric_weight", "arcface_margin", "ema_decay", "time_limit",
+                     "truth_fraction"):
             value, positive = getattr(self, name), name in ("lr", "grad_clip", "arcface_scale")
             if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
                 sign = "positive" if positive else "non-negative"
                 raise ConfigError(f"--{name}={value}: expected a {sign} number")
         if self.ema_decay >= 1:
             raise ConfigError(f"--ema_decay={self.ema_decay}: expected a value below 1")
+        if self.truth_fraction > 1:
+            raise ConfigError(f"--truth_fraction={self.truth_fraction}: expected a share in "
+                              f"[0, 1]")
 
 
 # Presets: per stage, overrides of TrainConfig ("train") and of the stage's part config.

@@ -22,6 +22,7 @@ import metrics
 from checkpoint import PARTS, read_checkpoint, rebuild
 from data import save_image, write_atomic
 from difffae import DiffFAE, render_face
+from editing import combine_coefficients
 from estimator import ArcMarginHead, COEFFICIENT_SCALE, CoefficientEstimator, IdentityEncoder
 from fitting import photometric_loss
 from layers import FACE, REGION_NAMES
@@ -33,6 +34,7 @@ from vqvae import PatchDiscriminator, VQVAE, discriminator_hinge_loss, vq_loss
 
 EXPRESSION_MESH_SCALE = 0.003  # metres: the spread of a vertex's expression and jaw movement
 GRID_ITEMS = 8            # images shown in evaluation grids
+TRUTH_SEED = 104_729      # offset of the seed of the ldm stage's draws of exact renders
 X0_REPORT_STEPS = (999, 800, 600, 400, 200, 50)  # timesteps of the ldm stage's x̂_0 report
 ROUND_TRIP_ZOOM = 3       # the vqvae stage's grid: held-out images over their round trips, 3×
 IDENTITY_EVAL = (32, 4)   # held-out identities × frames for the verification measurement
@@ -405,7 +407,10 @@ class LDMStage(Stage):
     the PSNR of cross-identity edits of held-out people against the exact target, whole and on
     the target's face, and the face detail (medians), sampled with the EMA weights (train.py
     swaps them in) and I_R drawn from the estimator's coefficients, as in every edit; and the
-    x̂_0 report (x0_report): the face error of x̂_0 at fixed noise levels beside f_r's."""
+    x̂_0 report (x0_report): the face error of x̂_0 at fixed noise levels beside f_r's, and how
+    far x̂_0 follows I_R when handed the exact render instead. `truth_fraction` (not in the
+    paper; synthetic data) draws that share of the training pairs' I_R from the exact
+    coefficients, so that the UNet learns that I_R can be trusted."""
 
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
@@ -420,9 +425,12 @@ class LDMStage(Stage):
         if parts["diffusion"].render_from == "truth" and cfg.data != "synthetic":
             raise ValueError("--diffusion.render_from=truth needs synthetic data (exact "
                              "coefficients); use --diffusion.render_from=estimated")
-        self.slots_weight = cfg.slots_weight
+        if cfg.truth_fraction and cfg.data != "synthetic":
+            raise ValueError(f"--truth_fraction={cfg.truth_fraction} needs synthetic data "
+                             f"(exact coefficients); use --truth_fraction=0")
+        self.slots_weight, self.truth_fraction = cfg.slots_weight, cfg.truth_fraction
         self.supervision = supervision(cfg, parts["slots"]) if cfg.slots_weight else 0.0
-        self.device, self.cache = device, None
+        self.device, self.cache, self.seed = device, None, cfg.seed
         cached = cfg.frozen_cache and cfg.data == "synthetic" and cfg.pool > 0
         self.pool_file = pool_path(Path(cfg.out) / "data", cfg.image_size, cfg.pool,
                                    cfg.identities, cfg.seed) if cached else None
@@ -453,21 +461,25 @@ class LDMStage(Stage):
         model = self.model
         if not model.latent_scale_set:  # LDM's scale_factor, from the first batch's queries
             model.set_latent_scale(batch["query"])
-        truth = model.diffusion.render_from == "truth"
         source = batch["source"]
-        frozen = self.cache(batch["index"]) if self.cache is not None else None
+        if self.cache is not None:
+            frozen = self.cache(batch["index"])
+        else:
+            frozen = pair_inputs(model, batch, source_z=self.slots_weight > 0,
+                                 truth=self.truth_fraction > 0)
+        if self.truth_fraction:  # this share of the pairs takes I_R of the exact coefficients
+            draw = torch.rand(len(source), generator=step_generator(self.seed + TRUTH_SEED, step))
+            exact = (draw < self.truth_fraction).to(source.device).view(-1, 1, 1, 1)
+            frozen = {**frozen, "f_r": torch.where(exact, frozen["f_r_truth"], frozen["f_r"])}
         # the region encoder runs once on the source: its output feeds both terms
         encoded = model.slots(source) if self.slots_weight else None
-        losses = model.loss(source, batch["query"],
-                            true_coefficients(batch, "query") if truth else None,
-                            regions=encoded, frozen=frozen)
+        losses = model.loss(source, batch["query"], regions=encoded, frozen=frozen)
         if not self.slots_weight:
             return losses
         # the slots stage's loss on the sources, so that slot k stays the token of region k
         regions = batch["source_regions"] if self.supervision else None
-        target = frozen["source_z"] if frozen is not None else model.vqvae.encode(source)
-        held = pretraining_loss(model.slots, source, target, regions, self.supervision,
-                                out=encoded)
+        held = pretraining_loss(model.slots, source, frozen["source_z"], regions,
+                                self.supervision, out=encoded)
         return {**losses, "loss": losses["loss"] + self.slots_weight * held["loss"],
                 "slots_loss": held["loss"].detach()}
 
@@ -483,23 +495,41 @@ class LDMStage(Stage):
         detail = metrics.face_detail(edited, batch["target"], batch["target_regions"])
         z0 = self.model.encode_latent(batch["target"])
         latent_face = F.avg_pool2d(face.float(), edited.shape[-1] // z0.shape[-1]) > 0.5
+        exact = combine_coefficients(true_coefficients(batch, "source"),
+                                     true_coefficients(batch, "query"))  # Eq. 3, exactly
+        exact_f_r = self.model.encode_latent(self.model.render(exact)[0])
         return {"psnr": float(metrics.psnr(edited, batch["target"]).mean()),
                 "psnr_face": float(metrics.psnr(edited, batch["target"], mask=face).mean()),
                 **{name: float(values.nanmedian()) for name, values in detail.items()},
-                **x0_report(self.model, trace["cond"], z0, latent_face)}
+                **x0_report(self.model, trace["cond"], z0, latent_face, exact_f_r)}
+
+
+@torch.no_grad()
+def pair_inputs(model, batch, source_z=False, truth=False):
+    """DiffFAE.frozen_inputs of a batch of training pairs; with source_z also "source_z", the
+    source's VQ latent (the target of the slots term), and with truth "f_r_truth", the latent of
+    the query's render from its exact coefficients (synthetic data alone has them)."""
+    exact = true_coefficients(batch, "query") if "query_params" in batch else None
+    inputs = model.frozen_inputs(batch["source"], batch["query"], exact)
+    if source_z:
+        inputs["source_z"] = model.vqvae.encode(batch["source"]).float()
+    if truth:
+        inputs["f_r_truth"] = model.vqvae.encode(model.render(exact)[0]).float()
+    return inputs
 
 
 class FrozenCache:
-    """DiffFAE.frozen_inputs of every pair of a synthetic pool, plus "source_z", the VQ latent of
-    the source (the slots term's target), computed once before training and kept on disk beside
-    the pool: a training step then runs only the parts that train, the region encoder and the
-    UNet. The file is named by the pool's file and by a fingerprint of every tensor of the frozen
-    parts and of the options frozen_inputs reads, so that outputs of other networks are never
-    read; a file that cannot be used is computed again, with one line saying why. The outputs
-    are computed in float32, and equal what an uncached step computes on the CPU (tested); under
-    bf16 autocast they are the more exact."""
+    """pair_inputs of every pair of a synthetic pool, with the source's latent and the exact
+    render's, computed once before training and kept on disk beside the pool: a training step
+    then runs only the parts that train, the region encoder and the UNet. The file is named by
+    the pool's file and by a fingerprint of every tensor of the frozen parts and of the options
+    frozen_inputs reads, so that outputs of other networks are never read; a file that cannot
+    be used is computed again, with one line saying why. The outputs are computed in float32,
+    and equal what an uncached step computes on the CPU (tested); under bf16 autocast they are
+    the more exact."""
 
     BATCH = 64  # pairs per forward pass while computing
+    KEYS = ("z0", "f_r", "id", "source_z", "f_r_truth")
 
     def __init__(self, model, pool, pool_file, device, master):
         self.path = Path(pool_file).with_name(
@@ -537,10 +567,7 @@ class FrozenCache:
                           unit="batch"):
             batch = to_device(default_collate(pool.__getitems__(
                 range(start, min(len(pool), start + self.BATCH)))), device)
-            truth = model.diffusion.render_from == "truth"
-            frozen = model.frozen_inputs(batch["source"], batch["query"],
-                                         true_coefficients(batch, "query") if truth else None)
-            frozen["source_z"] = model.vqvae.encode(batch["source"]).float()
+            frozen = pair_inputs(model, batch, source_z=True, truth=True)
             parts.append({key: value.cpu() for key, value in frozen.items()})
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
@@ -550,7 +577,7 @@ class FrozenCache:
             tensors = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:  # truncated, not a torch file, unsafe contents
             return None, f"unreadable ({type(error).__name__})"
-        if not isinstance(tensors, dict) or set(tensors) != {"z0", "f_r", "id", "source_z"}:
+        if not isinstance(tensors, dict) or set(tensors) != set(self.KEYS):
             return None, "not a cache of this version (other keys)"
         if any(not torch.is_tensor(t) or len(t) != pairs for t in tensors.values()):
             return None, f"inconsistent (expected {pairs} pairs in every tensor)"
@@ -561,30 +588,41 @@ class FrozenCache:
         return {key: value[index] for key, value in self.tensors.items()}
 
 
-def x0_report(model, cond, z0, face, timesteps=X0_REPORT_STEPS, seed=0):
+def x0_report(model, cond, z0, face, exact_f_r=None, timesteps=X0_REPORT_STEPS, seed=0):
     """How well the denoiser knows the answer at each noise level, on the face: for each t,
     z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε for two noise draws ε, and x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t.
     Returns {"x0_face_rms_t{t}": rms of x̂_0 − z_0 (first draw), "x0_spread_t{t}": rms of the
     difference of the two draws' x̂_0, "f_r_face_rms": rms of f_r − z_0}, each over the face's
     latent pixels (face (B, 1, h, w), a 0/1 mask) and the channels; z_0 (B, C, h, w) the
-    target's scaled latent, cond the edit's conditions (DiffFAE.conditions)."""
+    target's scaled latent, cond the edit's conditions (DiffFAE.conditions). Given exact_f_r,
+    the latent of the exact render, also "exact_f_r_face_rms" and how far x̂_0 follows I_R,
+    "x0_follows_f_r_t{t}" = ⟨Δx̂_0, Δf_r⟩/⟨Δf_r, Δf_r⟩ over the face, Δ the change from cond's
+    f_r to exact_f_r at the same z_t: 1 if x̂_0 moves with f_r, 0 if it ignores it."""
     generator = torch.Generator(device=z0.device).manual_seed(seed)
     weight = face.expand_as(z0).float()
 
+    def dot(a, b):
+        return (a.float() * b.float() * weight).sum()
+
     def rms(error):
-        return float(((error.float() ** 2 * weight).sum() / weight.sum().clamp(min=1)).sqrt())
+        return float((dot(error, error) / weight.sum().clamp(min=1)).sqrt())
 
     report = {"f_r_face_rms": rms(cond["f_r"] - z0)}
+    if exact_f_r is not None:
+        report["exact_f_r_face_rms"] = rms(exact_f_r - z0)
+        moved, exact_cond = exact_f_r - cond["f_r"], {**cond, "f_r": exact_f_r}
     for t in (t for t in timesteps if t < len(model.alphas_cumprod)):
         steps = torch.full((len(z0),), t, device=z0.device)
         alpha_bar = model.alphas_cumprod[t]
-        x0 = []
-        for _ in range(2):
-            noise = torch.randn(z0.shape, generator=generator, device=z0.device)
-            z_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise
-            x0.append(predict_x0(z_t, model.denoise(z_t, steps, cond)[0], alpha_bar))
+        z_t = [alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * torch.randn(
+            z0.shape, generator=generator, device=z0.device) for _ in range(2)]
+        x0 = [predict_x0(z, model.denoise(z, steps, cond)[0], alpha_bar) for z in z_t]
         report[f"x0_face_rms_t{t}"] = rms(x0[0] - z0)
         report[f"x0_spread_t{t}"] = rms(x0[0] - x0[1])
+        if exact_f_r is not None:
+            followed = predict_x0(z_t[0], model.denoise(z_t[0], steps, exact_cond)[0], alpha_bar)
+            report[f"x0_follows_f_r_t{t}"] = float(dot(followed - x0[0], moved)
+                                                   / dot(moved, moved).clamp(min=1e-12))
     return report
 
 

@@ -477,10 +477,11 @@ def test_the_frozen_parts_cache_gives_the_same_step_and_is_keyed_by_their_weight
     for stage in PARTS["ldm"].requires:
         (tmp_path / stage).mkdir()
         os.link(pretrained / stage / "ckpt.pt", tmp_path / stage / "ckpt.pt")
-    cfg, parts = train.build_configs(["--stage", "ldm", *SMALL, f"--out={tmp_path}"])
+    cfg, parts = train.build_configs(["--stage", "ldm", *SMALL, f"--out={tmp_path}",
+                                      "--truth_fraction=0.5"])  # the exact renders cached too
     stage = stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
     pool = train.make_dataset(cfg, master=True)
-    batch = default_collate(pool.__getitems__([5, 2]))
+    batch = default_collate(pool.__getitems__([5, 2, 7, 0]))
     stage.model.set_latent_scale(batch["query"])
     parameters = [p for p in stage.parameters() if p.requires_grad]
 
@@ -494,7 +495,7 @@ def test_the_frozen_parts_cache_gives_the_same_step_and_is_keyed_by_their_weight
     cache = stage.cache
     assert cache.path.exists() and len(cache.tensors["z0"]) == len(pool) == 8
     cached = loss_and_gradients()
-    # float tolerance: the cache ran the frozen parts on 8 pairs at once, the step on 2 (some
+    # float tolerance: the cache ran the frozen parts on 8 pairs at once, the step on 4 (some
     # gradients are rounding noise around 0, so they are compared as one vector)
     assert torch.allclose(cached[0], reference[0], rtol=1e-6)
     assert [g is None for g in cached[1]] == [g is None for g in reference[1]]
@@ -518,3 +519,33 @@ def test_the_frozen_parts_cache_gives_the_same_step_and_is_keyed_by_their_weight
     with torch.no_grad():
         stage.model.estimator.head.weight[0, 0] += 1e-3  # a frozen part changed: another file
     assert computed_again() and stage.cache.path != cache.path
+
+
+def test_truth_fraction_draws_i_r_from_the_exact_coefficients(pretrained, batch):
+    """--truth_fraction=1 is the step of a model trained on exact renders
+    (--diffusion.render_from=truth), 0 that of one trained on the estimator's, as at inference.
+    Compared by the UNet's gradients: its last layer starts at zero, so the loss alone does not
+    yet depend on I_R."""
+    grads = {}
+    for fraction in (0.0, 1.0):
+        cfg, parts = train.build_configs(["--stage", "ldm", *SMALL, f"--out={pretrained}",
+                                          "--slots_weight=0", f"--truth_fraction={fraction}"])
+        stage = stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
+        model = stage.model
+        model.set_latent_scale(batch["query"])
+        unet = list(model.unet.parameters())
+
+        def gradient(loss):
+            return torch.cat([g.flatten() for g in torch.autograd.grad(loss, unet)])
+
+        torch.manual_seed(2)
+        grads[fraction, "step"] = gradient(stage(batch, step=3)["loss"])
+        for render_from in ("estimated", "truth"):
+            model.diffusion.render_from = render_from
+            torch.manual_seed(2)
+            grads[fraction, render_from] = gradient(model.loss(
+                batch["source"], batch["query"], stages.true_coefficients(batch, "query"))["loss"])
+    assert torch.allclose(grads[0.0, "step"], grads[0.0, "estimated"], rtol=1e-5, atol=1e-8)
+    assert torch.allclose(grads[1.0, "step"], grads[1.0, "truth"], rtol=1e-5, atol=1e-8)
+    moved = grads[1.0, "truth"] - grads[1.0, "estimated"]
+    assert moved.norm() > 1e-3 * grads[1.0, "truth"].norm()  # the exact render changes the step

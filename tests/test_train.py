@@ -241,3 +241,33 @@ def test_x0_report_against_its_closed_forms():
                                                       rel=0.3)
     assert blind["x0_spread_t999"] == pytest.approx((2 * (1 - alpha_bar) / alpha_bar) ** 0.5,
                                                     rel=0.3)
+
+
+class _Follows:
+    """A stand-in denoiser whose x̂_0 is z_t + a·f_r: it follows f_r by the factor a."""
+
+    def __init__(self, a):
+        self.alphas_cumprod = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
+        self.a = a
+
+    def denoise(self, z_t, t, cond):
+        alpha_bar = self.alphas_cumprod[t[0]]
+        x0 = z_t + self.a * cond["f_r"]
+        return (z_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt(), None
+
+
+@pytest.mark.parametrize("a", [0.0, 0.37, 1.0])
+def test_x0_report_measures_how_far_x0_follows_the_render(a):
+    z0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    face = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    face[:, :, 1:3] = True
+    f_r = z0 + 0.5
+    exact_f_r = z0 + 0.2 * torch.randn_like(z0)
+    exact_f_r[~face.expand_as(z0)] += 100  # off the face: not counted
+    cond = {"f_r": f_r}
+    report = stages.x0_report(_Follows(a), cond, z0, face, exact_f_r, timesteps=(999, 50))
+    weight = face.expand_as(z0)
+    assert report["exact_f_r_face_rms"] == pytest.approx(
+        float((exact_f_r - z0)[weight].pow(2).mean().sqrt()))
+    for t in (999, 50):
+        assert report[f"x0_follows_f_r_t{t}"] == pytest.approx(a, abs=1e-6)  # float32 sums
