@@ -184,7 +184,7 @@ def add(totals, path, scores):
 def score_pairs(totals, model, judge, batch, targets, run, row="difffae", extra_rows=True):
     """Adds one batch's scores to `totals`: the model's edit as `row`, and with extra_rows the
     baselines, the ceilings and the single-attribute and swap tables (module docstring). run:
-    the options of DiffFAE.edit (steps, sampler, seed, refine_steps), the same noise for
+    the options of DiffFAE.edit (steps, sampler, seed, eta, refine_steps), the same noise for
     every row."""
     source, source_regions, query = batch["source"], batch["source_regions"], batch["query"]
     known = {image: true_coefficients(batch, image) for image in ("source", "query")}
@@ -267,7 +267,7 @@ def nest(totals):
 
 
 @torch.no_grad()
-def evaluate(models, judge, slot_networks, n, steps, sampler, seed, device, refine=0):
+def evaluate(models, judge, slot_networks, n, steps, sampler, seed, device, refine=0, eta=0.0):
     """Every table of the module docstring as nested dicts: models {row name: DiffFAE}, the
     first of which also fills the extra rows and tables; judge {"estimator", "identity",
     "flame"}; slot_networks {name: RegionSlots} scored besides the models' region encoders."""
@@ -280,7 +280,8 @@ def evaluate(models, judge, slot_networks, n, steps, sampler, seed, device, refi
         indices = range(start, min(n, start + CHUNK))
         batch = to_device(default_collate(data.__getitems__(indices)), device)
         targets = to_device(mixed_targets(data, indices), device)
-        run = dict(steps=steps, sampler=sampler, seed=seed + index, refine_steps=refine)
+        run = dict(steps=steps, sampler=sampler, seed=seed + index, eta=eta,
+                   refine_steps=refine)
         for name, model in models.items():
             first_model = name == first
             score_pairs(totals, model, judge, batch, targets, run,
@@ -400,6 +401,8 @@ def arguments():
     parser.add_argument("--n", type=int, default=200, help="test pairs (default: %(default)s)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's own)")
     parser.add_argument("--sampler", choices=SAMPLERS, help="(default: the model's own)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 "
+                        "DDPM-like (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the data and the noise (default: %(default)s)")
     parser.add_argument("--refine", type=int, default=0, metavar="N", help="refine the "
@@ -445,7 +448,7 @@ def load_everything(args):
     if len(set(sizes.values())) != 1:
         raise ValueError(f"the checkpoints work at different image sizes: {sizes}")
     for m in models.values():
-        check_sampling(m, args.steps, args.sampler)
+        check_sampling(m, args.steps, args.sampler, args.eta)
     model = models["difffae"]
     judge = {"estimator": networks.get("--judge-estimator", model.estimator),
              "identity": networks.get("--judge-identity", model.identity),
@@ -463,7 +466,8 @@ def report(args, results, seconds, independent):
         print(f"\njudge: the model's own networks read the outputs, not an independent judge "
               f"(give {' and '.join(own)})")
     refined = f", coefficients refined by {args.refine} steps" if args.refine else ""
-    print(f"\n{args.n} pairs, {args.sampler} {args.steps} steps{refined}, {seconds:.0f} s")
+    eta = f" (η = {args.eta:g})" if args.sampler == "ddim" else ""
+    print(f"\n{args.n} pairs, {args.sampler}{eta} {args.steps} steps{refined}, {seconds:.0f} s")
     write_json(args, {**results, "n": args.n, "independent_judge": all(independent.values())})
 
 
@@ -486,7 +490,7 @@ def clips_program(args):
                          f"{drive.MIN_FRAMES}")
     if not 0 <= args.smooth < float("inf"):
         raise ValueError(f"--smooth {args.smooth}: expected a number of frames >= 0")
-    pairs_only = [option for option in ("--grid", "--ablation", "--refine", *STAGE_OF)
+    pairs_only = [option for option in ("--grid", "--ablation", "--refine", "--eta", *STAGE_OF)
                   if getattr(args, option[2:].replace("-", "_"))]
     if pairs_only:
         raise ValueError(f"{', '.join(pairs_only)}: for the pairs; not used with --clips")
@@ -518,7 +522,7 @@ def main(argv=None):
         args.steps = args.steps or diffusion.sample_steps
         started = time.time()
         results = evaluate(models, judge, slot_networks, args.n, args.steps, args.sampler,
-                           args.seed, args.device, args.refine)
+                           args.seed, args.device, args.refine, args.eta)
         seconds = time.time() - started
         if args.grid:
             picture(models["difffae"], args.grid, args.steps, args.sampler, args.seed,

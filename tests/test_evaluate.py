@@ -165,6 +165,8 @@ def test_program_refuses_bad_input_in_one_line(exported, pretrained, tmp_path, c
     truncated.write_bytes(exported.read_bytes()[:1000])
     for args, message in {("--steps=1001",): "--steps 1001: expected 1..1000",
                           ("--sampler=euler",): "invalid choice: 'euler'",
+                          ("--sampler=dpm++2m", "--eta=0.5"): "--eta 0.5: applies to the ddim",
+                          ("--sampler=ddim", "--eta=2"): "--eta 2.0: expected a value in [0, 1]",
                           ("--n=0",): "--n 0: expected at least 1 pair",
                           ("--device=cuda:99",): "--device cuda:99: this machine has",
                           ("--json", str(tmp_path)): f"--json {tmp_path}: a directory",
