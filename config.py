@@ -149,9 +149,10 @@ PRESETS = {
                                "arcface_scale": 16.0, "arcface_margin": 0.2},
                      "identity": {"image_size": 64, "base_channels": 32, "norm_groups": 16,
                                   "embedding_dim": 128}},
+        # half the pairs with exact renders: x0 follows I_R 1.5-2.5x as far (docs/ablations.md)
         "ldm": {"train": {**GPU_RUN, "batch_size": 64, "lr": 2e-4, "time_limit": 150,
                           "ema_decay": 0.999, "eval_items": 64, "slots_weight": 1.0,
-                          "slots_supervision": 1.0},
+                          "slots_supervision": 1.0, "truth_fraction": 0.5},
                 "unet": {"base_channels": 64, "channel_mult": (1, 2, 2), "num_res_blocks": 2,
                          "attention_resolutions": (2, 4), "head_channels": 32,
                          "norm_groups": 32},
