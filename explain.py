@@ -66,7 +66,7 @@ M_Q of the query.
 
 L = mean (A - M_Q)^2:
 the term Eq. 7 adds
-in training (step 6
+in training (step 5
 of DiffFAE.loss). At
 inference nothing
 pulls on A_cross."""
