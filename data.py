@@ -186,6 +186,13 @@ def write_atomic(path, write) -> None:
         raise
 
 
+def to_device(batch, device):
+    """batch, a tensor or a dict of them (nested), moved to device; anything else kept."""
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    return batch.to(device) if torch.is_tensor(batch) else batch
+
+
 def _scan(split_dir: Path) -> dict:
     """List every clip folder and its frame files (one pass; the result is what we cache)."""
     # mtimes are read BEFORE listing: a change during the scan leaves the cache stale, not wrong

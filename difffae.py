@@ -201,7 +201,7 @@ class DiffFAE(nn.Module):
         VQ latent of I_Q, and "f_r", that of its render I_R (both unscaled, float32), and "id",
         f_id of I_S. I_R is drawn from `coefficients` with diffusion.render_from "truth", else
         from the estimator's reading of I_Q, as at inference. The ldm stage computes them once
-        per pair of its pool (stages.FrozenCache)."""
+        per pair of its pool (frozen_cache.FrozenCache)."""
         if self.diffusion.render_from == "estimated":
             coefficients = self.estimator(query)
         rendered, _ = self.render(coefficients)
@@ -217,7 +217,7 @@ class DiffFAE(nn.Module):
         (B, C, h, w): drawn from the global generator when not given, t first. regions:
         self.slots(source), with its graph, when the caller needs it too (the ldm stage's
         slots term): the region encoder then runs once. frozen: frozen_inputs(source, query,
-        coefficients) when the caller has them (computed once per pair, stages.FrozenCache).
+        coefficients) when the caller has them (computed once per pair, frozen_cache.FrozenCache).
         Returns {"loss": L, "ldm_loss", "acr_loss"} (the last two detached).
         """
         d = self.diffusion

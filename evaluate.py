@@ -77,7 +77,7 @@ from torch.utils.data import default_collate
 import drive
 import metrics
 from checkpoint import load_model, rebuild
-from data import save_image
+from data import save_image, to_device
 from editing import EDIT_ATTRIBUTES, combine_coefficients
 from flame import FLAME, flame15_to_pose6, pose6_to_flame15
 from layers import FACE, REGION_NAMES
@@ -85,8 +85,7 @@ from cli import (DEFAULT_CHECKPOINT, SWAPPABLE, Parser, check_device, check_outp
                  check_sampling, fail, read_checkpoint, run)
 from samplers import SAMPLERS
 from slots import masks_at
-from stages import to_device, true_coefficients
-from synthetic import SyntheticPortraits
+from synthetic import SyntheticPortraits, true_coefficients
 
 CHUNK = 50       # pairs per batch
 GRID_ROWS = 6

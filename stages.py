@@ -7,7 +7,6 @@ png) measures held-out synthetic identities (a batch on the stage's device) and 
 Letters: B batch, K slots, H/W image size.
 """
 import dataclasses
-import hashlib
 import sys
 from pathlib import Path
 
@@ -16,20 +15,20 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import default_collate
-from tqdm import tqdm
 
 import metrics
 from checkpoint import PARTS, read_checkpoint, rebuild
-from data import save_image, write_atomic
+from data import save_image
 from difffae import DiffFAE, render_face
 from editing import combine_coefficients
 from estimator import ArcMarginHead, COEFFICIENT_SCALE, CoefficientEstimator, IdentityEncoder
 from fitting import photometric_loss
+from frozen_cache import FrozenCache, pair_inputs
 from layers import FACE, REGION_NAMES
 from pictures import enlarge, grid as picture_grid, mask_rows
 from samplers import predict_x0
 from slots import RegionSlots, masks_at, pretraining_loss
-from synthetic import SyntheticPortraits, pool_path
+from synthetic import SyntheticPortraits, pool_path, true_coefficients
 from vqvae import PatchDiscriminator, VQVAE, discriminator_hinge_loss, vq_loss
 
 EXPRESSION_MESH_SCALE = 0.003  # metres: the spread of a vertex's expression and jaw movement
@@ -46,12 +45,6 @@ class MissingCheckpoint(ValueError):
     """A stage needs an earlier stage's checkpoint that is not there."""
 
 
-def to_device(batch, device):
-    if isinstance(batch, dict):
-        return {key: to_device(value, device) for key, value in batch.items()}
-    return batch.to(device) if torch.is_tensor(batch) else batch
-
-
 def step_generator(seed, step):
     """A generator of (seed, step) alone: what step s draws from it (its batch, its restarted
     codes) is the same in a resumed run as in an uninterrupted one."""
@@ -61,14 +54,6 @@ def step_generator(seed, step):
 def images_of(batch):
     """Sources and queries as one batch of single images (2B, 3, H, W)."""
     return torch.cat([batch["source"], batch["query"]])
-
-
-def true_coefficients(batch, image):
-    """The exact coefficients of batch[image] ("source" or "query") in the estimator's keys."""
-    params = batch[f"{image}_params"]
-    return {"shape": params["shape"], "albedo": params["albedo"],
-            "expression": params["expression"], "pose": params["pose6"], "cam": params["cam"],
-            "light": params["light"]}
 
 
 def previous_checkpoint(path):
@@ -108,7 +93,8 @@ def missing(path, stage, out, tag=""):
 
 def require_earlier_checkpoints(cfg):
     """Refuses, in one line and before any work, a stage whose earlier stages are not trained."""
-    for stage in PARTS[cfg.stage].requires:
+    frames = cfg.stage == "estimator" and cfg.data != "synthetic"  # faces found by the slots
+    for stage in PARTS[cfg.stage].requires + (("slots",) if frames else ()):
         tag = cfg.slots_tag if stage == "slots" else ""
         path = stage_folder(cfg.out, stage, tag) / "ckpt.pt"
         if not path.exists() and not previous_checkpoint(path).exists():
@@ -281,15 +267,15 @@ class EstimatorStage(Stage):
     choice), plus a photometric loss: the predicted coefficients re-rendered through FLAME and
     render.py against the image on ground-truth face pixels (DECA's photometric term, Feng et
     al. 2021 Eq. 8). Measures the head-pose error in degrees, the jaw error, the expression
-    distance in mm (metrics.expression_distance) and the light, camera, shape and albedo errors."""
+    distance in mm (metrics.expression_distance) and the light, camera, shape and albedo errors.
+    With --data=PATH, a vox-png folder of frames without coefficients, it also learns from those
+    frames through the photometric loss alone (frames_term), beside the synthetic pairs
+    (train.WithFrames): DECA's way of learning from unlabelled images."""
 
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
         from flame import FLAME
         from render import Renderer
-        if cfg.data != "synthetic":
-            raise ValueError("the estimator stage needs ground-truth coefficients: use "
-                             "--data=synthetic")
         flame = FLAME()
         parts["estimator"] = dataclasses.replace(
             parts["estimator"], image_size=cfg.image_size, n_shape=flame.n_shape,
@@ -301,6 +287,11 @@ class EstimatorStage(Stage):
                                            cull_backfaces=True).to(device),
                       "scale": {k: torch.as_tensor(v, dtype=torch.float32, device=device)
                                 for k, v in COEFFICIENT_SCALE.items()}}
+        if cfg.data != "synthetic":  # frames without coefficients: the face slot's mask
+            self.fixed["slots"], slots_config = load_part(cfg.out, "slots", device)
+            if slots_config.image_size != cfg.image_size:
+                raise ValueError(f"--image_size={cfg.image_size}, but the slots stage's region "
+                                 f"encoder works at {slots_config.image_size} px")
         self.photometric_weight = cfg.photometric_weight
 
     def render(self, coefficients):
@@ -328,8 +319,21 @@ class EstimatorStage(Stage):
         skin = (batch["source_regions"] == FACE)[:, None].to(mask.dtype)
         photometric = photometric_loss(render, mask, batch["source"], skin)
         loss = regression + self.photometric_weight * photometric
+        if "frame_source" in batch:  # frames without coefficients (--data=PATH): photometric
+            terms["frames_photometric_loss"] = self.frames_term(batch)
+            loss = loss + self.photometric_weight * terms["frames_photometric_loss"]
         return {"loss": loss, "photometric_loss": photometric.detach(),
                 **{k: v.detach() for k, v in terms.items()}}
+
+    def frames_term(self, batch):
+        """The photometric loss of frames that carry no coefficients, as fitting.py fits an
+        edit's: the estimator's reading re-rendered, against the frame on the render's pixels
+        that the slots stage's region encoder calls face (no face parser is needed)."""
+        frames = torch.cat([batch["frame_source"], batch["frame_query"]])
+        with torch.no_grad():
+            face = masks_at(self.fixed["slots"](frames)["masks"], frames.shape[-2:])
+        render, mask = self.render(self.estimator(frames))
+        return photometric_loss(render, mask, frames, face[:, FACE:FACE + 1])
 
     @torch.no_grad()
     def evaluate(self, batch, png):
@@ -502,90 +506,6 @@ class LDMStage(Stage):
                 "psnr_face": float(metrics.psnr(edited, batch["target"], mask=face).mean()),
                 **{name: float(values.nanmedian()) for name, values in detail.items()},
                 **x0_report(self.model, trace["cond"], z0, latent_face, exact_f_r)}
-
-
-@torch.no_grad()
-def pair_inputs(model, batch, source_z=False, truth=False):
-    """DiffFAE.frozen_inputs of a batch of training pairs; with source_z also "source_z", the
-    source's VQ latent (the target of the slots term), and with truth "f_r_truth", the latent of
-    the query's render from its exact coefficients (synthetic data alone has them)."""
-    exact = true_coefficients(batch, "query") if "query_params" in batch else None
-    inputs = model.frozen_inputs(batch["source"], batch["query"], exact)
-    if source_z:
-        inputs["source_z"] = model.vqvae.encode(batch["source"]).float()
-    if truth:
-        inputs["f_r_truth"] = model.vqvae.encode(model.render(exact)[0]).float()
-    return inputs
-
-
-class FrozenCache:
-    """pair_inputs of every pair of a synthetic pool, with the source's latent and the exact
-    render's, computed once before training and kept on disk beside the pool: a training step
-    then runs only the parts that train, the region encoder and the UNet. The file is named by
-    the pool's file and by a fingerprint of every tensor of the frozen parts and of the options
-    frozen_inputs reads, so that outputs of other networks are never read; a file that cannot
-    be used is computed again, with one line saying why. The outputs are computed in float32,
-    and equal what an uncached step computes on the CPU (tested); under bf16 autocast they are
-    the more exact."""
-
-    BATCH = 64  # pairs per forward pass while computing
-    KEYS = ("z0", "f_r", "id", "source_z", "f_r_truth")
-
-    def __init__(self, model, pool, pool_file, device, master):
-        self.path = Path(pool_file).with_name(
-            f"{Path(pool_file).stem}-frozen-{self.fingerprint(model)}.pt")
-        tensors, problem = self.read(len(pool)) if self.path.exists() else (None, "missing")
-        if master and tensors is None:
-            if problem != "missing":
-                print(f"{self.path}: {problem}; computing it again", file=sys.stderr)
-            tensors = self.compute(model, pool, device)
-            write_atomic(self.path, lambda file: torch.save(tensors, file))
-        if dist.is_initialized():
-            dist.barrier()  # the other ranks wait for rank 0's file
-        if tensors is None:
-            tensors, problem = self.read(len(pool))
-            if tensors is None:
-                raise ValueError(f"{self.path}: {problem}")
-        self.tensors = {key: value.to(device) for key, value in tensors.items()}
-
-    @staticmethod
-    def fingerprint(model):
-        """12 hex digits of SHA-256 over the frozen parts' tensors and frozen_inputs' options."""
-        digest = hashlib.sha256(repr((model.diffusion.render_from,
-                                      model.diffusion.use_identity)).encode())
-        for part in ("vqvae", "estimator", "identity", "flame", "renderer"):
-            module = getattr(model, part)
-            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-                digest.update(f"{part}.{name}".encode())
-                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:12]
-
-    @torch.no_grad()
-    def compute(self, model, pool, device):
-        parts = []
-        for start in tqdm(range(0, len(pool), self.BATCH), desc="ldm: the frozen parts' outputs",
-                          unit="batch"):
-            batch = to_device(default_collate(pool.__getitems__(
-                range(start, min(len(pool), start + self.BATCH)))), device)
-            frozen = pair_inputs(model, batch, source_z=True, truth=True)
-            parts.append({key: value.cpu() for key, value in frozen.items()})
-        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-
-    def read(self, pairs):
-        """(the tensors, None) if the file holds outputs for `pairs` pairs, else (None, why)."""
-        try:
-            tensors = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as error:  # truncated, not a torch file, unsafe contents
-            return None, f"unreadable ({type(error).__name__})"
-        if not isinstance(tensors, dict) or set(tensors) != set(self.KEYS):
-            return None, "not a cache of this version (other keys)"
-        if any(not torch.is_tensor(t) or len(t) != pairs for t in tensors.values()):
-            return None, f"inconsistent (expected {pairs} pairs in every tensor)"
-        return tensors, None
-
-    def __call__(self, index):
-        """The outputs of the pool's pairs `index` (B,)."""
-        return {key: value[index] for key, value in self.tensors.items()}
 
 
 def x0_report(model, cond, z0, face, exact_f_r=None, timesteps=X0_REPORT_STEPS, seed=0):

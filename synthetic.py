@@ -406,6 +406,14 @@ class SyntheticPortraits(Dataset):
         return items
 
 
+def true_coefficients(batch, image):
+    """The exact coefficients of batch[image] ("source" or "query") in the estimator's keys."""
+    params = batch[f"{image}_params"]
+    return {"shape": params["shape"], "albedo": params["albedo"],
+            "expression": params["expression"], "pose": params["pose6"], "cam": params["cam"],
+            "light": params["light"]}
+
+
 # ---------------------------------------------------------------------------------------------
 # The training pool: pairs rendered once (by parallel processes) and cached on disk
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +434,7 @@ class PairPool(Dataset):
 
     def __getitems__(self, indices):
         """Items shaped like SyntheticPortraits' (images in [-1, 1], regions long, params), with
-        "index", the pair's place in the pool (the key of stages.FrozenCache)."""
+        "index", the pair's place in the pool (the key of frozen_cache.FrozenCache)."""
         items = []
         for i in indices:
             item = {"identity": int(self.tensors["identity"][i]), "index": i}

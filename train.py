@@ -30,7 +30,7 @@ from tqdm import tqdm
 import stages
 from checkpoint import PARTS
 from config import ConfigError, STAGES, build_chain, build_configs
-from data import write_atomic
+from data import to_device, write_atomic
 from guard import Guard, Stopped, folder_lock
 from synthetic import SyntheticPortraits, load_pool
 
@@ -39,10 +39,18 @@ from synthetic import SyntheticPortraits, load_pool
 
 def make_dataset(cfg, master):
     """Real frames of the folder cfg.data, or synthetic pairs: a pool rendered by rank 0 the
-    first time and cached under <out>/data/ (about 200 MB for 6,000 pairs at 64 px)."""
+    first time and cached under <out>/data/ (about 200 MB for 6,000 pairs at 64 px). The
+    estimator stage takes a folder's frames beside the synthetic pairs (WithFrames)."""
     if cfg.data != "synthetic":
         from data import FrameFolder
-        return FrameFolder(cfg.data, "train", cfg.image_size, seed=cfg.seed)
+        frames = FrameFolder(cfg.data, "train", cfg.image_size, seed=cfg.seed)
+        if cfg.stage != "estimator":
+            return frames
+        return WithFrames(synthetic_pairs(cfg, master), frames)
+    return synthetic_pairs(cfg, master)
+
+
+def synthetic_pairs(cfg, master):
     if cfg.pool == 0:  # each batch rendered as it is drawn (a 256 px pool would fill the memory)
         return SyntheticPortraits(cfg.image_size, "train", cfg.seed, identities=cfg.identities)
     args = (Path(cfg.out) / "data", cfg.image_size, cfg.pool, cfg.identities, cfg.seed)
@@ -51,6 +59,29 @@ def make_dataset(cfg, master):
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait for rank 0's pool
     return load_pool(*args, render=False)
+
+
+class WithFrames(torch.utils.data.Dataset):
+    """Synthetic pairs, with their exact coefficients, each beside a pair of frames that have
+    none: item i is pair i // F of `pairs` with the frames "frame_source" and "frame_query" of
+    clip i % F of `frames` (F clips), so that a uniform draw of i draws both uniformly and
+    independently. The estimator stage learns from the first by regression and from the second
+    through the renderer alone."""
+
+    def __init__(self, pairs, frames):
+        self.pairs, self.frames = pairs, frames
+        self.identities = frames.identities
+
+    def __len__(self):
+        return len(self.pairs) * len(self.frames)
+
+    def __getitems__(self, indices):
+        count = len(self.frames)
+        items = self.pairs.__getitems__([i // count for i in indices])
+        for item, i in zip(items, indices):
+            clip = self.frames[i % count]
+            item["frame_source"], item["frame_query"] = clip["source"], clip["query"]
+        return items
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -280,7 +311,7 @@ def loop(cfg, run, loader, start, master):
     on, the step, then logging, checkpointing and evaluation at their intervals."""
     stage, optimizer, ema, path, device = (run[k] for k in ("stage", "optimizer", "ema", "path",
                                                               "device"))
-    held_out = stages.to_device(stages.eval_set(cfg), device) if master else None
+    held_out = to_device(stages.eval_set(cfg), device) if master else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=cfg.bf16 and (device.type == "cuda"
                                                     or device.type == "cpu" and cfg.bf16_cpu))
@@ -293,7 +324,7 @@ def loop(cfg, run, loader, start, master):
                                             desc=cfg.stage, dynamic_ncols=True))
         guard = stack.enter_context(Guard(cfg, path, run["ddp"], device, start))
         for step, batch in enumerate(loader, start):
-            batch = stages.to_device(batch, device)
+            batch = to_device(batch, device)
             for group in optimizer.param_groups:  # linear warm-up of the learning rate
                 group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
             # forward, backward, clip; then every rank learns whether any must stop

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import default_collate
 
 import checkpoint
+import frozen_cache
 import stages
 import train
 from data import save_image
@@ -23,7 +24,7 @@ from checkpoint import (PARTS, TRAINING_ONLY, CheckpointError, configs_of, expor
 from difffae import DiffFAE
 from layers import REGION_NAMES
 from slots import pretraining_loss
-from synthetic import SyntheticPortraits
+from synthetic import SyntheticPortraits, true_coefficients
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
@@ -149,7 +150,7 @@ def test_acr_term_is_the_squared_distance_of_attention_to_query_masks(ldm_stage,
     model.unet.forward = uniform
     try:
         out = model.loss(batch["source"], batch["query"],
-                         stages.true_coefficients(batch, "query"))
+                         true_coefficients(batch, "query"))
     finally:
         del model.unet.forward
     with torch.no_grad():
@@ -509,12 +510,12 @@ def test_the_frozen_parts_cache_gives_the_same_step_and_is_keyed_by_their_weight
 
     def computed_again():
         computed = []
-        original = stages.FrozenCache.compute
-        stages.FrozenCache.compute = lambda self, *a: computed.append(1) or original(self, *a)
+        original = frozen_cache.FrozenCache.compute
+        frozen_cache.FrozenCache.compute = lambda self, *a: computed.append(1) or original(self, *a)
         try:
             stage.prepare(pool, master=True)
         finally:
-            stages.FrozenCache.compute = original
+            frozen_cache.FrozenCache.compute = original
         return bool(computed)
 
     assert not computed_again() and stage.cache.path == cache.path  # the same networks: read
@@ -548,7 +549,7 @@ def test_truth_fraction_draws_i_r_from_the_exact_coefficients(pretrained, batch)
             model.diffusion.render_from = render_from
             torch.manual_seed(2)
             grads[fraction, render_from] = gradient(model.loss(
-                batch["source"], batch["query"], stages.true_coefficients(batch, "query"))["loss"])
+                batch["source"], batch["query"], true_coefficients(batch, "query"))["loss"])
     assert torch.allclose(grads[0.0, "step"], grads[0.0, "estimated"], rtol=1e-5, atol=1e-8)
     assert torch.allclose(grads[1.0, "step"], grads[1.0, "truth"], rtol=1e-5, atol=1e-8)
     moved = grads[1.0, "truth"] - grads[1.0, "estimated"]

@@ -19,7 +19,7 @@ from editing import EDIT_ATTRIBUTES
 from layers import FACE, REGION_NAMES
 from cli import SWAPPABLE
 from slots import masks_at
-from synthetic import SyntheticPortraits
+from synthetic import SyntheticPortraits, true_coefficients
 from test_difffae import SIZE, batch, exported, ldm_stage, pretrained  # noqa: F401 (fixtures)
 
 
@@ -137,7 +137,7 @@ def check_methods(methods, model, items, pretrained):
     expected = (embedded[0] * embedded[1]).sum(1).mean().item()  # the model's own encoder
     assert methods["copy_source"]["csim"] == pytest.approx(expected, rel=1e-5)
     judge, _ = stages.load_part(pretrained, "estimator", "cpu")  # the judge, loaded otherwise
-    truth = stages.true_coefficients(items, "query")
+    truth = true_coefficients(items, "query")
     with torch.no_grad():
         read = judge(source)
     expected = metrics.head_pose_error(read["pose"], truth["pose"]).mean().item()

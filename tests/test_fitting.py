@@ -16,8 +16,7 @@ from flame import FLAME
 from fitting import FITTED, photometric_loss, refine
 from layers import FACE
 from render import Renderer
-from stages import true_coefficients
-from synthetic import SyntheticPortraits
+from synthetic import SyntheticPortraits, true_coefficients
 
 
 def test_photometric_loss_is_the_weighted_mean_absolute_error():

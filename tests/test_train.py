@@ -12,8 +12,10 @@ from torch.utils.data import default_collate
 import config
 import stages
 import train
+from fitting import photometric_loss
 from layers import FACE
-from synthetic import SyntheticPortraits
+from slots import masks_at
+from synthetic import SyntheticPortraits, export_synthetic, true_coefficients
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--image_size=32", "--batch_size=2", "--pool=8", "--identities=4", "--eval_items=8",
@@ -83,7 +85,7 @@ def test_estimator_expression_mesh_term_counts_millimetres_moved(batch, tmp_path
         params = closed[f"{image}_params"] = dict(batch[f"{image}_params"])
         params["pose6"] = params["pose6"].clone()
         params["pose6"][:, 3:] = 0  # the jaw closed
-    predicted = {key: torch.cat([stages.true_coefficients(closed, image)[key]
+    predicted = {key: torch.cat([true_coefficients(closed, image)[key]
                                  for image in ("source", "query")])
                  for key in stages.COEFFICIENT_SCALE}
     k, e = 2, 0.4
@@ -94,6 +96,44 @@ def test_estimator_expression_mesh_term_counts_millimetres_moved(batch, tmp_path
     direction = flame.blenddirs[:, :, flame.n_shape + k].double()  # (V, 3)
     expected = e ** 2 * direction.pow(2).sum(1).mean() / stages.EXPRESSION_MESH_SCALE ** 2
     assert term.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_the_estimator_learns_from_frames_without_coefficients(tmp_path):
+    """--data=PATH for the estimator stage: item i is synthetic pair i // F beside clip i % F of
+    the folder, and the loss gains the frames' photometric loss, on the face slot's pixels,
+    weighted as the synthetic one; the frames' coefficients are never read."""
+    folder = tmp_path / "vox"
+    clips = export_synthetic(folder, 3, 32)
+    for clip in clips:
+        (clip / "params.json").unlink()  # withheld: nothing may depend on them
+    options = ["--stage", "estimator", *SMALL, f"--out={tmp_path}", f"--data={folder}",
+               "--photometric_weight=0.5"]
+    cfg, parts = train.build_configs(options)
+    with pytest.raises(stages.MissingCheckpoint, match="--stage slots"):
+        stages.require_earlier_checkpoints(cfg)  # the face is found by the slots stage
+    train.write_random_parts(tmp_path, SMALL[:4])
+    dataset = train.make_dataset(cfg, master=True)
+    assert len(dataset) == 8 * 3
+    item = dataset.__getitems__([7])[0]  # pair 2, clip 1
+    assert torch.equal(item["source"], dataset.pairs.__getitems__([2])[0]["source"])
+    assert torch.equal(item["frame_query"], dataset.frames[1]["query"])
+
+    stage = stages.build(cfg, parts, torch.device("cpu"), n_identities=2)
+    batch = default_collate(dataset.__getitems__([4, 20]))
+    plain = {key: value for key, value in batch.items() if not key.startswith("frame_")}
+    both, alone = stage(batch, 0), stage(plain, 0)
+    assert "frames_photometric_loss" not in alone
+    term = both["frames_photometric_loss"]
+    assert both["loss"].item() == pytest.approx(alone["loss"].item() + 0.5 * term.item(),
+                                                rel=1e-5)
+    frames = torch.cat([batch["frame_source"], batch["frame_query"]])
+    face = masks_at(stage.fixed["slots"](frames)["masks"], (32, 32))[:, FACE:FACE + 1]
+    render, mask = stage.render(stage.estimator(frames))
+    assert term.item() == pytest.approx(photometric_loss(render, mask, frames, face).item(),
+                                        rel=1e-5)
+    stage.frames_term(batch).backward()  # the frames alone teach the estimator
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in stage.estimator.parameters())
 
 
 def test_face_only_identity_stage_sees_the_face_alone(batch, tmp_path):
