@@ -243,9 +243,10 @@ def _read_fresh_index(path: Path, split_dir: Path) -> Tuple[Optional[dict], Opti
 class FrameFolder(Dataset):
     """Pairs of frames of one person from a folder of clip folders (map-style Dataset).
 
-    len(dataset) = number of usable clips; item i is two different frames of clip i, drawn by
-    `np.random.default_rng([seed, i])`, so it is the same in every process and every instance.
-    Reassign `dataset.seed` (e.g. base seed + epoch) for new pairs.
+    len(dataset) = number of usable clips × draws; item i is two different frames of clip
+    i mod (number of clips), drawn by `np.random.default_rng([seed, clip, i // clips])`, so it
+    is the same in every process and every instance, and each of a clip's `draws` items is a
+    pair of its own: training (train.py) asks for many, so that a clip is not one pair forever.
 
     The scan is cached as JSON in root/.framefolder-<split>.json, or, if that cannot be written
     or the clips lie directly under root (writing there would change the very mtime the cache
@@ -256,7 +257,8 @@ class FrameFolder(Dataset):
     A damaged cache file (not JSON, not an index) is rebuilt, with a warning naming it.
 
     Parameters: root (holds `split`, or the clip folders directly); split, a sub-folder name
-    such as "train" or "test"; size S in [MIN_SIZE, MAX_SIZE]; seed >= 0.
+    such as "train" or "test"; size S in [MIN_SIZE, MAX_SIZE]; seed >= 0; draws >= 1, the pairs
+    drawn from each clip.
     Clips of fewer than MIN_FRAMES frames are skipped, with one warning for all.
 
     Attributes: identities, the sorted person ids; clips, (identity, clip_dir, [sorted frame
@@ -266,14 +268,16 @@ class FrameFolder(Dataset):
     `identities`; source_path, query_path: str. (Real frames carry no ground-truth parameters.)
     """
 
-    def __init__(self, root, split: str = "train", size: int = 256, seed: int = 0):
+    def __init__(self, root, split: str = "train", size: int = 256, seed: int = 0,
+                 draws: int = 1):
         _require(isinstance(split, str) and split not in ("", ".", "..")
                  and os.path.basename(split) == split,
                  f"split must be a folder name such as 'train' or 'test', got {split!r}")
         _require(_int_in(seed, 0), f"seed must be an int >= 0, got {seed!r}")
         _require(_int_in(size, MIN_SIZE, MAX_SIZE),
                  f"size must be an int in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
-        self.size, self.seed = int(size), int(seed)
+        _require(_int_in(draws, 1), f"draws must be an int >= 1, got {draws!r}")
+        self.size, self.seed, self.draws = int(size), int(seed), int(draws)
         self.root = Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
         _require(self.root.is_dir(), f"{self.root}: dataset root not found (or not a folder)")
         nested = self.root / split
@@ -324,12 +328,13 @@ class FrameFolder(Dataset):
         return index
 
     def __len__(self) -> int:
-        return len(self.clips)
+        return len(self.clips) * self.draws
 
     def __getitem__(self, index) -> dict:
-        i = range(len(self.clips))[index]  # negative indices count from the end
-        rng = np.random.default_rng([self.seed, i])
-        person, clip_dir, frames = self.clips[i]
+        i = range(len(self))[index]  # negative indices count from the end
+        clip, draw = i % len(self.clips), i // len(self.clips)
+        rng = np.random.default_rng([self.seed, clip, draw])
+        person, clip_dir, frames = self.clips[clip]
         a, b = rng.choice(len(frames), size=2, replace=False)
         source_path, query_path = (os.path.join(clip_dir, frames[k]) for k in (a, b))
         return {"source": load_image(source_path, self.size), "source_path": source_path,

@@ -37,13 +37,17 @@ from synthetic import SyntheticPortraits, load_pool
 
 # -- Data: a cached pool of synthetic pairs, or a folder of real frames ----------------------------
 
+CLIP_DRAWS = 1000  # pairs drawn from each clip of a folder: a clip is not one pair forever
+
+
 def make_dataset(cfg, master):
     """Real frames of the folder cfg.data, or synthetic pairs: a pool rendered by rank 0 the
     first time and cached under <out>/data/ (about 200 MB for 6,000 pairs at 64 px). The
     estimator stage takes a folder's frames beside the synthetic pairs (WithFrames)."""
     if cfg.data != "synthetic":
         from data import FrameFolder
-        frames = FrameFolder(cfg.data, "train", cfg.image_size, seed=cfg.seed)
+        frames = FrameFolder(cfg.data, "train", cfg.image_size, seed=cfg.seed,
+                             draws=CLIP_DRAWS)
         if cfg.stage != "estimator":
             return frames
         return WithFrames(synthetic_pairs(cfg, master), frames)

@@ -332,6 +332,20 @@ def test_items_are_deterministic_and_depend_on_seed(tmp_path):
     assert len(pairs) > 1  # clip 0 has 3 · 2 = 6 ordered pairs; the seed must matter
 
 
+def test_draws_give_each_clip_pairs_of_its_own(tmp_path):
+    """With draws = D, item i is clip i mod 3, and its D items cover the clip's pairs."""
+    root = make_vox(tmp_path / "vox")
+    dataset = build(root, draws=12)
+    assert len(dataset) == 3 * 12
+    pairs = set()
+    for draw in range(12):
+        item = dataset[3 * draw]  # clip 0: 3 frames, 6 ordered pairs
+        assert os.path.dirname(item["source_path"]) == dataset.clips[0][1]
+        pairs.add((item["source_path"], item["query_path"]))
+    assert len(pairs) > 1
+    assert {dataset[3 * d + 2]["identity"] for d in range(12)} == {1}  # clip 2 is idB's
+
+
 def test_plain_folder_layouts(tmp_path):
     for root, split_dir in ((tmp_path / "a", tmp_path / "a" / "train"), (tmp_path / "b", None)):
         base = split_dir if split_dir is not None else root
@@ -420,7 +434,7 @@ def test_errors(tmp_path):
     add_clip(tmp_path / "short" / "train", "only", 1, 0)
     with pytest.raises(ValueError, match="no clip folder has >= 2 frames"):
         FrameFolder(tmp_path / "short")
-    for kwargs in ({"seed": -1}, {"size": 4},
+    for kwargs in ({"seed": -1}, {"draws": 0}, {"size": 4},
                    {"split": "../x"}):
         with pytest.raises(ValueError):
             FrameFolder(root, **kwargs)

@@ -113,13 +113,14 @@ def test_the_estimator_learns_from_frames_without_coefficients(tmp_path):
         stages.require_earlier_checkpoints(cfg)  # the face is found by the slots stage
     train.write_random_parts(tmp_path, SMALL[:4])
     dataset = train.make_dataset(cfg, master=True)
-    assert len(dataset) == 8 * 3
-    item = dataset.__getitems__([7])[0]  # pair 2, clip 1
+    clips = len(dataset.frames)  # the 3 clips, each drawn many times
+    assert len(dataset) == 8 * clips and clips == 3 * train.CLIP_DRAWS
+    item = dataset.__getitems__([2 * clips + 4])[0]  # pair 2, the folder's item 4
     assert torch.equal(item["source"], dataset.pairs.__getitems__([2])[0]["source"])
-    assert torch.equal(item["frame_query"], dataset.frames[1]["query"])
+    assert torch.equal(item["frame_query"], dataset.frames[4]["query"])
 
     stage = stages.build(cfg, parts, torch.device("cpu"), n_identities=2)
-    batch = default_collate(dataset.__getitems__([4, 20]))
+    batch = default_collate(dataset.__getitems__([4, 5 * clips + 2]))
     plain = {key: value for key, value in batch.items() if not key.startswith("frame_")}
     both, alone = stage(batch, 0), stage(plain, 0)
     assert "frames_photometric_loss" not in alone
