@@ -300,13 +300,18 @@ class FlopCount(TorchDispatchMode):
 
 def step_cost(cfg, parts):
     """(FLOPs, seconds, trained parameters) of one forward and backward of the stage that
-    (cfg, parts) describe, on the CPU, with a batch of synthetic pairs."""
+    (cfg, parts) describe, on the CPU, with a batch of synthetic pairs. The ldm stage's step is
+    counted as it trains: with the frozen parts' outputs from its cache, computed beforehand."""
     import stages
+    from frozen_cache import pair_inputs
     from synthetic import SyntheticPortraits
     stage = stages.build(cfg, parts, torch.device("cpu"), cfg.identities)
     data = SyntheticPortraits(cfg.image_size, "train", cfg.seed, length=cfg.batch_size,
                               identities=cfg.identities)
     batch = default_collate(data.__getitems__(range(cfg.batch_size)))
+    if cfg.stage == "ldm" and cfg.frozen_cache:
+        frozen = pair_inputs(stage.model, batch, source_z=True, truth=True)
+        stage.cache, batch["index"] = (lambda index: frozen), torch.arange(cfg.batch_size)
     started = time.perf_counter()
     with FlopCount() as count:
         stage(batch, 0)["loss"].backward()
