@@ -148,6 +148,7 @@ class VQStage(Stage):
     """The VQ-VAE, retrained on faces as DiffFAE §5.4 does (LDM's VQ-reg autoencoder, Esser et
     al. 2021): L1 [+ the Laplacian detail term] + codebook + β·commitment, plus a hinge
     PatchGAN term once the step reaches `disc_start`; dead codes restarted at encoder outputs.
+    With `face_weight` the reconstruction terms weigh the true face's pixels more (vqvae.py).
     Measures the PSNR (whole image, and the face's) and the face detail (metrics.face_detail,
     medians) of reconstructions of held-out identities, the perplexity and the codebook usage;
     draws the images over their round trips, enlarged."""
@@ -155,6 +156,9 @@ class VQStage(Stage):
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
         self.config = parts["vqvae"]
+        if self.config.face_weight and cfg.data != "synthetic":
+            raise ValueError(f"--vqvae.face_weight={self.config.face_weight} needs synthetic "
+                             f"data (exact face masks); use --vqvae.face_weight=0")
         self.vqvae = VQVAE(self.config)
         self.discriminator = None
         if self.config.disc_start < cfg.steps:
@@ -173,8 +177,12 @@ class VQStage(Stage):
         if gan:  # D's weights detached: the generator term trains only the autoencoder
             frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
             fake_logits = torch.func.functional_call(self.discriminator, frozen, (recon,))
+        weight = None
+        if self.config.face_weight:  # ω = 1 + a on the face
+            face = torch.cat([batch["source_regions"], batch["query_regions"]]) == FACE
+            weight = 1 + self.config.face_weight * face[:, None].to(images.dtype)
         terms = vq_loss(recon, images, info, fake_logits, self.vqvae.last_layer,
-                        self.config.disc_weight, self.config.detail_weight)
+                        self.config.disc_weight, self.config.detail_weight, weight)
         loss = terms.pop("total")
         if self.discriminator is not None:
             d_loss = discriminator_hinge_loss(self.discriminator(images),

@@ -30,7 +30,10 @@ In place of LPIPS, which makes LDM's autoencoders keep fine structure, an option
 (our choice, `detail_weight` w) adds the L1 error of the images' Laplacians (layers.laplacian):
     L_rec = mean |x̂ − x| + w · mean |L∗x̂ − L∗x|
 At 64 px an eye is a few pixels across: plain L1 is satisfied by a blur of it, and the Laplacian
-term is not (its effect is measured in docs/ablations.md).
+term is not (its effect is measured in docs/ablations.md). An optional face weight (our choice,
+`face_weight` a; synthetic data, whose face masks are exact) makes both means weighted ones,
+Σ_p ω_p·e_p / Σ_p ω_p with ω = 1 + a on the face's pixels and 1 elsewhere, so that the face,
+a fifth of the image, counts for more of the autoencoder's capacity.
 
 Shape letters: B batch, C image channels, H/W image height/width, D latent channels (code dim),
 h/w latent height/width, N = B·h·w latent vectors, K codebook size, P patch-logit map size.
@@ -73,12 +76,14 @@ class VQConfig:
     disc_start: int = 30000  # our choice: L1 + VQ warm-up before the GAN is switched on
     disc_weight: float = 0.75  # latent-diffusion vq-f4 config
     detail_weight: float = 0.0  # weight of the Laplacian L1 term of L_rec (our choice; 0: none)
+    face_weight: float = 0.0  # extra weight of the face's pixels in L_rec (our choice; 0: none)
 
     def __post_init__(self):
         check_network(self, "in_channels", "num_res_blocks", "latent_channels", "disc_channels",
                       "disc_layers")
         require(self.codebook_size >= 2, f"VQConfig.codebook_size={self.codebook_size}: need >= 2")
-        for name in ("beta", "restart_every", "disc_start", "disc_weight", "detail_weight"):
+        for name in ("beta", "restart_every", "disc_start", "disc_weight", "detail_weight",
+                     "face_weight"):
             require(getattr(self, name) >= 0, f"VQConfig.{name}={getattr(self, name)}: need >= 0")
         require(0 <= self.usage_decay < 1,
                 f"VQConfig.usage_decay={self.usage_decay}: need 0 <= usage_decay < 1")
@@ -268,16 +273,26 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
-def reconstruction_loss(x_hat, x):
-    """Mean absolute error |x̂ − x| over all elements."""
-    assert x_hat.shape == x.shape, f"{tuple(x_hat.shape)} vs {tuple(x.shape)}"
-    return (x_hat - x).abs().mean()
+def weighted_mean(error, weight=None):
+    """Σ ω·e / Σ ω over all elements of `error` (B, C, H, W), with pixel weights ω (B, 1, H, W)
+    shared by the channels; the plain mean without them."""
+    if weight is None:
+        return error.mean()
+    weight = weight.to(error.dtype).expand_as(error)
+    return (weight * error).sum() / weight.sum()
 
 
-def detail_loss(x_hat, x):
-    """Mean absolute error |L∗x̂ − L∗x| of the images' Laplacians over all elements."""
+def reconstruction_loss(x_hat, x, weight=None):
+    """Mean absolute error |x̂ − x| over all elements (weighted by pixel: weighted_mean)."""
     assert x_hat.shape == x.shape, f"{tuple(x_hat.shape)} vs {tuple(x.shape)}"
-    return (laplacian(x_hat) - laplacian(x)).abs().mean()
+    return weighted_mean((x_hat - x).abs(), weight)
+
+
+def detail_loss(x_hat, x, weight=None):
+    """Mean absolute error |L∗x̂ − L∗x| of the images' Laplacians over all elements (weighted by
+    pixel: weighted_mean)."""
+    assert x_hat.shape == x.shape, f"{tuple(x_hat.shape)} vs {tuple(x.shape)}"
+    return weighted_mean((laplacian(x_hat) - laplacian(x)).abs(), weight)
 
 
 def discriminator_hinge_loss(real_logits, fake_logits):
@@ -305,22 +320,23 @@ def adaptive_disc_weight(rec_loss, g_loss, last_layer):
 
 
 def vq_loss(x_hat, x, info, fake_logits=None, last_layer=None, disc_weight=1.0,
-            detail_weight=0.0):
+            detail_weight=0.0, pixel_weight=None):
     """Autoencoder-side training loss.
 
-    L_rec = L1 [+ detail_weight · detail_loss]
+    L_rec = L1 [+ detail_weight · detail_loss], both weighted by `pixel_weight` (B, 1, H, W)
+    when given
     total = L_rec + codebook_loss + commitment_loss [+ disc_weight · λ · generator_loss]
     The GAN term is added when `fake_logits` = D(x̂) is given (the trainer does so once
     `cfg.disc_active(step)`); then `last_layer` (VQVAE.last_layer) is required for λ, which
     balances it against the whole of L_rec.
     Returns a dict of the named scalar terms and `total`.
     """
-    terms = {"reconstruction_loss": reconstruction_loss(x_hat, x),
+    terms = {"reconstruction_loss": reconstruction_loss(x_hat, x, pixel_weight),
              "codebook_loss": info["codebook_loss"],
              "commitment_loss": info["commitment_loss"]}
     rec = terms["reconstruction_loss"]
     if detail_weight:
-        terms["detail_loss"] = detail_loss(x_hat, x)
+        terms["detail_loss"] = detail_loss(x_hat, x, pixel_weight)
         rec = rec + detail_weight * terms["detail_loss"]
     total = rec + terms["codebook_loss"] + terms["commitment_loss"]
     if fake_logits is not None:

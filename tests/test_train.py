@@ -137,6 +137,20 @@ def test_the_estimator_learns_from_frames_without_coefficients(tmp_path):
                for p in stage.estimator.parameters())
 
 
+def test_the_vqvae_stage_weighs_the_true_face(batch, tmp_path):
+    cfg, parts = train.build_configs(["--stage", "vqvae", *SMALL, f"--out={tmp_path}",
+                                      "--vqvae.face_weight=3"])
+    stage = stages.build(cfg, parts, torch.device("cpu"), 2)
+    images = torch.cat([batch["source"], batch["query"]])
+    face = torch.cat([batch["source_regions"], batch["query_regions"]])[:, None] == FACE
+    with torch.no_grad():
+        recon = stage.vqvae(images)[0]
+        weighted = stage(batch, 0)["reconstruction_loss"]
+    error = (recon - images).abs().sum(1, keepdim=True)
+    expected = (error * (1 + 3 * face)).sum() / (3 * (1 + 3 * face).sum())
+    assert weighted.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_face_only_identity_stage_sees_the_face_alone(batch, tmp_path):
     cfg, parts = train.build_configs(["--stage", "identity", *SMALL, f"--out={tmp_path}",
                                       "--face_only=true"])

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from layers import laplacian
 from vqvae import (PatchDiscriminator, VectorQuantizer, VQConfig, VQVAE, adaptive_disc_weight,
                    detail_loss, discriminator_hinge_loss, generator_hinge_loss,
                    reconstruction_loss, vq_loss)
@@ -232,6 +233,27 @@ def test_detail_term_joins_the_reconstruction_and_its_gan_weight():
     assert torch.isclose(terms["total"], expected)
     assert torch.isclose(terms["detail_loss"], detail_loss(x_hat, x))
     assert "detail_loss" not in vq_loss(x_hat, x, info)
+
+
+def test_face_weight_counts_the_face_pixels_more():
+    # x̂ − x = c on a face of n_f pixels, d on the n_o others; with ω = 1 + a on the face the L1
+    # term is (c·(1 + a)·n_f + d·n_o) / ((1 + a)·n_f + n_o), and the Laplacian term the same
+    # weighted mean of |L∗x̂ − L∗x|
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    face = torch.zeros(2, 1, 8, 8, dtype=torch.float64)
+    face[:, :, 2:5, 3:7] = 1  # 12 pixels of each image's 64
+    c, d, a = 0.3, 0.1, 4.0
+    x_hat = x + torch.where(face.bool(), c, d)
+    n_f, n_o = 2 * 12, 2 * 52
+    expected = (c * (1 + a) * n_f + d * n_o) / ((1 + a) * n_f + n_o)
+    weight = 1 + a * face
+    assert torch.isclose(reconstruction_loss(x_hat, x, weight),
+                         torch.tensor(expected, dtype=x.dtype))
+    error = (laplacian(x_hat) - laplacian(x)).abs()
+    by_pixel = (weight * error).sum() / (3 * weight.sum())
+    assert torch.isclose(detail_loss(x_hat, x, weight), by_pixel)
+    assert torch.isclose(reconstruction_loss(x_hat, x, torch.ones_like(face)),
+                         reconstruction_loss(x_hat, x))  # ω = 1 is the plain mean
 
 
 def test_patch_discriminator_shape():
