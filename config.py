@@ -114,10 +114,11 @@ PRESETS = {
                                   "embedding_dim": 128}},
         # the slots stage's loss kept on, so that the slots stay on their regions; Min-SNR
         # weights (γ = 5) instead of the paper's plain loss, with their x0-weight floored at 1
-        # (+1.1 dB at 2,500 steps, docs/ablations.md)
+        # (+1.1 dB at 2,500 steps); half the pairs' I_R from the exact coefficients, so that
+        # the UNet trusts I_R (docs/ablations.md)
         "ldm": {"train": {"steps": 16000, "batch_size": 8, "lr": 4e-4, "ema_decay": 0.999,
                           "eval_every": 1000, "eval_items": 64, "slots_weight": 1.0,
-                          "slots_supervision": 1.0},
+                          "slots_supervision": 1.0, "truth_fraction": 0.5},
                 "unet": {"base_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1,
                          "attention_resolutions": (1, 2, 4), "head_channels": 32,
                          "norm_groups": 16},
