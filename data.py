@@ -243,10 +243,10 @@ def _read_fresh_index(path: Path, split_dir: Path) -> Tuple[Optional[dict], Opti
 class FrameFolder(Dataset):
     """Pairs of frames of one person from a folder of clip folders (map-style Dataset).
 
-    len(dataset) = number of usable clips × draws; item i is two different frames of clip
-    i mod (number of clips), drawn by `np.random.default_rng([seed, clip, i // clips])`, so it
-    is the same in every process and every instance, and each of a clip's `draws` items is a
-    pair of its own: training (train.py) asks for many, so that a clip is not one pair forever.
+    len(dataset) = C usable clips × draws; item i is two different frames of clip c = i mod C,
+    drawn by `np.random.default_rng([seed, c, i // C])`, so it is the same in every process and
+    every instance, and each of a clip's `draws` items is a pair of its own: training
+    (train.py) asks for many, so that a clip is not one pair forever.
 
     The scan is cached as JSON in root/.framefolder-<split>.json, or, if that cannot be written
     or the clips lie directly under root (writing there would change the very mtime the cache
