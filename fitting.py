@@ -49,6 +49,16 @@ def photometric_loss(rendered, render_mask, images, face):
     return error.sum() / (3 * weight.sum()).clamp(min=1e-8)
 
 
+def fittable(coefficients):
+    """The coefficients with the jaw and the expression detached, so that a photometric loss
+    through them moves only what the fit moves (FITTED; the module docstring says why). The
+    estimator stage's loss on frames without coefficients goes through it."""
+    pose = coefficients["pose"]  # (B, 6)
+    pose = torch.cat([pose[:, GLOBAL_ROTATION], pose[:, GLOBAL_ROTATION.stop:].detach()], dim=1)
+    kept = {k: v.detach() for k, v in coefficients.items() if k not in FITTED}
+    return {**coefficients, **kept, "pose": pose}
+
+
 def refine(estimates, images, face, render, steps, lr=FIT_LR, prior=FIT_PRIOR, losses=None):
     """The reading `estimates` (the estimator's dict) refined by `steps` Adam steps on L(δ) for
     `images` (B, 3, H, W) with face masks `face` (B, 1, H, W); `render(coefficients)` returns

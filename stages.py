@@ -22,7 +22,7 @@ from data import save_image
 from difffae import DiffFAE, render_face
 from editing import combine_coefficients
 from estimator import ArcMarginHead, COEFFICIENT_SCALE, CoefficientEstimator, IdentityEncoder
-from fitting import photometric_loss
+from fitting import fittable, photometric_loss
 from frozen_cache import FrozenCache, pair_inputs
 from layers import FACE, REGION_NAMES
 from pictures import enlarge, grid as picture_grid, mask_rows
@@ -336,11 +336,13 @@ class EstimatorStage(Stage):
     def frames_term(self, batch):
         """The photometric loss of frames that carry no coefficients, as fitting.py fits an
         edit's: the estimator's reading re-rendered, against the frame on the render's pixels
-        that the slots stage's region encoder calls face (no face parser is needed)."""
+        that the slots stage's region encoder calls face (no face parser is needed). Like the
+        fit, it does not move the jaw and the expression: when it did, they ended 2,000 steps
+        at twice the errors of the run without frames (docs/measurements.md)."""
         frames = torch.cat([batch["frame_source"], batch["frame_query"]])
         with torch.no_grad():
             face = masks_at(self.fixed["slots"](frames)["masks"], frames.shape[-2:])
-        render, mask = self.render(self.estimator(frames))
+        render, mask = self.render(fittable(self.estimator(frames)))
         return photometric_loss(render, mask, frames, face[:, FACE:FACE + 1])
 
     @torch.no_grad()
