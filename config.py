@@ -60,6 +60,7 @@ class TrainConfig:
     frozen_cache: bool = True     # ldm: the frozen parts' outputs computed once per pool pair
     truth_fraction: float = 0.0   # ldm: share of pairs whose I_R is of the exact coefficients
     photometric_weight: float = 1.0  # estimator: weight of the re-rendering loss
+    frames_weight: float = 0.1    # estimator, --data=PATH: that loss's weight on the frames
     arcface_scale: float = 30.0   # identity: ArcFace s (the paper's 64 suits 85k classes)
     arcface_margin: float = 0.5   # identity: ArcFace m (Deng et al. 2019)
     face_only: bool = False       # identity: embed the face alone (evaluate.py's CSIM judge)
@@ -72,8 +73,8 @@ class TrainConfig:
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name}={getattr(self, name)}: expected an integer >= {low}")
         for name in ("lr", "grad_clip", "arcface_scale", "slots_supervision", "slots_weight",
-                     "photometric_weight", "arcface_margin", "ema_decay", "time_limit",
-                     "truth_fraction"):
+                     "photometric_weight", "frames_weight", "arcface_margin", "ema_decay",
+                     "time_limit", "truth_fraction"):
             value, positive = getattr(self, name), name in ("lr", "grad_clip", "arcface_scale")
             if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
                 sign = "positive" if positive else "non-negative"

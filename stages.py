@@ -301,6 +301,7 @@ class EstimatorStage(Stage):
                 raise ValueError(f"--image_size={cfg.image_size}, but the slots stage's region "
                                  f"encoder works at {slots_config.image_size} px")
         self.photometric_weight = cfg.photometric_weight
+        self.frames_weight = cfg.frames_weight
 
     def render(self, coefficients):
         """Re-renders predicted (or true) coefficients: the image I_R and its mask."""
@@ -329,7 +330,7 @@ class EstimatorStage(Stage):
         loss = regression + self.photometric_weight * photometric
         if "frame_source" in batch:  # frames without coefficients (--data=PATH): photometric
             terms["frames_photometric_loss"] = self.frames_term(batch)
-            loss = loss + self.photometric_weight * terms["frames_photometric_loss"]
+            loss = loss + self.frames_weight * terms["frames_photometric_loss"]
         return {"loss": loss, "photometric_loss": photometric.detach(),
                 **{k: v.detach() for k, v in terms.items()}}
 

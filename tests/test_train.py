@@ -101,13 +101,13 @@ def test_estimator_expression_mesh_term_counts_millimetres_moved(batch, tmp_path
 def test_the_estimator_learns_from_frames_without_coefficients(tmp_path):
     """--data=PATH for the estimator stage: item i is synthetic pair i // F beside clip i % F of
     the folder, and the loss gains the frames' photometric loss, on the face slot's pixels,
-    weighted as the synthetic one; the frames' coefficients are never read."""
+    with its own weight; the frames' coefficients are never read."""
     folder = tmp_path / "vox"
     clips = export_synthetic(folder, 3, 32)
     for clip in clips:
         (clip / "params.json").unlink()  # withheld: nothing may depend on them
     options = ["--stage", "estimator", *SMALL, f"--out={tmp_path}", f"--data={folder}",
-               "--photometric_weight=0.5"]
+               "--frames_weight=0.5"]
     cfg, parts = train.build_configs(options)
     with pytest.raises(stages.MissingCheckpoint, match="--stage slots"):
         stages.require_earlier_checkpoints(cfg)  # the face is found by the slots stage
