@@ -55,8 +55,11 @@ class DiffusionConfig:
                                    # (1: the noisiest steps count as at SNR 1; 0: Min-SNR as
                                    # published)
     use_identity: bool = True      # False: f_id = 0, the "no identity token" ablation
-    render_from: str = "estimated"  # training I_R from "estimated" (as at inference) or exact
-                                   # "truth" coefficients (synthetic data only)
+    render_from: str = "estimated"  # training I_R from the estimator's reading ("estimated", as an
+                                   # edit), that reading "refined" by refine_steps of the fit
+                                   # through the renderer (fitting.py; not in the paper), or the
+                                   # exact "truth" coefficients (synthetic data only)
+    refine_steps: int = 20         # render_from "refined": the fit's steps
     sample_steps: int = 20
     sampler: str = "dpm++2m"       # "ddim" (Song et al. 2021) or "dpm++2m" (Lu et al. 2022)
 
@@ -69,8 +72,10 @@ class DiffusionConfig:
         require(0 <= self.snr_floor <= self.min_snr_gamma or self.snr_floor == 0,
                 f"DiffusionConfig.snr_floor={self.snr_floor}: expected 0, or a value in "
                 f"[0, min_snr_gamma={self.min_snr_gamma}]")
-        require(self.render_from in ("truth", "estimated"), f"DiffusionConfig.render_from="
-                f"{self.render_from!r}: expected 'truth' or 'estimated'")
+        require(self.render_from in ("truth", "estimated", "refined"), f"DiffusionConfig."
+                f"render_from={self.render_from!r}: expected 'truth', 'estimated' or 'refined'")
+        require(self.refine_steps >= 0, f"DiffusionConfig.refine_steps={self.refine_steps}: "
+                f"expected >= 0")
         require(1 <= self.sample_steps <= self.timesteps, f"DiffusionConfig.sample_steps="
                 f"{self.sample_steps}: expected 1..{self.timesteps}")
         require(self.sampler in SAMPLERS, f"DiffusionConfig.sampler={self.sampler!r}: expected "
@@ -139,15 +144,17 @@ class DiffFAE(nn.Module):
         """SPC's I_R (see render_face)."""
         return render_face(self.flame, self.renderer, coefficients)
 
-    def fit_coefficients(self, images, steps=0, losses=None):
+    def fit_coefficients(self, images, steps=0, losses=None, slots=None):
         """The estimator's coefficients of `images` (B, 3, H, W), refined by `steps` steps of
         the photometric loss through the renderer on the face slot's pixels (fitting.refine;
-        not in the paper). steps = 0 is the estimator alone. `losses` receives the loss."""
+        not in the paper). steps = 0 is the estimator alone. `losses` receives the loss.
+        slots: the region encoder whose face slot weighs the pixels, self.slots by default."""
         estimates = self.estimator(images)
         if steps == 0 and losses is None:
             return estimates
+        slots = self.slots if slots is None else slots
         with torch.no_grad():  # the masks are fixed during the fit
-            face = masks_at(self.slots(images)["masks"], images.shape[-2:])[:, FACE:FACE + 1]
+            face = masks_at(slots(images)["masks"], images.shape[-2:])[:, FACE:FACE + 1]
         return refine(estimates, images, face, self.render, steps, losses=losses)
 
     def conditions(self, source, rendered, regions=None):
@@ -195,15 +202,20 @@ class DiffFAE(nn.Module):
             self.latent_scale /= dist.get_world_size()
 
     @torch.no_grad()
-    def frozen_inputs(self, source, query, coefficients=None):
+    def frozen_inputs(self, source, query, coefficients=None, fit_slots=None):
         """What the loss takes from the parts that do not train (the VQ-VAE, the estimator,
         FLAME and the renderer, the identity encoder), for same-person pairs I_S, I_Q: "z0", the
         VQ latent of I_Q, and "f_r", that of its render I_R (both unscaled, float32), and "id",
-        f_id of I_S. I_R is drawn from `coefficients` with diffusion.render_from "truth", else
-        from the estimator's reading of I_Q, as at inference. The ldm stage computes them once
-        per pair of its pool (frozen_cache.FrozenCache)."""
-        if self.diffusion.render_from == "estimated":
+        f_id of I_S. I_R is drawn by diffusion.render_from: from `coefficients` ("truth"), the
+        estimator's reading of I_Q ("estimated", as in an edit), or that reading refined
+        ("refined", fit_coefficients with fit_slots' face masks, the ldm stage's copy of the
+        region encoder as pretrained). The ldm stage computes them once per pair of its pool
+        (frozen_cache.FrozenCache)."""
+        d = self.diffusion
+        if d.render_from == "estimated":
             coefficients = self.estimator(query)
+        elif d.render_from == "refined":
+            coefficients = self.fit_coefficients(query, d.refine_steps, slots=fit_slots)
         rendered, _ = self.render(coefficients)
         return {"z0": self.vqvae.encode(query).float(), "f_r": self.vqvae.encode(rendered).float(),
                 "id": self.identity_of(source)}
@@ -213,7 +225,7 @@ class DiffFAE(nn.Module):
         """The whole training objective, L = L_LDM + δ·L_attn (Eq. 8), for a batch of
         same-person pairs: source I_S and query I_Q (B, 3, H, W) in [-1, 1]. coefficients: the
         query's exact ones (the estimator's keys), used when diffusion.render_from is "truth";
-        with "estimated" the estimator reads them from I_Q, as at inference. t (B,) and noise ε
+        otherwise the estimator reads them from I_Q (frozen_inputs). t (B,) and noise ε
         (B, C, h, w): drawn from the global generator when not given, t first. regions:
         self.slots(source), with its graph, when the caller needs it too (the ldm stage's
         slots term): the region encoder then runs once. frozen: frozen_inputs(source, query,

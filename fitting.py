@@ -39,14 +39,16 @@ FIT_LR = 0.05     # Adam's step, in units of each group's spread s_k (chosen in 
 FIT_PRIOR = 0.01  # λ: the pull towards the estimator's reading
 
 
-def photometric_loss(rendered, render_mask, images, face):
+def photometric_loss(rendered, render_mask, images, face, per_image=False):
     """L_pho of the module docstring: the mean |I_R − I| over the pixels of weight
     w = render_mask · face (both (B, 1, H, W), in [0, 1]) and the 3 colours; rendered and
-    images (B, 3, H, W). A scalar; 0 where no pixel has weight."""
+    images (B, 3, H, W). A scalar over the whole batch, or with per_image one per image (B,);
+    0 where no pixel has weight."""
     assert rendered.shape == images.shape, f"{tuple(rendered.shape)} vs {tuple(images.shape)}"
     weight = render_mask * face  # (B, 1, H, W)
     error = (rendered - images).abs() * weight
-    return error.sum() / (3 * weight.sum()).clamp(min=1e-8)
+    dims = (1, 2, 3) if per_image else (0, 1, 2, 3)
+    return error.sum(dims) / (3 * weight.sum(dims)).clamp(min=1e-8)
 
 
 def fittable(coefficients):
@@ -63,8 +65,9 @@ def refine(estimates, images, face, render, steps, lr=FIT_LR, prior=FIT_PRIOR, l
     """The reading `estimates` (the estimator's dict) refined by `steps` Adam steps on L(δ) for
     `images` (B, 3, H, W) with face masks `face` (B, 1, H, W); `render(coefficients)` returns
     (I_R, M_R) as difffae.render_face does. steps = 0 returns the reading unchanged. The
-    result has the estimator's keys and shapes, detached. `losses`, a list, receives L_pho
-    before each step and after the last."""
+    result has the estimator's keys and shapes, detached. Each image has its own L(δ), summed
+    over the batch, so that its fit does not depend on the images fitted beside it. `losses`,
+    a list, receives L_pho (the mean over the images) before each step and after the last."""
     scale = {k: torch.as_tensor(v, dtype=images.dtype, device=images.device)
              for k, v in COEFFICIENT_SCALE.items()}
     reading = {k: v.detach() for k, v in estimates.items()}
@@ -80,15 +83,17 @@ def refine(estimates, images, face, render, steps, lr=FIT_LR, prior=FIT_PRIOR, l
     optimizer = torch.optim.Adam(delta.values(), lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
-            loss = photometric_loss(*render(coefficients()), images, face)
+            loss = photometric_loss(*render(coefficients()), images, face, per_image=True)
             if losses is not None:
-                losses.append(float(loss.detach()))
-            total = loss + prior * sum(d.pow(2).mean() for d in delta.values())
+                losses.append(float(loss.detach().mean()))
+            total = loss.sum() + prior * sum(d.pow(2).flatten(1).mean(1).sum()
+                                             for d in delta.values())
             optimizer.zero_grad()
             total.backward()
             optimizer.step()
     with torch.no_grad():
         fitted = coefficients()
         if losses is not None:
-            losses.append(float(photometric_loss(*render(fitted), images, face)))
+            losses.append(float(photometric_loss(*render(fitted), images, face,
+                                                 per_image=True).mean()))
     return fitted

@@ -18,12 +18,13 @@ from synthetic import true_coefficients
 
 
 @torch.no_grad()
-def pair_inputs(model, batch, source_z=False, truth=False):
-    """DiffFAE.frozen_inputs of a batch of training pairs; with source_z also "source_z", the
-    source's VQ latent (the target of the slots term), and with truth "f_r_truth", the latent of
-    the query's render from its exact coefficients (synthetic data alone has them)."""
+def pair_inputs(model, batch, source_z=False, truth=False, fit_slots=None):
+    """DiffFAE.frozen_inputs of a batch of training pairs (fit_slots passed on); with source_z
+    also "source_z", the source's VQ latent (the target of the slots term), and with truth
+    "f_r_truth", the latent of the query's render from its exact coefficients (synthetic data
+    alone has them)."""
     exact = true_coefficients(batch, "query") if "query_params" in batch else None
-    inputs = model.frozen_inputs(batch["source"], batch["query"], exact)
+    inputs = model.frozen_inputs(batch["source"], batch["query"], exact, fit_slots)
     if source_z:
         inputs["source_z"] = model.vqvae.encode(batch["source"]).float()
     if truth:
@@ -44,9 +45,10 @@ class FrozenCache:
     BATCH = 64  # pairs per forward pass while computing
     KEYS = ("z0", "f_r", "id", "source_z", "f_r_truth")
 
-    def __init__(self, model, pool, pool_file, device, master):
+    def __init__(self, model, pool, pool_file, device, master, fit_slots=None):
+        self.fit_slots = fit_slots  # the region encoder of the fit, with render_from "refined"
         self.path = Path(pool_file).with_name(
-            f"{Path(pool_file).stem}-frozen-{self.fingerprint(model)}.pt")
+            f"{Path(pool_file).stem}-frozen-{self.fingerprint(model, fit_slots)}.pt")
         tensors, problem = self.read(len(pool)) if self.path.exists() else (None, "missing")
         if master and tensors is None:
             if problem != "missing":
@@ -62,12 +64,17 @@ class FrozenCache:
         self.tensors = {key: value.to(device) for key, value in tensors.items()}
 
     @staticmethod
-    def fingerprint(model):
-        """12 hex digits of SHA-256 over the frozen parts' tensors and frozen_inputs' options."""
-        digest = hashlib.sha256(repr((model.diffusion.render_from,
-                                      model.diffusion.use_identity)).encode())
-        for part in ("vqvae", "estimator", "identity", "flame", "renderer"):
-            module = getattr(model, part)
+    def fingerprint(model, fit_slots=None):
+        """12 hex digits of SHA-256 over the frozen parts' tensors and frozen_inputs' options
+        (with render_from "refined", also the fit's steps and fit_slots' tensors)."""
+        d = model.diffusion
+        options = (d.render_from, d.use_identity)
+        modules = {part: getattr(model, part)
+                   for part in ("vqvae", "estimator", "identity", "flame", "renderer")}
+        if d.render_from == "refined":
+            options, modules["fit_slots"] = (*options, d.refine_steps), fit_slots
+        digest = hashlib.sha256(repr(options).encode())
+        for part, module in modules.items():
             for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
                 digest.update(f"{part}.{name}".encode())
                 digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
@@ -80,7 +87,8 @@ class FrozenCache:
                           unit="batch"):
             batch = to_device(default_collate(pool.__getitems__(
                 range(start, min(len(pool), start + self.BATCH)))), device)
-            frozen = pair_inputs(model, batch, source_z=True, truth=True)
+            frozen = pair_inputs(model, batch, source_z=True, truth=True,
+                                 fit_slots=self.fit_slots)
             parts.append({key: value.cpu() for key, value in frozen.items()})
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 

@@ -425,7 +425,9 @@ class LDMStage(Stage):
     x̂_0 report (x0_report): the face error of x̂_0 at fixed noise levels beside f_r's, and how
     far x̂_0 follows I_R when handed the exact render instead. `truth_fraction` (not in the
     paper; synthetic data) draws that share of the training pairs' I_R from the exact
-    coefficients, so that the UNet learns that I_R can be trusted."""
+    coefficients, so that the UNet learns that I_R can be trusted. With
+    --diffusion.render_from=refined the other pairs' I_R is of the estimator's reading refined
+    through the renderer (fitting.py; not in the paper), computed once per pool pair."""
 
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
@@ -461,16 +463,25 @@ class LDMStage(Stage):
         for frozen in (self.model.vqvae, self.model.estimator, self.model.identity,
                        self.model.slots.decoder):
             frozen.requires_grad_(False)
+        # render_from "refined": the fit of I_R weighs the pixels by the face masks of the
+        # region encoder as pretrained, a frozen copy, so that the cached fits stay valid on
+        # resume while the trained one moves
+        self.fit_slots = None
+        if parts["diffusion"].render_from == "refined":
+            self.fit_slots = networks["slots"][0]
 
     def train(self, mode=True):
         super().train(mode)
-        for frozen in (self.model.vqvae, self.model.estimator, self.model.identity):
-            frozen.eval()  # frozen parts keep their inference behaviour
+        for frozen in (self.model.vqvae, self.model.estimator, self.model.identity,
+                       self.fit_slots):
+            if frozen is not None:
+                frozen.eval()  # frozen parts keep their inference behaviour
         return self
 
     def prepare(self, dataset, master):
         if self.pool_file is not None:  # after loading: the fingerprint is of the loaded weights
-            self.cache = FrozenCache(self.model, dataset, self.pool_file, self.device, master)
+            self.cache = FrozenCache(self.model, dataset, self.pool_file, self.device, master,
+                                     self.fit_slots)
 
     def forward(self, batch, step):
         model = self.model
@@ -481,7 +492,7 @@ class LDMStage(Stage):
             frozen = self.cache(batch["index"])
         else:
             frozen = pair_inputs(model, batch, source_z=self.slots_weight > 0,
-                                 truth=self.truth_fraction > 0)
+                                 truth=self.truth_fraction > 0, fit_slots=self.fit_slots)
         if self.truth_fraction:  # this share of the pairs takes I_R of the exact coefficients
             draw = torch.rand(len(source), generator=step_generator(self.seed + TRUTH_SEED, step))
             exact = (draw < self.truth_fraction).to(source.device).view(-1, 1, 1, 1)

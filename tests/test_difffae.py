@@ -554,3 +554,44 @@ def test_truth_fraction_draws_i_r_from_the_exact_coefficients(pretrained, batch)
     assert torch.allclose(grads[1.0, "step"], grads[1.0, "truth"], rtol=1e-5, atol=1e-8)
     moved = grads[1.0, "truth"] - grads[1.0, "estimated"]
     assert moved.norm() > 1e-3 * grads[1.0, "truth"].norm()  # the exact render changes the step
+
+
+def test_i_r_from_refined_coefficients_uses_the_pretrained_face_masks(pretrained, tmp_path):
+    """--diffusion.render_from=refined: the step's I_R is of fit_coefficients(I_Q, N) with the
+    face masks of the region encoder as pretrained, a frozen copy that training does not move;
+    the cache holds those renders, and a cache of another N is another file."""
+    for stage_name in PARTS["ldm"].requires:
+        (tmp_path / stage_name).mkdir()
+        os.link(pretrained / stage_name / "ckpt.pt", tmp_path / stage_name / "ckpt.pt")
+    cfg, parts = train.build_configs(["--stage", "ldm", *SMALL, f"--out={tmp_path}",
+                                      "--diffusion.render_from=refined",
+                                      "--diffusion.refine_steps=3", "--slots_weight=0",
+                                      "--truth_fraction=0"])
+    stage = stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
+    model, fit_slots = stage.model, stage.fit_slots
+    assert fit_slots is not model.slots and not any(p.requires_grad
+                                                    for p in fit_slots.parameters())
+    with torch.no_grad():
+        for p in model.slots.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the trained encoder moves; the fit's does not
+    pool = train.make_dataset(cfg, master=True)
+    batch = default_collate(pool.__getitems__([1, 4]))
+    model.set_latent_scale(batch["query"])
+    torch.manual_seed(0)
+    step = stage(batch, step=0)["loss"]
+    fitted = model.fit_coefficients(batch["query"], 3, slots=fit_slots)
+    assert not torch.allclose(fitted["pose"], model.estimator(batch["query"])["pose"])
+    model.diffusion.render_from = "truth"  # the same I_R, handed in
+    try:
+        torch.manual_seed(0)
+        handed = model.loss(batch["source"], batch["query"], fitted)["loss"]
+    finally:
+        model.diffusion.render_from = "refined"
+    assert torch.allclose(step, handed, rtol=1e-5)
+
+    stage.prepare(pool, master=True)
+    with torch.no_grad():
+        exact_f_r = model.vqvae.encode(model.render(fitted)[0])
+    assert torch.allclose(stage.cache(torch.tensor([1, 4]))["f_r"], exact_f_r, atol=1e-4)
+    model.diffusion.refine_steps = 4
+    assert frozen_cache.FrozenCache.fingerprint(model, fit_slots) not in stage.cache.path.name
