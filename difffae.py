@@ -144,11 +144,20 @@ class DiffFAE(nn.Module):
         """SPC's I_R (see render_face)."""
         return render_face(self.flame, self.renderer, coefficients)
 
-    def fit_coefficients(self, images, steps=0, losses=None, slots=None):
+    @property
+    def default_refine_steps(self):
+        """The fit's steps where none are given: those the training I_R was refined with
+        (diffusion.render_from "refined"), else 0, the estimator alone."""
+        d = self.diffusion
+        return d.refine_steps if d.render_from == "refined" else 0
+
+    def fit_coefficients(self, images, steps=None, losses=None, slots=None):
         """The estimator's coefficients of `images` (B, 3, H, W), refined by `steps` steps of
         the photometric loss through the renderer on the face slot's pixels (fitting.refine;
-        not in the paper). steps = 0 is the estimator alone. `losses` receives the loss.
-        slots: the region encoder whose face slot weighs the pixels, self.slots by default."""
+        not in the paper). steps = 0 is the estimator alone, None the model's default.
+        `losses` receives the loss. slots: the region encoder whose face slot weighs the
+        pixels, self.slots by default."""
+        steps = self.default_refine_steps if steps is None else steps
         estimates = self.estimator(images)
         if steps == 0 and losses is None:
             return estimates
@@ -296,7 +305,7 @@ class DiffFAE(nn.Module):
 
     @torch.no_grad()
     def edit(self, source, query=None, edit=EDIT_ATTRIBUTES, swap=None, numbers=None,
-             steps=None, sampler=None, seed=0, eta=0.0, refine_steps=0, trace=None):
+             steps=None, sampler=None, seed=0, eta=0.0, refine_steps=None, trace=None):
         """The source person (B, 3, H, W in [-1, 1]) with the query's pose / expression /
         lighting, any subset of EDIT_ATTRIBUTES (those not edited keep the source's).
 
@@ -304,13 +313,15 @@ class DiffFAE(nn.Module):
         tokens by the other image's (expandable editing, App. G). numbers: explicit coefficient
         values applied last (editing.set_numbers); with no query, only numbers change the
         source. refine_steps: the coefficients of the source and the query are refined by that
-        many steps of fit_coefficients (0: the estimator's reading, as in the paper). trace: a
+        many steps of fit_coefficients (0: the estimator's reading, as in the paper; None: the
+        model's default_refine_steps). trace: a
         dict that receives the edit's own tensors, for explain.figure to draw: "cond",
         "estimates" (as used), "fit_losses" (the photometric loss before each fitting step and
         after the last), "unrefined_render" (I_R from the estimator alone; None without
         refinement) and "steps", the sampler's dict of each step (DiffFAE.sample).
         Returns {"image", "render" (I_R), "mask", "coefficients"}.
         """
+        refine_steps = self.default_refine_steps if refine_steps is None else refine_steps
         readings = [self.estimator(source), None if query is None else self.estimator(query)]
         estimates, losses = readings, None if trace is None else []
         if refine_steps:  # source and query fitted together: half the steps' overhead

@@ -144,9 +144,9 @@ def smooth(values, sigma):
     return values + change / total.view(-1, *[1] * (values.dim() - 1))
 
 
-def estimate(model, frames, sigma=0.0, refine_steps=0):
+def estimate(model, frames, sigma=0.0, refine_steps=None):
     """The estimator's coefficients of each frame, refined by refine_steps steps of the
-    photometric fit (DiffFAE.fit_coefficients), one frame at a time (so that a frame's estimate
+    photometric fit (DiffFAE.fit_coefficients; None: the model's default), one frame at a time (so that a frame's estimate
     does not depend on the others in a batch), then smoothed over time by sigma frames.
     Returns a dict of (N, ...) tensors (estimator.CoefficientEstimator's keys)."""
     estimates = [model.fit_coefficients(frames[k:k + 1], refine_steps)
@@ -156,7 +156,7 @@ def estimate(model, frames, sigma=0.0, refine_steps=0):
 
 @torch.no_grad()
 def drive(model, source, frames, edit=EDIT_ATTRIBUTES, swap=None, numbers=None, steps=None,
-          sampler=None, seed=0, eta=0.0, sigma=0.0, same_noise=True, refine_steps=0,
+          sampler=None, seed=0, eta=0.0, sigma=0.0, same_noise=True, refine_steps=None,
           progress=False):
     """The source person (1, 3, S, S) driven by `frames` (N, 3, S, S): frame k is the query of
     an edit (DiffFAE.edit's arguments), all frames sharing the source's conditions and, with

@@ -404,8 +404,9 @@ def arguments():
                         "DDPM-like (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the data and the noise (default: %(default)s)")
-    parser.add_argument("--refine", type=int, default=0, metavar="N", help="refine the "
-                        "coefficients by N steps of the photometric fit (default: 0)")
+    parser.add_argument("--refine", type=int, default=None, metavar="N", help="refine the "
+                        "coefficients by N steps of the photometric fit (default: the model's "
+                        "own, 0 unless it was trained on refined renders)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON "
                         "(missing folders are made)")
     parser.add_argument("--grid", metavar="PNG", help="also write the picture grid (missing "
@@ -427,7 +428,7 @@ def load_everything(args):
     argument that needs no checkpoint. Raises ValueError naming the option at fault."""
     if args.n < 1:
         raise ValueError(f"--n {args.n}: expected at least 1 pair")
-    if args.refine < 0:
+    if args.refine is not None and args.refine < 0:
         raise ValueError(f"--refine {args.refine}: expected a number of steps >= 0")
     check_device(args.device)
     for path, option, suffix in ((args.json, "--json", None), (args.grid, "--grid", ".png")):
@@ -519,6 +520,8 @@ def main(argv=None):
         diffusion = models["difffae"].diffusion  # the model's own sampling where none is given
         args.sampler = args.sampler or diffusion.sampler
         args.steps = args.steps or diffusion.sample_steps
+        if args.refine is None:
+            args.refine = models["difffae"].default_refine_steps
         started = time.time()
         results = evaluate(models, judge, slot_networks, args.n, args.steps, args.sampler,
                            args.seed, args.device, args.refine, args.eta)

@@ -115,10 +115,11 @@ def arguments():
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 "
                         "ancestral")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    parser.add_argument("--refine", type=int, default=0, metavar="N",
+    parser.add_argument("--refine", type=int, default=None, metavar="N",
                         help="refine the estimator's coefficients by N steps of the photometric "
-                        "fit through the renderer (fitting.py; default 0, the estimator alone: "
-                        "see docs/fitting.md)")
+                        "fit through the renderer (fitting.py; default: the model's own, 0, the "
+                        "estimator alone, unless it was trained on refined renders: see "
+                        "docs/fitting.md)")
     parser.add_argument("--panel", action="store_true",
                         help="write source | query | I_R | result instead of the result alone")
     parser.add_argument("--explain", metavar="FIG", help="also write FIG, a PNG of what SPC, RSC, "
@@ -151,7 +152,7 @@ def check_arguments(args):
         raise ValueError("nothing to edit: give a query image, --drive CLIP or --set NAME=VALUE")
     if args.zoom < 1:
         raise ValueError(f"--zoom {args.zoom}: expected a positive integer")
-    if args.refine < 0:
+    if args.refine is not None and args.refine < 0:
         raise ValueError(f"--refine {args.refine}: expected a number of steps >= 0")
     if args.explain:
         check_output(args.explain, "--explain", ".png")
