@@ -146,8 +146,9 @@ def smooth(values, sigma):
 
 def estimate(model, frames, sigma=0.0, refine_steps=None):
     """The estimator's coefficients of each frame, refined by refine_steps steps of the
-    photometric fit (DiffFAE.fit_coefficients; None: the model's default), one frame at a time (so that a frame's estimate
-    does not depend on the others in a batch), then smoothed over time by sigma frames.
+    photometric fit (DiffFAE.fit_coefficients; None: the model's default), one frame at a
+    time (so that a frame's estimate does not depend on the others in a batch), then smoothed
+    over time by sigma frames.
     Returns a dict of (N, ...) tensors (estimator.CoefficientEstimator's keys)."""
     estimates = [model.fit_coefficients(frames[k:k + 1], refine_steps)
                  for k in range(len(frames))]

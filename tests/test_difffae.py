@@ -600,12 +600,13 @@ def test_i_r_from_refined_coefficients_uses_the_pretrained_face_masks(pretrained
 def test_a_model_trained_on_refined_renders_refines_its_edits_by_default(ldm_stage, batch):
     model = ldm_stage.model
     assert model.default_refine_steps == 0  # trained on the estimator's reading: not refined
+    kept = model.diffusion.render_from, model.diffusion.refine_steps
     model.diffusion.render_from, model.diffusion.refine_steps = "refined", 2
     try:
         assert model.default_refine_steps == 2
         images = {name: model.edit(batch["source"], batch["query"], refine_steps=steps)["render"]
                   for name, steps in (("default", None), ("two", 2), ("none", 0))}
     finally:
-        model.diffusion.render_from, model.diffusion.refine_steps = "estimated", 20
+        model.diffusion.render_from, model.diffusion.refine_steps = kept
     assert torch.equal(images["default"], images["two"])
     assert not torch.equal(images["default"], images["none"])
