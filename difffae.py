@@ -314,8 +314,8 @@ class DiffFAE(nn.Module):
         values applied last (editing.set_numbers); with no query, only numbers change the
         source. refine_steps: the coefficients of the source and the query are refined by that
         many steps of fit_coefficients (0: the estimator's reading, as in the paper; None: the
-        model's default_refine_steps). trace: a
-        dict that receives the edit's own tensors, for explain.figure to draw: "cond",
+        model's default_refine_steps). trace: a dict that receives the edit's own tensors, for
+        explain.figure to draw: "cond",
         "estimates" (as used), "fit_losses" (the photometric loss before each fitting step and
         after the last), "unrefined_render" (I_R from the estimator alone; None without
         refinement) and "steps", the sampler's dict of each step (DiffFAE.sample).
