@@ -21,7 +21,7 @@ import train
 from data import save_image
 from checkpoint import (PARTS, TRAINING_ONLY, CheckpointError, configs_of, export_inference,
                         load_model, read_checkpoint)
-from difffae import DiffFAE
+from difffae import DiffFAE, DiffusionConfig
 from layers import REGION_NAMES
 from slots import pretraining_loss
 from synthetic import SyntheticPortraits, true_coefficients
@@ -29,7 +29,8 @@ from synthetic import SyntheticPortraits, true_coefficients
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
 SMALL = [f"--image_size={SIZE}", "--batch_size=2", "--pool=8", "--identities=4",
-         "--eval_items=4", "--log_every=1", "--warmup=1", "--diffusion.sample_steps=2"]
+         "--eval_items=4", "--log_every=1", "--warmup=1", "--diffusion.sample_steps=2",
+         "--diffusion.render_from=estimated"]  # the paper's I_R; "refined" has tests of its own
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +95,13 @@ def test_loss_terms_and_which_parts_train(ldm_stage, batch):
 
 
 def test_paper_variant_is_eq8_alone_with_i_r_from_the_estimator(pretrained, batch):
-    """--slots_weight=0 leaves L = L_LDM + δ·L_attn, and the default render_from="estimated"
-    draws I_R from the estimator's reading of the query, as an edit does."""
+    """--slots_weight=0 leaves L = L_LDM + δ·L_attn, and render_from="estimated" (the paper's,
+    and the default outside the tiny preset) draws I_R from the estimator's reading of the
+    query, as an edit does."""
     cfg, parts = train.build_configs(["--stage", "ldm", *SMALL, f"--out={pretrained}",
                                       "--slots_weight=0"])
     stage = stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
-    assert parts["diffusion"].render_from == "estimated"
+    assert DiffusionConfig().render_from == "estimated"
     torch.manual_seed(1)
     out = stage(batch, 0)
     assert set(out) == {"loss", "ldm_loss", "acr_loss"}
