@@ -184,7 +184,7 @@ SMOKE = {
     "ldm": {"train": {"steps": 4, "eval_items": 2},
             "unet": {"base_channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1,
                      "attention_resolutions": (2,), "head_channels": 8, "norm_groups": 8},
-            "diffusion": {"sample_steps": 2}},
+            "diffusion": {"sample_steps": 2, "refine_steps": 2}},
 }
 
 
