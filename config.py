@@ -93,8 +93,9 @@ PRESETS = {
     "tiny": {
         # sized for a 2-core CPU; each choice below is measured in docs/ablations.md
         # the Laplacian detail term doubles the face's detail at 2,000 steps; the GAN switched
-        # on at step 500 cost 4.5 dB; 16,000 steps keep 0.7 dB and 60 % more detail than 8,000
-        # (docs/ablations.md)
+        # on at step 500 cost 4.5 dB; 16,000 steps keep 0.7 dB and 60 % more detail than 8,000;
+        # the face's pixels weigh 5x: +1.6 dB and 60 % more detail on the face, eyes in every
+        # held-out face, for 0.5 dB on the whole image (docs/ablations.md, measurements.md)
         "vqvae": {"train": {"steps": 16000, "batch_size": 8, "lr": 4e-4},
                   "vqvae": {"base_channels": 16, "channel_mult": (1, 2, 4), "num_res_blocks": 1,
                             "norm_groups": 8, "codebook_size": 1024, "restart_every": 25,
