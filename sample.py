@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import drive
-import explain
-from checkpoint import load_model
-from cli import (DEFAULT_CHECKPOINT, SWAPPABLE, Parser, check_device, check_output,
+from tools import drive
+from tools import explain
+from runtime.checkpoint import load_model
+from runtime.cli import (DEFAULT_CHECKPOINT, SWAPPABLE, Parser, check_device, check_output,
                  check_sampling, fail, read_checkpoint, run)
 from data import ImageError, load_image, save_image
-from editing import EDIT_ATTRIBUTES, NUMBERS
+from difffae import EDIT_ATTRIBUTES, NUMBERS
 from samplers import SAMPLERS
-from head import EXPRESSION_NAMES
+from assets.head import EXPRESSION_NAMES
 
 NUMBER_HELP = ("yaw, pitch, roll, jaw in degrees; light=x,y,z (a direction in camera space: "
                "+x to the image's right, +y up, +z towards the camera); or an expression name "

@@ -27,12 +27,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
-import stages
-from checkpoint import PARTS
-from config import ConfigError, STAGES, build_chain, build_configs
+from training import stages
+from runtime.checkpoint import PARTS
+from training.config import ConfigError, STAGES, build_chain, build_configs
 from data import to_device, write_atomic
-from guard import Guard, Stopped, folder_lock
-from synthetic import SyntheticPortraits, load_pool
+from runtime.guard import Guard, Stopped, folder_lock
+from assets.synthetic import SyntheticPortraits, load_pool
 
 
 # -- Data: a cached pool of synthetic pairs, or a folder of real frames ----------------------------
@@ -399,7 +399,7 @@ def evaluate(run, held_out, png, done, log):
 
 def export(cfg, out):
     """Writes the inference weights (EMA, float16) of the ldm checkpoint to `out`."""
-    from checkpoint import export_inference
+    from runtime.checkpoint import export_inference
     if cfg.stage != "ldm":
         raise ConfigError("--export: only the ldm stage makes a complete model")
     checkpoint = stages.read_stage_checkpoint(checkpoint_path(cfg))

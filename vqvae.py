@@ -21,11 +21,10 @@ chosen encoder outputs of the current batch (random restarts, Dhariwal et al. 20
 Like LDM's VQModelInterface, `encode` returns the continuous pre-quantisation latent z; the
 diffusion model works in that space and `decode` quantises first.
 
-Training losses (Esser et al. 2021, "Taming Transformers", Eq. 4-7): L1 reconstruction (no LPIPS:
-it needs pretrained VGG weights, outside our package set), L_VQ, and a hinge PatchGAN (Isola et al.
-2017) whose generator term is weighted by λ = ||∇_{G_L} L_rec|| / (||∇_{G_L} L_GAN|| + δ) at the
-decoder's last layer G_L (Eq. 7), clamped; δ = 1e-4 and the clamp [0, 1e4] follow taming's code
-(the paper writes δ = 1e-6). Hinge losses follow taming's `hinge_d_loss` (factor ½).
+Training losses: L1 reconstruction and L_VQ. Not LDM's full autoencoder loss (Esser et al.
+2021, "Taming Transformers", Eq. 4-7), which adds LPIPS (it needs pretrained VGG weights, outside
+our package set) and a PatchGAN term: the GAN, switched on at step 500 of the tiny preset, cost
+4.5 dB of PSNR (docs/ablations.md), and no trained model here ever used it, so it is not built.
 In place of LPIPS, which makes LDM's autoencoders keep fine structure, an optional detail term
 (our choice, `detail_weight` w) adds the L1 error of the images' Laplacians (layers.laplacian):
     L_rec = mean |x̂ − x| + w · mean |L∗x̂ − L∗x|
@@ -36,9 +35,8 @@ term is not (its effect is measured in docs/ablations.md). An optional face weig
 a fifth of the image, counts for more of the autoencoder's capacity.
 
 Shape letters: B batch, C image channels, H/W image height/width, D latent channels (code dim),
-h/w latent height/width, N = B·h·w latent vectors, K codebook size, P patch-logit map size.
+h/w latent height/width, N = B·h·w latent vectors, K codebook size.
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -47,18 +45,9 @@ import torch.nn.functional as F
 
 from layers import NORM_EPS, Encoder, check_network, laplacian, levels, mid_block, require
 
-LEAKY_SLOPE = 0.2  # PatchGAN LeakyReLU slope (Isola et al. 2017, appendix, discriminator)
-DISC_KERNEL = 4  # PatchGAN 4×4 convolutions (Isola et al. 2017, appendix, discriminator)
-DISC_MAX_MULT = 8  # PatchGAN width stops doubling at 8× (512 channels for base 64)
-DISC_INIT_STD = 0.02  # N(0, 0.02) conv init (Isola et al. 2017, training details; DCGAN)
-ADAPTIVE_WEIGHT_EPS = 1e-4  # δ of Esser et al. Eq. 7 as in taming's code (paper: 1e-6)
-ADAPTIVE_WEIGHT_MAX = 1e4  # clamp of λ in taming's code
-HINGE_MARGIN = 1.0  # hinge loss margin (Lim & Ye 2017, "Geometric GAN")
-
-
 @dataclass
 class VQConfig:
-    """VQ-VAE + PatchGAN settings; defaults are LDM-4 CelebA-HQ scale (see module docstring)."""
+    """VQ-VAE settings; defaults are LDM-4 CelebA-HQ scale (see module docstring)."""
 
     in_channels: int = 3
     base_channels: int = 128
@@ -71,19 +60,13 @@ class VQConfig:
     usage_decay: float = 0.99  # EMA decay of per-code usage (our choice: ~100-step memory)
     dead_code_threshold: float = 0.1  # dead if EMA usage < threshold · (1/K) (our choice)
     restart_every: int = 100  # trainer calls restart_dead_codes every n steps; 0 disables
-    disc_channels: int = 64  # Isola et al. 2017 (C64-C128-C256-C512)
-    disc_layers: int = 3  # strided layers; 3 gives the 70×70 PatchGAN
-    disc_start: int = 30000  # our choice: L1 + VQ warm-up before the GAN is switched on
-    disc_weight: float = 0.75  # latent-diffusion vq-f4 config
     detail_weight: float = 0.0  # weight of the Laplacian L1 term of L_rec (our choice; 0: none)
     face_weight: float = 0.0  # extra weight of the face's pixels in L_rec (our choice; 0: none)
 
     def __post_init__(self):
-        check_network(self, "in_channels", "num_res_blocks", "latent_channels", "disc_channels",
-                      "disc_layers")
+        check_network(self, "in_channels", "num_res_blocks", "latent_channels")
         require(self.codebook_size >= 2, f"VQConfig.codebook_size={self.codebook_size}: need >= 2")
-        for name in ("beta", "restart_every", "disc_start", "disc_weight", "detail_weight",
-                     "face_weight"):
+        for name in ("beta", "restart_every", "detail_weight", "face_weight"):
             require(getattr(self, name) >= 0, f"VQConfig.{name}={getattr(self, name)}: need >= 0")
         require(0 <= self.usage_decay < 1,
                 f"VQConfig.usage_decay={self.usage_decay}: need 0 <= usage_decay < 1")
@@ -95,9 +78,6 @@ class VQConfig:
         """f: image size / latent size."""
         return 2 ** (len(self.channel_mult) - 1)
 
-    def disc_active(self, step):
-        """Whether the GAN terms are on at training step `step` (0-based)."""
-        return step >= self.disc_start
 
 
 class Decoder(nn.Module):
@@ -217,11 +197,6 @@ class VQVAE(nn.Module):
                                          cfg.usage_decay, cfg.dead_code_threshold)
         self.decoder = Decoder(cfg)
 
-    @property
-    def last_layer(self):
-        """Weight of the decoder's last conv, G_L in Esser et al. 2021 Eq. 7."""
-        return self.decoder.conv_out.weight
-
     def encode(self, x):
         """x (B, C, H, W) in [−1, 1] → z (B, D, H/f, W/f), pre-quantisation."""
         f = self.cfg.downsample_factor
@@ -240,37 +215,6 @@ class VQVAE(nn.Module):
         z_q, info = self.quantizer(z)
         info["z"] = z
         return self.decoder(z_q), info
-
-
-class PatchDiscriminator(nn.Module):
-    """PatchGAN (Isola et al. 2017): image (B, C, H, W) → patch logits (B, 1, P, P').
-
-    `num_layers` stride-2 4×4 convs (width doubling, capped at 8×), one stride-1 conv, and a
-    stride-1 conv to one logit per patch. GroupNorm replaces pix2pix's BatchNorm so that the
-    discriminator does not depend on the batch split across DDP ranks (our choice).
-    """
-
-    def __init__(self, in_channels=3, channels=64, num_layers=3, norm_groups=32):
-        super().__init__()
-        self.min_size = 3 * 2 ** num_layers  # each stride-2 conv halves, the last two take −1
-        widths = [channels * min(2 ** i, DISC_MAX_MULT) for i in range(num_layers + 1)]
-        layers = [nn.Conv2d(in_channels, widths[0], DISC_KERNEL, stride=2, padding=1),
-                  nn.LeakyReLU(LEAKY_SLOPE)]
-        for i in range(1, num_layers + 1):
-            stride = 2 if i < num_layers else 1
-            layers += [nn.Conv2d(widths[i - 1], widths[i], DISC_KERNEL, stride, padding=1),
-                       nn.GroupNorm(math.gcd(norm_groups, widths[i]), widths[i]),
-                       nn.LeakyReLU(LEAKY_SLOPE)]
-        layers.append(nn.Conv2d(widths[-1], 1, DISC_KERNEL, stride=1, padding=1))
-        self.net = nn.Sequential(*layers)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.normal_(module.weight, 0.0, DISC_INIT_STD)
-                nn.init.zeros_(module.bias)
-
-    def forward(self, x):
-        assert min(x.shape[2:]) >= self.min_size, f"discriminator input {tuple(x.shape)}"
-        return self.net(x)
 
 
 def weighted_mean(error, weight=None):
@@ -295,42 +239,10 @@ def detail_loss(x_hat, x, weight=None):
     return weighted_mean((laplacian(x_hat) - laplacian(x)).abs(), weight)
 
 
-def discriminator_hinge_loss(real_logits, fake_logits):
-    """½·(mean relu(1 − D(x)) + mean relu(1 + D(x̂))) over patch logits."""
-    # the means in float32: under bf16 autocast the logits are bf16
-    loss_real = F.relu(HINGE_MARGIN - real_logits.float()).mean()
-    loss_fake = F.relu(HINGE_MARGIN + fake_logits.float()).mean()
-    return 0.5 * (loss_real + loss_fake)
-
-
-def generator_hinge_loss(fake_logits):
-    """−mean D(x̂) (the generator side of the hinge GAN)."""
-    return -fake_logits.float().mean()  # float32 mean of bf16 logits under autocast
-
-
-def adaptive_disc_weight(rec_loss, g_loss, last_layer):
-    """λ = ||∇_{G_L} L_rec|| / (||∇_{G_L} L_GAN|| + δ), clamped, detached (Esser et al. Eq. 7).
-
-    Both losses must still hold their graphs through `last_layer` (the graphs are retained).
-    """
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    weight = rec_grad.norm() / (g_grad.norm() + ADAPTIVE_WEIGHT_EPS)
-    return weight.clamp(0.0, ADAPTIVE_WEIGHT_MAX).detach()
-
-
-def vq_loss(x_hat, x, info, fake_logits=None, last_layer=None, disc_weight=1.0,
-            detail_weight=0.0, pixel_weight=None):
-    """Autoencoder-side training loss.
-
-    L_rec = L1 [+ detail_weight · detail_loss], both weighted by `pixel_weight` (B, 1, H, W)
-    when given
-    total = L_rec + codebook_loss + commitment_loss [+ disc_weight · λ · generator_loss]
-    The GAN term is added when `fake_logits` = D(x̂) is given (the trainer does so once
-    `cfg.disc_active(step)`); then `last_layer` (VQVAE.last_layer) is required for λ, which
-    balances it against the whole of L_rec.
-    Returns a dict of the named scalar terms and `total`.
-    """
+def vq_loss(x_hat, x, info, detail_weight=0.0, pixel_weight=None):
+    """The autoencoder's training loss: L_rec + codebook_loss + commitment_loss, with L_rec = L1
+    [+ detail_weight · detail_loss], both weighted by `pixel_weight` (B, 1, H, W) when given.
+    Returns a dict of the named scalar terms and `total`."""
     terms = {"reconstruction_loss": reconstruction_loss(x_hat, x, pixel_weight),
              "codebook_loss": info["codebook_loss"],
              "commitment_loss": info["commitment_loss"]}
@@ -338,13 +250,5 @@ def vq_loss(x_hat, x, info, fake_logits=None, last_layer=None, disc_weight=1.0,
     if detail_weight:
         terms["detail_loss"] = detail_loss(x_hat, x, pixel_weight)
         rec = rec + detail_weight * terms["detail_loss"]
-    total = rec + terms["codebook_loss"] + terms["commitment_loss"]
-    if fake_logits is not None:
-        assert last_layer is not None, "the GAN term needs last_layer for its weight λ"
-        g_loss = generator_hinge_loss(fake_logits)
-        weight = disc_weight * adaptive_disc_weight(rec, g_loss, last_layer)
-        terms["generator_loss"] = g_loss
-        terms["disc_adaptive_weight"] = weight
-        total = total + weight * g_loss
-    terms["total"] = total
+    terms["total"] = rec + terms["codebook_loss"] + terms["commitment_loss"]
     return terms

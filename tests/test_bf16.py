@@ -14,20 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-import stages
+from training import stages
 import train
-from config import STAGES
+from training.config import STAGES
 from samplers import SAMPLERS, make_timesteps, scaled_linear_alphas_cumprod
-from synthetic import SyntheticPortraits
+from assets.synthetic import SyntheticPortraits
 from vqvae import VectorQuantizer
 
 SIZE = 32
 SMALL = [f"--image_size={SIZE}", "--batch_size=2", "--pool=8", "--identities=4",
          "--eval_items=4", "--log_every=1", "--warmup=1"]
 STEPS = 3
-# The PatchGAN from the first step, so that its terms run under autocast too; the ldm stage's
-# I_R refined as the tiny preset does, by fewer steps.
-EXTRA = {"vqvae": ["--vqvae.disc_start=0"], "ldm": ["--diffusion.refine_steps=2"]}
+# The ldm stage's I_R refined as the tiny preset does, by fewer steps.
+EXTRA = {"ldm": ["--diffusion.refine_steps=2"]}
 
 
 def bf16(enabled=True):

@@ -14,17 +14,17 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-import checkpoint
-import frozen_cache
-import stages
+from runtime import checkpoint
+from training import frozen_cache
+from training import stages
 import train
 from data import save_image
-from checkpoint import (PARTS, TRAINING_ONLY, CheckpointError, configs_of, export_inference,
+from runtime.checkpoint import (PARTS, TRAINING_ONLY, CheckpointError, configs_of, export_inference,
                         load_model, read_checkpoint)
 from difffae import DiffFAE, DiffusionConfig
 from layers import REGION_NAMES
 from slots import pretraining_loss
-from synthetic import SyntheticPortraits, true_coefficients
+from assets.synthetic import SyntheticPortraits, true_coefficients
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-import drive
+from tools import drive
 import sample
-from checkpoint import load_model
-from cli import DEFAULT_CHECKPOINT
+from runtime.checkpoint import load_model
+from runtime.cli import DEFAULT_CHECKPOINT
 from data import ImageError, load_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

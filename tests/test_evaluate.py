@@ -10,16 +10,16 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-import drive
-import evaluate
-import metrics
-import stages
-from checkpoint import load_model
-from editing import EDIT_ATTRIBUTES
+from tools import drive
+from tools import evaluate
+from training import metrics
+from training import stages
+from runtime.checkpoint import load_model
+from difffae import EDIT_ATTRIBUTES
 from layers import FACE, REGION_NAMES
-from cli import SWAPPABLE
+from runtime.cli import SWAPPABLE
 from slots import masks_at
-from synthetic import SyntheticPortraits, true_coefficients
+from assets.synthetic import SyntheticPortraits, true_coefficients
 from test_difffae import SIZE, batch, exported, ldm_stage, pretrained  # noqa: F401 (fixtures)
 
 
@@ -192,8 +192,9 @@ def test_program_refuses_bad_input_in_one_line(exported, pretrained, tmp_path, c
 def test_a_damaged_checkpoint_is_one_line_in_a_real_process(exported, tmp_path):
     truncated = tmp_path / "cut.pt"
     truncated.write_bytes(exported.read_bytes()[:1000])
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"),
-                           f"--ckpt={truncated}", "--n=1"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "tools.evaluate",
+                           f"--ckpt={truncated}", "--n=1"], capture_output=True, text=True,
+                          cwd=ROOT)
     assert done.returncode == 2 and not done.stdout, done.stderr
     assert done.stderr == (f"error: --ckpt {truncated}: not a readable checkpoint (truncated or "
                            f"not a PyTorch file)\n")

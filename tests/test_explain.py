@@ -16,17 +16,17 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-import explain
-import pictures
-import stages
+from tools import explain
+from tools import pictures
+from training import stages
 import train
 from data import load_image, to_pil
-from checkpoint import load_model
-from editing import set_numbers
+from runtime.checkpoint import load_model
+from difffae import set_numbers
 from samplers import ddim_step, make_timesteps, predict_x0
 from layers import REGION_NAMES
 from sample import DEFAULT_CHECKPOINT
-from synthetic import SyntheticPortraits
+from assets.synthetic import SyntheticPortraits
 from test_difffae import SMALL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,9 +15,9 @@ import time
 import pytest
 import torch
 
-import stages
+from training import stages
 import train
-from config import PRESETS, STAGES, stage_defaults
+from training.config import PRESETS, STAGES, stage_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny, with evaluations and dead-code restarts (a short usage memory leaves codes dead) often
@@ -95,7 +95,7 @@ def test_a_non_finite_loss_stops_a_single_process_run_in_one_line(tmp_path):
 POISONED = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
-import stages, train
+from training import stages, train
 out, rank = {out!r}, int(os.environ["RANK"])
 forward = stages.VQStage.forward
 

@@ -7,16 +7,16 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-import explain
-import metrics
-from checkpoint import load_model
-from cli import DEFAULT_CHECKPOINT
+from tools import explain
+from training import metrics
+from runtime.checkpoint import load_model
+from runtime.cli import DEFAULT_CHECKPOINT
 from difffae import render_face
 from flame import FLAME
-from fitting import FITTED, photometric_loss, refine
+from estimator import FITTED, photometric_loss, refine
 from layers import FACE
 from render import Renderer
-from synthetic import SyntheticPortraits, true_coefficients
+from assets.synthetic import SyntheticPortraits, true_coefficients
 
 
 def test_photometric_loss_is_the_weighted_mean_absolute_error():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import metrics
+from training import metrics
 from flame import FLAME
 from layers import FACE, HAIR, REGION_NAMES
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-import cli
+from runtime import cli
 import sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

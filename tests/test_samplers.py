@@ -27,12 +27,12 @@ import math
 import pytest
 import torch
 
-import metrics
+from training import metrics
 from difffae import DiffusionConfig
-from editing import EDIT_ATTRIBUTES, combine_coefficients, set_numbers
+from difffae import EDIT_ATTRIBUTES, combine_coefficients, set_numbers
 from samplers import (SAMPLERS, ddim_step, make_timesteps, predict_x0, sample_ddim,
                       sample_dpmpp_2m, scaled_linear_alphas_cumprod)
-from head import EXPRESSION_NAMES
+from assets.head import EXPRESSION_NAMES
 
 T = 1000
 BETA_START, BETA_END = 0.00085, 0.012

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-import config
-import stages
+from training import config
+from training import stages
 import train
-from fitting import photometric_loss
+from estimator import photometric_loss
 from layers import FACE
 from slots import masks_at
-from synthetic import SyntheticPortraits, export_synthetic, true_coefficients
+from assets.synthetic import SyntheticPortraits, export_synthetic, true_coefficients
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--image_size=32", "--batch_size=2", "--pool=8", "--identities=4", "--eval_items=8",

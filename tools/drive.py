@@ -45,7 +45,7 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 from tqdm import tqdm
 
 from data import ImageError, from_pil, load_image, save_image, to_pil
-from editing import EDIT_ATTRIBUTES, edit_coefficients
+from difffae import EDIT_ATTRIBUTES, edit_coefficients
 
 MIN_FRAMES = 2          # a clip of one frame is a still: sample.py SRC QRY edits it
 GIF_COLOURS = 256       # the most a GIF palette holds

@@ -13,7 +13,7 @@ import torch
 
 from layers import REGION_NAMES
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "difffae-tiny.pt"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "difffae-tiny.pt"
 SWAPPABLE = REGION_NAMES[1:]  # the face is what the edit changes
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT (128 + 2)
 

@@ -24,7 +24,7 @@ import functools
 
 import numpy as np
 
-from head_surface import (
+from assets.head_surface import (
     CHIN_THETA, EYEBALL_RADIUS, EYE_COLS, EYE_DIP, EYE_HALF_HEIGHT, EYE_PHI, EYE_ROWS,
     EYE_THETA, MOUTH_CORNER_PHI, MOUTH_DEPTH, MOUTH_THETA, NECK_Z, NOSE_HEIGHT, NOSE_TIP,
     PHI_SPANS, angular_bump, angular_pair, direction, eye_opening, features, grid_angles,

@@ -74,18 +74,18 @@ from pathlib import Path
 import torch
 from torch.utils.data import default_collate
 
-import drive
-import metrics
-from checkpoint import load_model, rebuild
+from tools import drive
+from training import metrics
+from runtime.checkpoint import load_model, rebuild
 from data import save_image, to_device
-from editing import EDIT_ATTRIBUTES, combine_coefficients
+from difffae import EDIT_ATTRIBUTES, combine_coefficients
 from flame import FLAME, flame15_to_pose6, pose6_to_flame15
 from layers import FACE, REGION_NAMES
-from cli import (DEFAULT_CHECKPOINT, SWAPPABLE, Parser, check_device, check_output,
+from runtime.cli import (DEFAULT_CHECKPOINT, SWAPPABLE, Parser, check_device, check_output,
                  check_sampling, fail, read_checkpoint, run)
 from samplers import SAMPLERS
 from slots import masks_at
-from synthetic import SyntheticPortraits, true_coefficients
+from assets.synthetic import SyntheticPortraits, true_coefficients
 
 CHUNK = 50       # pairs per batch
 GRID_ROWS = 6
@@ -476,7 +476,7 @@ def write_json(args, results):
     if args.json:
         config = {key: value for key, value in vars(args).items() if key not in ("json", "grid")}
         if Path(args.ckpt) == DEFAULT_CHECKPOINT:
-            config["ckpt"] = str(DEFAULT_CHECKPOINT.relative_to(Path(__file__).resolve().parent))
+            config["ckpt"] = str(DEFAULT_CHECKPOINT.relative_to(Path(__file__).resolve().parents[1]))
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({**results, "config": config}, indent=2) + "\n")
 

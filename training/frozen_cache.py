@@ -14,7 +14,7 @@ from torch.utils.data import default_collate
 from tqdm import tqdm
 
 from data import to_device, write_atomic
-from synthetic import true_coefficients
+from assets.synthetic import true_coefficients
 
 
 @torch.no_grad()

@@ -39,10 +39,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import render
-from config import STAGES, build_configs, stage_defaults
-from cli import DEFAULT_CHECKPOINT, Parser, check_device, fail, run
+from training.config import STAGES, build_configs, stage_defaults
+from runtime.cli import DEFAULT_CHECKPOINT, Parser, check_device, fail, run
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 IMAGE_SIZE = 256
 BATCH = 8
@@ -142,7 +142,7 @@ def bench_flame(device, flame):
 
 def bench_data(device, flame):
     """Synthetic training pairs per second (source + query rendered as one batch, on the CPU)."""
-    from synthetic import SyntheticPortraits
+    from assets.synthetic import SyntheticPortraits
     rows = []
     for size, batch in DATA_SIZES:
         data = SyntheticPortraits(size, "train", length=10 ** 5)
@@ -155,7 +155,7 @@ def bench_data(device, flame):
 
 def bench_diffusion(device, flame):
     """Rows for the denoiser and whole edits (see the module docstring)."""
-    from checkpoint import load_model
+    from runtime.checkpoint import load_model
     from samplers import SAMPLERS, make_timesteps
     from unet import UNet, UNetConfig
     rows = []
@@ -200,9 +200,9 @@ def bench_diffusion(device, flame):
 # -- The paper preset's step on the CPU and the GPU check: train.py's stages in order -------------
 
 # One step of every stage at the paper preset's sizes with batch 1, then a second, resumed one
-# (the checkpoint's round trip); the PatchGAN on from step 0, so that its terms run too.
+# (the checkpoint's round trip).
 PAPER_STEP = ["--preset", "paper", "--batch_size=1", "--eval_items=1"]
-STAGE_ARGS = {"vqvae": ["--vqvae.disc_start=0"], "ldm": ["--diffusion.sample_steps=2"]}
+STAGE_ARGS = {"ldm": ["--diffusion.sample_steps=2"]}
 # The GPU check: the paper preset (its batch of 16) on CUDA; the CPU dry run at tiny sizes.
 # steps per stage (ldm_steps for the ldm stage, whose speed is measured from logged step `warm`
 # on), steps of the DDP run, and the (sampler, steps) of the timed edits.
@@ -239,12 +239,11 @@ def parameter_counts(config):
     from estimator import IdentityConfig, IdentityEncoder
     from slots import RegionSlots, SlotsConfig
     from unet import UNet, UNetConfig
-    from vqvae import PatchDiscriminator, VQConfig, VQVAE
+    from vqvae import VQConfig, VQVAE
     vq, identity = VQConfig(**config["vqvae"]), IdentityConfig(**config["identity"])
     with torch.device("meta"):
         networks = {
-            "VQ-VAE": VQVAE(vq), "PatchGAN discriminator": PatchDiscriminator(
-                vq.in_channels, vq.disc_channels, vq.disc_layers, vq.norm_groups),
+            "VQ-VAE": VQVAE(vq),
             "region encoder φ^E + slot attention + decoder ζ": RegionSlots(
                 SlotsConfig(**config["slots"])),
             "coefficient estimator": CoefficientEstimator(EstimatorConfig(**config["estimator"])),
@@ -302,9 +301,9 @@ def step_cost(cfg, parts):
     """(FLOPs, seconds, trained parameters) of one forward and backward of the stage that
     (cfg, parts) describe, on the CPU, with a batch of synthetic pairs. The ldm stage's step is
     counted as it trains: with the frozen parts' outputs from its cache, computed beforehand."""
-    import stages
-    from frozen_cache import pair_inputs
-    from synthetic import SyntheticPortraits
+    from training import stages
+    from training.frozen_cache import pair_inputs
+    from assets.synthetic import SyntheticPortraits
     stage = stages.build(cfg, parts, torch.device("cpu"), cfg.identities)
     data = SyntheticPortraits(cfg.image_size, "train", cfg.seed, length=cfg.batch_size,
                               identities=cfg.identities)
@@ -352,7 +351,7 @@ def ldm_step(out):
     the slots term) with the frozen parts run; once, frozen parts run (`--frozen_cache=false`);
     once, frozen parts cached (the preset). Random weights, which do not change the time; a
     pool of 8 pairs under `out`. Prints a Markdown table of median milliseconds, interleaved."""
-    import stages
+    from training import stages
     import train
     from slots import pretraining_loss
     options = [f"--out={out}", "--pool=8", "--identities=8"]
@@ -440,8 +439,8 @@ def train_stages(check, out, peak, cuda):
 def time_edits(check, out, device):
     """Rows of the latency of one edit by the ldm checkpoint in `out`, per sampler and
     precision."""
-    from checkpoint import load_model
-    from synthetic import SyntheticPortraits
+    from runtime.checkpoint import load_model
+    from assets.synthetic import SyntheticPortraits
     model = load_model(Path(out) / "ldm" / "ckpt.pt", device)
     pair = SyntheticPortraits(model.image_size, "test", length=1)[0]
     source, query = (pair[key][None].to(device) for key in ("source", "query"))

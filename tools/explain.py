@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-import metrics
+from training import metrics
 from data import to_pil
-from editing import EDIT_ATTRIBUTES
+from difffae import EDIT_ATTRIBUTES
 from layers import REGION_COLOURS, REGION_NAMES
-from pictures import argmax_map, enlarge, mask_rows, overlay, paint, paint_one
+from tools.pictures import argmax_map, enlarge, mask_rows, overlay, paint, paint_one
 from unet import average_cross_attention
 
 PANEL = 128           # least side of a panel in px: images are enlarged by a whole factor

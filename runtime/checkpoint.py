@@ -31,6 +31,10 @@ PART_OVERHEAD = (64 * 2 ** 10, 2 ** 10)  # bytes a part file adds: per file, per
 # Config fields that no longer exist, with the one value the code now always has: a saved
 # config holding that value still loads; another value is refused.
 RETIRED = {("vqvae", "use_mid_attention"): True}
+# Config fields that no longer exist and never shaped a saved network: the settings of the
+# VQ-VAE's adversarial training, which is no longer built (vqvae.py); dropped on reading.
+DROPPED = {("vqvae", name) for name in ("disc_channels", "disc_layers", "disc_start",
+                                        "disc_weight")}
 
 
 class CheckpointError(ValueError):
@@ -89,7 +93,7 @@ def configs_of(checkpoint):
     for name, fields in checkpoint["config"].items():
         if name not in CONFIGS:
             continue  # "train": the loop's options
-        fields = dict(fields)
+        fields = {field: value for field, value in fields.items() if (name, field) not in DROPPED}
         for (part, field), kept in RETIRED.items():
             value = fields.pop(field, kept) if part == name else kept
             if value != kept:

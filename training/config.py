@@ -15,7 +15,7 @@ import inspect
 import math
 import re
 
-from checkpoint import PARTS
+from runtime.checkpoint import PARTS
 
 STAGES = tuple(PARTS)  # in training order
 
@@ -99,7 +99,7 @@ PRESETS = {
         "vqvae": {"train": {"steps": 16000, "batch_size": 8, "lr": 4e-4},
                   "vqvae": {"base_channels": 16, "channel_mult": (1, 2, 4), "num_res_blocks": 1,
                             "norm_groups": 8, "codebook_size": 1024, "restart_every": 25,
-                            "disc_start": 10 ** 9, "detail_weight": 1.0, "face_weight": 4.0}},
+                            "detail_weight": 1.0, "face_weight": 4.0}},
         # region-supervised slots (not in the paper): unsupervised ones do not separate the
         # regions in this budget
         "slots": {"train": {"steps": 2500, "batch_size": 8, "lr": 4e-4, "slots_supervision": 1.0},
@@ -143,7 +143,7 @@ PRESETS = {
         "vqvae": {"train": {**GPU_RUN, "batch_size": 64, "lr": 4e-4, "time_limit": 75},
                   "vqvae": {"base_channels": 64, "channel_mult": (1, 2, 4), "num_res_blocks": 2,
                             "norm_groups": 32, "codebook_size": 1024, "restart_every": 50,
-                            "disc_start": 10 ** 9, "detail_weight": 1.0, "face_weight": 4.0}},
+                            "detail_weight": 1.0, "face_weight": 4.0}},
         "slots": {"train": {**GPU_RUN, "batch_size": 64, "lr": 4e-4, "time_limit": 30,
                             "slots_supervision": 1.0},
                   "slots": {"image_size": 64, "base_channels": 32, "channel_mult": (1, 2, 4),

@@ -16,20 +16,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-import metrics
-from checkpoint import PARTS, read_checkpoint, rebuild
+from assets.synthetic import SyntheticPortraits, pool_path, true_coefficients
 from data import save_image
-from difffae import DiffFAE, render_face
-from editing import combine_coefficients
-from estimator import ArcMarginHead, COEFFICIENT_SCALE, CoefficientEstimator, IdentityEncoder
-from fitting import fittable, photometric_loss
-from frozen_cache import FrozenCache, pair_inputs
+from difffae import DiffFAE, combine_coefficients, render_face
+from estimator import (ArcMarginHead, COEFFICIENT_SCALE, CoefficientEstimator, IdentityEncoder,
+                       fittable, photometric_loss)
 from layers import FACE, REGION_NAMES
-from pictures import enlarge, grid as picture_grid, mask_rows
+from runtime.checkpoint import PARTS, read_checkpoint, rebuild
 from samplers import predict_x0
 from slots import RegionSlots, masks_at, pretraining_loss
-from synthetic import SyntheticPortraits, pool_path, true_coefficients
-from vqvae import PatchDiscriminator, VQVAE, discriminator_hinge_loss, vq_loss
+from tools.pictures import enlarge, grid as picture_grid, mask_rows
+from training import metrics
+from training.frozen_cache import FrozenCache, pair_inputs
+from vqvae import VQVAE, vq_loss
 
 EXPRESSION_MESH_SCALE = 0.003  # metres: the spread of a vertex's expression and jaw movement
 GRID_ITEMS = 8            # images shown in evaluation grids
@@ -146,8 +145,8 @@ class Stage(nn.Module):
 
 class VQStage(Stage):
     """The VQ-VAE, retrained on faces as DiffFAE §5.4 does (LDM's VQ-reg autoencoder, Esser et
-    al. 2021): L1 [+ the Laplacian detail term] + codebook + β·commitment, plus a hinge
-    PatchGAN term once the step reaches `disc_start`; dead codes restarted at encoder outputs.
+    al. 2021, without its GAN and LPIPS terms: vqvae.py): L1 [+ the Laplacian detail term] +
+    codebook + β·commitment; dead codes restarted at encoder outputs.
     With `face_weight` the reconstruction terms weigh the true face's pixels more (vqvae.py).
     Measures the PSNR (whole image, and the face's) and the face detail (metrics.face_detail,
     medians) of reconstructions of held-out identities, the perplexity and the codebook usage;
@@ -160,11 +159,6 @@ class VQStage(Stage):
             raise ValueError(f"--vqvae.face_weight={self.config.face_weight} needs synthetic "
                              f"data (exact face masks); use --vqvae.face_weight=0")
         self.vqvae = VQVAE(self.config)
-        self.discriminator = None
-        if self.config.disc_start < cfg.steps:
-            self.discriminator = PatchDiscriminator(
-                self.config.in_channels, self.config.disc_channels, self.config.disc_layers,
-                self.config.norm_groups)
         self.seed = cfg.seed
         self.last_z = None
 
@@ -172,24 +166,12 @@ class VQStage(Stage):
         images = images_of(batch)
         recon, info = self.vqvae(images)
         self.last_z = info["z"].detach()
-        gan = self.discriminator is not None and self.config.disc_active(step)
-        fake_logits = None
-        if gan:  # D's weights detached: the generator term trains only the autoencoder
-            frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
-            fake_logits = torch.func.functional_call(self.discriminator, frozen, (recon,))
         weight = None
         if self.config.face_weight:  # ω = 1 + a on the face
             face = torch.cat([batch["source_regions"], batch["query_regions"]]) == FACE
             weight = 1 + self.config.face_weight * face[:, None].to(images.dtype)
-        terms = vq_loss(recon, images, info, fake_logits, self.vqvae.last_layer,
-                        self.config.disc_weight, self.config.detail_weight, weight)
+        terms = vq_loss(recon, images, info, self.config.detail_weight, weight)
         loss = terms.pop("total")
-        if self.discriminator is not None:
-            d_loss = discriminator_hinge_loss(self.discriminator(images),
-                                              self.discriminator(recon.detach()))
-            # before the warm-up ends D still runs (with weight 0): DDP needs every gradient
-            loss = loss + (d_loss if gan else 0 * d_loss)
-            terms["discriminator_loss"] = d_loss.detach()
         return {"loss": loss, **{k: v.detach() for k, v in terms.items()},
                 "perplexity": info["perplexity"].detach()}
 

@@ -56,10 +56,10 @@ from scipy.spatial.transform import Rotation
 from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
-import head
+from assets import head
 from data import save_image, write_atomic
 from flame import FLAME, flame15_to_pose6
-from head_surface import (capped_cylinder_radius, direction, grid_angles, latlong_faces,
+from assets.head_surface import (capped_cylinder_radius, direction, grid_angles, latlong_faces,
                           smoothstep)
 from layers import BACKGROUND, CLOTHES, FACE, HAIR, REGION_COLOURS
 from render import interpolate, project, rasterize, sample_texture, sh_shading, vertex_normals

@@ -2,17 +2,17 @@
 # The GPU run in one command: every stage of the gpu preset with its export, evaluate.py on 200
 # held-out pairs, then bench.py --gpu-check; everything docs/gpu.md reports lands in OUT.
 #
-#   bash gpu_run.sh OUT                    # one GPU: about nine minutes in all
-#   N=8 bash gpu_run.sh OUT --smoke=true   # its rehearsal on a CPU: the same steps, tiny sizes
+#   bash tools/gpu_run.sh OUT                    # one GPU: about nine minutes in all
+#   N=8 bash tools/gpu_run.sh OUT --smoke=true   # its rehearsal on a CPU: the same steps, tiny sizes
 #
 # Extra arguments go to train.py. Each phase has a time limit of its own, so that a slow one
 # cannot take the others' time, and what a phase wrote stays in OUT if a later one fails.
 # OUT ends with at most seven files: the export (one file, or several parts), the results grid
 # and logs.tar.gz (the logs, measurements and held-out pictures of every phase).
 set -uo pipefail
-out=$(realpath -m "${1:?usage: bash gpu_run.sh OUT [train.py options]}")
+out=$(realpath -m "${1:?usage: bash tools/gpu_run.sh OUT [train.py options]}")
 shift
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 runs=runs/gpu-run
 logs=$runs/logs  # packed into OUT/logs.tar.gz after every phase, so a cut run keeps them
 mkdir -p "$out" "$logs"
@@ -46,7 +46,7 @@ fi
 device=$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 if [ -e "$out/difffae-gpu.pt" ]; then
     started=$SECONDS
-    timeout 80 python3 evaluate.py --ckpt "$out/difffae-gpu.pt" --n "${N:-200}" \
+    timeout 80 python3 -m tools.evaluate --ckpt "$out/difffae-gpu.pt" --n "${N:-200}" \
         --device "$device" --json "$logs/results.json" --grid "$out/results_grid.png" \
         > "$logs/evaluate.log" 2>&1
     note "evaluate.py: exit $? after $((SECONDS - started)) s"
@@ -54,7 +54,7 @@ if [ -e "$out/difffae-gpu.pt" ]; then
 fi
 
 started=$SECONDS
-timeout 90 python3 bench.py --gpu-check --out "$runs/check" > "$logs/gpu_check.md" 2>&1
+timeout 90 python3 -m tools.bench --gpu-check --out "$runs/check" > "$logs/gpu_check.md" 2>&1
 note "bench.py --gpu-check: exit $? after $((SECONDS - started)) s"
 
 pack
