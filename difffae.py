@@ -15,6 +15,11 @@ Objective (§4.3, Eq. 1, 7, 8; every step in DiffFAE.loss), with z_0 the scaled 
 (with min_snr_gamma = γ > 0, not in the paper, each ‖ε − ε̂‖² is weighted by min(SNR_t, γ)/SNR_t,
 SNR_t = ᾱ_t/(1−ᾱ_t): Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"; with
 snr_floor = f > 0 by clamp(SNR_t, f, γ)/SNR_t, so that no step's x̂_0 error weighs less than f).
+Two more terms of the tiny preset are not in the paper, each measured in docs/ablations.md: a
+share `truth_fraction` of the pairs takes I_R from the exact coefficients (synthetic data), so
+that the UNet learns that I_R can be trusted; and `slots_weight` keeps the slots stage's loss on,
+so that slot k stays the token of region k (trained by L alone, the slot called "background"
+took the face, and the region swaps went with it).
 A_cross: the UNet's cross-attention maps per slot token, averaged over heads and layers; M_Q: the
 slot-attention masks of the query (detached: the target of the consistency term, not a second
 route for the masks to drift towards the attention).
@@ -40,7 +45,7 @@ from layers import FACE, REGION_NAMES, require
 from render import Renderer
 from training.metrics import head_pose_degrees
 from samplers import SAMPLERS, make_timesteps, scaled_linear_alphas_cumprod
-from slots import RegionSlots, masks_at
+from slots import RegionSlots, masks_at, pretraining_loss
 from unet import UNet, average_cross_attention
 from vqvae import VQVAE
 
@@ -56,11 +61,14 @@ class DiffusionConfig:
     snr_floor: float = 0.0         # with Min-SNR, the least x0-weight: w = clamp(SNR, floor, γ)/SNR
                                    # (1: the noisiest steps count as at SNR 1; 0: Min-SNR as
                                    # published)
-    use_identity: bool = True      # False: f_id = 0, the "no identity token" ablation
-    render_from: str = "estimated"  # training I_R from the estimator's reading ("estimated", as an
-                                   # edit), that reading "refined" by refine_steps of the fit
-                                   # through the renderer (fitting.py; not in the paper), or the
-                                   # exact "truth" coefficients (synthetic data only)
+    truth_fraction: float = 0.0    # share of the training pairs whose I_R is of the exact
+                                   # coefficients (synthetic data; not in the paper)
+    slots_weight: float = 0.0      # weight of the slots stage's loss kept on (not in the paper)
+    slots_supervision: float = 0.0  # weight of that loss's region term (synthetic data)
+    render_from: str = "estimated"  # the other pairs' I_R: the estimator's reading ("estimated",
+                                   # as in an edit), or that reading "refined" by refine_steps of
+                                   # the fit through the renderer (estimator.refine; not in the
+                                   # paper)
     refine_steps: int = 20         # render_from "refined": the fit's steps
     sample_steps: int = 20
     sampler: str = "dpm++2m"       # "ddim" (Song et al. 2021) or "dpm++2m" (Lu et al. 2022)
@@ -74,8 +82,13 @@ class DiffusionConfig:
         require(0 <= self.snr_floor <= self.min_snr_gamma or self.snr_floor == 0,
                 f"DiffusionConfig.snr_floor={self.snr_floor}: expected 0, or a value in "
                 f"[0, min_snr_gamma={self.min_snr_gamma}]")
-        require(self.render_from in ("truth", "estimated", "refined"), f"DiffusionConfig."
-                f"render_from={self.render_from!r}: expected 'truth', 'estimated' or 'refined'")
+        for name in ("slots_weight", "slots_supervision"):
+            require(getattr(self, name) >= 0, f"DiffusionConfig.{name}={getattr(self, name)}: "
+                    f"expected >= 0")
+        require(0 <= self.truth_fraction <= 1, f"DiffusionConfig.truth_fraction="
+                f"{self.truth_fraction}: expected a share in [0, 1]")
+        require(self.render_from in ("estimated", "refined"), f"DiffusionConfig.render_from="
+                f"{self.render_from!r}: expected 'estimated' or 'refined'")
         require(self.refine_steps >= 0, f"DiffusionConfig.refine_steps={self.refine_steps}: "
                 f"expected >= 0")
         require(1 <= self.sample_steps <= self.timesteps, f"DiffusionConfig.sample_steps="
@@ -246,12 +259,7 @@ class DiffFAE(nn.Module):
         and f_id (B, Di); with the rest of RegionSlots' output (the source's slot masks).
         regions: self.slots(source) when the caller has it already."""
         regions = self.slots(source) if regions is None else regions
-        return {**regions, "f_r": self.encode_latent(rendered), "id": self.identity_of(source)}
-
-    def identity_of(self, source):
-        """f_id (B, Di), AdaIN's input: the identity encoder's, or zeros without use_identity."""
-        identity = self.identity(source)
-        return identity if self.diffusion.use_identity else torch.zeros_like(identity)
+        return {**regions, "f_r": self.encode_latent(rendered), "id": self.identity(source)}
 
     def swap_slots(self, cond, swap):
         """cond with the slot tokens of the regions in swap ({"hair" | "clothes" |
@@ -286,75 +294,96 @@ class DiffFAE(nn.Module):
             self.latent_scale /= dist.get_world_size()
 
     @torch.no_grad()
-    def frozen_inputs(self, source, query, coefficients=None, fit_slots=None):
+    def frozen_inputs(self, source, query, coefficients=None, fit_slots=None, every=False):
         """What the loss takes from the parts that do not train (the VQ-VAE, the estimator,
-        FLAME and the renderer, the identity encoder), for same-person pairs I_S, I_Q: "z0", the
-        VQ latent of I_Q, and "f_r", that of its render I_R (both unscaled, float32), and "id",
-        f_id of I_S. I_R is drawn by diffusion.render_from: from `coefficients` ("truth"), the
-        estimator's reading of I_Q ("estimated", as in an edit), or that reading refined
-        ("refined", fit_coefficients with fit_slots' face masks, the ldm stage's copy of the
-        region encoder as pretrained). The ldm stage computes them once per pair of its pool
-        (frozen_cache.FrozenCache)."""
+        FLAME and the renderer, the identity encoder), for same-person pairs I_S, I_Q, unscaled,
+        float32: "z0", the VQ latent of I_Q; "f_r", that of I_R of the estimator's reading of
+        I_Q (diffusion.render_from "estimated", as in an edit), or of that reading refined
+        ("refined": fit_coefficients with fit_slots' face masks, the ldm stage's copy of the
+        region encoder as pretrained); "id", f_id of I_S; with truth_fraction > 0 (or every)
+        "f_r_truth", the latent of I_R of the query's exact `coefficients`; with slots_weight
+        > 0 (or every) "source_z", the VQ latent of I_S, the slots term's target. The ldm stage
+        computes every one once per pair of its pool (training.frozen_cache)."""
         d = self.diffusion
-        if d.render_from == "estimated":
-            coefficients = self.estimator(query)
-        elif d.render_from == "refined":
-            coefficients = self.fit_coefficients(query, d.refine_steps, slots=fit_slots)
-        rendered, _ = self.render(coefficients)
-        return {"z0": self.vqvae.encode(query).float(), "f_r": self.vqvae.encode(rendered).float(),
-                "id": self.identity_of(source)}
+        if d.render_from == "refined":
+            reading = self.fit_coefficients(query, d.refine_steps, slots=fit_slots)
+        else:
+            reading = self.estimator(query)
+        inputs = {"z0": self.vqvae.encode(query).float(),
+                  "f_r": self.vqvae.encode(self.render(reading)[0]).float(),
+                  "id": self.identity(source)}
+        if every or d.truth_fraction:
+            assert coefficients is not None, "truth_fraction needs the exact coefficients"
+            inputs["f_r_truth"] = self.vqvae.encode(self.render(coefficients)[0]).float()
+        if every or d.slots_weight:
+            inputs["source_z"] = self.vqvae.encode(source).float()
+        return inputs
 
-    def loss(self, source, query, coefficients=None, t=None, noise=None, regions=None,
-             frozen=None):
-        """The whole training objective, L = L_LDM + δ·L_attn (Eq. 8), for a batch of
-        same-person pairs: source I_S and query I_Q (B, 3, H, W) in [-1, 1]. coefficients: the
-        query's exact ones (the estimator's keys), used when diffusion.render_from is "truth";
-        otherwise the estimator reads them from I_Q (frozen_inputs). t (B,) and noise ε
-        (B, C, h, w): drawn from the global generator when not given, t first. regions:
-        self.slots(source), with its graph, when the caller needs it too (the ldm stage's
-        slots term): the region encoder then runs once. frozen: frozen_inputs(source, query,
-        coefficients) when the caller has them (computed once per pair, frozen_cache.FrozenCache).
-        Returns {"loss": L, "ldm_loss", "acr_loss"} (the last two detached).
-        """
+    def loss(self, source, query, coefficients=None, source_regions=None, t=None, noise=None,
+             exact=None, frozen=None, fit_slots=None):
+        """The whole training step's objective, for a batch of same-person pairs: source I_S
+        and query I_Q (B, 3, H, W) in [-1, 1]; L = L_LDM + δ·L_attn (Eq. 8) [+ the slots term].
+        coefficients: the query's exact ones (the estimator's keys; synthetic data), for the
+        truth_fraction share. source_regions (B, H, W): I_S's true regions, for the slots
+        term's region part. t (B,), noise ε (B, C, h, w) and exact (B,) bool, the pairs whose
+        I_R is exact: drawn from the global generator when not given, in that order.
+        frozen: frozen_inputs(...) when the caller has them (training.frozen_cache), and
+        fit_slots is passed on to it. Returns {"loss": L, "ldm_loss", "acr_loss" and with
+        slots_weight "slots_loss"} (all but L detached)."""
         d = self.diffusion
         assert self.latent_scale_set, "set_latent_scale first (LDM's scale_factor)"
-        # 1. SPC, Eq. 3: the query's coefficients drawn through FLAME into I_R, and its latent
-        #    f_r = ℰ(I_R); the target latent z_0 = ℰ(I_Q); f_id of I_S (frozen_inputs). The
-        #    latents are scaled to unit variance, as encode_latent does.
+        # 1. SPC, Eq. 3: the latent f_r = ℰ(I_R) of the query's coefficients drawn through
+        #    FLAME; the target latent z_0 = ℰ(I_Q); f_id of I_S (frozen_inputs). Latents are
+        #    scaled to unit variance, as encode_latent does.
         if frozen is None:
-            frozen = self.frozen_inputs(source, query, coefficients)
-        scale = self.latent_scale
-        z0 = frozen["z0"] * scale  # (B, C, h, w)
+            frozen = self.frozen_inputs(source, query, coefficients, fit_slots)
+        scale, batch = self.latent_scale, len(source)
+        z0, f_r = frozen["z0"] * scale, frozen["f_r"]  # (B, C, h, w)
         # 2. RSC (§4.2): the slot tokens F of I_S, context of the cross-attention (Eq. 6), and
         #    f_id, the input of AdaIN (Eq. 4-5); beside f_r, the conditions
-        regions = self.slots(source) if regions is None else regions
-        cond = {**regions, "f_r": frozen["f_r"] * scale, "id": frozen["id"]}
+        regions = self.slots(source)
         # 3. forward diffusion (Eq. 1): t ~ U{0..T−1}, ε ~ N(0, I), z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε
-        batch = z0.shape[0]
         if t is None:
             t = torch.randint(d.timesteps, (batch,), device=z0.device)
         if noise is None:
             noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype)
         alpha_bar = self.alphas_cumprod[t].view(batch, 1, 1, 1)
         z_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise
-        # 4. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖², each image's
+        # 4. not in the paper: a truth_fraction share of the pairs takes I_R of the exact
+        #    coefficients, so that the UNet learns that I_R can be trusted
+        if d.truth_fraction:
+            if exact is None:
+                exact = torch.rand(batch) < d.truth_fraction
+            exact = exact.to(z0.device).view(-1, 1, 1, 1)
+            f_r = torch.where(exact, frozen["f_r_truth"], f_r)
+        cond = {**regions, "f_r": f_r * scale, "id": frozen["id"]}
+        # 5. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖², each image's
         #    weighted by clamp(SNR_t, floor, γ)/SNR_t, SNR_t = ᾱ_t/(1−ᾱ_t), when min_snr_gamma
-        #    = γ > 0: the error of x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t weighted by
-        #    clamp(SNR_t, floor, γ)
+        #    = γ > 0 (not in the paper): the error of x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t weighted
+        #    by clamp(SNR_t, floor, γ)
         eps, attn = self.denoise(z_t, t, cond)
         ldm = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)  # (B,)
         if d.min_snr_gamma > 0:
             snr = alpha_bar.flatten() / (1 - alpha_bar.flatten())
             ldm = ldm * snr.clamp(min=d.snr_floor, max=d.min_snr_gamma) / snr
         ldm = ldm.mean()
-        # 5. ACR (Eq. 7): L_attn = ‖A_cross − M_Q‖², the query's slot masks a fixed target
+        # 6. ACR (Eq. 7): L_attn = ‖A_cross − M_Q‖², the query's slot masks a fixed target
         with torch.no_grad():
             query_masks = self.slots(query)["masks"]  # (B, K, h', w') M_Q
         attention = average_cross_attention(attn, query_masks.shape[-2:])  # (B, K, h', w')
         acr = F.mse_loss(attention.float(), query_masks.float())
-        # 6. L = L_LDM + δ·L_attn (Eq. 8)
-        return {"loss": ldm + d.acr_weight * acr, "ldm_loss": ldm.detach(),
-                "acr_loss": acr.detach()}
+        # 7. L = L_LDM + δ·L_attn (Eq. 8)
+        losses = {"loss": ldm + d.acr_weight * acr, "ldm_loss": ldm.detach(),
+                  "acr_loss": acr.detach()}
+        # 8. not in the paper: the slots stage's loss kept on (slots.pretraining_loss), so
+        #    that slot k stays the token of region k; ζ, its decoder, stays as pretrained
+        if d.slots_weight:
+            assert source_regions is not None or not d.slots_supervision, "source_regions"
+            held = pretraining_loss(self.slots, source, frozen["source_z"], source_regions,
+                                    d.slots_supervision, out=regions)["loss"]
+            losses["loss"] = losses["loss"] + d.slots_weight * held
+            losses["slots_loss"] = held.detach()
+        return losses
 
     # -- inference ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -406,10 +406,8 @@ def export(cfg, out):
     if checkpoint is None:
         raise stages.MissingCheckpoint(f"{checkpoint_path(cfg)} is missing: nothing to export")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    written = export_inference(checkpoint, out)
-    size = sum(Path(file).stat().st_size for file in written) / 2 ** 20
-    files = f"{len(written)} files, keep them together" if len(written) > 1 else "one file"
-    print(f"wrote {out} (step {checkpoint['step']}, {size:.1f} MiB in {files})")
+    export_inference(checkpoint, out)
+    print(f"wrote {out} (step {checkpoint['step']}, {Path(out).stat().st_size / 2 ** 20:.1f} MiB)")
 
 
 def first_process():

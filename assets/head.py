@@ -5,11 +5,11 @@ nothing here is needed to follow the method; it exists so that the project runs 
 download.
 
 FLAME (Li et al. 2017) is licensed and cannot ship with the project, so `builtin_head()` builds
-arrays with exactly the keys and meaning of `flame.load_flame` — template, shape and expression
-directions (shape first, expression after, like FLAME's `shapedirs`), pose correctives, a joint
-regressor, skinning weights for the same 5 joints [global, neck, jaw, left eye, right eye] — plus
-what DECA (Feng et al. 2021) adds on top of FLAME: per-corner UV coordinates and a linear albedo
-(texture) space. Everything is numpy arithmetic on fixed constants: no randomness, no files.
+arrays with exactly the keys and meaning of `flame_files.load_flame` — template, shape and
+expression directions (shape first, expression after, like FLAME's `shapedirs`), pose correctives, a
+joint regressor, skinning weights for the same 5 joints [global, neck, jaw, left eye, right eye] —
+plus what DECA (Feng et al. 2021) adds on top of FLAME: per-corner UV coordinates and a linear
+albedo (texture) space. Everything is numpy arithmetic on fixed constants: no randomness, no files.
 
 The skin and its features are head_surface.py's. Two tricks make it a face rather than a blob:
 - the mouth is a deep groove between the lips, its upper wall skinned to the head and its lower wall
@@ -373,6 +373,6 @@ def skin_grid():
 
 
 def builtin_head():
-    """The procedural head as a dict in `flame.load_flame`'s format (plus face_uvs (F,3,2),
+    """The procedural head as a dict in `flame_files.load_flame`'s format (plus face_uvs (F,3,2),
     albedo_mean (3,T,T), albedo_dirs (A,3,T,T) and n_shape_basis). Fresh copies on every call."""
     return {key: value.copy() for key, value in _build().items()}

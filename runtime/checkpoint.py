@@ -4,14 +4,9 @@ from the config saved with it, and the exported inference file that sample.py lo
 
 Training checkpoints (train.py) are dicts {"stage", "step", "config": {part: dataclass fields},
 "model": the stage's state dict, "optimizer", "rng", "ema": {"updates", "shadow"} or None}.
-An exported model is {"format": INFERENCE_FORMAT, "step", "config", "weights"}: the ldm stage's
-EMA weights in float16 without the optimiser, the RNG or the TRAINING_ONLY networks. When the
-weights do not fit in max_part_bytes the export is split: PATH holds "weights": {} and "parts",
-a list of {"file": "PATH.partN" (a name beside PATH), "sha256" of that file}, and each part is a
-file {"format": PART_FORMAT, "weights": some of them}; load_model checks every part's sha256
-before reading it.
+An exported model is one file {"format": INFERENCE_FORMAT, "step", "config", "weights"}: the
+ldm stage's EMA weights in float16 without the optimiser, the RNG or the TRAINING_ONLY networks.
 """
-import hashlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,13 +19,10 @@ from unet import UNetConfig
 from vqvae import VQConfig, VQVAE
 
 INFERENCE_FORMAT = "difffae-inference-1"
-PART_FORMAT = "difffae-inference-part-1"
 TRAINING_ONLY = ("slots.decoder.",)  # ζ decodes the slots for the slots loss, never in an edit
-MAX_PART_BYTES = 16 * 2 ** 20  # the largest file export_inference writes by default
-PART_OVERHEAD = (64 * 2 ** 10, 2 ** 10)  # bytes a part file adds: per file, per tensor (bound)
 # Config fields that no longer exist, with the one value the code now always has: a saved
 # config holding that value still loads; another value is refused.
-RETIRED = {("vqvae", "use_mid_attention"): True}
+RETIRED = {("vqvae", "use_mid_attention"): True, ("diffusion", "use_identity"): True}
 # Config fields that no longer exist and never shaped a saved network: the settings of the
 # VQ-VAE's adversarial training, which is no longer built (vqvae.py); dropped on reading.
 DROPPED = {("vqvae", name) for name in ("disc_channels", "disc_layers", "disc_start",
@@ -126,73 +118,24 @@ def inference_weights(checkpoint):
     return {k: v for k, v in weights.items() if not k.startswith(TRAINING_ONLY)}
 
 
-def _split(weights, max_part_bytes):
-    """The weights in groups, in order, each group's file within max_part_bytes (PART_OVERHEAD
-    bounds what a file adds to its tensors' bytes)."""
-    per_file, per_tensor = PART_OVERHEAD
-    groups, size = [{}], per_file
-    for name, value in weights.items():
-        need = value.numel() * value.element_size() + per_tensor
-        if per_file + need > max_part_bytes:
-            raise ValueError(f"max_part_bytes={max_part_bytes}: weight {name} alone needs {need}")
-        if size + need > max_part_bytes:
-            groups, size = groups + [{}], per_file
-        groups[-1][name] = value
-        size += need
-    return groups
-
-
-def _sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def export_inference(checkpoint, path, dtype=torch.float16, max_part_bytes=MAX_PART_BYTES):
+def export_inference(checkpoint, path, dtype=torch.float16):
     """Writes the EMA weights of an ldm training checkpoint (a dict) in `dtype`, with the
-    config: everything sample.py needs, nothing for training (no optimiser, no RNG). One file
-    when it fits in max_part_bytes, else PATH and its parts PATH.part1, PATH.part2, ...
-    Returns the paths written."""
-    path = Path(path)
+    config, to one file: everything sample.py needs, nothing for training (no optimiser, no
+    RNG)."""
     weights = {k: v.to(dtype) if v.is_floating_point() else v
                for k, v in inference_weights(checkpoint).items()}
-    head = {"format": INFERENCE_FORMAT, "step": checkpoint["step"],
-            "config": checkpoint["config"]}
-    groups = _split(weights, max_part_bytes)
-    if len(groups) == 1:
-        torch.save({**head, "weights": weights}, path)
-        return [path]
-    files, parts = [], []
-    for number, group in enumerate(groups, start=1):
-        part = path.with_name(f"{path.name}.part{number}")
-        torch.save({"format": PART_FORMAT, "weights": group}, part)
-        files.append(part)
-        parts.append({"file": part.name, "sha256": _sha256(part)})
-    torch.save({**head, "weights": {}, "parts": parts}, path)
-    return [path, *files]
-
-
-def _part_weights(path, parts):
-    """The weights of an export's parts (export_inference), each file checked against its
-    recorded sha256 before it is read."""
-    weights = {}
-    for number, entry in enumerate(parts, start=1):
-        part = path.with_name(entry["file"])
-        which = f"part {number} of {len(parts)} of {path}"
-        if not part.is_file():
-            raise CheckpointError(f"{part}: missing ({which})")
-        if _sha256(part) != entry["sha256"]:
-            raise CheckpointError(f"{part}: damaged, its sha256 is not the one recorded ({which})")
-        weights.update(read_checkpoint(part, (PART_FORMAT,))["weights"])
-    return weights
+    torch.save({"format": INFERENCE_FORMAT, "step": checkpoint["step"],
+                "config": checkpoint["config"], "weights": weights}, path)
 
 
 def load_model(path, device="cpu"):
-    """DiffFAE from an exported inference file (whole or in parts) or an ldm training checkpoint
-    (its EMA weights), in eval mode, float32. Raises CheckpointError naming the file and the
+    """DiffFAE from an exported inference file or an ldm training checkpoint (its EMA weights),
+    in eval mode, float32. Raises CheckpointError naming the file and the
     problem."""
     path = Path(path)
     checkpoint = read_checkpoint(path, (INFERENCE_FORMAT, "ldm"))
     if checkpoint.get("format") == INFERENCE_FORMAT:
-        weights = {**checkpoint["weights"], **_part_weights(path, checkpoint.get("parts", []))}
+        weights = checkpoint["weights"]
     else:
         weights = inference_weights(checkpoint)
     try:  # a part's config missing or refused, parts that do not fit, weights that do not load

@@ -165,7 +165,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_whole(tmp_path, monke
 
 
 @pytest.mark.parametrize("value", ["--steps=0", "--steps=-5", "--batch_size=0", "--lr=nan",
-                                   "--eval_every=0", "--ema_decay=1.5", "--truth_fraction=1.5"])
+                                   "--eval_every=0", "--ema_decay=1.5"])
 def test_bad_values_are_refused_in_one_line_before_any_work(value, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         train.main(["--stage", "vqvae", value, f"--out={tmp_path}"])

@@ -11,9 +11,10 @@ import scipy.sparse
 import torch
 from scipy.spatial.transform import Rotation
 
-import head
-import head_surface
-from flame import FLAME, FlameModelError, load_flame, load_obj_uvs, rodrigues, save_npz
+from assets import head
+from assets import head_surface
+from assets.flame_files import FlameModelError, load_flame, load_obj_uvs, save_npz
+from flame import FLAME, rodrigues
 
 
 def random_model(n_vertices=30, n_dirs=6, seed=0):
@@ -369,13 +370,13 @@ def test_obj_uvs_give_per_corner_uvs_in_face_order(tmp_path):
 
 
 def test_the_preview_in_docs_is_what_the_command_draws(tmp_path):
-    """docs/flame_preview.png is `python flame.py --preview docs/flame_preview.png` of today's
-    head (float64 rendering: equal to within one 8-bit level on another machine)."""
+    """docs/flame_preview.png is `python -m assets.flame_files --preview docs/flame_preview.png`
+    of today's head (float64 rendering: equal to within one 8-bit level on another machine)."""
     from PIL import Image
 
-    import flame
+    from assets import flame_files
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    flame._preview(tmp_path / "preview.png")
+    flame_files._preview(tmp_path / "preview.png")
     drawn, shipped = (np.asarray(Image.open(path), dtype=np.int16) for path in (
         tmp_path / "preview.png", os.path.join(root, "docs", "flame_preview.png")))
     assert drawn.shape == shipped.shape and np.abs(drawn - shipped).max() <= 1

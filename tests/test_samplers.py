@@ -343,7 +343,8 @@ def test_samplers_assert_their_arguments():
 
 @pytest.mark.parametrize("field, value, message", [
     ("timesteps", 1, "timesteps=1"), ("beta_end", 0.0001, "beta_start=0.00085, beta_end=0.0001"),
-    ("render_from", "mesh", "render_from='mesh'"), ("refine_steps", -1, "refine_steps=-1"),
+    ("render_from", "truth", "render_from='truth'"), ("refine_steps", -1, "refine_steps=-1"),
+    ("truth_fraction", 1.5, "truth_fraction=1.5"), ("slots_weight", -1, "slots_weight=-1"),
     ("sample_steps", 0, "sample_steps=0"),
     ("sample_steps", 1001, "sample_steps=1001"), ("sampler", "euler", "sampler='euler'")])
 def test_diffusion_config_names_the_bad_value(field, value, message):

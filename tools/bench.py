@@ -309,7 +309,7 @@ def step_cost(cfg, parts):
                               identities=cfg.identities)
     batch = default_collate(data.__getitems__(range(cfg.batch_size)))
     if cfg.stage == "ldm" and cfg.frozen_cache:
-        frozen = pair_inputs(stage.model, batch, source_z=True, truth=True)
+        frozen = pair_inputs(stage.model, batch)
         stage.cache, batch["index"] = (lambda index: frozen), torch.arange(cfg.batch_size)
     started = time.perf_counter()
     with FlopCount() as count:
@@ -353,6 +353,7 @@ def ldm_step(out):
     pool of 8 pairs under `out`. Prints a Markdown table of median milliseconds, interleaved."""
     from training import stages
     import train
+    from assets.synthetic import true_coefficients
     from slots import pretraining_loss
     options = [f"--out={out}", "--pool=8", "--identities=8"]
     train.write_random_parts(out, options)
@@ -365,11 +366,16 @@ def ldm_step(out):
     stage.prepare(pool, master=True)
     cache = stage.cache
 
-    def twice():
-        losses = model.loss(batch["source"], batch["query"])
+    def twice():  # the slots term outside the loss, with a second pass of the region encoder
+        d = model.diffusion
+        weight, d.slots_weight = d.slots_weight, 0.0
+        try:
+            losses = model.loss(batch["source"], batch["query"], true_coefficients(batch, "query"))
+        finally:
+            d.slots_weight = weight
         held = pretraining_loss(model.slots, batch["source"], model.vqvae.encode(batch["source"]),
-                                batch["source_regions"], stage.supervision)
-        return losses["loss"] + stage.slots_weight * held["loss"]
+                                batch["source_regions"], d.slots_supervision)
+        return losses["loss"] + weight * held["loss"]
 
     def once(cached):
         stage.cache = cache if cached else None

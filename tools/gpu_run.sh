@@ -7,8 +7,9 @@
 #
 # Extra arguments go to train.py. Each phase has a time limit of its own, so that a slow one
 # cannot take the others' time, and what a phase wrote stays in OUT if a later one fails.
-# OUT ends with at most seven files: the export (one file, or several parts), the results grid
-# and logs.tar.gz (the logs, measurements and held-out pictures of every phase).
+# OUT ends with the export in 16 MiB parts (what a transfer off the machine takes; join them
+# with `cat difffae-gpu.pt.part-* > difffae-gpu.pt` and check SHA256SUMS), the results grid and
+# logs.tar.gz (the logs, measurements and held-out pictures of every phase).
 set -uo pipefail
 out=$(realpath -m "${1:?usage: bash tools/gpu_run.sh OUT [train.py options]}")
 shift
@@ -32,21 +33,24 @@ pack() {
 note "machine: $(tail -1 "$logs/machine.txt")"
 
 started=$SECONDS
+model=$PWD/$runs/difffae-gpu.pt
 timeout 400 python3 train.py --stage all --preset gpu --out="$runs" \
-    --export="$out/difffae-gpu.pt" "$@" > "$logs/train.log" 2>&1
+    --export="$model" "$@" > "$logs/train.log" 2>&1
 status=$?
 note "train.py --stage all: exit $status after $((SECONDS - started)) s"
 pack
-if [ ! -e "$out/difffae-gpu.pt" ] && [ -e "$runs/ldm/ckpt.pt" ]; then  # cut short: the last
+if [ ! -e "$model" ] && [ -e "$runs/ldm/ckpt.pt" ]; then  # cut short: the last
     python3 train.py --stage ldm --preset gpu --out="$runs" \
-        --export="$out/difffae-gpu.pt" "$@" >> "$logs/train.log" 2>&1  # checkpoint's
+        --export="$model" "$@" >> "$logs/train.log" 2>&1  # checkpoint's
     note "export of the last ldm checkpoint: exit $?"
 fi
 
 device=$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-if [ -e "$out/difffae-gpu.pt" ]; then
+if [ -e "$model" ]; then
+    (cd "$out" && split -b 16M -d "$model" difffae-gpu.pt.part- \
+        && sha256sum "$model" | sed 's|  .*/|  |' > SHA256SUMS)
     started=$SECONDS
-    timeout 80 python3 -m tools.evaluate --ckpt "$out/difffae-gpu.pt" --n "${N:-200}" \
+    timeout 80 python3 -m tools.evaluate --ckpt "$model" --n "${N:-200}" \
         --device "$device" --json "$logs/results.json" --grid "$out/results_grid.png" \
         > "$logs/evaluate.log" 2>&1
     note "evaluate.py: exit $? after $((SECONDS - started)) s"

@@ -54,12 +54,9 @@ class TrainConfig:
     bf16_cpu: bool = False        # also on the CPU: the same code path, to test it without a GPU
     ema_decay: float = 0.0        # EMA of the trained weights; 0 keeps none
     # stage options
-    slots_supervision: float = 0.0  # slots, ldm: weight of a mask loss on true regions (no paper)
-    slots_weight: float = 0.0     # ldm: weight of the slots stage's loss, kept on (no paper)
-    slots_tag: str = ""           # ldm: start from the slots stage's run of this --tag
+    slots_supervision: float = 0.0  # slots: weight of a mask loss on true regions (not in the
+                                  # paper)
     frozen_cache: bool = True     # ldm: the frozen parts' outputs computed once per pool pair
-    truth_fraction: float = 0.0   # ldm: share of pairs whose I_R is of the exact coefficients
-    photometric_weight: float = 1.0  # estimator: weight of the re-rendering loss
     frames_weight: float = 0.1    # estimator, --data=PATH: that loss's weight on the frames
     arcface_scale: float = 30.0   # identity: ArcFace s (the paper's 64 suits 85k classes)
     arcface_margin: float = 0.5   # identity: ArcFace m (Deng et al. 2019)
@@ -72,18 +69,14 @@ class TrainConfig:
         for name, low in least.items():
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name}={getattr(self, name)}: expected an integer >= {low}")
-        for name in ("lr", "grad_clip", "arcface_scale", "slots_supervision", "slots_weight",
-                     "photometric_weight", "frames_weight", "arcface_margin", "ema_decay",
-                     "time_limit", "truth_fraction"):
+        for name in ("lr", "grad_clip", "arcface_scale", "slots_supervision", "frames_weight",
+                     "arcface_margin", "ema_decay", "time_limit"):
             value, positive = getattr(self, name), name in ("lr", "grad_clip", "arcface_scale")
             if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
                 sign = "positive" if positive else "non-negative"
                 raise ConfigError(f"--{name}={value}: expected a {sign} number")
         if self.ema_decay >= 1:
             raise ConfigError(f"--ema_decay={self.ema_decay}: expected a value below 1")
-        if self.truth_fraction > 1:
-            raise ConfigError(f"--truth_fraction={self.truth_fraction}: expected a share in "
-                              f"[0, 1]")
 
 
 # Presets: per stage, overrides of TrainConfig ("train") and of the stage's part config.
@@ -94,12 +87,13 @@ PRESETS = {
         # sized for a 2-core CPU; each choice below is measured in docs/ablations.md
         # the Laplacian detail term doubles the face's detail at 2,000 steps; the GAN switched
         # on at step 500 cost 4.5 dB; 16,000 steps keep 0.7 dB and 60 % more detail than 8,000;
-        # the face's pixels weigh 5x: +1.6 dB and 60 % more detail on the face, eyes in every
-        # held-out face, for 0.5 dB on the whole image (docs/ablations.md, measurements.md)
+        # (weighing the face's pixels 5x, --vqvae.face_weight=4, gave +1.6 dB and 60 % more
+        # detail on the face and eyes in every held-out face, for 0.5 dB on the whole image:
+        # docs/ablations.md; the shipped model predates it, and this preset is that model's)
         "vqvae": {"train": {"steps": 16000, "batch_size": 8, "lr": 4e-4},
                   "vqvae": {"base_channels": 16, "channel_mult": (1, 2, 4), "num_res_blocks": 1,
                             "norm_groups": 8, "codebook_size": 1024, "restart_every": 25,
-                            "detail_weight": 1.0, "face_weight": 4.0}},
+                            "detail_weight": 1.0}},
         # region-supervised slots (not in the paper): unsupervised ones do not separate the
         # regions in this budget
         "slots": {"train": {"steps": 2500, "batch_size": 8, "lr": 4e-4, "slots_supervision": 1.0},
@@ -117,16 +111,17 @@ PRESETS = {
         # the slots stage's loss kept on, so that the slots stay on their regions; Min-SNR
         # weights (γ = 5) instead of the paper's plain loss, with their x0-weight floored at 1
         # (+1.1 dB at 2,500 steps); half the pairs' I_R from the exact coefficients, so that
-        # the UNet trusts I_R (docs/ablations.md); the other half's I_R from the estimator's
-        # reading refined through the renderer: +0.8 dB on the face (docs/fitting.md)
+        # the UNet trusts I_R (docs/ablations.md). (The other half's I_R from the estimator's
+        # reading refined through the renderer, --diffusion.render_from=refined, gave +0.8 dB
+        # on the face, docs/fitting.md; the shipped model predates it.)
         "ldm": {"train": {"steps": 16000, "batch_size": 8, "lr": 4e-4, "ema_decay": 0.999,
-                          "eval_every": 1000, "eval_items": 64, "slots_weight": 1.0,
-                          "slots_supervision": 1.0, "truth_fraction": 0.5},
+                          "eval_every": 1000, "eval_items": 64},
                 "unet": {"base_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1,
                          "attention_resolutions": (1, 2, 4), "head_channels": 32,
                          "norm_groups": 16},
                 "diffusion": {"sample_steps": 20, "sampler": "dpm++2m", "min_snr_gamma": 5.0,
-                              "snr_floor": 1.0, "render_from": "refined"}},
+                              "snr_floor": 1.0, "truth_fraction": 0.5, "slots_weight": 1.0,
+                              "slots_supervision": 1.0}},
     },
     "paper": {  # DiffFAE §5.1: Adam, lr 1e-4, batch 16 (over all GPUs), 256 px; LDM's EMA
         stage: {"train": {"image_size": 256, "batch_size": 16, "lr": 1e-4, "steps": 100_000,
@@ -158,13 +153,13 @@ PRESETS = {
                                   "embedding_dim": 128}},
         # half the pairs with exact renders: x0 follows I_R 1.5-2.5x as far (docs/ablations.md)
         "ldm": {"train": {**GPU_RUN, "batch_size": 64, "lr": 2e-4, "time_limit": 150,
-                          "ema_decay": 0.999, "eval_items": 64, "slots_weight": 1.0,
-                          "slots_supervision": 1.0, "truth_fraction": 0.5},
+                          "ema_decay": 0.999, "eval_items": 64},
                 "unet": {"base_channels": 64, "channel_mult": (1, 2, 2), "num_res_blocks": 2,
                          "attention_resolutions": (2, 4), "head_channels": 32,
                          "norm_groups": 32},
                 "diffusion": {"sample_steps": 20, "sampler": "dpm++2m", "min_snr_gamma": 5.0,
-                              "snr_floor": 1.0}},
+                              "snr_floor": 1.0, "truth_fraction": 0.5, "slots_weight": 1.0,
+                              "slots_supervision": 1.0}},
     },
 }
 
@@ -187,6 +182,17 @@ SMOKE = {
                      "attention_resolutions": (2,), "head_channels": 8, "norm_groups": 8},
             "diffusion": {"sample_steps": 2, "refine_steps": 2}},
 }
+
+
+# Options of one stage alone: the others' command lines do not list them.
+STAGE_ONLY = {"slots_supervision": "slots", "frames_weight": "estimator", "frozen_cache": "ldm",
+              "arcface_scale": "identity", "arcface_margin": "identity", "face_only": "identity"}
+# Fields a stage fills in from the data (the image size, FLAME's coefficient counts, the VQ
+# latent's and the slots' shapes): not options.
+FILLED = {"slots": ("image_size", "target_channels", "target_size"),
+          "estimator": ("image_size", "n_shape", "n_exp", "n_albedo"),
+          "identity": ("image_size",),
+          "unet": ("in_channels", "out_channels", "context_dim", "id_dim")}
 
 
 def _refuse(message):
@@ -245,7 +251,9 @@ def make_parser(trains, parts):
         group = parser.add_argument_group(f"--{prefix or ''}KEY ({type(config).__name__})")
         comments = field_comments(type(config))
         for field in dataclasses.fields(config):
-            if field.name in ("stage", "preset"):
+            stage = STAGE_ONLY.get(field.name) if not prefix else None
+            if (field.name in ("stage", "preset", *FILLED.get(prefix[:-1], ()))
+                    or stage is not None and stage not in by_stage):
                 continue
             value = getattr(config, field.name)
             kind = type(value[0]).__name__ + ",..." if isinstance(value, tuple) else \

@@ -18,18 +18,11 @@ from assets.synthetic import true_coefficients
 
 
 @torch.no_grad()
-def pair_inputs(model, batch, source_z=False, truth=False, fit_slots=None):
-    """DiffFAE.frozen_inputs of a batch of training pairs (fit_slots passed on); with source_z
-    also "source_z", the source's VQ latent (the target of the slots term), and with truth
-    "f_r_truth", the latent of the query's render from its exact coefficients (synthetic data
-    alone has them)."""
-    exact = true_coefficients(batch, "query") if "query_params" in batch else None
-    inputs = model.frozen_inputs(batch["source"], batch["query"], exact, fit_slots)
-    if source_z:
-        inputs["source_z"] = model.vqvae.encode(batch["source"]).float()
-    if truth:
-        inputs["f_r_truth"] = model.vqvae.encode(model.render(exact)[0]).float()
-    return inputs
+def pair_inputs(model, batch, fit_slots=None):
+    """DiffFAE.frozen_inputs of a batch of training pairs, every one of them (fit_slots passed
+    on): the query's exact coefficients are the synthetic pool's."""
+    return model.frozen_inputs(batch["source"], batch["query"], true_coefficients(batch, "query"),
+                               fit_slots, every=True)
 
 
 class FrozenCache:
@@ -68,7 +61,7 @@ class FrozenCache:
         """12 hex digits of SHA-256 over the frozen parts' tensors and frozen_inputs' options
         (with render_from "refined", also the fit's steps and fit_slots' tensors)."""
         d = model.diffusion
-        options = (d.render_from, d.use_identity)
+        options = (d.render_from,)
         modules = {part: getattr(model, part)
                    for part in ("vqvae", "estimator", "identity", "flame", "renderer")}
         if d.render_from == "refined":
@@ -87,8 +80,7 @@ class FrozenCache:
                           unit="batch"):
             batch = to_device(default_collate(pool.__getitems__(
                 range(start, min(len(pool), start + self.BATCH)))), device)
-            frozen = pair_inputs(model, batch, source_z=True, truth=True,
-                                 fit_slots=self.fit_slots)
+            frozen = pair_inputs(model, batch, self.fit_slots)
             parts.append({key: value.cpu() for key, value in frozen.items()})
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 

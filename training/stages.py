@@ -27,7 +27,7 @@ from samplers import predict_x0
 from slots import RegionSlots, masks_at, pretraining_loss
 from tools.pictures import enlarge, grid as picture_grid, mask_rows
 from training import metrics
-from training.frozen_cache import FrozenCache, pair_inputs
+from training.frozen_cache import FrozenCache
 from vqvae import VQVAE, vq_loss
 
 EXPRESSION_MESH_SCALE = 0.003  # metres: the spread of a vertex's expression and jaw movement
@@ -79,14 +79,10 @@ def read_stage_checkpoint(path):
     return state
 
 
-def stage_folder(out, stage, tag=""):
-    return Path(out) / (f"{stage}-{tag}" if tag else stage)
-
-
-def missing(path, stage, out, tag=""):
+def missing(path, stage, out):
     """The error for an earlier stage's checkpoint that is not there, with the command to make
     it."""
-    run = f"python train.py --stage {stage} --out={out}" + (f" --tag={tag}" if tag else "")
+    run = f"python train.py --stage {stage} --out={out}"
     return MissingCheckpoint(f"{path} is missing: run `{run}` first")
 
 
@@ -94,19 +90,18 @@ def require_earlier_checkpoints(cfg):
     """Refuses, in one line and before any work, a stage whose earlier stages are not trained."""
     frames = cfg.stage == "estimator" and cfg.data != "synthetic"  # faces found by the slots
     for stage in PARTS[cfg.stage].requires + (("slots",) if frames else ()):
-        tag = cfg.slots_tag if stage == "slots" else ""
-        path = stage_folder(cfg.out, stage, tag) / "ckpt.pt"
+        path = Path(cfg.out) / stage / "ckpt.pt"
         if not path.exists() and not previous_checkpoint(path).exists():
-            raise missing(path, stage, cfg.out, tag)
+            raise missing(path, stage, cfg.out)
 
 
-def load_part(out, stage, device, tag=""):
-    """The trained network of an earlier stage from <out>/<stage>/ckpt.pt (<stage>-<tag>/ with
-    a tag), frozen. Returns (network, its config)."""
-    path = stage_folder(out, stage, tag) / "ckpt.pt"
+def load_part(out, stage, device):
+    """The trained network of an earlier stage from <out>/<stage>/ckpt.pt, frozen. Returns
+    (network, its config)."""
+    path = Path(out) / stage / "ckpt.pt"
     checkpoint = read_stage_checkpoint(path)
     if checkpoint is None:
-        raise missing(path, stage, out, tag)
+        raise missing(path, stage, out)
     model, config = rebuild(checkpoint, stage)
     return model.to(device).eval().requires_grad_(False), config
 
@@ -282,7 +277,6 @@ class EstimatorStage(Stage):
             if slots_config.image_size != cfg.image_size:
                 raise ValueError(f"--image_size={cfg.image_size}, but the slots stage's region "
                                  f"encoder works at {slots_config.image_size} px")
-        self.photometric_weight = cfg.photometric_weight
         self.frames_weight = cfg.frames_weight
 
     def render(self, coefficients):
@@ -309,7 +303,7 @@ class EstimatorStage(Stage):
         render, mask = self.render({key: value[:n] for key, value in predicted.items()})
         skin = (batch["source_regions"] == FACE)[:, None].to(mask.dtype)
         photometric = photometric_loss(render, mask, batch["source"], skin)
-        loss = regression + self.photometric_weight * photometric
+        loss = regression + photometric
         if "frame_source" in batch:  # frames without coefficients (--data=PATH): photometric
             terms["frames_photometric_loss"] = self.frames_term(batch)
             loss = loss + self.frames_weight * terms["frames_photometric_loss"]
@@ -394,41 +388,31 @@ class IdentityStage(Stage):
 
 
 class LDMStage(Stage):
-    """DiffFAE itself (§4.3 "Finetuning of LDM"): DiffFAE.loss, L = L_LDM + δ·L_attn (Eq. 8),
-    on same-person pairs. The UNet and the region encoder train; the VQ-VAE, estimator and
-    identity encoder stay frozen; all start from their stages' checkpoints and are saved
-    together, so an ldm checkpoint is the whole method. With `slots_weight` > 0 (not in the
-    paper; the tiny preset) the slots stage's loss stays on as an extra term, its decoder
-    frozen: trained by L alone, the region encoder's masks drifted off their regions (the
-    slot called "background" took the face), and the region swaps went with them. Measures
-    the PSNR of cross-identity edits of held-out people against the exact target, whole and on
-    the target's face, and the face detail (medians), sampled with the EMA weights (train.py
-    swaps them in) and I_R drawn from the estimator's coefficients, as in every edit; and the
-    x̂_0 report (x0_report): the face error of x̂_0 at fixed noise levels beside f_r's, and how
-    far x̂_0 follows I_R when handed the exact render instead. `truth_fraction` (not in the
-    paper; synthetic data) draws that share of the training pairs' I_R from the exact
-    coefficients, so that the UNet learns that I_R can be trusted. With
-    --diffusion.render_from=refined the other pairs' I_R is of the estimator's reading refined
-    through the renderer (fitting.py; not in the paper), computed once per pool pair."""
+    """DiffFAE itself (§4.3 "Finetuning of LDM"): DiffFAE.loss, the whole step, on same-person
+    pairs. The UNet and the region encoder train; the VQ-VAE, estimator and identity encoder
+    stay frozen; all start from their stages' checkpoints and are saved together, so an ldm
+    checkpoint is the whole method. Measures the PSNR of cross-identity edits of held-out
+    people against the exact target, whole and on the target's face, and the face detail
+    (medians), sampled with the EMA weights (train.py swaps them in) and I_R drawn as in every
+    edit; and the x̂_0 report (x0_report): the face error of x̂_0 at fixed noise levels beside
+    f_r's, and how far x̂_0 follows I_R when handed the exact render instead."""
 
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
-        networks = {name: load_part(cfg.out, name, device, cfg.slots_tag if name == "slots"
-                                    else "") for name in PARTS["ldm"].requires}
+        networks = {name: load_part(cfg.out, name, device) for name in PARTS["ldm"].requires}
         for name, (_, config) in networks.items():
             parts[name] = config
         sizes = {name: parts[name].image_size for name in ("slots", "estimator", "identity")}
         if set(sizes.values()) != {cfg.image_size}:
             raise ValueError(f"--image_size={cfg.image_size}, but the pretrained parts work at "
                              f"{sizes} px")
-        if parts["diffusion"].render_from == "truth" and cfg.data != "synthetic":
-            raise ValueError("--diffusion.render_from=truth needs synthetic data (exact "
-                             "coefficients); use --diffusion.render_from=estimated")
-        if cfg.truth_fraction and cfg.data != "synthetic":
-            raise ValueError(f"--truth_fraction={cfg.truth_fraction} needs synthetic data "
-                             f"(exact coefficients); use --truth_fraction=0")
-        self.slots_weight, self.truth_fraction = cfg.slots_weight, cfg.truth_fraction
-        self.supervision = supervision(cfg, parts["slots"]) if cfg.slots_weight else 0.0
+        d = parts["diffusion"]
+        for name in ("truth_fraction", "slots_supervision"):
+            if getattr(d, name) and cfg.data != "synthetic":
+                raise ValueError(f"--diffusion.{name}={getattr(d, name)} needs synthetic data "
+                                 f"(exact coefficients and regions); use --diffusion.{name}=0")
+        if d.slots_supervision and parts["slots"].num_slots != len(REGION_NAMES):
+            raise ValueError(f"--diffusion.slots_supervision needs {len(REGION_NAMES)} slots")
         self.device, self.cache, self.seed = device, None, cfg.seed
         cached = cfg.frozen_cache and cfg.data == "synthetic" and cfg.pool > 0
         self.pool_file = pool_path(Path(cfg.out) / "data", cfg.image_size, cfg.pool,
@@ -440,7 +424,7 @@ class LDMStage(Stage):
         self.model = DiffFAE(parts)
         for name, (network, _) in networks.items():
             getattr(self.model, name).load_state_dict(network.state_dict())
-        # the slot decoder stays as pretrained: with slots_weight > 0 it holds the tokens to
+        # the slot decoder ζ stays as pretrained: with slots_weight > 0 it holds the tokens to
         # what it learned to decode
         for frozen in (self.model.vqvae, self.model.estimator, self.model.identity,
                        self.model.slots.decoder):
@@ -448,9 +432,7 @@ class LDMStage(Stage):
         # render_from "refined": the fit of I_R weighs the pixels by the face masks of the
         # region encoder as pretrained, a frozen copy, so that the cached fits stay valid on
         # resume while the trained one moves
-        self.fit_slots = None
-        if parts["diffusion"].render_from == "refined":
-            self.fit_slots = networks["slots"][0]
+        self.fit_slots = networks["slots"][0] if d.render_from == "refined" else None
 
     def train(self, mode=True):
         super().train(mode)
@@ -466,30 +448,19 @@ class LDMStage(Stage):
                                      self.fit_slots)
 
     def forward(self, batch, step):
-        model = self.model
+        model, source = self.model, batch["source"]
         if not model.latent_scale_set:  # LDM's scale_factor, from the first batch's queries
             model.set_latent_scale(batch["query"])
-        source = batch["source"]
-        if self.cache is not None:
-            frozen = self.cache(batch["index"])
-        else:
-            frozen = pair_inputs(model, batch, source_z=self.slots_weight > 0,
-                                 truth=self.truth_fraction > 0, fit_slots=self.fit_slots)
-        if self.truth_fraction:  # this share of the pairs takes I_R of the exact coefficients
-            draw = torch.rand(len(source), generator=step_generator(self.seed + TRUTH_SEED, step))
-            exact = (draw < self.truth_fraction).to(source.device).view(-1, 1, 1, 1)
-            frozen = {**frozen, "f_r": torch.where(exact, frozen["f_r_truth"], frozen["f_r"])}
-        # the region encoder runs once on the source: its output feeds both terms
-        encoded = model.slots(source) if self.slots_weight else None
-        losses = model.loss(source, batch["query"], regions=encoded, frozen=frozen)
-        if not self.slots_weight:
-            return losses
-        # the slots stage's loss on the sources, so that slot k stays the token of region k
-        regions = batch["source_regions"] if self.supervision else None
-        held = pretraining_loss(model.slots, source, frozen["source_z"], regions,
-                                self.supervision, out=encoded)
-        return {**losses, "loss": losses["loss"] + self.slots_weight * held["loss"],
-                "slots_loss": held["loss"].detach()}
+        # the pairs whose I_R is exact: drawn from (seed, step) alone, so that a resumed run
+        # draws what an uninterrupted one does
+        draw = torch.rand(len(source), generator=step_generator(self.seed + TRUTH_SEED, step))
+        exact = draw < model.diffusion.truth_fraction
+        synthetic = "query_params" in batch
+        return model.loss(source, batch["query"],
+                          true_coefficients(batch, "query") if synthetic else None,
+                          batch.get("source_regions"), exact=exact,
+                          frozen=None if self.cache is None else self.cache(batch["index"]),
+                          fit_slots=self.fit_slots)
 
     @torch.no_grad()
     def evaluate(self, batch, png):
