@@ -17,7 +17,7 @@ import torch
 
 from training import stages
 import train
-from training.config import PRESETS, STAGES, stage_defaults
+from training.config import FILLED, PRESETS, STAGE_ONLY, STAGES, stage_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny, with evaluations and dead-code restarts (a short usage memory leaves codes dead) often
@@ -95,7 +95,8 @@ def test_a_non_finite_loss_stops_a_single_process_run_in_one_line(tmp_path):
 POISONED = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
-from training import stages, train
+import train
+from training import stages
 out, rank = {out!r}, int(os.environ["RANK"])
 forward = stages.VQStage.forward
 
@@ -192,7 +193,14 @@ def test_help_lists_every_option_with_its_type_and_default(capsys):
         for prefix, config in configs:
             for field in dataclasses.fields(config):
                 value = getattr(config, field.name)
+                only = STAGE_ONLY.get(field.name) if not prefix else None
                 if field.name in ("stage", "preset"):
+                    continue
+                if field.name in FILLED.get(prefix[:-1], ()):
+                    assert f"--{prefix}{field.name} " not in text  # filled in by the stage
+                    continue
+                if only is not None and argv and only not in argv:
+                    assert f"--{field.name} " not in text  # another stage's option
                     continue
                 many = isinstance(value, tuple)
                 kind = type(value[0] if many else value).__name__.upper() + (",..." if many else "")
@@ -206,3 +214,5 @@ def test_help_lists_every_option_with_its_type_and_default(capsys):
             assert f"(default per stage: {steps})" in text
     assert cfg.steps == PRESETS["tiny"]["ldm"]["train"]["steps"]
     assert "--steps INT the run ends" in text and "--vqvae." not in text
+    listed = re.findall(r" (--[a-z_.]+) (?:[A-Z]+|\{)", text)  # each option with its type
+    assert len(set(listed)) <= 45, listed  # the ldm stage's, the usage line's --stage once

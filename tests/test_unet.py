@@ -1,6 +1,7 @@
 """Tests of unet.py: shapes, zero-init, timestep embedding formula, AdaIN formula and wiring,
-cross-attention probabilities (normalisation, token-permutation equivariance), A_cross
-averaging, batch consistency, parameter bookkeeping against LDM-4, config checks, input asserts."""
+cross-attention (a hand-computed case, one repeated token, normalisation, token-permutation
+equivariance), A_cross averaging, batch consistency, parameter bookkeeping against LDM-4,
+config checks, input asserts."""
 import math
 
 import pytest
@@ -174,19 +175,46 @@ def test_self_attention_matches_explicit_softmax():
     torch.testing.assert_close(layer(x), expected)
 
 
-def test_cross_attention_matches_explicit_formula():
+def test_cross_attention_hand_computed_two_tokens():
+    # C = 4, 2 heads of d = 2 (channels 0–1 and 2–3), weights set by hand. Pixel 1 is
+    # x = (0, √2·ln 3, √2·ln 4, 0); the tokens (1, 0), (0, 1) give the keys (0, 1 | 0, 0) and
+    # (0, 0 | 1, 0), so the logits Q·Kᵀ/√d are (ln 3, 0) in head 0 and (0, ln 4) in head 1:
+    # softmax (3/4, 1/4) and (1/5, 4/5). The values are (1, 0 | 2, 0) and (0, 1 | 0, 3), so the
+    # heads give (3/4, 1/4) and (2/5, 12/5), plus the output bias. Pixel 2 is x = 0: uniform
+    # weights, so the mean value.
+    layer = CrossAttention(4, context_dim=2, heads=2).double()
+    with torch.no_grad():
+        layer.to_q.weight.copy_(torch.eye(4))
+        layer.to_k.weight.copy_(torch.tensor([[0.0, 0], [1, 0], [0, 1], [0, 0]]))
+        layer.to_v.weight.copy_(torch.tensor([[1.0, 0], [0, 1], [2, 0], [0, 3]]))
+        layer.to_out.weight.copy_(torch.eye(4))
+        layer.to_out.bias.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    x = torch.tensor([[[0, math.sqrt(2) * math.log(3), math.sqrt(2) * math.log(4), 0],
+                       [0, 0, 0, 0]]], dtype=torch.float64)  # (B, N, C) = (1, 2, 4)
+    context = torch.eye(2, dtype=torch.float64)[None]  # (B, K, Dc) = (1, 2, 2)
+    out, probs = layer(x, context)
+    expected_probs = torch.tensor([[[3 / 4, 1 / 4], [1 / 2, 1 / 2]],    # head 0, pixels 1, 2
+                                   [[1 / 5, 4 / 5], [1 / 2, 1 / 2]]],   # head 1
+                                  dtype=torch.float64)[None]
+    expected_out = torch.tensor([[[3 / 4 + 0.1, 1 / 4 + 0.2, 2 / 5 + 0.3, 12 / 5 + 0.4],
+                                  [1 / 2 + 0.1, 1 / 2 + 0.2, 1 + 0.3, 3 / 2 + 0.4]]],
+                                dtype=torch.float64)
+    torch.testing.assert_close(probs, expected_probs)
+    torch.testing.assert_close(out, expected_out)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_cross_attention_to_one_repeated_token_returns_its_value(tokens):
+    # K copies of one token have equal logits, so every pixel's weights are 1/K and the output
+    # is Σ_k (1/K)·v = to_out(to_v(token)) at every pixel, whatever the queries
     torch.manual_seed(0)
     layer = CrossAttention(8, context_dim=6, heads=2).double()
     x = torch.randn(2, 5, 8, dtype=torch.float64)
-    context = torch.randn(2, 3, 6, dtype=torch.float64)
-    q = layer.to_q(x).view(2, 5, 2, 4).transpose(1, 2)  # (B, heads, N, d)
-    k, v = (proj(context).view(2, 3, 2, 4).transpose(1, 2)
-            for proj in (layer.to_k, layer.to_v))  # (B, heads, K, d)
-    probs = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)  # √d = 2
-    expected = layer.to_out((probs @ v).transpose(1, 2).reshape(2, 5, 8))
-    out, probs_out = layer(x, context)
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(probs_out, probs)
+    token = torch.randn(2, 1, 6, dtype=torch.float64)
+    out, probs = layer(x, token.expand(2, tokens, 6))
+    torch.testing.assert_close(probs, torch.full((2, 2, 5, tokens), 1 / tokens,
+                                                 dtype=torch.float64))
+    torch.testing.assert_close(out, layer.to_out(layer.to_v(token)).expand(2, 5, 8))
 
 
 def test_spatial_transformer_is_pixel_equivariant_and_maps_keep_layout():

@@ -1,15 +1,14 @@
 """Tests for vqvae.py: shapes, nearest-code search, straight-through and VQ-loss gradients against
-hand-derived formulas, perplexity, dead-code restarts, hinge / adaptive GAN weights, config checks
-and input asserts."""
+hand-derived formulas, perplexity, dead-code restarts, the reconstruction, detail and face-weighted
+terms against hand-computed cases, config checks and input asserts."""
 import math
 
 import pytest
 import torch
 
 from layers import laplacian
-from vqvae import (PatchDiscriminator, VectorQuantizer, VQConfig, VQVAE, adaptive_disc_weight,
-                   detail_loss, discriminator_hinge_loss, generator_hinge_loss,
-                   reconstruction_loss, vq_loss)
+from vqvae import (VectorQuantizer, VQConfig, VQVAE, detail_loss, reconstruction_loss,
+                   vq_loss)
 
 
 def small_config(**overrides) -> VQConfig:
@@ -42,8 +41,8 @@ def test_default_config_is_ldm4_and_validates():
         VQConfig(channel_mult=())
     with pytest.raises(ValueError, match="codebook_size=1"):
         VQConfig(codebook_size=1)
-    with pytest.raises(ValueError, match="disc_weight=-1"):
-        VQConfig(disc_weight=-1.0)
+    with pytest.raises(ValueError, match="detail_weight=-1"):
+        VQConfig(detail_weight=-1.0)
 
 
 @pytest.mark.parametrize("size", [64, 256])
@@ -170,44 +169,6 @@ def test_dead_code_restart_replaces_exactly_unused_codes():
     assert torch.equal(vq2.codebook.detach(), after)
 
 
-def test_hinge_losses_hand_computed():
-    real = torch.tensor([2.0, 0.5, -1.0])
-    fake = torch.tensor([-2.0, 0.0, 1.0])
-    # relu(1 − real) = [0, 0.5, 2], relu(1 + fake) = [0, 1, 2]
-    expected_d = 0.5 * (2.5 / 3 + 3.0 / 3)
-    assert math.isclose(discriminator_hinge_loss(real, fake).item(), expected_d, rel_tol=1e-6)
-    assert math.isclose(generator_hinge_loss(fake).item(), 1.0 / 3, rel_tol=1e-6)
-
-
-def test_adaptive_disc_weight_is_gradient_norm_ratio():
-    layer = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    a = torch.randn(3, 4, dtype=torch.float64)
-    b = torch.randn(3, 4, dtype=torch.float64)
-    weight = adaptive_disc_weight((a * layer).sum(), (b * layer).sum(), layer)
-    assert torch.isclose(weight, a.norm() / (b.norm() + 1e-4))
-    assert not weight.requires_grad
-    huge = adaptive_disc_weight((1e6 * a * layer).sum(), (0 * layer).sum(), layer)
-    assert huge.item() == 1e4  # clamped
-
-
-def test_vq_loss_terms_and_total():
-    torch.manual_seed(4)
-    model = VQVAE(small_config()).double()
-    disc = PatchDiscriminator(3, 8, 2, norm_groups=4).double()
-    x = torch.rand(2, 3, 16, 16, dtype=torch.float64) * 2 - 1
-    x_hat, info = model(x)
-    terms = vq_loss(x_hat, x, info)
-    l1 = (x_hat - x).abs().mean()
-    assert torch.isclose(terms["total"], l1 + info["codebook_loss"] + info["commitment_loss"])
-    fake_logits = disc(x_hat)
-    terms = vq_loss(x_hat, x, info, fake_logits, model.last_layer, disc_weight=0.5)
-    lam = adaptive_disc_weight(l1, -fake_logits.mean(), model.last_layer)
-    expected = l1 + info["codebook_loss"] + info["commitment_loss"] - 0.5 * lam * fake_logits.mean()
-    assert torch.isclose(terms["total"], expected)
-    with pytest.raises(AssertionError, match="last_layer"):
-        vq_loss(x_hat, x, info, fake_logits)
-
-
 def test_detail_loss_of_one_changed_pixel():
     # x̂ = x + c at one interior pixel of one channel: the Laplacian of the difference is −4c there
     # and c at its four neighbours, so the mean |L∗x̂ − L∗x| is 8c over the C·H·W elements
@@ -218,21 +179,45 @@ def test_detail_loss_of_one_changed_pixel():
     assert detail_loss(x + 0.7, x) < 1e-12  # a constant shift has no detail
 
 
-def test_detail_term_joins_the_reconstruction_and_its_gan_weight():
-    torch.manual_seed(5)
-    model = VQVAE(small_config()).double()
-    disc = PatchDiscriminator(3, 8, 2, norm_groups=4).double()
-    x = torch.rand(2, 3, 16, 16, dtype=torch.float64) * 2 - 1
-    x_hat, info = model(x)
-    rec = (x_hat - x).abs().mean() + 2.0 * detail_loss(x_hat, x)
-    fake_logits = disc(x_hat)
-    terms = vq_loss(x_hat, x, info, fake_logits, model.last_layer, 0.5, detail_weight=2.0)
-    lam = adaptive_disc_weight(rec, -fake_logits.mean(), model.last_layer)
-    expected = (rec + info["codebook_loss"] + info["commitment_loss"]
-                - 0.5 * lam * fake_logits.mean())
-    assert torch.isclose(terms["total"], expected)
-    assert torch.isclose(terms["detail_loss"], detail_loss(x_hat, x))
-    assert "detail_loss" not in vq_loss(x_hat, x, info)
+def test_laplacian_of_one_bright_pixel_is_the_stencil_with_replicated_edges():
+    # L∗δ for a unit pixel is the 5-point stencil around it: −4 at the pixel, +1 at its four
+    # neighbours. At an edge the replicated border copies the pixel itself into the missing
+    # neighbours, each adding +1 to its own −4: −3 on a side, −2 in a corner.
+    image = torch.zeros(1, 2, 5, 6, dtype=torch.float64)
+    image[0, 0, 2, 3] = 1  # interior, channel 0
+    image[0, 1, 0, 0] = 1  # corner, channel 1
+    image[0, 1, 4, 3] = 1  # bottom side, channel 1
+    expected = torch.zeros_like(image)
+    expected[0, 0, 2, 3] = -4
+    expected[0, 0, 1, 3] = expected[0, 0, 3, 3] = expected[0, 0, 2, 2] = expected[0, 0, 2, 4] = 1
+    expected[0, 1, 0, 0] = -2
+    expected[0, 1, 0, 1] = expected[0, 1, 1, 0] = 1
+    expected[0, 1, 4, 3] = -3
+    expected[0, 1, 3, 3] = expected[0, 1, 4, 2] = expected[0, 1, 4, 4] = 1
+    torch.testing.assert_close(laplacian(image), expected, rtol=0, atol=1e-12)
+    # a corner change c of x̂ is then seen as |−2c| + c + c = 4c (zero padding would give 6c)
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    x_hat = x.clone()
+    x_hat[0, 2, 0, 0] += 0.3
+    assert torch.isclose(detail_loss(x_hat, x), torch.tensor(4 * 0.3 / (3 * 64), dtype=x.dtype))
+
+
+def test_vq_loss_adds_the_detail_term_by_its_weight():
+    # x̂ = x + c at one interior pixel: L1 = c / (C·H·W) and, by the stencil, detail = 8c / (C·H·W);
+    # total = L1 + w·detail + codebook + commitment, and no detail term at all when w = 0
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    x_hat = x.clone()
+    x_hat[0, 0, 3, 5] += 0.3
+    info = {"codebook_loss": torch.tensor(0.25, dtype=x.dtype),
+            "commitment_loss": torch.tensor(0.125, dtype=x.dtype)}
+    terms = vq_loss(x_hat, x, info, detail_weight=2.0)
+    l1, detail = 0.3 / (3 * 64), 8 * 0.3 / (3 * 64)
+    for name, value in (("reconstruction_loss", l1), ("detail_loss", detail),
+                        ("total", l1 + 2.0 * detail + 0.25 + 0.125)):
+        assert torch.isclose(terms[name], torch.tensor(value, dtype=x.dtype)), name
+    plain = vq_loss(x_hat, x, info)
+    assert "detail_loss" not in plain
+    assert torch.isclose(plain["total"], torch.tensor(l1 + 0.25 + 0.125, dtype=x.dtype))
 
 
 def test_face_weight_counts_the_face_pixels_more():
@@ -249,19 +234,27 @@ def test_face_weight_counts_the_face_pixels_more():
     weight = 1 + a * face
     assert torch.isclose(reconstruction_loss(x_hat, x, weight),
                          torch.tensor(expected, dtype=x.dtype))
-    error = (laplacian(x_hat) - laplacian(x)).abs()
-    by_pixel = (weight * error).sum() / (3 * weight.sum())
-    assert torch.isclose(detail_loss(x_hat, x, weight), by_pixel)
     assert torch.isclose(reconstruction_loss(x_hat, x, torch.ones_like(face)),
                          reconstruction_loss(x_hat, x))  # ω = 1 is the plain mean
 
 
-def test_patch_discriminator_shape():
-    disc = PatchDiscriminator(3, 8, 3, norm_groups=4)
-    logits = disc(torch.randn(2, 3, 64, 40))
-    assert logits.shape == (2, 1, 64 // 8 - 2, 40 // 8 - 2)  # floor(H / 2^L) − 2
-    with pytest.raises(AssertionError, match="discriminator input"):
-        disc(torch.randn(1, 3, 16, 16))
+def test_face_weight_of_the_detail_term_hand_computed():
+    # x̂ = x + c at pixel (4, 3) of one channel; ω = 5 on the face, pixels (4, 3) and (4, 4), and
+    # 1 elsewhere. |L∗x̂ − L∗x| is 4c at (4, 3) and c at (3, 3), (5, 3), (4, 2), (4, 4), so
+    # Σ ω·e = 5·4c + 5·c + 3·c = 28c; ω is shared by the 3 channels: Σ ω = 3·(62 + 2·5) = 216.
+    # The L1 term is 5c / 216 the same way.
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    x_hat = x.clone()
+    x_hat[0, 1, 4, 3] += 0.3
+    weight = torch.ones(1, 1, 8, 8, dtype=torch.float64)
+    weight[0, 0, 4, 3:5] = 5
+    assert torch.isclose(detail_loss(x_hat, x, weight), torch.tensor(28 * 0.3 / 216,
+                                                                     dtype=x.dtype))
+    assert torch.isclose(reconstruction_loss(x_hat, x, weight), torch.tensor(5 * 0.3 / 216,
+                                                                             dtype=x.dtype))
+    assert torch.isclose(vq_loss(x_hat, x, {"codebook_loss": 0, "commitment_loss": 0},
+                                 detail_weight=1.0, pixel_weight=weight)["total"],
+                         torch.tensor(33 * 0.3 / 216, dtype=x.dtype))  # both terms weighted
 
 
 def test_bad_inputs_assert():
