@@ -40,10 +40,9 @@ from scipy.spatial.transform import Rotation
 
 from assets.head import EXPRESSION_NAMES
 from estimator import CoefficientEstimator, IdentityEncoder, refine
-from flame import FLAME, pose6_to_flame15
+from flame import FLAME, head_pose_degrees, pose6_to_flame15
 from layers import FACE, REGION_NAMES, require
 from render import Renderer
-from training.metrics import head_pose_degrees
 from samplers import SAMPLERS, make_timesteps, scaled_linear_alphas_cumprod
 from slots import RegionSlots, masks_at, pretraining_loss
 from unet import UNet, average_cross_attention

@@ -27,8 +27,9 @@ Letters: B batch, V vertices, F faces, J joints (5), K blendshape directions, P 
 import numpy as np
 import torch
 import torch.nn as nn
+from scipy.spatial.transform import Rotation
 
-from assets.flame_files import _check_model, load_flame
+from assets.flame_files import check_model, load_flame
 
 JOINT_NAMES = ("global", "neck", "jaw", "left_eye", "right_eye")
 POSE_DIM = 3 * len(JOINT_NAMES)
@@ -51,6 +52,13 @@ def flame15_to_pose6(flame15):
     """FLAME's full pose (B, 15) -> DECA's (B, 6) = [global, jaw]; neck and eyes are dropped."""
     assert flame15.shape[-1] == POSE_DIM, flame15.shape
     return torch.cat([flame15[:, 0:3], flame15[:, 6:9]], dim=1)  # (B, 6): joints 0 and 2
+
+
+def head_pose_degrees(pose):
+    """(B, 3) yaw, pitch, roll in degrees from FLAME's global axis-angle pose[..., :3]."""
+    rotvec = pose[..., :3].detach().double().cpu().numpy().reshape(-1, 3)
+    angles = Rotation.from_rotvec(rotvec).as_euler("YXZ", degrees=True)
+    return torch.as_tensor(angles)
 
 
 def rodrigues(axis_angle):
@@ -160,7 +168,7 @@ class FLAME(nn.Module):
             model = builtin_head()
         elif not isinstance(model, dict):
             model = load_flame(model)
-        _check_model(model, "FLAME model")
+        check_model(model, "FLAME model")
         shape_basis = int(model.get("n_shape_basis", FLAME_SHAPE_BASIS))
         n_exp_available = model["shapedirs"].shape[2] - shape_basis
         self.n_shape = min(DEFAULT_N_SHAPE, shape_basis) if n_shape is None else int(n_shape)

@@ -7,15 +7,15 @@ and lighting (DiffFAE, Wang et al. 2024, §4). Region swaps are the paper's expa
     python sample.py SRC QRY --swap hair=other.png                        # and another's hair
     python sample.py SRC --set yaw=25 --set jaw=15 --set light=1,0,1      # edit by numbers
     python sample.py SRC QRY --sampler ddim --steps 50     # not the model's own sampler and steps
-    python sample.py SRC QRY --refine 20   # coefficients refined through the renderer (fitting.py)
+    python sample.py SRC QRY --refine 20   # coefficients refined through the renderer
     python sample.py SRC QRY --explain fig.png       # and a figure of what each part did
-    python sample.py SRC --drive CLIP --out out.gif  # every frame of a clip a query (drive.py)
+    python sample.py SRC --drive CLIP --out out.gif  # every frame of a clip a query
 
 The model is the bundled one (weights/difffae-tiny.pt, trained on synthetic 64 px portraits)
 unless --ckpt names another: an exported file or a `runs/ldm/ckpt.pt` training checkpoint (its
 EMA weights). Images are centre-cropped and resized to the model's size; with --panel the output
 is a strip source | query | I_R (the rendered face) | result; --explain also draws the edit's
-own tensors, row by row (explain.py). With --drive, CLIP (a folder of frames, a vox-png clip
+own tensors, row by row (tools/explain.py). With --drive, CLIP (a folder of frames, a vox-png clip
 folder or an animated GIF) takes the query's place frame by frame and the output is a GIF; the
 other options apply to every frame. Runs on the CPU by default.
 """
@@ -28,12 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tools import drive
-from tools import explain
 from runtime.checkpoint import load_model
 from runtime.cli import (DEFAULT_CHECKPOINT, SWAPPABLE, Parser, check_device, check_output,
                  check_sampling, fail, read_checkpoint, run)
-from data import ImageError, load_image, save_image
+from runtime.images import ImageError, load_image, save_image
 from difffae import EDIT_ATTRIBUTES, NUMBERS
 from samplers import SAMPLERS
 from assets.head import EXPRESSION_NAMES
@@ -117,8 +115,8 @@ def arguments():
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     parser.add_argument("--refine", type=int, default=None, metavar="N",
                         help="refine the estimator's coefficients by N steps of the photometric "
-                        "fit through the renderer (fitting.py; default: the model's own, 0, the "
-                        "estimator alone, unless it was trained on refined renders: see "
+                        "fit through the renderer (estimator.refine; default: the model's own, "
+                        "0, the estimator alone, unless it was trained on refined renders: see "
                         "docs/fitting.md)")
     parser.add_argument("--panel", action="store_true",
                         help="write source | query | I_R | result instead of the result alone")
@@ -129,11 +127,11 @@ def arguments():
                         "of frames (name order), a vox-png clip folder or an animated GIF")
     parser.add_argument("--frames", metavar="DIR", help="with --drive, also write the output "
                         "frames as DIR/<frame:07d>.png")
-    parser.add_argument("--smooth", type=float, default=drive.SMOOTH_SIGMA, metavar="SIGMA",
+    parser.add_argument("--smooth", type=float, metavar="SIGMA",
                         help="with --drive, smooth the query's coefficients over SIGMA frames "
-                        "(default %(default)s; 0: none)")
-    parser.add_argument("--fps", type=float, default=drive.FPS, help="with --drive, the GIF's "
-                        "frames a second (default %(default)s)")
+                        "(default 1.0; 0: none)")
+    parser.add_argument("--fps", type=float, help="with --drive, the GIF's frames a second "
+                        "(default 25)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps")
     return parser
 
@@ -143,9 +141,13 @@ def check_arguments(args):
     attributes, the swap images' paths and the numbers."""
     check_device(args.device)
     if args.drive:
-        check_drive(args)
-    elif args.frames:
-        raise ValueError(f"--frames {args.frames}: writes the frames of --drive; give a clip")
+        from tools import drive  # a tool beside the edit: the clip, its smoothing, the GIF
+        drive.check_options(args)
+    else:
+        for option in ("frames", "smooth", "fps"):
+            if getattr(args, option) is not None:
+                raise ValueError(f"--{option} {getattr(args, option)}: an option of --drive; "
+                                 f"give a clip")
     args.out = args.out or ("out.gif" if args.drive else "out.png")
     check_output(args.out, "--out", ".gif" if args.drive else ".png")
     if args.query is None and not (args.drive or args.numbers):
@@ -157,37 +159,6 @@ def check_arguments(args):
     if args.explain:
         check_output(args.explain, "--explain", ".png")
     return parse_edit(args.edit), parse_swap(args.swap), parse_numbers(args.numbers)
-
-
-def check_drive(args):
-    """--drive's options, beside the rest."""
-    if args.query is not None:
-        raise ValueError(f"{args.query}: give a query image or --drive CLIP, not both")
-    if args.explain:
-        raise ValueError("--explain draws one edit; it cannot be used with --drive")
-    if args.frames and Path(args.frames).exists() and not Path(args.frames).is_dir():
-        raise ValueError(f"--frames {args.frames}: a file; expected a folder")
-    if not (math.isfinite(args.smooth) and args.smooth >= 0):
-        raise ValueError(f"--smooth {args.smooth}: expected a number of frames >= 0")
-    if not (math.isfinite(args.fps) and 1 <= args.fps <= 100):
-        raise ValueError(f"--fps {args.fps}: expected 1 to 100 (a GIF keeps 1/100 s)")
-
-
-def drive_clip(args, model, source, attributes, swap, numbers):
-    """--drive: the source driven by every frame of the clip (drive.py), written as a GIF."""
-    frames = drive.read_clip(args.drive, model.image_size).to(args.device)
-    result = drive.drive(model, source, frames, attributes, swap, numbers, args.steps,
-                         args.sampler, args.seed, args.eta, args.smooth,
-                         refine_steps=args.refine, progress=True)
-    images = result["image"].cpu()
-    if args.panel:  # source | driving frame | I_R | result, each frame
-        images = torch.cat([source.cpu().expand_as(images), frames.cpu(),
-                            result["render"].cpu(), images], dim=3)  # (N, 3, H, 4·W)
-    images = [zoom(image, args.zoom) for image in images]
-    drive.write_gif(images, args.out, args.fps)
-    if args.frames:
-        drive.write_frames(images, args.frames)
-    return len(images)
 
 
 def edit(args, attributes, swap_paths, numbers):
@@ -202,12 +173,14 @@ def edit(args, attributes, swap_paths, numbers):
     query = read(args.query) if args.query else None
     swap = {region: read(path) for region, path in swap_paths.items()}
     if args.drive:
-        return drive_clip(args, model, source, attributes, swap, numbers)
+        from tools import drive
+        return drive.drive_program(args, model, source, attributes, swap, numbers, zoom)
     trace = {} if args.explain else None
     result = model.edit(source, query, edit=attributes, swap=swap, numbers=numbers,
                         steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta,
                         refine_steps=args.refine, trace=trace)
     if args.explain:
+        from tools import explain  # a tool beside the edit: the figure of its tensors
         Path(args.explain).parent.mkdir(parents=True, exist_ok=True)
         explain.figure(model, trace, result, source, query, attributes, swap, numbers).save(
             args.explain)

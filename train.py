@@ -3,8 +3,11 @@
 DiffFAE (Wang et al. 2024, §4.3, §5.1) needs four pretrained parts before its diffusion model:
     vqvae → slots (reads the VQ-VAE) → estimator, identity → ldm (reads all four).
 `--stage all` runs them in that order, skipping the finished ones, then writes `--export`.
-This is the loop they share, after nanoGPT's train.py; stages.py says what each stage optimises
-and measures, config.py the options (`python train.py --help`).
+This is the loop they share, after nanoGPT's train.py. training/stages.py says what each stage
+optimises and measures (the ldm stage's step is DiffFAE.loss), training/config.py holds the
+presets and the options (`python train.py --stage ldm --help`), training/datasets.py what the
+stages draw, and runtime/guard.py the run's safety (folder lock, signals, agreement across
+ranks, atomic checkpoints with the previous one kept).
 
 A checkpoint carries the config and every RNG state, and what step s draws depends only on
 (seed, rank, s), so a rerun resumes exactly; the previous checkpoint is kept beside the newest.
@@ -27,66 +30,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
+from runtime.guard import (Guard, Stopped, folder_lock, read_stage_checkpoint, rng_states,
+                           save_checkpoint, set_rng_state, truncate_log)
 from training import stages
-from runtime.checkpoint import PARTS
-from training.config import ConfigError, STAGES, build_chain, build_configs
-from data import to_device, write_atomic
-from runtime.guard import Guard, Stopped, folder_lock
-from assets.synthetic import SyntheticPortraits, load_pool
+from training.config import ConfigError, STAGES, build_chain
+from training.datasets import make_dataset, to_device
 
 
-# -- Data: a cached pool of synthetic pairs, or a folder of real frames ----------------------------
-
-CLIP_DRAWS = 1000  # pairs drawn from each clip of a folder: a clip is not one pair forever
-
-
-def make_dataset(cfg, master):
-    """Real frames of the folder cfg.data, or synthetic pairs: a pool rendered by rank 0 the
-    first time and cached under <out>/data/ (about 200 MB for 6,000 pairs at 64 px). The
-    estimator stage takes a folder's frames beside the synthetic pairs (WithFrames)."""
-    if cfg.data != "synthetic":
-        from data import FrameFolder
-        frames = FrameFolder(cfg.data, "train", cfg.image_size, seed=cfg.seed,
-                             draws=CLIP_DRAWS)
-        if cfg.stage != "estimator":
-            return frames
-        return WithFrames(synthetic_pairs(cfg, master), frames)
-    return synthetic_pairs(cfg, master)
-
-
-def synthetic_pairs(cfg, master):
-    if cfg.pool == 0:  # each batch rendered as it is drawn (a 256 px pool would fill the memory)
-        return SyntheticPortraits(cfg.image_size, "train", cfg.seed, identities=cfg.identities)
-    args = (Path(cfg.out) / "data", cfg.image_size, cfg.pool, cfg.identities, cfg.seed)
-    if master:
-        load_pool(*args, workers=cfg.workers)  # rendered (again) here if it must be
-    if dist.is_initialized():
-        dist.barrier()  # the other ranks wait for rank 0's pool
-    return load_pool(*args, render=False)
-
-
-class WithFrames(torch.utils.data.Dataset):
-    """Synthetic pairs, with their exact coefficients, each beside a pair of frames that have
-    none: item i is pair i // F of `pairs` with the frames "frame_source" and "frame_query" of
-    clip i % F of `frames` (F clips), so that a uniform draw of i draws both uniformly and
-    independently. The estimator stage learns from the first by regression and from the second
-    through the renderer alone."""
-
-    def __init__(self, pairs, frames):
-        self.pairs, self.frames = pairs, frames
-        self.identities = frames.identities
-
-    def __len__(self):
-        return len(self.pairs) * len(self.frames)
-
-    def __getitems__(self, indices):
-        count = len(self.frames)
-        items = self.pairs.__getitems__([i // count for i in indices])
-        for item, i in zip(items, indices):
-            clip = self.frames[i % count]
-            item["frame_source"], item["frame_query"] = clip["source"], clip["query"]
-        return items
-
+# -- Batches: step s's depends only on (seed, rank, s) ---------------------------------------------
 
 class StepBatches(torch.utils.data.Sampler):
     """Index lists for steps start..steps-1; step s's batch depends only on (seed, rank, s), so a
@@ -116,56 +67,10 @@ def make_loader(cfg, dataset, start, rank, processes):
                       generator=torch.Generator().manual_seed(cfg.seed + rank))
 
 
-# -- Checkpoints: atomic, the previous one kept, with every RNG state and the EMA ------------------
-
-def atomic_save(obj, path):
-    """torch.save that never leaves half a file (data.write_atomic)."""
-    write_atomic(path, lambda file: torch.save(obj, file))
-
-
-def write_random_parts(out, options=()):
-    """Checkpoints of the four stages the ldm stage starts from, with random weights, under
-    `out` in this program's format; `options` (command-line ones) size them. For tests and
-    benchmarks, whose figures do not depend on the weights. The VQ-VAE goes first: the slots
-    stage reads its config."""
-    for stage in PARTS["ldm"].requires:
-        cfg, parts = build_configs(["--stage", stage, *options, f"--out={out}"])
-        built = stages.build(cfg, parts, torch.device("cpu"), n_identities=cfg.identities)
-        atomic_save({"stage": stage, "step": 0, "model": built.state_dict(),
-                     "config": {stage: vars(parts[stage])}}, Path(out) / stage / "ckpt.pt")
-
+# -- Checkpoints (runtime.guard writes them), resume, the EMA --------------------------------------
 
 def checkpoint_path(cfg):
     return Path(cfg.out) / (f"{cfg.stage}-{cfg.tag}" if cfg.tag else cfg.stage) / "ckpt.pt"
-
-
-def save_checkpoint(state, path):
-    """Writes `state` whole beside `path`, then makes the checkpoint there the previous one
-    (ckpt.prev.pt) and the new one the newest: a crash at any point leaves one readable."""
-    fresh = path.with_name("ckpt.new.pt")
-    atomic_save(state, fresh)
-    if path.exists():
-        os.replace(path, stages.previous_checkpoint(path))
-    os.replace(fresh, path)
-
-
-def rng_states(ddp):
-    """Every rank's torch generator states (CPU and CUDA; nothing here draws from numpy's or
-    Python's global ones), so a resumed run continues each rank's streams. A collective under
-    DDP: every rank calls it."""
-    state = {"torch": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    if not ddp:
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @torch.no_grad()
@@ -230,7 +135,7 @@ def check_resume(config, saved, path, master):
 def build_or_resume(cfg, parts, device, rank, path, n_identities):
     """The stage, its optimiser and EMA: new, or as the newest readable checkpoint left them.
     Returns (stage, optimizer, ema, first step, config to save)."""
-    resume = stages.read_stage_checkpoint(path)
+    resume = read_stage_checkpoint(path)
     stage = stages.build(cfg, parts, device, n_identities)  # completes `parts` in place
     config = {"train": dataclasses.asdict(cfg),
               **{name: dataclasses.asdict(c) for name, c in parts.items()}}
@@ -242,17 +147,6 @@ def build_or_resume(cfg, parts, device, rank, path, n_identities):
     optimizer.load_state_dict(resume["optimizer"])
     set_rng_state(resume["rng"][min(rank, len(resume["rng"]) - 1)])
     return stage, optimizer, resume.get("ema"), resume["step"], config
-
-
-def truncate_log(path, step):
-    """Keeps the lines of a log up to `step`, where a run resumes: a killed run's later lines,
-    or one cut short, are written again and would otherwise be there twice."""
-    kept = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        with contextlib.suppress(ValueError):
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-    write_atomic(path, lambda file: file.write("".join(kept).encode()))
 
 
 # -- The loop --------------------------------------------------------------------------------------
@@ -402,7 +296,7 @@ def export(cfg, out):
     from runtime.checkpoint import export_inference
     if cfg.stage != "ldm":
         raise ConfigError("--export: only the ldm stage makes a complete model")
-    checkpoint = stages.read_stage_checkpoint(checkpoint_path(cfg))
+    checkpoint = read_stage_checkpoint(checkpoint_path(cfg))
     if checkpoint is None:
         raise stages.MissingCheckpoint(f"{checkpoint_path(cfg)} is missing: nothing to export")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -434,7 +328,7 @@ def finished(cfg, done, chain):
 def run_chain(chain):
     """Each stage of `chain` in order (finished ones skipped), then the export of --export."""
     for cfg, parts in chain:
-        state = stages.read_stage_checkpoint(checkpoint_path(cfg))
+        state = read_stage_checkpoint(checkpoint_path(cfg))
         if state is not None and state["step"] >= cfg.steps:
             if first_process():
                 print(f"{cfg.stage}: finished ({checkpoint_path(cfg)} at step {state['step']} "

@@ -152,11 +152,11 @@ def load_flame(path):
     for key in ("face_uvs", "albedo_mean", "albedo_dirs", "n_shape_basis"):  # our .npz extras
         if key in raw:
             model[key] = np.asarray(raw[key])
-    _check_model(model, path)
+    check_model(model, path)
     return model
 
 
-def _check_model(model, name):
+def check_model(model, name):
     """FlameModelError unless the arrays have FLAME's layout for their V vertices and J joints."""
     n_vertices, n_joints = model["v_template"].shape[0], model["parents"].shape[0]
     expected = {"v_template": (n_vertices, 3), "J_regressor": (n_joints, n_vertices),

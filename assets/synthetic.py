@@ -57,7 +57,8 @@ from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
 from assets import head
-from data import save_image, write_atomic
+from runtime.guard import write_atomic
+from runtime.images import save_image
 from flame import FLAME, flame15_to_pose6
 from assets.head_surface import (capped_cylinder_radius, direction, grid_angles, latlong_faces,
                           smoothstep)

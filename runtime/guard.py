@@ -1,18 +1,23 @@
-"""Fault handling of train.py's loop, so that every rank of a run acts alike and no work is lost
-without a word: one run per stage folder (a lock file), and stopping every rank at the same
-step on a non-finite loss, a signal, the end of the time limit or a failed checkpoint write.
-Each check that ranks must agree on is a collective under DDP (torch.distributed)."""
+"""The run's safety, off train.py's reading path, so that every rank of a run acts alike and no
+work is lost without a word: one run per stage folder (a lock file); every rank stopped at the
+same step on a non-finite loss, a signal, the end of the time limit or a failed checkpoint
+write; files written whole or not at all (write_atomic), the previous checkpoint kept beside
+the newest and read when the newest cannot be; and every RNG state saved, so that a resumed
+run goes on exactly. Each check that ranks must agree on is a collective under DDP."""
 import contextlib
 import json
 import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from runtime.checkpoint import read_checkpoint
 
 
 class Stopped(Exception):
@@ -137,3 +142,87 @@ class Guard:
             signum = (self.received or [signal.SIGTERM])[0]
             raise Stopped(f"stopped by {signal.Signals(signum).name} at step {done}; {self.path} "
                           f"holds it: rerun the same command to resume", 128 + signum)
+
+
+def write_atomic(path, write) -> None:
+    """Call write(file) on a new temporary file beside path, then rename it over path: readers,
+    and a crash or a full disk halfway, never leave half a file; the old one stays until then."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def atomic_save(obj, path):
+    """torch.save that never leaves half a file (data.write_atomic)."""
+    write_atomic(path, lambda file: torch.save(obj, file))
+
+
+def save_checkpoint(state, path):
+    """Writes `state` whole beside `path`, then makes the checkpoint there the previous one
+    (ckpt.prev.pt) and the new one the newest: a crash at any point leaves one readable."""
+    fresh = path.with_name("ckpt.new.pt")
+    atomic_save(state, fresh)
+    if path.exists():
+        os.replace(path, previous_checkpoint(path))
+    os.replace(fresh, path)
+
+
+def rng_states(ddp):
+    """Every rank's torch generator states (CPU and CUDA; nothing here draws from numpy's or
+    Python's global ones), so a resumed run continues each rank's streams. A collective under
+    DDP: every rank calls it."""
+    state = {"torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if not ddp:
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def truncate_log(path, step):
+    """Keeps the lines of a log up to `step`, where a run resumes: a killed run's later lines,
+    or one cut short, are written again and would otherwise be there twice."""
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError):
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+    write_atomic(path, lambda file: file.write("".join(kept).encode()))
+
+
+def previous_checkpoint(path):
+    """The checkpoint kept beside `path` (ckpt.pt), one save older."""
+    return Path(path).with_name("ckpt.prev.pt")
+
+
+def read_stage_checkpoint(path):
+    """The newest readable of a stage's ckpt.pt and the previous one kept beside it, saying in
+    one line when the newest cannot be read; None if there is neither."""
+    previous = previous_checkpoint(path)
+    if not Path(path).exists() and not previous.exists():
+        return None
+    try:
+        return read_checkpoint(path)
+    except ValueError as error:
+        problem = error
+    try:
+        state = read_checkpoint(previous)
+    except ValueError:
+        raise ValueError(f"neither {path} nor {previous} can be read: restore a copy, or move "
+                         f"them away to train the stage again") from None
+    print(f"{problem}; using {previous} (step {state['step']}) instead", file=sys.stderr)
+    return state

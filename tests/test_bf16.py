@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
+from runtime import guard
 from training import stages
 import train
-from training.config import STAGES
+from training.config import build_configs, STAGES
 from samplers import SAMPLERS, make_timesteps, scaled_linear_alphas_cumprod
 from assets.synthetic import SyntheticPortraits
 from vqvae import VectorQuantizer
@@ -47,7 +48,7 @@ def trained(batch, tmp_path_factory):
     result = {}
     for stage in STAGES:
         torch.manual_seed(0)
-        cfg, parts = train.build_configs(["--stage", stage, *SMALL, f"--out={out}",
+        cfg, parts = build_configs(["--stage", stage, *SMALL, f"--out={out}",
                                           *EXTRA.get(stage, [])])
         module = stages.build(cfg, parts, torch.device("cpu"), n_identities=2)
         optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], 1e-3)
@@ -61,7 +62,7 @@ def trained(batch, tmp_path_factory):
             module.after_step(batch, step)
             history.append({key: value.detach() for key, value in losses.items()})
         if stage != "ldm":
-            train.atomic_save({"stage": stage, "step": STEPS, "model": module.state_dict(),
+            guard.atomic_save({"stage": stage, "step": STEPS, "model": module.state_dict(),
                                "config": {stage: vars(parts[stage])}}, out / stage / "ckpt.pt")
         result[stage] = (module, history)
     return result
@@ -192,7 +193,7 @@ def test_edit_under_bf16_is_finite_and_close_to_float32(trained, batch, sampler,
 
 def test_the_training_loop_autocasts_on_the_cpu_when_asked(tmp_path):
     def first_loss(tag, *flags):  # one out folder: the runs share the rendered pool
-        cfg, parts = train.build_configs(["--stage", "vqvae", "--steps=1", *SMALL,
+        cfg, parts = build_configs(["--stage", "vqvae", "--steps=1", *SMALL,
                                           f"--out={tmp_path}", f"--tag={tag}", *flags])
         train.train(cfg, parts)
         return json.loads(open(tmp_path / f"vqvae-{tag}" / "log.jsonl").readline())["loss"]

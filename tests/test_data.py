@@ -1,5 +1,6 @@
-"""Tests for data.py: load_image / save_image against hand-computed pixel values, FrameFolder on
-tiny vox-png and plain-folder fixtures built here (layout, pairing rules, determinism, cache)."""
+"""Tests for runtime/images.py and training/datasets.py: load_image / save_image against
+hand-computed pixel values, FrameFolder on tiny vox-png and plain-folder fixtures built here
+(layout, pairing rules, determinism, cache)."""
 import json
 import os
 import struct
@@ -14,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-from data import FrameFolder, ImageError, load_image, save_image
+from runtime import images
+from runtime.images import ImageError, load_image, save_image
+from training.datasets import FrameFolder
 
 RED = (255, 0, 0)
 GREEN = (0, 255, 0)
@@ -209,17 +211,17 @@ def test_a_large_enlargement_warns(tmp_path):
     assert torch.allclose(image, to_unit(RED)[:, None, None].float())  # and still loads
     Image.new("RGB", (4, 4), RED).save(tmp_path / "small.png")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # 4x is data.MAX_UPSCALE: allowed without a word
+        warnings.simplefilter("error")  # 4x is MAX_UPSCALE: allowed without a word
         load_image(tmp_path / "small.png", 16)
 
 
 def test_pixel_limit(tmp_path, monkeypatch):
     Image.new("RGB", (16, 16)).save(tmp_path / "big.png")
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 255)  # 16 × 16 = 256 pixels: one too many
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 255)  # 16 × 16 = 256 pixels: one too many
     with pytest.raises(ImageError, match="16x16 is more than the limit.*shrink it") as refused:
         load_image(tmp_path / "big.png", 16)
     assert "bomb" not in str(refused.value) and "\n" not in str(refused.value)
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 256)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 256)
     assert load_image(tmp_path / "big.png", 16).shape == (3, 16, 16)
     assert Image.MAX_IMAGE_PIXELS is None  # Pillow's own check, worded otherwise, is off
 
@@ -232,10 +234,10 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
                        np.full((400, 400), 128.0)], 2).astype(np.uint8)
     Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=95)
     full = load_image(tmp_path / "big.jpg", 32)
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 50 * 50)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 50 * 50)
     reduced = load_image(tmp_path / "big.jpg", 32)
     assert (reduced - full).abs().mean() < 0.02 and (reduced - full).abs().max() < 0.1
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 50 * 50 - 1)  # 1/8 is the smallest scale
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 50 * 50 - 1)  # 1/8 is the smallest scale
     with pytest.raises(ImageError, match="50x50 is more than the limit"):
         load_image(tmp_path / "big.jpg", 32)
 
@@ -401,7 +403,8 @@ def test_a_damaged_cache_is_rebuilt_in_a_real_process(tmp_path):
     first = build(root)
     cache = root / ".framefolder-train.json"
     cache.write_bytes(cache.read_bytes()[:40])  # cut short, as by a full disk
-    code = f"from data import FrameFolder; print(len(FrameFolder({str(root)!r}, size=8)))"
+    code = (f"from training.datasets import FrameFolder; "
+            f"print(len(FrameFolder({str(root)!r}, size=8)))")
     done = subprocess.run([sys.executable, "-c", code], text=True,
                           capture_output=True, cwd=os.path.dirname(os.path.dirname(__file__)),
                           env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg-cache")})

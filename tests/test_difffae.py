@@ -15,11 +15,10 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from runtime import checkpoint
 from training import frozen_cache
-from training import stages
-import train
-from data import save_image
+from training import datasets, stages
+from training.config import build_configs
+from runtime.images import save_image
 from runtime.checkpoint import (PARTS, TRAINING_ONLY, CheckpointError, configs_of, export_inference,
                         load_model, read_checkpoint)
 from difffae import DiffFAE, DiffusionConfig
@@ -37,7 +36,7 @@ SMALL = [f"--image_size={SIZE}", "--batch_size=2", "--pool=8", "--identities=4",
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    train.write_random_parts(out, SMALL[:4])
+    stages.write_random_parts(out, SMALL[:4])
     return out
 
 
@@ -50,7 +49,7 @@ def batch():
 @pytest.fixture(scope="module")
 def ldm_stage(pretrained, batch):
     torch.manual_seed(0)
-    cfg, parts = train.build_configs(["--stage", "ldm", *SMALL, f"--out={pretrained}"])
+    cfg, parts = build_configs(["--stage", "ldm", *SMALL, f"--out={pretrained}"])
     stage = stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
     stage.model.set_latent_scale(batch["query"])  # as the stage's first step does
     return stage
@@ -136,7 +135,7 @@ def test_paper_variant_is_eq8_alone_with_i_r_from_the_estimator(pretrained, batc
     """Without the tiny preset's two extra terms L = L_LDM + δ·L_attn, and render_from
     "estimated" (the paper's, and the default) draws I_R from the estimator's reading of the
     query, as an edit does."""
-    cfg, parts = train.build_configs(["--stage", "ldm", *SMALL, f"--out={pretrained}",
+    cfg, parts = build_configs(["--stage", "ldm", *SMALL, f"--out={pretrained}",
                                       "--diffusion.slots_weight=0",
                                       "--diffusion.truth_fraction=0"])
     stage = stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
@@ -384,7 +383,7 @@ def test_the_shipped_model_is_what_the_default_preset_builds():
               "train": {"out", "tag", "export"}}
     built = {}
     for stage in PARTS:
-        cfg, parts = train.build_configs(["--stage", stage])
+        cfg, parts = build_configs(["--stage", stage])
         built.update({name: dataclasses.asdict(c) for name, c in parts.items()})
         if stage == "ldm":
             built["train"] = dataclasses.asdict(cfg)
@@ -506,10 +505,10 @@ def test_the_frozen_parts_cache_gives_the_same_step_and_is_keyed_by_their_weight
     for stage in PARTS["ldm"].requires:
         (tmp_path / stage).mkdir()
         os.link(pretrained / stage / "ckpt.pt", tmp_path / stage / "ckpt.pt")
-    cfg, parts = train.build_configs(["--stage", "ldm", *SMALL, f"--out={tmp_path}",
+    cfg, parts = build_configs(["--stage", "ldm", *SMALL, f"--out={tmp_path}",
                                       "--diffusion.truth_fraction=0.5"])  # exact renders too
     stage = stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
-    pool = train.make_dataset(cfg, master=True)
+    pool = datasets.make_dataset(cfg, master=True)
     batch = default_collate(pool.__getitems__([5, 2, 7, 0]))
     stage.model.set_latent_scale(batch["query"])
     parameters = [p for p in stage.parameters() if p.requires_grad]
@@ -556,7 +555,7 @@ def test_truth_fraction_draws_i_r_from_the_exact_coefficients(pretrained, batch)
     layer starts at zero, so the loss alone does not yet depend on I_R."""
     grads = {}
     for fraction in (0.0, 1.0):
-        cfg, parts = train.build_configs(["--stage", "ldm", *SMALL, f"--out={pretrained}",
+        cfg, parts = build_configs(["--stage", "ldm", *SMALL, f"--out={pretrained}",
                                           "--diffusion.slots_weight=0",
                                           f"--diffusion.truth_fraction={fraction}"])
         stage = stages.build(cfg, parts, torch.device("cpu"), n_identities=4)
@@ -588,7 +587,7 @@ def test_i_r_from_refined_coefficients_uses_the_pretrained_face_masks(pretrained
     for stage_name in PARTS["ldm"].requires:
         (tmp_path / stage_name).mkdir()
         os.link(pretrained / stage_name / "ckpt.pt", tmp_path / stage_name / "ckpt.pt")
-    cfg, parts = train.build_configs(["--stage", "ldm", *SMALL, f"--out={tmp_path}",
+    cfg, parts = build_configs(["--stage", "ldm", *SMALL, f"--out={tmp_path}",
                                       "--diffusion.render_from=refined",
                                       "--diffusion.refine_steps=3",
                                       "--diffusion.slots_weight=0",
@@ -600,7 +599,7 @@ def test_i_r_from_refined_coefficients_uses_the_pretrained_face_masks(pretrained
     with torch.no_grad():
         for p in model.slots.parameters():
             p.add_(0.05 * torch.randn_like(p))  # the trained encoder moves; the fit's does not
-    pool = train.make_dataset(cfg, master=True)
+    pool = datasets.make_dataset(cfg, master=True)
     batch = default_collate(pool.__getitems__([1, 4]))
     model.set_latent_scale(batch["query"])
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from tools import drive
 import sample
 from runtime.checkpoint import load_model
 from runtime.cli import DEFAULT_CHECKPOINT
-from data import ImageError, load_image
+from runtime.images import ImageError, load_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDE = 16    # the frames written here: small, and no resize when read at SIDE

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from estimator import (ArcMarginHead, CoefficientEstimator, EstimatorConfig, IdentityConfig,
-                       IdentityEncoder, csim)
+from estimator import (CoefficientEstimator, EstimatorConfig, IdentityConfig, IdentityEncoder,
+                       csim)
+from training.arcface import ArcMarginHead
 from flame import flame15_to_pose6, pose6_to_flame15
 
 

@@ -19,8 +19,8 @@ from torch.utils.data import default_collate
 from tools import explain
 from tools import pictures
 from training import stages
-import train
-from data import load_image, to_pil
+from training.config import build_configs
+from runtime.images import load_image, to_pil
 from runtime.checkpoint import load_model
 from difffae import set_numbers
 from samplers import ddim_step, make_timesteps, predict_x0
@@ -190,13 +190,13 @@ def test_sample_explain_writes_the_figure_and_the_same_output(tmp_path):
 
 
 def test_the_slots_and_ldm_stage_grids_show_the_masks(tmp_path):
-    train.write_random_parts(tmp_path, SMALL[:4])
+    stages.write_random_parts(tmp_path, SMALL[:4])
     size, items = 32, 2
     batch = default_collate(SyntheticPortraits(size, "test", length=items).__getitems__(
         range(items)))
     for stage, rows in (("slots", 1), ("ldm", 5)):  # images, then one row per slot and argmax
         options = [o for o in SMALL if stage == "ldm" or not o.startswith("--diffusion")]
-        cfg, parts = train.build_configs(["--stage", stage, *options, f"--out={tmp_path}"])
+        cfg, parts = build_configs(["--stage", stage, *options, f"--out={tmp_path}"])
         built = stages.build(cfg, parts, torch.device("cpu"), n_identities=4).eval()
         if stage == "ldm":
             built.model.set_latent_scale(batch["query"])

@@ -15,9 +15,8 @@ import time
 import pytest
 import torch
 
-from training import stages
 import train
-from training.config import FILLED, PRESETS, STAGE_ONLY, STAGES, stage_defaults
+from training.config import build_configs, FILLED, PRESETS, stage_defaults, STAGE_ONLY, STAGES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny, with evaluations and dead-code restarts (a short usage memory leaves codes dead) often
@@ -177,13 +176,13 @@ def test_bad_values_are_refused_in_one_line_before_any_work(value, tmp_path, cap
 
 
 def test_help_lists_every_option_with_its_type_and_default(capsys):
-    cfg, parts = train.build_configs(["--stage", "vqvae", "--steps", "7", "--vqvae.beta", "0.5"])
+    cfg, parts = build_configs(["--stage", "vqvae", "--steps", "7", "--vqvae.beta", "0.5"])
     assert cfg.steps == 7 and parts["vqvae"].beta == 0.5  # `--key value` as `--key=value`
     # without --stage: each part with its stage's preset values (no preset uses the
     # dataclasses' own), and an option whose value differs between stages shows each
     everything = [(f"{name}.", part) for stage in STAGES
                   for name, part in stage_defaults(stage, "tiny")[1].items()]
-    cfg, parts = train.build_configs(["--stage", "ldm"])  # the tiny preset's values
+    cfg, parts = build_configs(["--stage", "ldm"])  # the tiny preset's values
     ldm = [("", cfg)] + [(f"{name}.", config) for name, config in parts.items()]
     for argv, configs in (([], everything), (["--stage", "ldm"], ldm)):
         with pytest.raises(SystemExit) as stop:

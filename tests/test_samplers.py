@@ -27,7 +27,7 @@ import math
 import pytest
 import torch
 
-from training import metrics
+from flame import head_pose_degrees
 from difffae import DiffusionConfig
 from difffae import EDIT_ATTRIBUTES, combine_coefficients, set_numbers
 from samplers import (SAMPLERS, ddim_step, make_timesteps, predict_x0, sample_ddim,
@@ -439,8 +439,8 @@ def test_set_numbers_euler_angles(numbers):
     coeffs = head_coefficients()
     before = copy(coeffs)
     out = set_numbers(coeffs, numbers)
-    angles_before = metrics.head_pose_degrees(coeffs["pose"])
-    angles = metrics.head_pose_degrees(out["pose"])
+    angles_before = head_pose_degrees(coeffs["pose"])
+    angles = head_pose_degrees(out["pose"])
     for index, name in enumerate(("yaw", "pitch", "roll")):
         expected = numbers.get(name, None)
         column = angles_before[:, index] if expected is None else torch.full((3,), expected)

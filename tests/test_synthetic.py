@@ -9,7 +9,8 @@ import torch
 
 from tools import drive
 from assets import synthetic
-from data import FrameFolder, load_image
+from runtime.images import load_image
+from training.datasets import FrameFolder
 from layers import BACKGROUND, CLOTHES, FACE, HAIR
 from assets.synthetic import SyntheticPortraits
 
@@ -135,11 +136,13 @@ def test_export_round_trips_through_frame_folder(tmp_path):
 
 def test_command_line(tmp_path):
     out = tmp_path / "preview.png"
-    done = subprocess.run([sys.executable, "-m", "assets.synthetic", "--preview", str(out), "--size", "32"],
+    done = subprocess.run([sys.executable, "-m", "assets.synthetic", "--preview", str(out),
+                           "--size", "32"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert load_image(out, 32).shape == (3, 32, 32)
-    bad = subprocess.run([sys.executable, "-m", "assets.synthetic", "--export", str(tmp_path), "--n", "0"],
+    bad = subprocess.run([sys.executable, "-m", "assets.synthetic", "--export", str(tmp_path),
+                          "--n", "0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --n 0")
 

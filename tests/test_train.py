@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from training import config
+from runtime import guard
+from training import config, datasets
 from training import stages
 import train
+from training.config import build_configs
 from estimator import photometric_loss
 from layers import FACE
 from slots import masks_at
@@ -29,17 +31,17 @@ def run(args, out, **kwargs):
 
 
 def test_overrides_are_typed_and_unknown_keys_rejected():
-    cfg, parts = train.build_configs(["--stage", "vqvae", "--lr=0.5", "--bf16=false",
+    cfg, parts = build_configs(["--stage", "vqvae", "--lr=0.5", "--bf16=false",
                                       "--vqvae.channel_mult=1,2", "--vqvae.codebook_size=64"])
     assert cfg.lr == 0.5 and cfg.bf16 is False
     assert parts["vqvae"].channel_mult == (1, 2) and parts["vqvae"].codebook_size == 64
     assert cfg.steps == config.PRESETS["tiny"]["vqvae"]["train"]["steps"]
     with pytest.raises(train.ConfigError, match="unknown key"):
-        train.build_configs(["--stage", "vqvae", "--learning_rate=1"])
+        build_configs(["--stage", "vqvae", "--learning_rate=1"])
     with pytest.raises(train.ConfigError, match="expected int"):
-        train.build_configs(["--stage", "vqvae", "--steps=many"])
+        build_configs(["--stage", "vqvae", "--steps=many"])
     with pytest.raises(ValueError, match="norm_groups"):  # the part's own validation
-        train.build_configs(["--stage", "vqvae", "--vqvae.base_channels=12"])
+        build_configs(["--stage", "vqvae", "--vqvae.base_channels=12"])
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def batch():
 
 
 def small_configs(stage, tmp_path):
-    cfg, parts = train.build_configs(["--stage", stage, *SMALL, f"--out={tmp_path}"])
+    cfg, parts = build_configs(["--stage", stage, *SMALL, f"--out={tmp_path}"])
     return cfg, parts
 
 
@@ -59,7 +61,7 @@ def test_a_few_steps_of_every_stage_lower_the_loss(stage, batch, tmp_path):
     if stage == "slots":  # needs a VQ-VAE checkpoint
         cfg, parts = small_configs("vqvae", tmp_path)
         vq = stages.build(cfg, parts, torch.device("cpu"), 2)
-        train.atomic_save({"model": vq.state_dict(), "config": {"vqvae": vars(parts["vqvae"])}},
+        guard.atomic_save({"model": vq.state_dict(), "config": {"vqvae": vars(parts["vqvae"])}},
                           tmp_path / "vqvae" / "ckpt.pt")
     cfg, parts = small_configs(stage, tmp_path)
     model = stages.build(cfg, parts, torch.device("cpu"), n_identities=2)
@@ -108,13 +110,13 @@ def test_the_estimator_learns_from_frames_without_coefficients(tmp_path):
         (clip / "params.json").unlink()  # withheld: nothing may depend on them
     options = ["--stage", "estimator", *SMALL, f"--out={tmp_path}", f"--data={folder}",
                "--frames_weight=0.5"]
-    cfg, parts = train.build_configs(options)
+    cfg, parts = build_configs(options)
     with pytest.raises(stages.MissingCheckpoint, match="--stage slots"):
         stages.require_earlier_checkpoints(cfg)  # the face is found by the slots stage
-    train.write_random_parts(tmp_path, SMALL[:4])
-    dataset = train.make_dataset(cfg, master=True)
+    stages.write_random_parts(tmp_path, SMALL[:4])
+    dataset = datasets.make_dataset(cfg, master=True)
     clips = len(dataset.frames)  # the 3 clips, each drawn many times
-    assert len(dataset) == 8 * clips and clips == 3 * train.CLIP_DRAWS
+    assert len(dataset) == 8 * clips and clips == 3 * datasets.CLIP_DRAWS
     item = dataset.__getitems__([2 * clips + 4])[0]  # pair 2, the folder's item 4
     assert torch.equal(item["source"], dataset.pairs.__getitems__([2])[0]["source"])
     assert torch.equal(item["frame_query"], dataset.frames[4]["query"])
@@ -142,7 +144,7 @@ def test_the_estimator_learns_from_frames_without_coefficients(tmp_path):
 
 
 def test_the_vqvae_stage_weighs_the_true_face(batch, tmp_path):
-    cfg, parts = train.build_configs(["--stage", "vqvae", *SMALL, f"--out={tmp_path}",
+    cfg, parts = build_configs(["--stage", "vqvae", *SMALL, f"--out={tmp_path}",
                                       "--vqvae.face_weight=3"])
     stage = stages.build(cfg, parts, torch.device("cpu"), 2)
     images = torch.cat([batch["source"], batch["query"]])
@@ -156,7 +158,7 @@ def test_the_vqvae_stage_weighs_the_true_face(batch, tmp_path):
 
 
 def test_face_only_identity_stage_sees_the_face_alone(batch, tmp_path):
-    cfg, parts = train.build_configs(["--stage", "identity", *SMALL, f"--out={tmp_path}",
+    cfg, parts = build_configs(["--stage", "identity", *SMALL, f"--out={tmp_path}",
                                       "--face_only=true"])
     stage = stages.build(cfg, parts, torch.device("cpu"), n_identities=2)
     torch.manual_seed(0)

@@ -235,7 +235,8 @@ def train_command(stage, out, *args):
 def parameter_counts(config):
     """Parameters of every network (millions), built on the meta device from the ldm
     checkpoint's config."""
-    from estimator import ArcMarginHead, CoefficientEstimator, EstimatorConfig
+    from estimator import CoefficientEstimator, EstimatorConfig
+    from training.arcface import ArcMarginHead
     from estimator import IdentityConfig, IdentityEncoder
     from slots import RegionSlots, SlotsConfig
     from unet import UNet, UNetConfig
@@ -352,14 +353,14 @@ def ldm_step(out):
     once, frozen parts cached (the preset). Random weights, which do not change the time; a
     pool of 8 pairs under `out`. Prints a Markdown table of median milliseconds, interleaved."""
     from training import stages
-    import train
     from assets.synthetic import true_coefficients
+    from training import datasets
     from slots import pretraining_loss
     options = [f"--out={out}", "--pool=8", "--identities=8"]
-    train.write_random_parts(out, options)
+    stages.write_random_parts(out, options)
     cfg, parts = build_configs(["--stage", "ldm", *options])
     stage = stages.build(cfg, parts, torch.device("cpu"), cfg.identities).train()
-    pool = train.make_dataset(cfg, master=True)
+    pool = datasets.make_dataset(cfg, master=True)
     batch = default_collate(pool.__getitems__(range(cfg.batch_size)))
     model = stage.model
     model.set_latent_scale(batch["query"])
@@ -415,7 +416,7 @@ def train_stages(check, out, peak, cuda):
     rows = []
     for stage in STAGES:
         steps = check["ldm_steps"] if stage == "ldm" else check["steps"]
-        cfg, parts = train.build_configs(train_command(stage, out, *check["args"], "--log_every=1",
+        cfg, parts = build_configs(train_command(stage, out, *check["args"], "--log_every=1",
                                                        f"--steps={steps}")[2:])
         started = time.perf_counter()
         train.train(cfg, parts)

@@ -3,12 +3,13 @@
 The paper edits and scores stills; reenacting a clip is its main use (it draws its test pairs
 from VoxCeleb clips, §5.1), and what a clip adds is the need to stay steady from frame to frame.
 
-Reading a clip (`read_clip`): a folder of frames in name order, numbers in names compared by
-value (frame2 before frame10); a clip folder of the vox-png layout,
-<person>#<video>#<start>#<end>.mp4/<frame:07d>.png (data.FrameFolder), is such a folder; or an
-animated image file (GIF, APNG, WebP). Every frame goes through data.load_image / from_pil
-(centre-crop, resize to S). A clip with no frames, one frame, a file that is not an image, or
-frames of different sizes is refused with one line naming the file, before any sampling.
+Reading a clip (`read_clip`): a folder of frames in name order, numbers in names compared by value
+(frame2 before frame10); a clip folder of the vox-png layout,
+<person>#<video>#<start>#<end>.mp4/<frame:07d>.png (training.datasets.FrameFolder), is such a
+folder; or an animated image file (GIF, APNG, WebP). Every frame goes through
+runtime.images.load_image / from_pil (centre-crop, resize to S). A clip with no frames, one frame, a
+file that is not an image, or frames of different sizes is refused with one line naming the file,
+before any sampling.
 
 Steady by construction (`drive`). A DiffFAE sample is a deterministic function of the initial
 noise z_T and the conditions (dpm++2m, or DDIM with η = 0), so
@@ -44,7 +45,7 @@ import torch
 from PIL import Image, ImageSequence, UnidentifiedImageError
 from tqdm import tqdm
 
-from data import ImageError, from_pil, load_image, save_image, to_pil
+from runtime.images import ImageError, from_pil, load_image, save_image, to_pil
 from difffae import EDIT_ATTRIBUTES, edit_coefficients
 
 MIN_FRAMES = 2          # a clip of one frame is a still: sample.py SRC QRY edits it
@@ -105,7 +106,7 @@ def _animation_frames(path, size):
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image file; expected a folder of frames or an "
                          f"animated GIF") from None
-    except Exception as error:  # truncated or corrupt data, as data.load_image reports it
+    except Exception as error:  # truncated or corrupt data, as load_image reports it
         raise ImageError(f"{path}: cannot decode frames ({type(error).__name__}: "
                          f"{' '.join(str(error).split())})") from None
     return torch.stack(frames)
@@ -214,3 +215,41 @@ def write_frames(images, folder):
     """Each (3, H, W) image as folder/<frame:07d>.png, exactly (8-bit PNG, data.save_image)."""
     for k, image in enumerate(images):
         save_image(image, Path(folder) / f"{k:07d}.png")
+
+
+# -- sample.py --drive -----------------------------------------------------------------------------
+
+def check_options(args):
+    """sample.py --drive's options, checked before any work; the defaults of --smooth and
+    --fps filled in."""
+    if args.query is not None:
+        raise ValueError(f"{args.query}: give a query image or --drive CLIP, not both")
+    if args.explain:
+        raise ValueError("--explain draws one edit; it cannot be used with --drive")
+    if args.frames and Path(args.frames).exists() and not Path(args.frames).is_dir():
+        raise ValueError(f"--frames {args.frames}: a file; expected a folder")
+    args.smooth = SMOOTH_SIGMA if args.smooth is None else args.smooth
+    args.fps = FPS if args.fps is None else args.fps
+    if not (math.isfinite(args.smooth) and args.smooth >= 0):
+        raise ValueError(f"--smooth {args.smooth}: expected a number of frames >= 0")
+    if not (math.isfinite(args.fps) and 1 <= args.fps <= 100):
+        raise ValueError(f"--fps {args.fps}: expected 1 to 100 (a GIF keeps 1/100 s)")
+
+
+def drive_program(args, model, source, attributes, swap, numbers, zoom):
+    """sample.py --drive: the source driven by every frame of the clip, written as a GIF (and
+    with --frames as PNGs), each frame enlarged by zoom(image, args.zoom). Returns the number of
+    frames."""
+    frames = read_clip(args.drive, model.image_size).to(args.device)
+    result = drive(model, source, frames, attributes, swap, numbers, args.steps,
+                         args.sampler, args.seed, args.eta, args.smooth,
+                         refine_steps=args.refine, progress=True)
+    images = result["image"].cpu()
+    if args.panel:  # source | driving frame | I_R | result, each frame
+        images = torch.cat([source.cpu().expand_as(images), frames.cpu(),
+                            result["render"].cpu(), images], dim=3)  # (N, 3, H, 4·W)
+    images = [zoom(image, args.zoom) for image in images]
+    write_gif(images, args.out, args.fps)
+    if args.frames:
+        write_frames(images, args.frames)
+    return len(images)

@@ -77,7 +77,8 @@ from torch.utils.data import default_collate
 from tools import drive
 from training import metrics
 from runtime.checkpoint import load_model, rebuild
-from data import save_image, to_device
+from runtime.images import save_image
+from training.datasets import to_device
 from difffae import EDIT_ATTRIBUTES, combine_coefficients
 from flame import FLAME, flame15_to_pose6, pose6_to_flame15
 from layers import FACE, REGION_NAMES
@@ -476,7 +477,8 @@ def write_json(args, results):
     if args.json:
         config = {key: value for key, value in vars(args).items() if key not in ("json", "grid")}
         if Path(args.ckpt) == DEFAULT_CHECKPOINT:
-            config["ckpt"] = str(DEFAULT_CHECKPOINT.relative_to(Path(__file__).resolve().parents[1]))
+            root = Path(__file__).resolve().parents[1]
+            config["ckpt"] = str(DEFAULT_CHECKPOINT.relative_to(root))
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({**results, "config": config}, indent=2) + "\n")
 

@@ -19,7 +19,7 @@ Rows of `figure`, top to bottom:
 4. Trajectory of the sampler: x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t (DDIM Eq. 12's prediction,
    whatever the sampler; samplers.predict_x0), decoded at six steps, then the output.
 The numbers are set_numbers' (editing.py): head yaw, pitch, roll as intrinsic Y-X-Z Euler angles
-(metrics.head_pose_degrees) and jaw opening, in degrees; the light's direction (x right, y up,
+(head_pose_degrees) and jaw opening, in degrees; the light's direction (x right, y up,
 z towards the camera) and strength, the first SH band being direction ⊗ strength per colour.
 Panels are enlarged nearest-neighbour, so a 64 px model's figure stays readable and a map's
 pixels show as blocks. Labels use Pillow's default font, which has no Greek: x0 stands for x̂_0.
@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from training import metrics
-from data import to_pil
+from runtime.images import to_pil
+from flame import head_pose_degrees
 from difffae import EDIT_ATTRIBUTES
-from layers import REGION_COLOURS, REGION_NAMES
+from layers import REGION_NAMES, slot_colour
 from tools.pictures import argmax_map, enlarge, mask_rows, overlay, paint, paint_one
 from unet import average_cross_attention
 
@@ -79,7 +79,7 @@ def numbers_of(coefficients):
     """set_numbers read backwards: for coefficients in the estimator's keys, {"yaw", "pitch",
     "roll", "jaw": degrees (B,), "light": unit direction (B, 3), "strength": (B,)}, the strength
     being the first SH band's norm averaged over colours."""
-    angles = metrics.head_pose_degrees(coefficients["pose"]).float()  # (B, 3) yaw, pitch, roll
+    angles = head_pose_degrees(coefficients["pose"]).float()  # (B, 3) yaw, pitch, roll
     band = coefficients["light"][:, 1:4].detach().float().cpu()  # (B, 3 directions, 3 colours)
     direction = band.sum(dim=2)  # (B, 3): direction · Σ strength, whatever the colours
     return {"yaw": angles[:, 0], "pitch": angles[:, 1], "roll": angles[:, 2],
@@ -226,7 +226,7 @@ def _token_images(source, swap, item):
     quarters = []
     for k, region in enumerate(REGION_NAMES):
         image = swap.get(region, source)[item:item + 1]
-        framed = (REGION_COLOURS[k].to(image)[None, :, None, None] * 2 - 1).expand(
+        framed = (slot_colour(k).to(image)[None, :, None, None] * 2 - 1).expand(
             1, 3, image.shape[-2] // 2, image.shape[-1] // 2).clone()  # (1, 3, H/2, W/2)
         border = max(1, framed.shape[-1] // 16)
         inner = (..., slice(border, -border), slice(border, -border))

@@ -2,14 +2,14 @@
 training stages' grids: tensors in, tensors out, images in [-1, 1].
 
 A map m (B, K, h, w) that sums to 1 over its K slots is painted as the mixture Σ_k m_k·colour_k
-of the slots' colours (layers.REGION_COLOURS, in the order of layers.REGION_NAMES).
+of the slots' colours (layers.slot_colour, in the order of layers.REGION_NAMES).
 
 Letters: B batch, K slots, H/W image size, h/w map size.
 """
 import torch
 import torch.nn.functional as F
 
-from layers import REGION_COLOURS
+from layers import slot_colour
 
 TINT = 0.65           # opacity of a slot's colour where its mask is 1
 DIM = 0.35            # brightness of the image outside a slot's mask
@@ -24,7 +24,7 @@ def enlarge(images, size):
 def paint(masks):
     """Maps (B, K, h, w) as the colour Σ_k m_k·colour_k, in [-1, 1]: (B, 3, h, w). For maps that
     sum to 1 over K, a mixture of the slots' colours."""
-    colours = REGION_COLOURS[:masks.shape[1]].to(masks)  # (K, 3)
+    colours = torch.stack([slot_colour(k) for k in range(masks.shape[1])]).to(masks)  # (K, 3)
     return torch.einsum("bkhw,kc->bchw", masks, colours) * 2 - 1
 
 
@@ -56,7 +56,7 @@ def mask_rows(images, masks):
     dimmed = (images + 1) * DIM - 1
     rows = []
     for k in range(masks.shape[1]):
-        colour = REGION_COLOURS[k].to(images)[None, :, None, None] * 2 - 1  # (1, 3, 1, 1)
+        colour = slot_colour(k).to(images)[None, :, None, None] * 2 - 1  # (1, 3, 1, 1)
         mask = large[:, k:k + 1]  # (B, 1, H, W)
         rows.append(dimmed + mask * (images + TINT * (colour - images) - dimmed))
     return rows + [argmax_map(images, masks)]

@@ -13,7 +13,9 @@ import torch.distributed as dist
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
-from data import to_device, write_atomic
+from runtime.guard import write_atomic
+
+from training.datasets import to_device
 from assets.synthetic import true_coefficients
 
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.transform import Rotation
 
-from flame import pose6_to_flame15
+from flame import head_pose_degrees, pose6_to_flame15
 from layers import FACE, REGION_NAMES, laplacian
 
 MILLIMETRES = 1000  # FLAME's unit is the metre
@@ -146,13 +146,6 @@ def slot_iou(confusion, fixed=False):
     hits = merged.diag()
     union = merged.sum(0) + merged.sum(1) - hits
     return torch.where(union > 0, hits / union.clamp(min=1), torch.ones_like(hits))
-
-
-def head_pose_degrees(pose):
-    """(B, 3) yaw, pitch, roll in degrees from FLAME's global axis-angle pose[..., :3]."""
-    rotvec = pose[..., :3].detach().double().cpu().numpy().reshape(-1, 3)
-    angles = Rotation.from_rotvec(rotvec).as_euler("YXZ", degrees=True)
-    return torch.as_tensor(angles)
 
 
 def head_pose_error(pose, true_pose):

@@ -7,7 +7,6 @@ png) measures held-out synthetic identities (a batch on the stage's device) and 
 Letters: B batch, K slots, H/W image size.
 """
 import dataclasses
-import sys
 from pathlib import Path
 
 import torch
@@ -17,16 +16,19 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from assets.synthetic import SyntheticPortraits, pool_path, true_coefficients
-from data import save_image
+from runtime.images import save_image
 from difffae import DiffFAE, combine_coefficients, render_face
-from estimator import (ArcMarginHead, COEFFICIENT_SCALE, CoefficientEstimator, IdentityEncoder,
-                       fittable, photometric_loss)
+from estimator import (COEFFICIENT_SCALE, CoefficientEstimator, IdentityEncoder, fittable,
+                       photometric_loss)
 from layers import FACE, REGION_NAMES
-from runtime.checkpoint import PARTS, read_checkpoint, rebuild
+from runtime.checkpoint import PARTS, rebuild
+from runtime.guard import atomic_save, previous_checkpoint, read_stage_checkpoint
 from samplers import predict_x0
 from slots import RegionSlots, masks_at, pretraining_loss
 from tools.pictures import enlarge, grid as picture_grid, mask_rows
 from training import metrics
+from training.arcface import ArcMarginHead
+from training.config import build_configs
 from training.frozen_cache import FrozenCache
 from vqvae import VQVAE, vq_loss
 
@@ -53,30 +55,6 @@ def step_generator(seed, step):
 def images_of(batch):
     """Sources and queries as one batch of single images (2B, 3, H, W)."""
     return torch.cat([batch["source"], batch["query"]])
-
-
-def previous_checkpoint(path):
-    """The checkpoint kept beside `path` (ckpt.pt), one save older."""
-    return Path(path).with_name("ckpt.prev.pt")
-
-
-def read_stage_checkpoint(path):
-    """The newest readable of a stage's ckpt.pt and the previous one kept beside it, saying in
-    one line when the newest cannot be read; None if there is neither."""
-    previous = previous_checkpoint(path)
-    if not Path(path).exists() and not previous.exists():
-        return None
-    try:
-        return read_checkpoint(path)
-    except ValueError as error:
-        problem = error
-    try:
-        state = read_checkpoint(previous)
-    except ValueError:
-        raise ValueError(f"neither {path} nor {previous} can be read: restore a copy, or move "
-                         f"them away to train the stage again") from None
-    print(f"{problem}; using {previous} (step {state['step']}) instead", file=sys.stderr)
-    return state
 
 
 def missing(path, stage, out):
@@ -528,3 +506,15 @@ def build(cfg, parts, device, n_identities):
     stage = {"vqvae": VQStage, "slots": SlotsStage, "estimator": EstimatorStage,
              "identity": IdentityStage, "ldm": LDMStage}[cfg.stage]
     return stage(cfg, parts, device, n_identities).to(device)
+
+
+def write_random_parts(out, options=()):
+    """Checkpoints of the four stages the ldm stage starts from, with random weights, under
+    `out` in this program's format; `options` (command-line ones) size them. For tests and
+    benchmarks, whose figures do not depend on the weights. The VQ-VAE goes first: the slots
+    stage reads its config."""
+    for stage in PARTS["ldm"].requires:
+        cfg, parts = build_configs(["--stage", stage, *options, f"--out={out}"])
+        built = build(cfg, parts, torch.device("cpu"), n_identities=cfg.identities)
+        atomic_save({"stage": stage, "step": 0, "model": built.state_dict(),
+                     "config": {stage: vars(parts[stage])}}, Path(out) / stage / "ckpt.pt")
