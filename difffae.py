@@ -58,16 +58,14 @@ class DiffusionConfig:
     acr_weight: float = 0.1        # δ of Eq. 8; 0 is the "no ACR" ablation
     min_snr_gamma: float = 0.0     # γ of Min-SNR loss weights (Hang et al. 2023); 0: none (paper)
     snr_floor: float = 0.0         # with Min-SNR, the least x0-weight: w = clamp(SNR, floor, γ)/SNR
-                                   # (1: the noisiest steps count as at SNR 1; 0: Min-SNR as
-                                   # published)
+                                   # (1: the noisiest steps count as at SNR 1; 0: as published)
     truth_fraction: float = 0.0    # share of the training pairs whose I_R is of the exact
                                    # coefficients (synthetic data; not in the paper)
     slots_weight: float = 0.0      # weight of the slots stage's loss kept on (not in the paper)
     slots_supervision: float = 0.0  # weight of that loss's region term (synthetic data)
     render_from: str = "estimated"  # the other pairs' I_R: the estimator's reading ("estimated",
-                                   # as in an edit), or that reading "refined" by refine_steps of
-                                   # the fit through the renderer (estimator.refine; not in the
-                                   # paper)
+                                   # as in an edit) or that reading "refined" by refine_steps of
+                                   # the fit through the renderer (estimator.refine; no paper)
     refine_steps: int = 20         # render_from "refined": the fit's steps
     sample_steps: int = 20
     sampler: str = "dpm++2m"       # "ddim" (Song et al. 2021) or "dpm++2m" (Lu et al. 2022)

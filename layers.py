@@ -26,11 +26,6 @@ FACE, HAIR, CLOTHES, BACKGROUND = range(len(REGION_NAMES))
 REGION_COLOURS = torch.tensor([[0.95, 0.3, 0.3], [0.95, 0.75, 0.1], [0.1, 0.35, 0.95],
                                [0.2, 0.8, 0.3]])
 
-
-def slot_colour(k):
-    """(3,) the colour of slot k: region k's, repeating past the four regions."""
-    return REGION_COLOURS[k % len(REGION_COLOURS)]
-
 # GroupNorm eps. LDM's autoencoder uses 1e-6 (its `Normalize`), and so do the VQ-VAE and φ^E
 # built from it here. The denoiser (unet.py) keeps PyTorch's default 1e-5, as LDM's UNet res blocks
 # do (LDM's transformer blocks use 1e-6). Each network was trained with its value.

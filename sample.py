@@ -15,27 +15,32 @@ The model is the bundled one (weights/difffae-tiny.pt, trained on synthetic 64 p
 unless --ckpt names another: an exported file or a `runs/ldm/ckpt.pt` training checkpoint (its
 EMA weights). Images are centre-cropped and resized to the model's size; with --panel the output
 is a strip source | query | I_R (the rendered face) | result; --explain also draws the edit's
-own tensors, row by row (tools/explain.py). With --drive, CLIP (a folder of frames, a vox-png clip
-folder or an animated GIF) takes the query's place frame by frame and the output is a GIF; the
-other options apply to every frame. Runs on the CPU by default.
+own tensors, row by row (tools/explain.py). With --drive, CLIP (a folder of frames, a vox-png
+clip folder or an animated GIF) takes the query's place frame by frame and the output is a GIF;
+the other options apply to every frame. Runs on the CPU, with one thread unless OMP_NUM_THREADS
+says otherwise: two threads spin-wait on a shared 2-core machine (docs/timings.md).
 """
 import argparse
 import math
+import os
 import time
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from assets.head import EXPRESSION_NAMES
+from assets.synthetic import NUMBER_RANGES
+from difffae import EDIT_ATTRIBUTES, NUMBERS
 from runtime.checkpoint import load_model
 from runtime.cli import (DEFAULT_CHECKPOINT, SWAPPABLE, Parser, check_device, check_output,
-                 check_sampling, fail, read_checkpoint, run)
-from runtime.images import ImageError, load_image, save_image
-from difffae import EDIT_ATTRIBUTES, NUMBERS
+                         check_sampling, fail, read_checkpoint, run)
+from runtime.images import MAX_SIZE, ImageError, load_image, save_image
 from samplers import SAMPLERS
-from assets.head import EXPRESSION_NAMES
 
+MAX_REFINE = 1000  # steps of the fit; it settles within 300 (docs/fitting.md)
 NUMBER_HELP = ("yaw, pitch, roll, jaw in degrees; light=x,y,z (a direction in camera space: "
                "+x to the image's right, +y up, +z towards the camera); or an expression name "
                "of the built-in head = its coefficient (e.g. smile=1.2)")
@@ -50,6 +55,9 @@ def parse_swap(items):
             raise ValueError(f"--swap {item}: expected REGION=IMAGE, e.g. hair=other.png")
         if region not in SWAPPABLE:
             raise ValueError(f"cannot swap {region!r}: expected one of {', '.join(SWAPPABLE)}")
+        if region in swap:
+            raise ValueError(f"--swap {region} given twice ({swap[region]}, {path}): give each "
+                             f"region once")
         swap[region] = path
     return swap
 
@@ -66,12 +74,19 @@ def parse_numbers(items):
             raise ValueError(f"--set {item}: expected NAME=NUMBER or light=X,Y,Z") from None
         if name not in known:
             raise ValueError(f"unknown number {name!r}: expected one of {', '.join(known)}")
+        if name in numbers:
+            raise ValueError(f"--set {name} given twice: give each number once")
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"--set {item}: expected a finite number")
         light = name == "light"
         if len(values) != (3 if light else 1) or (light and not any(values)):
             raise ValueError(f"--set {item}: expected NAME=NUMBER or light=X,Y,Z (not 0,0,0)")
         numbers[name] = values if light else values[0]
+        low, high = NUMBER_RANGES.get(name, (-math.inf, math.inf))
+        if not low <= values[0] <= high:
+            warnings.warn(f"--set {item}: outside what the synthetic portraits hold "
+                          f"({low:g} to {high:g}): a model trained on them never saw "
+                          f"such a face")
     return numbers
 
 
@@ -154,8 +169,8 @@ def check_arguments(args):
         raise ValueError("nothing to edit: give a query image, --drive CLIP or --set NAME=VALUE")
     if args.zoom < 1:
         raise ValueError(f"--zoom {args.zoom}: expected a positive integer")
-    if args.refine is not None and args.refine < 0:
-        raise ValueError(f"--refine {args.refine}: expected a number of steps >= 0")
+    if args.refine is not None and not 0 <= args.refine <= MAX_REFINE:
+        raise ValueError(f"--refine {args.refine}: expected 0 to {MAX_REFINE} steps")
     if args.explain:
         check_output(args.explain, "--explain", ".png")
     return parse_edit(args.edit), parse_swap(args.swap), parse_numbers(args.numbers)
@@ -165,9 +180,21 @@ def edit(args, attributes, swap_paths, numbers):
     """Loads the model and the images, edits, and writes --out (and --explain)."""
     model = read_checkpoint(load_model, args.ckpt, "--ckpt", args.device)
     check_sampling(model, args.steps, args.sampler, args.eta)
+    side = args.zoom * model.image_size * (4 if args.panel else 1)
+    if side > MAX_SIZE:
+        raise ValueError(f"--zoom {args.zoom}: the output would be {side} px wide; expected at "
+                         f"most {MAX_SIZE}")
+    bundled = Path(args.ckpt).resolve() == DEFAULT_CHECKPOINT
 
     def read(path):
-        return load_image(path, model.image_size)[None].to(args.device)
+        image = load_image(path, model.image_size)[None].to(args.device)
+        with Image.open(path) as opened:
+            (width, height), kind = opened.size, opened.format
+        if bundled and (width != height or kind != "PNG"):  # as the synthetic portraits are
+            warnings.warn(f"{path} is a {width} × {height} {kind}, not a square PNG like the "
+                          f"bundled model's synthetic portraits: it never saw a photograph, so "
+                          f"expect a melted face (docs/real-data.md: training on real frames)")
+        return image
 
     source = read(args.source)
     query = read(args.query) if args.query else None
@@ -194,6 +221,8 @@ def edit(args, attributes, swap_paths, numbers):
 
 def main(argv=None):
     args = arguments().parse_args(argv)
+    if "OMP_NUM_THREADS" not in os.environ:  # one thread (the module docstring says why)
+        torch.set_num_threads(1)
     warnings.formatwarning = lambda message, *_: f"warning: {message}\n"  # one line, no source
     started = time.time()
     try:

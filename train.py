@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
+from runtime.cli import check_output
 from runtime.guard import (Guard, Stopped, folder_lock, read_stage_checkpoint, rng_states,
                            save_checkpoint, set_rng_state, truncate_log)
 from training import stages
@@ -134,19 +135,19 @@ def check_resume(config, saved, path, master):
 
 def build_or_resume(cfg, parts, device, rank, path, n_identities):
     """The stage, its optimiser and EMA: new, or as the newest readable checkpoint left them.
-    Returns (stage, optimizer, ema, first step, config to save)."""
+    Returns (stage, optimizer, ema, first step, config to save, the file resumed from)."""
     resume = read_stage_checkpoint(path)
     stage = stages.build(cfg, parts, device, n_identities)  # completes `parts` in place
     config = {"train": dataclasses.asdict(cfg),
               **{name: dataclasses.asdict(c) for name, c in parts.items()}}
     optimizer = torch.optim.Adam([p for p in stage.parameters() if p.requires_grad], lr=cfg.lr)
     if resume is None:
-        return stage, optimizer, None, 0, config
+        return stage, optimizer, None, 0, config, None
     check_resume(config, resume["config"], path, rank == 0)
     stage.load_state_dict(resume["model"])
     optimizer.load_state_dict(resume["optimizer"])
     set_rng_state(resume["rng"][min(rank, len(resume["rng"]) - 1)])
-    return stage, optimizer, resume.get("ema"), resume["step"], config
+    return stage, optimizer, resume.get("ema"), resume["step"], config, resume["file"]
 
 
 # -- The loop --------------------------------------------------------------------------------------
@@ -179,15 +180,15 @@ def train(cfg, parts):
     with folder_lock(path.parent, ddp, device, master):
         dataset = make_dataset(cfg, master)
         n_identities = cfg.identities if cfg.data == "synthetic" else len(dataset.identities)
-        stage, optimizer, ema_state, start, config = build_or_resume(cfg, parts, device, rank,
-                                                                     path, n_identities)
+        stage, optimizer, ema_state, start, config, resumed = build_or_resume(
+            cfg, parts, device, rank, path, n_identities)
         if start >= cfg.steps:
             if master:
                 print(f"{cfg.stage}: {path} is at step {start}, --steps={cfg.steps}: nothing to "
                       f"do (raise --steps to train on)")
             return start
         if master:
-            print(f"{cfg.stage}: resuming from {path} at step {start}" if start else
+            print(f"{cfg.stage}: resuming from {resumed} at step {start}" if start else
                   f"{cfg.stage}: training from scratch into {path}")
         stage.prepare(dataset, master)
         # under DDP the gradients are averaged across ranks in backward()
@@ -347,6 +348,8 @@ def run_chain(chain):
 def main(argv=None):
     try:
         chain = build_chain(sys.argv[1:] if argv is None else argv)
+        if chain[-1][0].export:  # before hours of training, not after them
+            check_output(chain[-1][0].export, "--export", ".pt")
         cfg, parts = chain[0]
         if len(chain) > 1:
             run_chain(chain)

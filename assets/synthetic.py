@@ -115,12 +115,23 @@ def sample_identity(rng, n_shape, n_albedo):
     return dict(shape=shape, albedo=albedo, hair=hair, clothes=clothes, background=background)
 
 
+# The ranges of a frame's head angles (± degrees, uniform) and jaw opening (radians): an edit by
+# numbers outside them asks a model trained on these portraits for a face it never saw.
+HEAD_ANGLES = {"yaw": 40, "pitch": 15, "roll": 10}
+JAW_MAX = 0.4
+# The same as sample.py --set's numbers (degrees), with the expression values' (about ±3σ of
+# their spread, the one to three active ones raised by up to 1.5)
+NUMBER_RANGES = {**{name: (-limit, limit) for name, limit in HEAD_ANGLES.items()},
+                 "jaw": (0, math.degrees(JAW_MAX)),
+                 **{name: (-0.5, 2.0) for name in head.EXPRESSION_NAMES}}
+
+
 def sample_frame(rng, n_exp):
     """What changes between frames: pose, expression, light, camera (module docstring)."""
-    yaw, pitch, roll = (rng.uniform(-m, m) for m in map(math.radians, (40, 15, 10)))
+    yaw, pitch, roll = (rng.uniform(-m, m) for m in map(math.radians, HEAD_ANGLES.values()))
     pose = np.zeros(15)
     pose[:3] = Rotation.from_euler("YXZ", [yaw, pitch, roll]).as_rotvec()
-    pose[6] = np.clip(rng.normal(0.05, 0.12), 0, 0.4)  # jaw
+    pose[6] = np.clip(rng.normal(0.05, 0.12), 0, JAW_MAX)  # jaw
     pose[9:12] = pose[12:15] = Rotation.from_euler("YX", rng.normal(0, 0.12, 2)).as_rotvec()
     expression = rng.normal(0, 0.15, n_exp)
     active = rng.choice(n_exp, rng.integers(3), replace=False)

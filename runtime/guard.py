@@ -211,12 +211,13 @@ def previous_checkpoint(path):
 
 def read_stage_checkpoint(path):
     """The newest readable of a stage's ckpt.pt and the previous one kept beside it, saying in
-    one line when the newest cannot be read; None if there is neither."""
+    one line when the newest cannot be read; None if there is neither. The state's "file" is
+    the path it was read from."""
     previous = previous_checkpoint(path)
     if not Path(path).exists() and not previous.exists():
         return None
     try:
-        return read_checkpoint(path)
+        return {**read_checkpoint(path), "file": str(path)}
     except ValueError as error:
         problem = error
     try:
@@ -225,4 +226,4 @@ def read_stage_checkpoint(path):
         raise ValueError(f"neither {path} nor {previous} can be read: restore a copy, or move "
                          f"them away to train the stage again") from None
     print(f"{problem}; using {previous} (step {state['step']}) instead", file=sys.stderr)
-    return state
+    return {**state, "file": str(previous)}

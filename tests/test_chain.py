@@ -79,6 +79,7 @@ def test_a_truncated_newest_checkpoint_resumes_from_the_previous_one_exactly(tmp
     assert resumed.returncode == 0, resumed.stderr
     assert (f"{newest}: not a readable checkpoint" in resumed.stderr
             and "ckpt.prev.pt (step 2) instead" in resumed.stderr)
+    assert f"resuming from {newest.with_name('ckpt.prev.pt')} at step 2" in resumed.stdout
     a, b = (torch.load(out / "vqvae" / "ckpt.pt", weights_only=True) for out in (whole, split))
     assert a["step"] == b["step"] == 4
     assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])

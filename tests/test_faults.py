@@ -165,7 +165,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_whole(tmp_path, monke
 
 
 @pytest.mark.parametrize("value", ["--steps=0", "--steps=-5", "--batch_size=0", "--lr=nan",
-                                   "--eval_every=0", "--ema_decay=1.5"])
+                                   "--eval_every=0", "--ema_decay=1.5", "--smoke=yes"])
 def test_bad_values_are_refused_in_one_line_before_any_work(value, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         train.main(["--stage", "vqvae", value, f"--out={tmp_path}"])
@@ -213,5 +213,20 @@ def test_help_lists_every_option_with_its_type_and_default(capsys):
             assert f"(default per stage: {steps})" in text
     assert cfg.steps == PRESETS["tiny"]["ldm"]["train"]["steps"]
     assert "--steps INT the run ends" in text and "--vqvae." not in text
+    # a comment of several lines is the whole help of its option
+    assert "ends (0: no limit); a rerun goes on from there (default 0.0)" in text
     listed = re.findall(r" (--[a-z_.]+) (?:[A-Z]+|\{)", text)  # each option with its type
     assert len(set(listed)) <= 45, listed  # the ldm stage's, the usage line's --stage once
+
+
+@pytest.mark.parametrize("export, problem", [("{tmp}", "a directory; expected a file name"),
+                                             ("/proc/model.pt", "cannot write in the folder"),
+                                             ("{tmp}/model.bin", "expected a .pt file name")])
+def test_a_bad_export_is_refused_before_any_training(export, problem, tmp_path, capsys):
+    export = export.format(tmp=tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--stage", "all", f"--export={export}", f"--out={tmp_path / 'runs'}"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: --export {export}: {problem}") and error.count("\n") == 1
+    assert not (tmp_path / "runs").exists()  # no pool, no stage began

@@ -52,7 +52,13 @@ def test_a_damaged_checkpoint_is_one_line_and_status_2(tmp_path):
     (("--set", "light=1,-inf,0"), "--set light=1,-inf,0: expected a finite number"),
     (("--out", "examples/src.png/x.png"), "examples/src.png is a file, not a folder"),
     (("--explain", "examples/src.png/deeper/x.png"), "--explain examples/src.png/deeper/x.png"),
-    (("--refine", "-1"), "--refine -1: expected a number of steps >= 0"),
+    (("--refine", "-1"), "--refine -1: expected 0 to 1000 steps"),
+    (("--refine", "100000"), "--refine 100000: expected 0 to 1000 steps"),
+    (("--smooth", "3"), "--smooth 3.0: an option of --drive; give a clip"),
+    (("--fps", "5"), "--fps 5.0: an option of --drive; give a clip"),
+    (("--set", "yaw=10", "--set", "yaw=20"), "--set yaw given twice: give each number once"),
+    (("--swap", "hair=examples/other.png", "--swap", "hair=examples/src.png"),
+     "--swap hair given twice (examples/other.png, examples/src.png): give each region once"),
 ])
 def test_bad_arguments_are_refused_before_the_model_loads(args, message, capsys, monkeypatch):
     def refuse(*_):
@@ -86,3 +92,30 @@ def test_both_spellings_of_multi_word_options():
     for argv in (["--judge-estimator", "a_b.pt", "x_y"], ["--judge_estimator=a_b.pt", "x_y"]):
         args = parser.parse_args(argv)
         assert (args.judge_estimator, args.name) == ("a_b.pt", "x_y")  # values kept as given
+
+
+def test_sizes_past_the_bound_are_refused_before_the_edit(capsys, monkeypatch):
+    """--panel --zoom 400 would be a 102,400 px strip: one line, before any sampling."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sample, "save_image", lambda *_: pytest.fail("an image was written"))
+    with pytest.raises(SystemExit) as exit_status:
+        sample.main(["examples/src.png", "examples/qry.png", "--panel", "--zoom", "400"])
+    err = capsys.readouterr().err
+    assert exit_status.value.code == 2
+    assert err == "error: --zoom 400: the output would be 102400 px wide; expected at most 4096\n"
+
+
+def test_what_the_bundled_model_never_saw_is_said_in_one_line(tmp_path):
+    """A photograph (here a JPEG of another shape) and a number outside the synthetic portraits'
+    range each get one warning line; the examples, square PNG portraits, get none."""
+    Image.new("RGB", (96, 64), (200, 150, 120)).save(tmp_path / "photo.jpg")
+    out = tmp_path / "out.png"
+    _, err = program("examples/src.png", "examples/qry.png", f"--out={out}").communicate(60)
+    assert "warning" not in err, err
+    _, err = program(tmp_path / "photo.jpg", "examples/qry.png", f"--out={out}", "--set",
+                     "yaw=3000").communicate(timeout=60)
+    assert err.splitlines() == ["warning: --set yaw=3000: outside what the synthetic portraits hold (-40 to "
+                   "40): a model trained on them never saw such a face",
+                   f"warning: {tmp_path / 'photo.jpg'} is a 96 × 64 JPEG, not a square PNG like "
+                   f"the bundled model's synthetic portraits: it never saw a photograph, so expect "
+                   f"a melted face (docs/real-data.md: training on real frames)"]

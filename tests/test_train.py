@@ -209,6 +209,27 @@ def test_missing_prerequisite_is_a_clear_error(tmp_path):
     assert bad.returncode == 2 and "unknown key" in bad.stderr
 
 
+def test_a_stage_on_an_unfinished_earlier_stage_says_so(tmp_path, capsys):
+    """A VQ-VAE stopped at step 5 of its 100 (Ctrl-C, say): the slots stage built on it says so
+    in one line with the command that finishes it; one stopped by its time limit, by design,
+    is taken without a word."""
+    stages.write_random_parts(tmp_path, SMALL[:4])
+    path = tmp_path / "vqvae" / "ckpt.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    cfg, parts = build_configs(["--stage", "slots", *SMALL, f"--out={tmp_path}"])
+    for run_config, said in (({"steps": 100, "time_limit": 0.0}, True),
+                             ({"steps": 100, "time_limit": 60.0}, False),
+                             ({"steps": 5, "time_limit": 0.0}, False)):
+        checkpoint["step"], checkpoint["config"]["train"] = 5, run_config
+        guard.atomic_save(checkpoint, path)
+        stages.build(cfg, dict(parts), torch.device("cpu"), cfg.identities)
+        err = capsys.readouterr().err
+        expected = (f"warning: {path} is at step 5 of 100: this stage starts from an unfinished "
+                    f"vqvae stage (finish it with `python train.py --stage vqvae --out={tmp_path}`)"
+                    f"\n")
+        assert err == (expected if said else ""), err
+
+
 def test_batch_size_is_the_total_over_the_processes(tmp_path):
     """Each of N processes takes batch_size / N; a size N does not divide is refused before
     the processes meet (this one would otherwise wait for a second process forever)."""

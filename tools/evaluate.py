@@ -443,7 +443,7 @@ def load_everything(args):
         name, _, path = item.partition("=")
         if not path or name in models:
             raise ValueError(f"--ablation {item}: expected a new NAME=PATH")
-        models[name] = read_checkpoint(load_model, path, f"--ablation", args.device)
+        models[name] = read_checkpoint(load_model, path, "--ablation", args.device)
     sizes = {**{name: m.image_size for name, m in models.items()},
              **{option: network.cfg.image_size for option, network in networks.items()}}
     if len(set(sizes.values())) != 1:

@@ -35,8 +35,9 @@ from PIL import Image, ImageDraw, ImageFont
 from runtime.images import to_pil
 from flame import head_pose_degrees
 from difffae import EDIT_ATTRIBUTES
-from layers import REGION_NAMES, slot_colour
-from tools.pictures import argmax_map, enlarge, mask_rows, overlay, paint, paint_one
+from layers import REGION_NAMES
+from tools.pictures import (argmax_map, enlarge, mask_rows, overlay, paint, paint_one,
+                            slot_colour)
 from unet import average_cross_attention
 
 PANEL = 128           # least side of a panel in px: images are enlarged by a whole factor

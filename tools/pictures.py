@@ -2,18 +2,22 @@
 training stages' grids: tensors in, tensors out, images in [-1, 1].
 
 A map m (B, K, h, w) that sums to 1 over its K slots is painted as the mixture Σ_k m_k·colour_k
-of the slots' colours (layers.slot_colour, in the order of layers.REGION_NAMES).
+of the slots' colours (slot_colour, in the order of layers.REGION_NAMES).
 
 Letters: B batch, K slots, H/W image size, h/w map size.
 """
 import torch
 import torch.nn.functional as F
 
-from layers import slot_colour
+from layers import REGION_COLOURS
 
 TINT = 0.65           # opacity of a slot's colour where its mask is 1
 DIM = 0.35            # brightness of the image outside a slot's mask
 
+
+def slot_colour(k):
+    """(3,) the colour of slot k: region k's, repeating past the four regions."""
+    return REGION_COLOURS[k % len(REGION_COLOURS)]
 
 def enlarge(images, size):
     """Nearest-neighbour resize of (B, C, h, w) to size (int or (H, W)): every value kept as it

@@ -210,14 +210,25 @@ def _parse_value(text, current, key):
             return tuple(type(current[0])(t) for t in text.strip("()").split(",") if t.strip())
         return type(current)(text)
     except ValueError:
-        raise ConfigError(f"--{key}={text}: expected {type(current).__name__}") from None
+        kind = "true or false (or 1, 0)" if isinstance(current, bool) else type(current).__name__
+        raise ConfigError(f"--{key}={text}: expected {kind}") from None
 
 
 def field_comments(cls):
     """{field: its trailing comment} from the dataclass's source, the help of its option: read
     from the fields themselves, so that --help cannot drift from them."""
-    pattern = re.compile(r"\s+(\w+): [^=#]+=[^#]*#\s*(.+)")
-    return {m[1]: m[2] for m in map(pattern.match, inspect.getsource(cls).splitlines()) if m}
+    field = re.compile(r"\s+(\w+): [^=#]+=[^#]*#\s*(.+)")
+    more = re.compile(r" {8,}#\s*(.+)")  # an indented comment line goes on the field's one
+    comments, last = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        if m := field.match(line):
+            comments[m[1]] = m[2]
+            last = m[1]
+        elif last and (m := more.fullmatch(line)):
+            comments[last] += " " + m[1]
+        else:
+            last = None
+    return comments
 
 
 def _shown(values):

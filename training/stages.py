@@ -7,6 +7,8 @@ png) measures held-out synthetic identities (a batch on the stage's device) and 
 Letters: B batch, K slots, H/W image size.
 """
 import dataclasses
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -74,12 +76,19 @@ def require_earlier_checkpoints(cfg):
 
 
 def load_part(out, stage, device):
-    """The trained network of an earlier stage from <out>/<stage>/ckpt.pt, frozen. Returns
-    (network, its config)."""
+    """The trained network of an earlier stage from <out>/<stage>/ckpt.pt, frozen, with one
+    line of warning when that stage stopped short of its steps (not by its time limit).
+    Returns (network, its config)."""
     path = Path(out) / stage / "ckpt.pt"
     checkpoint = read_stage_checkpoint(path)
     if checkpoint is None:
         raise missing(path, stage, out)
+    run = checkpoint["config"].get("train", {})
+    unfinished = checkpoint["step"] < run.get("steps", 0) and not run.get("time_limit")
+    if unfinished and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: {checkpoint['file']} is at step {checkpoint['step']} of {run['steps']}:"
+              f" this stage starts from an unfinished {stage} stage (finish it with `python "
+              f"train.py --stage {stage} --out={out}`)", file=sys.stderr)
     model, config = rebuild(checkpoint, stage)
     return model.to(device).eval().requires_grad_(False), config
 
