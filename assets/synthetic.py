@@ -43,9 +43,11 @@ the source person A rendered in it: what a portrait driven by the clip should be
 Letters: B batch, N frames of a clip, V vertices, F faces, H/W image size, T texture size.
 """
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
+import shutil
 import sys
 from pathlib import Path
 
@@ -486,19 +488,38 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
+def _read_chunk(path):
+    """A rendered chunk kept by render_pool, or None if it is missing or cannot be read."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # missing, truncated, not a torch file: rendered again
+        return None
+
+
 def render_pool(path, size, pairs, identities, seed, workers=0):
     """Renders `pairs` training pairs, saves them atomically at `path` and returns them;
-    `workers` > 0 processes share the chunks (one thread each), 0 renders in this process."""
+    `workers` > 0 processes share the chunks (one thread each), 0 renders in this process.
+    Each chunk is kept in a folder beside `path` as it is rendered, so that a rendering cut
+    short (Ctrl-C) goes on from where it stopped; the folder goes once the pool is whole."""
+    path = Path(path)
+    kept = path.with_name(f"{path.stem}-chunks")
     tasks = [(size, seed, pairs, identities, start) for start in range(0, pairs, POOL_CHUNK)]
-    progress = dict(total=len(tasks), desc=f"rendering {Path(path).name}", unit="chunk")
-    if workers:
-        context = multiprocessing.get_context("spawn")  # fork and OpenMP threads do not mix
-        with context.Pool(workers, initializer=_one_thread) as pool:
-            chunks = list(tqdm(pool.imap(_render_chunk, tasks), **progress))
-    else:
-        chunks = [_render_chunk(task) for task in tqdm(tasks, **progress)]
+    todo = [task for task in tasks if _read_chunk(kept / f"{task[-1]:07d}.pt") is None]
+    progress = dict(total=len(tasks), initial=len(tasks) - len(todo), unit="chunk",
+                    desc=f"rendering {path.name}")
+    with contextlib.ExitStack() as stack:
+        if workers and todo:
+            context = multiprocessing.get_context("spawn")  # fork and OpenMP threads do not mix
+            pool = stack.enter_context(context.Pool(workers, initializer=_one_thread))
+            chunks = pool.imap(_render_chunk, todo)
+        else:
+            chunks = map(_render_chunk, todo)
+        for task, chunk in zip(todo, tqdm(chunks, **progress)):
+            write_atomic(kept / f"{task[-1]:07d}.pt", lambda file: torch.save(chunk, file))
+    chunks = [_read_chunk(kept / f"{task[-1]:07d}.pt") for task in tasks]
     tensors = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
     write_atomic(path, lambda file: torch.save(tensors, file))
+    shutil.rmtree(kept)
     return tensors
 
 

@@ -180,3 +180,28 @@ def test_a_clip_eases_through_its_keyframes_with_the_source_person_as_target(cro
     assert np.allclose(params["target"][3]["pose"], frames[3]["pose"], atol=1e-6)
     assert np.allclose(params["target"][3]["shape"], a["shape"], atol=1e-6)
     assert np.allclose(params["query"][3]["shape"], b["shape"], atol=1e-6)
+
+
+def test_a_pool_cut_short_goes_on_from_its_last_chunk(tmp_path, monkeypatch):
+    """Ctrl-C while the pool renders: the chunks done are kept, a rerun renders only the rest,
+    and the pool is the one an uninterrupted rendering makes; the kept chunks then go."""
+    args = (16, 70, 4, 0)  # size, pairs, identities, seed: two chunks, of 64 and of 6 pairs
+    whole = synthetic.render_pool(tmp_path / "whole.pt", *args)
+    rendered, render = [], synthetic._render_chunk
+
+    def cut_after_one(task):
+        if rendered:
+            raise KeyboardInterrupt
+        rendered.append(task[-1])
+        return render(task)
+
+    monkeypatch.setattr(synthetic, "_render_chunk", cut_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.render_pool(tmp_path / "cut.pt", *args)
+    assert not (tmp_path / "cut.pt").exists() and rendered == [0]
+    monkeypatch.setattr(synthetic, "_render_chunk", lambda task: rendered.append(task[-1])
+                        or render(task))
+    pool = synthetic.render_pool(tmp_path / "cut.pt", *args)
+    assert rendered == [0, synthetic.POOL_CHUNK]  # the second run rendered the second alone
+    assert pool.keys() == whole.keys() and all(torch.equal(pool[k], whole[k]) for k in pool)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.pt", "whole.pt"]
