@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from tools import explain
-from tools import pictures
+from training import pictures
 from training import stages
 from training.config import build_configs
 from runtime.images import load_image, to_pil

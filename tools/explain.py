@@ -36,7 +36,7 @@ from runtime.images import to_pil
 from flame import head_pose_degrees
 from difffae import EDIT_ATTRIBUTES
 from layers import REGION_NAMES
-from tools.pictures import (argmax_map, enlarge, mask_rows, overlay, paint, paint_one,
+from training.pictures import (argmax_map, enlarge, mask_rows, overlay, paint, paint_one,
                             slot_colour)
 from unet import average_cross_attention
 

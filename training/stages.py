@@ -18,20 +18,20 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from assets.synthetic import SyntheticPortraits, pool_path, true_coefficients
-from runtime.images import save_image
 from difffae import DiffFAE, combine_coefficients, render_face
 from estimator import (COEFFICIENT_SCALE, CoefficientEstimator, IdentityEncoder, fittable,
                        photometric_loss)
 from layers import FACE, REGION_NAMES
 from runtime.checkpoint import PARTS, rebuild
 from runtime.guard import atomic_save, previous_checkpoint, read_stage_checkpoint
+from runtime.images import save_image
 from samplers import predict_x0
 from slots import RegionSlots, masks_at, pretraining_loss
-from tools.pictures import enlarge, grid as picture_grid, mask_rows
 from training import metrics
 from training.arcface import ArcMarginHead
 from training.config import build_configs
 from training.frozen_cache import FrozenCache
+from training.pictures import enlarge, grid as picture_grid, mask_rows
 from vqvae import VQVAE, vq_loss
 
 EXPRESSION_MESH_SCALE = 0.003  # metres: the spread of a vertex's expression and jaw movement

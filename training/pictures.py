@@ -1,4 +1,4 @@
-"""Slot masks and attention maps as pictures, for the --explain figure (explain.py) and the
+"""Slot masks and attention maps as pictures, for the --explain figure (tools/explain.py) and the
 training stages' grids: tensors in, tensors out, images in [-1, 1].
 
 A map m (B, K, h, w) that sums to 1 over its K slots is painted as the mixture Σ_k m_k·colour_k
