@@ -7,6 +7,7 @@ run goes on exactly. Each check that ranks must agree on is a collective under D
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -166,11 +167,18 @@ def atomic_save(obj, path):
 
 def save_checkpoint(state, path):
     """Writes `state` whole beside `path`, then makes the checkpoint there the previous one
-    (ckpt.prev.pt) and the new one the newest: a crash at any point leaves one readable."""
-    fresh = path.with_name("ckpt.new.pt")
+    (ckpt.prev.pt, a second link to the same file) and the new one the newest: `path` always
+    holds a whole checkpoint, and a crash at any point leaves both readable."""
+    fresh, kept = path.with_name("ckpt.new.pt"), path.with_name("ckpt.kept.pt")
     atomic_save(state, fresh)
     if path.exists():
-        os.replace(path, previous_checkpoint(path))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(kept)  # left by a crash between the two lines below
+        try:
+            os.link(path, kept)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, kept)
+        os.replace(kept, previous_checkpoint(path))
     os.replace(fresh, path)
 
 

@@ -84,7 +84,7 @@ def load_part(out, stage, device):
     if checkpoint is None:
         raise missing(path, stage, out)
     run = checkpoint["config"].get("train", {})
-    unfinished = checkpoint["step"] < run.get("steps", 0) and not run.get("time_limit")
+    unfinished = checkpoint.get("step", 0) < run.get("steps", 0) and not run.get("time_limit")
     if unfinished and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: {checkpoint['file']} is at step {checkpoint['step']} of {run['steps']}:"
               f" this stage starts from an unfinished {stage} stage (finish it with `python "
