@@ -114,8 +114,9 @@ def test_what_the_bundled_model_never_saw_is_said_in_one_line(tmp_path):
     assert "warning" not in err, err
     _, err = program(tmp_path / "photo.jpg", "examples/qry.png", f"--out={out}", "--set",
                      "yaw=3000").communicate(timeout=60)
-    assert err.splitlines() == ["warning: --set yaw=3000: outside what the synthetic portraits hold (-40 to "
-                   "40): a model trained on them never saw such a face",
-                   f"warning: {tmp_path / 'photo.jpg'} is a 96 × 64 JPEG, not a square PNG like "
-                   f"the bundled model's synthetic portraits: it never saw a photograph, so expect "
-                   f"a melted face (docs/real-data.md: training on real frames)"]
+    assert err.splitlines() == [
+        "warning: --set yaw=3000: outside what the synthetic portraits hold (-40 to 40): a model "
+        "trained on them never saw such a face",
+        f"warning: {tmp_path / 'photo.jpg'} is a 96 × 64 JPEG, not a square PNG like the bundled "
+        f"model's synthetic portraits: it never saw a photograph, so expect a melted face "
+        f"(docs/real-data.md: training on real frames)"]
