@@ -81,7 +81,7 @@ DEFAULT_LIGHT_DC = 1.0 / SH_C0
 # 0.2 m tall and DECA's crop is 1.25× the face, so s ≈ 2 / (1.25 · 0.2 m) = 8 fills the frame
 # (our estimate; override it for a head of another size).
 DEFAULT_CAM_SCALE = 8.0
-# Spread of each coefficient group in the synthetic data (synthetic.py's sampling): the units in
+# Spread of each coefficient group in the synthetic data (assets/synthetic.py): the units in
 # which the estimator's regression weighs its errors and the fit (refine) moves its reading.
 COEFFICIENT_SCALE = {"shape": 1.0, "albedo": 0.9, "expression": 0.45, "pose": 0.3,
                      "cam": (0.23, 0.009, 0.009), "light": 0.5}

@@ -1,7 +1,7 @@
-"""What the programs (sample.py, evaluate.py, bench.py) share on the command line: the bundled
-model's path, one-line errors with exit status 2, a parser that takes `--multi-word` and
-`--multi_word` alike, and the checks of arguments that must fail before any long work (device,
-output files, sampling options, checkpoints).
+"""What the programs (sample.py, tools/evaluate.py, tools/bench.py) share on the command line:
+the bundled model's path, one-line errors with exit status 2, a parser that takes `--multi-word`
+and `--multi_word` alike, and the checks of arguments that must fail before any long work
+(device, output files, sampling options, checkpoints).
 """
 import argparse
 import os

@@ -1,4 +1,4 @@
-"""fitting.py: the photometric loss against its closed form, and the fit through the renderer
+"""estimator.refine: the photometric loss against its closed form, and the fit through the renderer
 recovering a head rotation it was not given, on a synthetic render whose coefficients are known;
 DiffFAE.fit_coefficients and edit(refine_steps) on the bundled model."""
 import math

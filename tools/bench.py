@@ -1,6 +1,6 @@
 """Benchmarks of the pipeline's hot parts on the current device (CUDA if available, else CPU).
 
-    python bench.py               a table of ms per image, median and best of REPEATS:
+    python -m tools.bench         a table of ms per image, median and best of REPEATS:
         rasterizer  render.rasterize on the built-in FLAME head (256×256, batch 8), with and
                     without back-face culling;
         renderer    the whole render.Renderer forward, and forward + backward to the vertices;
@@ -9,19 +9,19 @@
         diffusion   one UNet forward (batch 1) at the paper's scale (64×64×3 latent) and at the
                     bundled tiny model's; a whole edit with DDIM-50 and DPM-Solver++(2M)-20; each
                     sampler's own arithmetic per step (ε given), to show that the UNet is the cost.
-    python bench.py --paper-step  every stage of `train.py --preset paper` (256 px, batch 1) on
-        the CPU: one step from scratch, one resumed, then a 256 px sample.py edit; each run's
-        wall time and peak memory (RSS, from os.wait4), and each network's size.
-    python bench.py --rehearse PRESET  every stage's first step at the preset's real sizes on
-        the CPU (batch included): wall time and peak memory, the FLOPs of a forward and
+    python -m tools.bench --paper-step  every stage of `train.py --preset paper` (256 px, batch
+        1) on the CPU: one step from scratch, one resumed, then a 256 px sample.py edit; each
+        run's wall time and peak memory (RSS, from os.wait4), and each network's size.
+    python -m tools.bench --rehearse PRESET  every stage's first step at the preset's real
+        sizes on the CPU (batch included): wall time and peak memory, the FLOPs of a forward and
         backward, and the GPU step rate they imply at an assumed sustained rate.
-    python bench.py --ldm-step    the tiny preset's ldm training step on the CPU as it was
+    python -m tools.bench --ldm-step    the tiny preset's ldm training step on the CPU as it was
         (the region encoder twice, the frozen parts run every step) and as it is (once, cached),
         side by side: median ms and steps per CPU-second.
-    python bench.py --gpu-check   a few train.py steps of every stage at the paper preset (bf16
-        autocast): peak GPU memory per stage, the ldm stage's steps/s, a 2-process DDP run when
-        two GPUs are present, and the latency of a 256 px edit. `--device cpu` is its dry run at
-        tiny sizes (bf16 autocast on the CPU, a gloo DDP run).
+    python -m tools.bench --gpu-check   a few train.py steps of every stage at the paper preset
+        (bf16 autocast): peak GPU memory per stage, the ldm stage's steps/s, a 2-process DDP run
+        when two GPUs are present, and the latency of a 256 px edit. `--device cpu` is its dry run
+        at tiny sizes (bf16 autocast on the CPU, a gloo DDP run).
 
 Shape letters: B batch, V vertices, F faces, H/W image size.
 """

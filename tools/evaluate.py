@@ -1,4 +1,4 @@
-"""Measure DiffFAE against the exact answer: `python evaluate.py [--ckpt PATH] [--n 200]`.
+"""Measure DiffFAE against the exact answer: `python -m tools.evaluate [--ckpt PATH] [--n 200]`.
 
 The synthetic test split pairs a source person A with a query person B (held-out identities);
 the generator renders any mix of their parameters exactly, so every edit has a true answer and
@@ -42,7 +42,8 @@ Reported: PSNR inside R (R's pixels in the swap target) with and without the swa
 and the change of face PSNR (swap vs no swap, each against its own target).
 
 Coefficients. The errors of the coefficients the edit used against the exact ones, for the
-estimator alone and, with `--refine N`, refined by N steps of the photometric fit (fitting.py):
+estimator alone and, with `--refine N`, refined by N steps of the photometric fit
+(estimator.refine):
     pose_deg       the geodesic angle between the head rotations (metrics.rotation_error)
     jaw_deg        |Δ jaw opening| in degrees
     expression_mm  the mean vertex distance of the expression meshes (ψ and the jaw)

@@ -1,15 +1,15 @@
 """See inside an edit: one labelled figure of what each part of DiffFAE (Wang et al., ECCV 2024,
 arXiv 2403.17664, §4) did to one image, drawn from the edit's own tensors (DiffFAE.edit with a
 trace, filled by the sampler's callback: nothing runs twice, and the output is the same to the
-bit). The slot masks and maps are painted by pictures.py.
+bit). The slot masks and maps are painted by training/pictures.py.
 
 Rows of `figure`, top to bottom:
 1. Physical, SPC (§4.1, Eq. 2-3): source | query | I_R, FLAME with the source's shape and albedo
    and the edit's pose, expression, light and camera (difffae.render_face) | f_r decoded: the VQ
    latent of I_R that the UNet is given (DiffFAE.encode_latent), read back through the decoder |
    the coefficients estimated on the source and on the query, and those the edit used.
-   When the edit refined its coefficients (`--refine N`, fitting.py), a second line shows I_R as
-   the estimator alone drew it, beside the photometric loss before and after the fit.
+   When the edit refined its coefficients (`--refine N`, estimator.refine), a second line shows
+   I_R as the estimator alone drew it, beside the photometric loss before and after the fit.
 2. Regions, RSC (§4.2, Eq. 6): the source's slot masks M_k (slots.RegionSlots), each over the
    source in its region's colour | their argmax | the query's masks M_Q | the image each token
    came from (a region swap, App. G, takes a token from another image).
@@ -18,7 +18,7 @@ Rows of `figure`, top to bottom:
    them M_Q, which Eq. 7 pulls A_cross towards in training: L_attn = mean (A_cross − M_Q)².
 4. Trajectory of the sampler: x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t (DDIM Eq. 12's prediction,
    whatever the sampler; samplers.predict_x0), decoded at six steps, then the output.
-The numbers are set_numbers' (editing.py): head yaw, pitch, roll as intrinsic Y-X-Z Euler angles
+The numbers are set_numbers' (difffae.py): head yaw, pitch, roll as intrinsic Y-X-Z Euler angles
 (head_pose_degrees) and jaw opening, in degrees; the light's direction (x right, y up,
 z towards the camera) and strength, the first SH band being direction ⊗ strength per colour.
 Panels are enlarged nearest-neighbour, so a 64 px model's figure stays readable and a map's
@@ -210,10 +210,10 @@ def _physical_row(sheet, seen, trace, result, source, query, edit, numbers, item
              ((3, 0), "f_r, decoded", seen["f_r"][item]),
              ((4, 0), "coefficients (explain.numbers_of)", sheet.text(lines))]
     unrefined, losses = trace.get("unrefined_render"), trace.get("fit_losses")
-    if unrefined is not None:  # the refinement through the renderer (fitting.py)
+    if unrefined is not None:  # the refinement through the renderer (estimator.refine)
         cells += [((2, 1), "I_R, estimator alone", unrefined[item]),
                   ((3, 1), "the fit", sheet.note(
-                      "photometric loss", "on the face slot", "(fitting.py),",
+                      "photometric loss", "on the face slot", "(estimator.refine),",
                       f"{len(losses) - 1} Adam steps:", f"{losses[0]:.4f} before",
                       f"{losses[-1]:.4f} after", "(the batch's mean)"))]
     sheet.row("1  Physical, SPC (Eq. 2-3): coefficients -> difffae.render_face -> I_R; "

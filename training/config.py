@@ -60,7 +60,7 @@ class TrainConfig:
     frames_weight: float = 0.1    # estimator, --data=PATH: that loss's weight on the frames
     arcface_scale: float = 30.0   # identity: ArcFace s (the paper's 64 suits 85k classes)
     arcface_margin: float = 0.5   # identity: ArcFace m (Deng et al. 2019)
-    face_only: bool = False       # identity: embed the face alone (evaluate.py's CSIM judge)
+    face_only: bool = False       # identity: embed the face alone (tools/evaluate.py's CSIM judge)
 
     def __post_init__(self):  # before any work: a bad value is one line, not a late traceback
         least = {"image_size": 8, "batch_size": 1, "steps": 1, "log_every": 1, "eval_every": 1,

@@ -298,7 +298,7 @@ class EstimatorStage(Stage):
                 **{k: v.detach() for k, v in terms.items()}}
 
     def frames_term(self, batch):
-        """The photometric loss of frames that carry no coefficients, as fitting.py fits an
+        """The photometric loss of frames that carry no coefficients, as estimator.refine fits an
         edit's: the estimator's reading re-rendered, against the frame on the render's pixels
         that the slots stage's region encoder calls face (no face parser is needed). Like the
         fit, it does not move the jaw and the expression: when it did, they ended 2,000 steps
@@ -333,7 +333,7 @@ class EstimatorStage(Stage):
 class IdentityStage(Stage):
     """The identity encoder Θ^E of DiffFAE §4.2, trained as ArcFace (Deng et al. 2019, Eq. 3:
     additive angular margin m, scale s) to classify the synthetic identities. With `face_only`
-    it sees the face alone (metrics.face_only), as evaluate.py's CSIM judge reads it. Measures
+    it sees the face alone (metrics.face_only), as tools/evaluate.py's CSIM judge reads it. Measures
     the verification accuracy and the CSIM of same / different held-out identities."""
 
     def __init__(self, cfg, parts, device, n_identities):
