@@ -44,7 +44,7 @@ def laplacian(images):
 
 
 def require(ok, message):
-    """The config dataclasses' checks: raise ValueError(message) unless ok."""
+    """Raise ValueError(message) unless ok: the checks of configs and of inputs."""
     if not ok:
         raise ValueError(message)
 

@@ -56,11 +56,11 @@ class ImageError(ValueError):
     """An image could not be loaded; the message is one line: '<file>: <problem>'."""
 
 
-def _one_line(text: object) -> str:
+def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _int_in(value: object, low: int, high: float = float("inf")) -> bool:
+def int_in(value: object, low: int, high: float = float("inf")) -> bool:
     return (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
             and low <= value <= high)
 
@@ -102,7 +102,7 @@ def load_image(path, size: int) -> torch.Tensor:
     """Read an image file as a (3, S, S) float32 tensor in [-1, 1], S = size in [MIN_SIZE,
     MAX_SIZE], by the steps above; ImageError (one line naming the file) if it cannot."""
     name = os.fspath(path)
-    _require(_int_in(size, MIN_SIZE, MAX_SIZE),
+    _require(int_in(size, MIN_SIZE, MAX_SIZE),
              f"{name}: size must be an int in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}", ImageError)
     _require(os.path.exists(name), f"{name}: no such file", ImageError)
     _require(not os.path.isdir(name), f"{name}: is a directory, not an image file", ImageError)
@@ -125,7 +125,7 @@ def load_image(path, size: int) -> torch.Tensor:
         # Pillow's format plugins signal corrupt data with OSError ("image file is truncated"),
         # SyntaxError, ValueError, EOFError, struct.error, ... depending on the format.
         raise ImageError(f"{name}: cannot decode image ({type(error).__name__}: "
-                         f"{_one_line(error)})") from error
+                         f"{one_line(error)})") from error
     if size > MAX_UPSCALE * min(width, height):
         warnings.warn(f"{name}: {width}x{height} enlarged {size / min(width, height):.0f}x to "
                       f"{size}x{size}; the face will be mostly invented", stacklevel=2)

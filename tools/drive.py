@@ -212,7 +212,7 @@ def write_gif(images, path, fps):
 
 
 def write_frames(images, folder):
-    """Each (3, H, W) image as folder/<frame:07d>.png, exactly (8-bit PNG, data.save_image)."""
+    """Each (3, H, W) image as folder/<frame:07d>.png, exactly (8-bit PNG, runtime.images.save_image)."""
     for k, image in enumerate(images):
         save_image(image, Path(folder) / f"{k:07d}.png")
 
@@ -241,9 +241,8 @@ def drive_program(args, model, source, attributes, swap, numbers, zoom):
     with --frames as PNGs), each frame enlarged by zoom(image, args.zoom). Returns the number of
     frames."""
     frames = read_clip(args.drive, model.image_size).to(args.device)
-    result = drive(model, source, frames, attributes, swap, numbers, args.steps,
-                         args.sampler, args.seed, args.eta, args.smooth,
-                         refine_steps=args.refine, progress=True)
+    result = drive(model, source, frames, attributes, swap, numbers, args.steps, args.sampler,
+                   args.seed, args.eta, args.smooth, refine_steps=args.refine, progress=True)
     images = result["image"].cpu()
     if args.panel:  # source | driving frame | I_R | result, each frame
         images = torch.cat([source.cpu().expand_as(images), frames.cpu(),

@@ -22,8 +22,9 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from assets.synthetic import SyntheticPortraits, load_pool
+from layers import require
 from runtime.guard import write_atomic
-from runtime.images import MAX_SIZE, MIN_SIZE, _int_in, _one_line, _require, load_image
+from runtime.images import MAX_SIZE, MIN_SIZE, int_in, load_image, one_line
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 MIN_FRAMES = 2  # a pair needs two frames: shorter clips are skipped
@@ -113,11 +114,11 @@ def _read_fresh_index(path: Path, split_dir: Path) -> Tuple[Optional[dict], Opti
     except OSError:  # missing, a folder, unreadable: no cache here, nothing damaged
         return None, None
     except ValueError as error:  # not JSON, not UTF-8
-        return None, _one_line(error)
+        return None, one_line(error)
     if isinstance(index, dict) and index.get("version") not in (None, INDEX_VERSION):
         return None, None
     try:
-        _require(isinstance(index["split_dir"], str) and isinstance(index["mtime_ns"], int)
+        require(isinstance(index["split_dir"], str) and isinstance(index["mtime_ns"], int)
                  and all(isinstance(name, str) and isinstance(mtime, int)
                          and all(isinstance(frame, str) for frame in frames)
                          for name, mtime, frames in index["clips"]), "")
@@ -163,26 +164,26 @@ class FrameFolder(Dataset):
 
     def __init__(self, root, split: str = "train", size: int = 256, seed: int = 0,
                  draws: int = 1):
-        _require(isinstance(split, str) and split not in ("", ".", "..")
+        require(isinstance(split, str) and split not in ("", ".", "..")
                  and os.path.basename(split) == split,
                  f"split must be a folder name such as 'train' or 'test', got {split!r}")
-        _require(_int_in(seed, 0), f"seed must be an int >= 0, got {seed!r}")
-        _require(_int_in(size, MIN_SIZE, MAX_SIZE),
+        require(int_in(seed, 0), f"seed must be an int >= 0, got {seed!r}")
+        require(int_in(size, MIN_SIZE, MAX_SIZE),
                  f"size must be an int in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
-        _require(_int_in(draws, 1), f"draws must be an int >= 1, got {draws!r}")
+        require(int_in(draws, 1), f"draws must be an int >= 1, got {draws!r}")
         self.size, self.seed, self.draws = int(size), int(seed), int(draws)
         self.root = Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
-        _require(self.root.is_dir(), f"{self.root}: dataset root not found (or not a folder)")
+        require(self.root.is_dir(), f"{self.root}: dataset root not found (or not a folder)")
         nested = self.root / split
         self.split_dir = nested if nested.is_dir() else self.root
         index = self._load_index(split)
 
-        _require(self.split_dir != self.root or any(frames for _, _, frames in index["clips"]),
+        require(self.split_dir != self.root or any(frames for _, _, frames in index["clips"]),
                  f"{nested}: split folder not found, and {self.root} holds no clip folders of "
                  f"{'/'.join(FRAME_SUFFIXES)} frames")
         kept = [(name, frames) for name, _, frames in index["clips"] if len(frames) >= MIN_FRAMES]
         skipped = [name for name, _, frames in index["clips"] if len(frames) < MIN_FRAMES]
-        _require(kept, f"{self.split_dir}: no clip folder has >= {MIN_FRAMES} frames "
+        require(kept, f"{self.split_dir}: no clip folder has >= {MIN_FRAMES} frames "
                        f"({len(skipped)} folders checked)")
         if skipped:
             shown = ", ".join(skipped[:WARN_NAMES]) + (", ..." if len(skipped) > WARN_NAMES else "")
@@ -216,7 +217,7 @@ class FrameFolder(Dataset):
                 write_atomic(path, lambda file: file.write(text.encode()))
                 return index
             except OSError as error:
-                problems.append(f"{path} ({_one_line(error.strerror or error)})")
+                problems.append(f"{path} ({one_line(error.strerror or error)})")
         warnings.warn(f"could not cache the frame index: {'; '.join(problems)}", stacklevel=3)
         return index
 
