@@ -14,6 +14,9 @@ camera), unless said otherwise:
     paste_render         the rendered face I_R pasted over the source where it is drawn
     ground_truth         the target itself: infinite PSNR, and the judge's floor
     vq_ceiling           the target through the VQ-VAE and back: no sampler does better
+    copy_ceiling         the exact I_R (as exact_render's) pasted over the source, through the
+                         VQ-VAE and back: what simply copying the exact render's latent gives;
+                         the gap from exact_render to it is the generator's
     self_reconstruction  the model given the source alone (no query), against the SOURCE
 Every row has psnr and ssim (whole image; metrics.psnr, metrics.ssim) and psnr_face, psnr_hair,
 psnr_clothes, psnr_background over the reference's regions (the target's; the source's for
@@ -195,13 +198,15 @@ def score_pairs(totals, model, judge, batch, targets, run, row="difffae", extra_
     rows = {row: edited["image"]}
     if extra_rows:
         sampling = {key: value for key, value in run.items() if key != "refine_steps"}
-        rendered, _ = model.render(exact)
+        rendered, mask = model.render(exact)
         cond = model.conditions(source, rendered)
+        pasted = torch.where(mask > 0.5, rendered, source)
         rows.update(exact_render=model.decode_latent(model.sample(cond, **sampling)),
                     copy_source=source,
                     paste_render=torch.where(edited["mask"] > 0.5, edited["render"], source),
                     ground_truth=target,
-                    vq_ceiling=model.decode_latent(model.encode_latent(target)))
+                    vq_ceiling=model.decode_latent(model.encode_latent(target)),
+                    copy_ceiling=model.decode_latent(model.encode_latent(pasted)))
         used = {"estimator": combine_coefficients(model.estimator(source),
                                                   model.estimator(query))}
         if run["refine_steps"]:
