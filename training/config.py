@@ -1,7 +1,7 @@
 """The training configuration: TrainConfig, the presets, and the command line of train.py.
 
 One dataclass per part (TrainConfig here, VQConfig, SlotsConfig, ... beside their networks;
-checkpoint.PARTS says which a stage builds); a preset is, per stage, a dict of overrides of each.
+runtime.checkpoint.PARTS says which a stage builds); a preset is, per stage, a dict of overrides of each.
 `--stage all` runs every stage in order (STAGES); `--smoke=true` shrinks each to a few steps
 at tiny sizes (SMOKE), to try the whole chain in minutes.
 `--key=value` (or `--key value`) sets a TrainConfig field, `--part.key=value` a part's
@@ -85,11 +85,11 @@ GPU_RUN = {"steps": 1_000_000, "pool": 16_000, "identities": 4000, "workers": 16
 PRESETS = {
     "tiny": {
         # sized for a 2-core CPU; each choice below is measured in docs/ablations.md
-        # the Laplacian detail term doubles the face's detail at 2,000 steps; the GAN switched
-        # on at step 500 cost 4.5 dB; 16,000 steps keep 0.7 dB and 60 % more detail than 8,000;
-        # (weighing the face's pixels 5x, --vqvae.face_weight=4, gave +1.6 dB and 60 % more
-        # detail on the face and eyes in every held-out face, for 0.5 dB on the whole image:
-        # docs/ablations.md; the shipped model predates it, and this preset is that model's)
+        # the Laplacian detail term doubles the face's detail at 2,000 steps; 16,000 steps keep
+        # 0.7 dB and 60 % more detail than 8,000 (weighing the face's pixels 5x,
+        # --vqvae.face_weight=4, gave +1.6 dB and 60 % more detail on the face and eyes in every
+        # held-out face, for 0.5 dB on the whole image: docs/ablations.md; the shipped model
+        # predates it, and this preset is that model's)
         "vqvae": {"train": {"steps": 16000, "batch_size": 8, "lr": 4e-4},
                   "vqvae": {"base_channels": 16, "channel_mult": (1, 2, 4), "num_res_blocks": 1,
                             "norm_groups": 8, "codebook_size": 1024, "restart_every": 25,
