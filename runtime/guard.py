@@ -161,7 +161,7 @@ def write_atomic(path, write) -> None:
 
 
 def atomic_save(obj, path):
-    """torch.save that never leaves half a file (data.write_atomic)."""
+    """torch.save that never leaves half a file (write_atomic)."""
     write_atomic(path, lambda file: torch.save(obj, file))
 
 
