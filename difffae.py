@@ -318,26 +318,22 @@ class DiffFAE(nn.Module):
 
     def loss(self, source, query, coefficients=None, source_regions=None, t=None, noise=None,
              exact=None, frozen=None, fit_slots=None):
-        """The whole training step's objective, for a batch of same-person pairs: source I_S
-        and query I_Q (B, 3, H, W) in [-1, 1]; L = L_LDM + δ·L_attn (Eq. 8) [+ the slots term].
-        coefficients: the query's exact ones (the estimator's keys; synthetic data), for the
-        truth_fraction share. source_regions (B, H, W): I_S's true regions, for the slots
-        term's region part. t (B,), noise ε (B, C, h, w) and exact (B,) bool, the pairs whose
-        I_R is exact: drawn from the global generator when not given, in that order.
-        frozen: frozen_inputs(...) when the caller has them (training.frozen_cache), and
-        fit_slots is passed on to it. Returns {"loss": L, "ldm_loss", "acr_loss" and with
-        slots_weight "slots_loss"} (all but L detached)."""
+        """The whole training step's L = L_LDM + δ·L_attn (Eq. 8) [+ the slots term] for
+        same-person pairs I_S, I_Q (B, 3, H, W) in [-1, 1]. coefficients: I_Q's exact ones
+        (synthetic data), for the truth_fraction share; source_regions (B, H, W): I_S's, for the
+        slots term. t (B,), ε (B, C, h, w), exact (B,) bool (the pairs whose I_R is exact):
+        drawn from the global generator in that order when not given. frozen: frozen_inputs
+        when the caller has them (fit_slots goes to it otherwise). Returns {"loss", "ldm_loss",
+        "acr_loss"[, "slots_loss"]}, all but "loss" detached."""
         d = self.diffusion
         assert self.latent_scale_set, "set_latent_scale first (LDM's scale_factor)"
-        # 1. SPC, Eq. 3: the latent f_r = ℰ(I_R) of the query's coefficients drawn through
-        #    FLAME; the target latent z_0 = ℰ(I_Q); f_id of I_S (frozen_inputs). Latents are
-        #    scaled to unit variance, as encode_latent does.
+        # 1. SPC, Eq. 3: f_r = ℰ(I_R) of the query's coefficients drawn through FLAME, z_0 =
+        #    ℰ(I_Q), f_id of I_S (frozen_inputs); latents scaled as encode_latent scales them
         if frozen is None:
             frozen = self.frozen_inputs(source, query, coefficients, fit_slots)
         scale, batch = self.latent_scale, len(source)
         z0, f_r = frozen["z0"] * scale, frozen["f_r"]  # (B, C, h, w)
-        # 2. RSC (§4.2): the slot tokens F of I_S, context of the cross-attention (Eq. 6), and
-        #    f_id, the input of AdaIN (Eq. 4-5); beside f_r, the conditions
+        # 2. RSC (§4.2): the slot tokens F of I_S, the cross-attention's context (Eq. 6)
         regions = self.slots(source)
         # 3. forward diffusion (Eq. 1): t ~ U{0..T−1}, ε ~ N(0, I), z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε
         if t is None:
@@ -353,11 +349,10 @@ class DiffFAE(nn.Module):
                 exact = torch.rand(batch) < d.truth_fraction
             exact = exact.to(z0.device).view(-1, 1, 1, 1)
             f_r = torch.where(exact, frozen["f_r_truth"], f_r)
-        cond = {**regions, "f_r": f_r * scale, "id": frozen["id"]}
-        # 5. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖², each image's
-        #    weighted by clamp(SNR_t, floor, γ)/SNR_t, SNR_t = ᾱ_t/(1−ᾱ_t), when min_snr_gamma
-        #    = γ > 0 (not in the paper): the error of x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t weighted
-        #    by clamp(SNR_t, floor, γ)
+        cond = {**regions, "f_r": f_r * scale, "id": frozen["id"]}  # f_id: AdaIN, Eq. 4-5
+        # 5. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖², with γ > 0 (not
+        #    in the paper) weighted by clamp(SNR_t, floor, γ)/SNR_t, SNR_t = ᾱ_t/(1−ᾱ_t): the
+        #    error of x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t weighted by clamp(SNR_t, floor, γ)
         eps, attn = self.denoise(z_t, t, cond)
         ldm = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)  # (B,)
         if d.min_snr_gamma > 0:

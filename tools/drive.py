@@ -212,7 +212,7 @@ def write_gif(images, path, fps):
 
 
 def write_frames(images, folder):
-    """Each (3, H, W) image as folder/<frame:07d>.png, exactly (8-bit PNG, runtime.images.save_image)."""
+    """Each (3, H, W) image as folder/<frame:07d>.png, exactly (8-bit PNG, save_image)."""
     for k, image in enumerate(images):
         save_image(image, Path(folder) / f"{k:07d}.png")
 

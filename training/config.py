@@ -1,7 +1,8 @@
 """The training configuration: TrainConfig, the presets, and the command line of train.py.
 
 One dataclass per part (TrainConfig here, VQConfig, SlotsConfig, ... beside their networks;
-runtime.checkpoint.PARTS says which a stage builds); a preset is, per stage, a dict of overrides of each.
+runtime.checkpoint.PARTS says which a stage builds); a preset is, per stage, a dict of overrides
+of each.
 `--stage all` runs every stage in order (STAGES); `--smoke=true` shrinks each to a few steps
 at tiny sizes (SMOKE), to try the whole chain in minutes.
 `--key=value` (or `--key value`) sets a TrainConfig field, `--part.key=value` a part's
