@@ -144,7 +144,7 @@ def arguments():
                         "frames as DIR/<frame:07d>.png")
     parser.add_argument("--smooth", type=float, metavar="SIGMA",
                         help="with --drive, smooth the query's coefficients over SIGMA frames "
-                        "(default 1.0; 0: none)")
+                        "(default 1; 0: none)")
     parser.add_argument("--fps", type=float, help="with --drive, the GIF's frames a second "
                         "(default 25)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps")

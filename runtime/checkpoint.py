@@ -21,12 +21,11 @@ from vqvae import VQConfig, VQVAE
 INFERENCE_FORMAT = "difffae-inference-1"
 TRAINING_ONLY = ("slots.decoder.",)  # ζ decodes the slots for the slots loss, never in an edit
 # Config fields that no longer exist, with the one value the code now always has: a saved
-# config holding that value still loads; another value is refused.
-RETIRED = {("vqvae", "use_mid_attention"): True, ("diffusion", "use_identity"): True}
-# Config fields that no longer exist and never shaped a saved network: the settings of the
-# VQ-VAE's adversarial training, which is no longer built (vqvae.py); dropped on reading.
-DROPPED = {("vqvae", name) for name in ("disc_channels", "disc_layers", "disc_start",
-                                        "disc_weight")}
+# config holding that value still loads; another value is refused. None: any value loads (the
+# settings of the VQ-VAE's adversarial training, no longer built, never shaped its network).
+RETIRED = {("vqvae", "use_mid_attention"): True, ("diffusion", "use_identity"): True,
+           **{("vqvae", name): None for name in ("disc_channels", "disc_layers", "disc_start",
+                                                 "disc_weight")}}
 
 
 class CheckpointError(ValueError):
@@ -85,10 +84,10 @@ def configs_of(checkpoint):
     for name, fields in checkpoint["config"].items():
         if name not in CONFIGS:
             continue  # "train": the loop's options
-        fields = {field: value for field, value in fields.items() if (name, field) not in DROPPED}
+        fields = dict(fields)
         for (part, field), kept in RETIRED.items():
             value = fields.pop(field, kept) if part == name else kept
-            if value != kept:
+            if kept is not None and value != kept:
                 raise TypeError(f"{name}.{field}={value!r} is no longer supported")
         configs[name] = CONFIGS[name](**fields)
     return configs

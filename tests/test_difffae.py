@@ -630,3 +630,16 @@ def test_a_model_trained_on_refined_renders_refines_its_edits_by_default(ldm_sta
         model.diffusion.render_from, model.diffusion.refine_steps = kept
     assert torch.equal(images["default"], images["two"])
     assert not torch.equal(images["default"], images["none"])
+
+
+def test_retired_config_fields_load_as_their_kept_value_or_any_value(ldm_stage):
+    """A field that no longer exists loads if it holds the value the code now always has (and
+    the VQ-VAE's adversarial settings with any value: they never shaped its network); another
+    value is refused by name."""
+    config = {name: vars(c) for name, c in ldm_stage.model.configs.items()}
+    old = {**config, "vqvae": {**config["vqvae"], "disc_start": 30000, "disc_weight": 0.75},
+           "diffusion": {**config["diffusion"], "use_identity": True}}
+    assert configs_of({"config": old})["vqvae"] == ldm_stage.model.configs["vqvae"]
+    old["diffusion"]["use_identity"] = False
+    with pytest.raises(TypeError, match="diffusion.use_identity=False is no longer supported"):
+        configs_of({"config": old})

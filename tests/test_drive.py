@@ -193,3 +193,10 @@ def test_sample_drive_writes_the_gif_and_the_frames(model, examples, tmp_path, c
         panel = torch.from_numpy(np.array(opened.convert("RGB"))).permute(2, 0, 1)  # (3, S, 4S)
     result = panel[:, :, 3 * model.image_size:].float() / 127.5 - 1
     assert (result - still).abs().max() <= 1 / 127.5 + 1e-6
+
+
+def test_sample_help_gives_drive_defaults():
+    """sample.py's --help states --smooth's and --fps's defaults, which drive.py holds."""
+    text = " ".join(sample.arguments().format_help().split())
+    assert f"(default {drive.SMOOTH_SIGMA:g}; 0: none)" in text
+    assert f"frames a second (default {drive.FPS:g})" in text
