@@ -17,6 +17,13 @@ callback=None, eta=0.0, generator=None), handing each step's state to `callback`
 k-diffusion's samplers); SAMPLERS names them.
 Timesteps are "trailing" (Lin et al. 2024, Table 2): t_i = round(T−1 − i·T/steps), so sampling
 starts at the noisiest step t = T−1.
+What the network predicts (DiffusionConfig.prediction): the samplers take ε̂, and
+eps_from_prediction makes it from a prediction of ε, of v = √ᾱ·ε − √(1−ᾱ)·x_0 (Salimans & Ho
+2022) or of x_0. With unit-variance data, EDM's preconditioning (Karras et al. 2022, Table 1,
+σ_data = 1, σ = √((1−ᾱ)/ᾱ), x = x_t/√ᾱ) is v-prediction: c_in·x = x_t, c_skip·x = √ᾱ·x_t,
+c_out = √(1−ᾱ), so x̂_0 = √ᾱ·x_t − √(1−ᾱ)·v̂ with F = −v; its loss weight 1/c_out² is the
+plain v-loss, and what remains of EDM is where training draws its noise levels
+(draw_timesteps "lognormal").
 
 Letters: x latents of any shape, T timesteps.
 """
@@ -45,6 +52,48 @@ def predict_x0(x_t, eps, alpha_bar_t):
     """x̂_0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t (DDIM Eq. 12, "predicted x_0")."""
     alpha_bar_t = _scalar(alpha_bar_t, x_t)
     return (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
+
+
+def eps_from_prediction(output, x_t, alpha_bar_t, prediction):
+    """ε̂ from what the network predicted at x_t: ε itself ("eps", returned as it is); v ("v"):
+    ε̂ = √ᾱ·v̂ + √(1−ᾱ)·x_t; or x_0 ("x0"): ε̂ = (x_t − √ᾱ·x̂_0)/√(1−ᾱ), in x_t's precision.
+    alpha_bar_t: a number or a tensor that broadcasts against x_t."""
+    assert prediction in PREDICTIONS, f"prediction {prediction!r}: expected one of {PREDICTIONS}"
+    if prediction == "eps":
+        return output
+    alpha_bar_t, output = _scalar(alpha_bar_t, x_t), output.to(x_t.dtype)
+    if prediction == "v":
+        return alpha_bar_t.sqrt() * output + (1 - alpha_bar_t).sqrt() * x_t
+    return (x_t - alpha_bar_t.sqrt() * output) / (1 - alpha_bar_t).sqrt()
+
+
+def loss_weight(alpha_bar_t, prediction, min_snr_gamma=0.0, snr_floor=0.0):
+    """w_t of the loss w_t·‖ε̂ − ε‖² (alpha_bar_t a tensor). γ = 0: the plain loss of what is
+    predicted, ‖ε̂ − ε‖² (w = 1), ‖v̂ − v‖² = ‖ε̂ − ε‖²/ᾱ or ‖x̂_0 − x_0‖² = ‖ε̂ − ε‖²/SNR,
+    SNR = ᾱ/(1−ᾱ). γ > 0 (Min-SNR, Hang et al. 2023): the x̂_0 error weighted by
+    clamp(SNR, floor, γ), w = clamp(SNR, floor, γ)/SNR, whatever is predicted."""
+    snr = alpha_bar_t / (1 - alpha_bar_t)
+    if min_snr_gamma > 0:
+        return snr.clamp(min=snr_floor, max=min_snr_gamma) / snr
+    return {"eps": torch.ones_like(snr), "v": 1 / alpha_bar_t, "x0": 1 / snr}[prediction]
+
+
+# EDM's noise levels for training, ln σ ~ N(−1.2, 1.2²) at σ_data = 0.5 (Karras et al. 2022,
+# Table 1), for unit-variance data: σ twice as large
+LOGNORMAL = (-1.2 + math.log(2), 1.2)
+
+
+def draw_timesteps(alphas_cumprod, batch, levels="uniform"):
+    """Training timesteps (batch,) from the global generator: "uniform", t ~ U{0..T−1} (DDPM);
+    or "lognormal", EDM's ln σ ~ N(mean, std²) rounded up to the first step at least that
+    noisy, σ_t = √((1−ᾱ_t)/ᾱ_t)."""
+    assert levels in NOISE_LEVELS, f"levels {levels!r}: expected one of {NOISE_LEVELS}"
+    device = alphas_cumprod.device
+    if levels == "uniform":
+        return torch.randint(len(alphas_cumprod), (batch,), device=device)
+    log_sigma = 0.5 * torch.log((1 - alphas_cumprod) / alphas_cumprod)  # (T,) increasing
+    drawn = LOGNORMAL[0] + LOGNORMAL[1] * torch.randn(batch, device=device)
+    return torch.searchsorted(log_sigma, drawn.to(log_sigma.dtype)).clamp(max=len(log_sigma) - 1)
 
 
 def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None):
@@ -120,6 +169,8 @@ def sample_dpmpp_2m(model_fn, x, alphas_cumprod, timesteps, callback=None, eta=0
     return x
 
 
+PREDICTIONS = ("eps", "v", "x0")
+NOISE_LEVELS = ("uniform", "lognormal")
 # The samplers by name (DiffusionConfig.sampler, sample.py --sampler): one signature,
 # sampler(model_fn, x_T, alphas_cumprod, timesteps, callback=None, eta=0.0, generator=None).
 SAMPLERS = {"ddim": sample_ddim, "dpm++2m": sample_dpmpp_2m}

@@ -23,6 +23,7 @@ from runtime.checkpoint import (PARTS, TRAINING_ONLY, CheckpointError, configs_o
                         load_model, read_checkpoint)
 from difffae import DiffFAE, DiffusionConfig
 from layers import REGION_NAMES
+from samplers import predict_x0
 from slots import pretraining_loss
 from assets.synthetic import SyntheticPortraits, true_coefficients
 
@@ -205,6 +206,48 @@ def test_min_snr_weights_each_image_by_its_timestep(ldm_stage, batch, gamma, flo
     expected = (noise.double().pow(2).flatten(1).mean(1) * weight).mean()
     assert out["ldm_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert gamma == 0 or weight.min() < 1  # the draw includes a weighted (low-noise) step
+
+
+@pytest.mark.parametrize("prediction, residual", [("v", False), ("v", True), ("x0", True),
+                                                  ("eps", True)])
+def test_the_loss_of_v_or_x0_and_of_the_render_residual_by_hand(ldm_stage, batch, prediction,
+                                                                residual):
+    """With γ = 0 the loss is the plain ‖out − target‖² of the UNet's raw output, computed here
+    from its definition: target ε, v = √ᾱ·ε − √(1−ᾱ)·y_0 or y_0, where y_0 = z_0 − f_r with the
+    render residual (the UNet then sees y_t = √ᾱ·y_0 + √(1−ᾱ)·ε), else z_0. And the sampler's
+    x̂_0 is f_r + ŷ_0: for x_0-prediction of the residual, f_r itself when the UNet says 0."""
+    model, d = ldm_stage.model, ldm_stage.model.diffusion
+    t = torch.tensor([10, 900])
+    noise = torch.randn(model.encode_latent(batch["query"]).shape,
+                        generator=torch.Generator().manual_seed(5))
+    coefficients = true_coefficients(batch, "query")
+    kept = d.prediction, d.render_residual, d.min_snr_gamma, d.acr_weight, d.slots_weight
+    d.prediction, d.render_residual, d.min_snr_gamma, d.acr_weight, d.slots_weight = (
+        prediction, residual, 0.0, 0.0, 0.0)
+    try:
+        loss = handed(model, batch, coefficients, t=t, noise=noise)["loss"]
+        with torch.no_grad():
+            z0 = model.encode_latent(batch["query"])
+            cond = model.conditions(batch["source"], model.render(coefficients)[0])
+            a = model.alphas_cumprod[t].view(-1, 1, 1, 1)
+            y0 = z0 - cond["f_r"] if residual else z0
+            y_t = a.sqrt() * y0 + (1 - a).sqrt() * noise
+            out = model.unet(torch.cat([y_t, cond["f_r"]], 1), t, cond["slots"], cond["id"])
+            target = {"eps": noise, "v": a.sqrt() * noise - (1 - a).sqrt() * y0, "x0": y0}
+            assert loss.item() == pytest.approx((out - target[prediction]).pow(2).mean().item(),
+                                                rel=1e-4)
+            if prediction == "x0":
+                conv_out = model.unet.conv_out
+                saved = [p.detach().clone() for p in conv_out.parameters()]
+                for p in conv_out.parameters():
+                    p.zero_()
+                z_t = torch.randn_like(z0)
+                x0 = predict_x0(z_t, model.denoise(z_t, 500, cond)[0], model.alphas_cumprod[500])
+                for p, value in zip(conv_out.parameters(), saved):
+                    p.copy_(value)
+                torch.testing.assert_close(x0, cond["f_r"], rtol=0, atol=1e-5)
+    finally:
+        d.prediction, d.render_residual, d.min_snr_gamma, d.acr_weight, d.slots_weight = kept
 
 
 def test_loss_draws_t_then_noise_when_not_given(ldm_stage, batch):

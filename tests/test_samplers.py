@@ -15,6 +15,10 @@ Checked against these and other closed forms:
   first order and DPM-Solver++(2M) second order (Lu et al. 2022), measured against the exact
   flow to the last timestep followed by the exact final x̂_0 step; DPM-Solver++'s first step
   is DDIM's;
+- eps_from_prediction turns the optimal v = √ᾱ·ε − √(1−ᾱ)·x_0 and the optimal x̂_0 (the
+  posterior mean) into the optimal ε; loss_weight makes w·‖ε̂ − ε‖² the plain v- and x_0-losses,
+  or the x̂_0 error weighted by clamp(SNR, floor, γ); draw_timesteps' "lognormal" levels have
+  EDM's ln σ quantiles (Karras et al. 2022);
 - dtypes are kept; make_timesteps, the scaled-linear schedule (β recovered from ᾱ ratios), the
   samplers' asserts and DiffusionConfig's checks;
 - combine_coefficients takes exactly the query's keys of each attribute (DiffFAE Eq. 3);
@@ -30,8 +34,9 @@ import torch
 from flame import head_pose_degrees
 from difffae import DiffusionConfig
 from difffae import EDIT_ATTRIBUTES, combine_coefficients, set_numbers
-from samplers import (SAMPLERS, ddim_step, make_timesteps, predict_x0, sample_ddim,
-                      sample_dpmpp_2m, scaled_linear_alphas_cumprod)
+from samplers import (LOGNORMAL, SAMPLERS, ddim_step, draw_timesteps, eps_from_prediction,
+                      loss_weight, make_timesteps, predict_x0, sample_ddim, sample_dpmpp_2m,
+                      scaled_linear_alphas_cumprod)
 from assets.head import EXPRESSION_NAMES
 
 T = 1000
@@ -83,6 +88,62 @@ def test_predict_x0_with_optimal_eps_is_the_posterior_mean(t):
     x = torch.linspace(-4, 4, 17, dtype=torch.float64)
     x0 = predict_x0(x, gaussian_eps(x, t), AB_LIST[t])
     torch.testing.assert_close(x0, posterior_mean_x0(x, AB_LIST[t]), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("t", [0, 1, 50, 500, 999])
+def test_v_and_x0_predictions_give_the_optimal_eps(t):
+    x = torch.linspace(-4, 4, 17, dtype=torch.float64)
+    a = AB_LIST[t]
+    eps, x0 = gaussian_eps(x, t), posterior_mean_x0(x, a)
+    v = math.sqrt(a) * eps - math.sqrt(1 - a) * x0  # Salimans & Ho 2022, §4
+    for prediction, output in (("eps", eps), ("v", v), ("x0", x0)):
+        torch.testing.assert_close(eps_from_prediction(output, x, a, prediction), eps,
+                                   rtol=0, atol=1e-9)
+    a_batch = AB[[t, 999 - t]].view(2, 1)  # a tensor ᾱ per row, as in training
+    both = torch.stack([x, x])
+    v_rows = torch.stack([v, math.sqrt(a_batch[1]) * gaussian_eps(x, 999 - t)
+                          - math.sqrt(1 - a_batch[1]) * posterior_mean_x0(x, a_batch[1].item())])
+    torch.testing.assert_close(eps_from_prediction(v_rows, both, a_batch, "v"),
+                               torch.stack([eps, gaussian_eps(x, 999 - t)]), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("gamma, floor", [(0.0, 0.0), (5.0, 1.0)])
+def test_loss_weight_is_the_plain_loss_of_each_target_or_the_weighted_x0_error(gamma, floor):
+    generator = torch.Generator().manual_seed(0)
+    t = torch.tensor([0, 10, 300, 700, 999])
+    a = AB[t].view(-1, 1)
+    x0, eps, guess = (torch.randn(5, 8, generator=generator, dtype=torch.float64)
+                      for _ in range(3))
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    x0_guess = predict_x0(x_t, guess, a)  # the x̂_0 and v̂ of the noise guess ε̂
+    v, v_guess = (a.sqrt() * e - (1 - a).sqrt() * x for e, x in ((eps, x0), (guess, x0_guess)))
+    error = (guess - eps).pow(2).mean(1)
+    snr = (a / (1 - a)).flatten()
+    plain = {"eps": error, "v": (v_guess - v).pow(2).mean(1), "x0": (x0_guess - x0).pow(2).mean(1)}
+    for prediction, expected in plain.items():
+        if gamma:  # Min-SNR: the x̂_0 error weighted by clamp(SNR, floor, γ)
+            expected = (x0_guess - x0).pow(2).mean(1) * snr.clamp(min=floor, max=gamma)
+        got = loss_weight(a.flatten(), prediction, gamma, floor) * error
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=0)
+
+
+def test_lognormal_noise_levels_have_edms_quantiles():
+    """ln σ_t of the drawn steps against N(mean, std²) at the schedule's own steps: the draw is
+    rounded up to a step, so P(t ≤ s) = Φ((ln σ_s − mean)/std) exactly, up to sampling error."""
+    torch.manual_seed(0)
+    n = 40_000
+    t = draw_timesteps(AB.float(), n, "lognormal")
+    assert t.dtype == torch.int64 and 0 <= t.min() and t.max() <= T - 1
+    log_sigma = 0.5 * torch.log((1 - AB) / AB)
+    for s in (0, 50, 200, 500, 999):
+        expected = 0.5 * (1 + math.erf((log_sigma[s] - LOGNORMAL[0]) / LOGNORMAL[1] / 2 ** 0.5))
+        if s == T - 1:
+            expected = 1.0  # the tail beyond σ_max is drawn as the last step
+        assert (t <= s).double().mean().item() == pytest.approx(expected, abs=0.01)
+    torch.manual_seed(0)
+    uniform = draw_timesteps(AB, 5)
+    torch.manual_seed(0)
+    assert torch.equal(uniform, torch.randint(T, (5,)))  # "uniform": DDPM's draw
 
 
 # ---------------------------------------------------------------------------------------------
