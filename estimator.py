@@ -20,6 +20,7 @@ IdentityEncoder (ArcFace's embedding network; its BN-Dropout-FC-BN output, Deng 
 without BatchNorm):
     f_id = normalize(W · flatten(ResNet(I)) + b) ∈ S^{D-1}
 csim(a, b) = â · b̂, the CSIM metric of face-reenactment papers (cosine of identity embeddings).
+load_deca and load_arcface load the paper's own two networks instead, fixed (pretrained/).
 
 DECA's orthographic camera and SH light: Feng et al. 2021, §3; flame.py maps the 6 pose numbers
 to FLAME's 5 joints (Li et al. 2017). Backbones are pre-activation ResNets
@@ -58,6 +59,7 @@ landmarks for that.
 Shape letters: B batch, C channels, S input side, H/W feature height/width, P coefficient count,
 D embedding size, N classes, K = 9 SH coefficients.
 """
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -277,6 +279,16 @@ def csim(a, b):
     a_hat = F.normalize(a, dim=1)  # (B, D)
     b_hat = F.normalize(b, dim=1)  # (B, D)
     return (a_hat * b_hat).sum(dim=1)  # (B,)
+
+
+def load_deca(path):
+    """DECA's own coarse encoder from deca_model.tar: a fixed estimator (pretrained/deca.py)."""
+    return importlib.import_module("pretrained.deca").load_deca(path)  # it imports this file
+
+
+def load_arcface(path):
+    """ArcFace's iResNet-100 from backbone.pth: a fixed identity encoder (pretrained/arcface.py)."""
+    return importlib.import_module("pretrained.arcface").load_arcface(path)
 
 
 # -- The fit: the reading refined through the renderer (not in the paper) --------------------

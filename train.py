@@ -34,7 +34,7 @@ from runtime.cli import check_output
 from runtime.guard import (Guard, Stopped, folder_lock, read_stage_checkpoint, rng_states,
                            save_checkpoint, set_rng_state, truncate_log)
 from training import stages
-from training.config import ConfigError, STAGES, build_chain
+from training.config import ConfigError, PRETRAINED, STAGES, build_chain
 from training.datasets import make_dataset, to_device
 
 
@@ -126,9 +126,9 @@ def check_resume(config, saved, path, master):
             if before == value or isinstance(before, list) and tuple(before) == value:
                 continue
             option = f"--{field}" if part == "train" else f"--{part}.{field}"
-            if part != "train":
+            if part != "train" or field in PRETRAINED.values() and bool(before) != bool(value):
                 raise ConfigError(f"{option}={value}: {path} was trained with {before}; rerun "
-                                  f"without it, or start another run with --tag or --out")
+                                  f"with that value, or start another run with --tag or --out")
             if master and field not in ("out", "export", "workers", "time_limit"):
                 print(f"resuming with {option}={value} (the checkpoint's run had {before})")
 

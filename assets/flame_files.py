@@ -7,7 +7,8 @@ The equations live in flame.py; this module only turns files into the dict of nu
   pickle of a dict whose arrays are chumpy `Ch` objects, with a scipy.sparse `J_regressor`, the
   faces under `f` and the kinematic tree as `kintree_table`;
 - an `.npz` with the keys `load_flame` returns (`save_npz` writes one; no pickle inside);
-- DECA's `head_template.obj`, whose `f v/vt ...` lines give per-corner UVs (`load_obj_uvs`).
+- DECA's `head_template.obj`, whose `f v/vt ...` lines give per-corner UVs (`load_obj_uvs`);
+- `FLAME_albedo_from_BFM.npz`, the albedo space DECA uses (`load_bfm_albedo`).
 
 Why a restricted unpickler: unpickling calls whatever functions the file names (a pickle can
 say "call os.system with this string"), so the obvious route — install chumpy (unmaintained; it
@@ -29,6 +30,8 @@ import pickle
 import zipfile
 
 import numpy as np
+
+from assets.head import TEXTURE_SIZE
 
 REQUIRED_KEYS = ("v_template", "shapedirs", "posedirs", "J_regressor", "weights", "parents",
                  "faces")
@@ -199,6 +202,40 @@ def load_obj_uvs(path, faces=None):
     if faces is not None and not np.array_equal(np.asarray(vertex_faces), np.asarray(faces)):
         raise FlameModelError(f"{path}: its faces differ from the model's (another topology?)")
     return uvs[uv_faces]  # (F, 3, 2)
+
+
+def load_bfm_albedo(path, n_albedo, size=TEXTURE_SIZE):
+    """The albedo space of `FLAME_albedo_from_BFM.npz`, the texture space that the BFM_to_FLAME
+    conversion makes from the Basel Face Model 2017's vertex colours (Gerig et al. 2018) and
+    DECA (Feng et al. 2021) uses: {"albedo_mean" (3, T, T), "albedo_dirs" (A, 3, T, T)} in
+    [0, 1] colour units, for a model dict (`model.update(...)`), T = size, A = n_albedo.
+
+    The file's MU holds the mean texture and PC its principal directions (one column each),
+    flattened from (T', T', 3) arrays, rows first (row 0 is the top, v = 1, as sample_texture
+    reads it) and colours in B, G, R order. As DECA does, we keep the first A directions,
+    resize T' (512) to T (256) by nearest neighbour (texel i ← ⌊i·T'/T⌋) and reorder to RGB.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FlameModelError(f"{path}: no such file; it comes from the BFM_to_FLAME conversion "
+                              "(https://github.com/TimoBolkart/BFM_to_FLAME)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            mean, dirs = data["MU"].reshape(-1), data["PC"]
+            side = int(round((mean.size / 3) ** 0.5))
+            if mean.size != 3 * side * side or dirs.size % mean.size:
+                raise ValueError(f"MU has {mean.size} values, not a T × T × 3 texture")
+            dirs = dirs.reshape(mean.size, -1)[:, :n_albedo]  # (T'·T'·3, A)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise FlameModelError(f"{path}: not a readable FLAME albedo space with MU and PC "
+                              f"({error})") from None
+    if dirs.shape[1] < n_albedo:
+        raise FlameModelError(f"{path}: {dirs.shape[1]} albedo directions, {n_albedo} needed")
+    texels = np.arange(size) * side // size  # (T,) nearest neighbour
+    grid = np.ix_(texels, texels, [2, 1, 0])  # rows, columns, BGR -> RGB
+    mean = mean.reshape(side, side, 3)[grid].transpose(2, 0, 1)  # (3, T, T)
+    dirs = dirs.reshape(side, side, 3, -1)[grid].transpose(3, 2, 0, 1)  # (A, 3, T, T)
+    return {"albedo_mean": mean.astype(np.float32), "albedo_dirs": dirs.astype(np.float32)}
 
 
 def save_npz(model, path):

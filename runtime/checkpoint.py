@@ -12,8 +12,10 @@ from typing import NamedTuple
 
 import torch
 
+from assets.flame_files import FlameModelError
 from difffae import DiffFAE, DiffusionConfig
 from estimator import CoefficientEstimator, EstimatorConfig, IdentityConfig, IdentityEncoder
+from pretrained import WeightsError, install
 from slots import RegionSlots, SlotsConfig
 from unet import UNetConfig
 from vqvae import VQConfig, VQVAE
@@ -129,22 +131,27 @@ def export_inference(checkpoint, path, dtype=torch.float16):
 
 def load_model(path, device="cpu"):
     """DiffFAE from an exported inference file or an ldm training checkpoint (its EMA weights),
-    in eval mode, float32. Raises CheckpointError naming the file and the
-    problem."""
+    in eval mode, float32; with DECA's and ArcFace's networks loaded again from the files it
+    was trained with (--deca, --arcface: pretrained.install). Raises CheckpointError naming the
+    file and the problem."""
     path = Path(path)
     checkpoint = read_checkpoint(path, (INFERENCE_FORMAT, "ldm"))
     if checkpoint.get("format") == INFERENCE_FORMAT:
         weights = checkpoint["weights"]
     else:
         weights = inference_weights(checkpoint)
+    files = {option: checkpoint["config"].get("train", {}).get(option, "")
+             for option in ("deca", "arcface")}  # the published networks it was trained with
     try:  # a part's config missing or refused, parts that do not fit, weights that do not load
-        model = DiffFAE(configs_of(checkpoint))
+        model = install(DiffFAE(configs_of(checkpoint)), **files)
         missing, unexpected = model.load_state_dict(
             {k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
             strict=False)
         missing = [k for k in missing if not k.startswith(TRAINING_ONLY)]
         if missing or unexpected:
             raise RuntimeError(f"missing weights {missing[:3]}, unexpected {unexpected[:3]}")
+    except (WeightsError, FlameModelError) as error:  # a file named by --deca or --arcface
+        raise CheckpointError(f"{path}: made with {error}") from None
     except (AssertionError, KeyError, TypeError, RuntimeError, ValueError) as error:
         first = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise CheckpointError(f"{path}: incompatible with this model version ({first})") from None

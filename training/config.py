@@ -62,6 +62,10 @@ class TrainConfig:
     arcface_scale: float = 30.0   # identity: ArcFace s (the paper's 64 suits 85k classes)
     arcface_margin: float = 0.5   # identity: ArcFace m (Deng et al. 2019)
     face_only: bool = False       # identity: embed the face alone (tools/evaluate.py's CSIM judge)
+    deca: str = ""                # ldm: DECA's deca_model.tar as the estimator, fixed, with FLAME
+                                  # 2020 and its albedo from that folder (docs/real-data.md)
+    arcface: str = ""             # ldm: arcface_torch's iresnet100 backbone.pth as the identity
+                                  # encoder, fixed
 
     def __post_init__(self):  # before any work: a bad value is one line, not a late traceback
         least = {"image_size": 8, "batch_size": 1, "steps": 1, "log_every": 1, "eval_every": 1,
@@ -187,7 +191,11 @@ SMOKE = {
 
 # Options of one stage alone: the others' command lines do not list them.
 STAGE_ONLY = {"slots_supervision": "slots", "frames_weight": "estimator", "frozen_cache": "ldm",
-              "arcface_scale": "identity", "arcface_margin": "identity", "face_only": "identity"}
+              "arcface_scale": "identity", "arcface_margin": "identity", "face_only": "identity",
+              "deca": "ldm", "arcface": "ldm"}
+# The stages whose network the ldm stage can load from a published file instead, and the option
+# naming that file (pretrained/): given the file, `--stage all` does not run the stage.
+PRETRAINED = {"estimator": "deca", "identity": "arcface"}
 # Fields a stage fills in from the data (the image size, FLAME's coefficient counts, the VQ
 # latent's and the slots' shapes): not options.
 FILLED = {"slots": ("image_size", "target_channels", "target_size"),
@@ -294,7 +302,8 @@ def build_chain(argv):
     """Parses argv (`--key=value` or `--key value`) into [(TrainConfig, {part: config})], one
     per stage to run (every stage, in order, for `--stage all`): the stage's preset, shrunk by
     --smoke, then the options given, each parsed to its field's type. With --stage all an
-    option of a part goes to the stage that builds it, and every other option to every stage."""
+    option of a part goes to the stage that builds it, and every other option to every stage;
+    the stages whose networks --deca and --arcface replace are left out."""
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     first.add_argument("--stage", choices=(*STAGES, "all"))
     first.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
@@ -323,7 +332,8 @@ def build_chain(argv):
                 value = _parse_value(text, getattr(parts[part], field), key)
                 parts[part] = dataclasses.replace(parts[part], **{field: value})
         chain.append((train, parts))
-    return chain
+    replaced = {stage for stage, option in PRETRAINED.items() if getattr(chain[-1][0], option)}
+    return [(train, parts) for train, parts in chain if train.stage not in replaced]
 
 
 def build_configs(argv):

@@ -19,9 +19,13 @@ from torch.utils.data import default_collate
 
 from assets.synthetic import SyntheticPortraits, pool_path, true_coefficients
 from difffae import DiffFAE, combine_coefficients, render_face
-from estimator import (COEFFICIENT_SCALE, CoefficientEstimator, IdentityEncoder, fittable,
+from estimator import (COEFFICIENT_SCALE, CoefficientEstimator, EstimatorConfig,
+                       IdentityConfig, IdentityEncoder, fittable, load_arcface, load_deca,
                        photometric_loss)
 from layers import FACE, REGION_NAMES
+from pretrained import install
+from pretrained.arcface import EMBEDDING_DIM
+from pretrained.deca import load_deca_flame
 from runtime.checkpoint import PARTS, rebuild
 from runtime.guard import atomic_save, previous_checkpoint, read_stage_checkpoint
 from runtime.images import save_image
@@ -29,7 +33,7 @@ from samplers import predict_x0
 from slots import RegionSlots, masks_at, pretraining_loss
 from training import metrics
 from training.arcface import ArcMarginHead
-from training.config import build_configs
+from training.config import PRETRAINED, build_configs
 from training.frozen_cache import FrozenCache
 from training.pictures import enlarge, grid as picture_grid, mask_rows
 from vqvae import VQVAE, vq_loss
@@ -67,12 +71,57 @@ def missing(path, stage, out):
 
 
 def require_earlier_checkpoints(cfg):
-    """Refuses, in one line and before any work, a stage whose earlier stages are not trained."""
+    """Refuses, in one line and before any work, a stage whose earlier stages are not trained,
+    or whose published networks (--deca, --arcface) cannot be used."""
+    replaced = check_pretrained(cfg)
     frames = cfg.stage == "estimator" and cfg.data != "synthetic"  # faces found by the slots
     for stage in PARTS[cfg.stage].requires + (("slots",) if frames else ()):
+        if stage in replaced:
+            continue
         path = Path(cfg.out) / stage / "ckpt.pt"
         if not path.exists() and not previous_checkpoint(path).exists():
             raise missing(path, stage, cfg.out)
+
+
+def replaced_parts(cfg):
+    """{stage: file} of the parts whose published networks the ldm stage loads instead of the
+    stages' stand-ins (--deca: DECA's estimator, --arcface: ArcFace's identity encoder)."""
+    return {stage: getattr(cfg, option) for stage, option in PRETRAINED.items()
+            if cfg.stage == "ldm" and getattr(cfg, option)}
+
+
+def check_pretrained(cfg):
+    """replaced_parts(cfg), their files loaded once to check them (a wrong one is one line,
+    before the data is read); DECA refused on the synthetic portraits, whose coefficients are
+    the built-in head's, not FLAME 2020's."""
+    replaced = replaced_parts(cfg)
+    if "estimator" in replaced:
+        if cfg.data == "synthetic":
+            raise ValueError("--deca: DECA's coefficients drive FLAME 2020, and the synthetic "
+                             "portraits' are the built-in head's: give --data a folder of frames")
+        load_deca(cfg.deca)
+        load_deca_flame(cfg.deca)
+    if "identity" in replaced:
+        load_arcface(cfg.arcface)
+    return replaced
+
+
+def stand_ins(replaced, image_size):
+    """Configs of the small stand-ins that DiffFAE builds for the `replaced` parts before
+    pretrained.install swaps the published networks in: sized to pass DiffFAE's checks (the
+    built-in head's coefficient counts; ArcFace's 512 numbers of f_id), saved with the model
+    and built again when it loads."""
+    small = {"image_size": image_size, "base_channels": 8, "channel_mult": (1, 1, 1, 1),
+             "blocks_per_stage": 1, "norm_groups": 8}
+    configs = {}
+    if "estimator" in replaced:
+        from flame import FLAME
+        head = FLAME()  # the built-in head, which DiffFAE builds
+        configs["estimator"] = EstimatorConfig(**small, n_shape=head.n_shape, n_exp=head.n_exp,
+                                               n_albedo=head.n_albedo)
+    if "identity" in replaced:
+        configs["identity"] = IdentityConfig(**small, embedding_dim=EMBEDDING_DIM)
+    return configs
 
 
 def load_part(out, stage, device):
@@ -382,13 +431,18 @@ class LDMStage(Stage):
     people against the exact target, whole and on the target's face, and the face detail
     (medians), sampled with the EMA weights (train.py swaps them in) and I_R drawn as in every
     edit; and the x̂_0 report (x0_report): the face error of x̂_0 at fixed noise levels beside
-    f_r's, and how far x̂_0 follows I_R when handed the exact render instead."""
+    f_r's, and how far x̂_0 follows I_R when handed the exact render instead (not with --deca).
+    With --deca and --arcface the published DECA and ArcFace networks replace the estimator and
+    identity stages' (pretrained.install), fixed as the paper keeps them."""
 
     def __init__(self, cfg, parts, device, n_identities):
         super().__init__()
-        networks = {name: load_part(cfg.out, name, device) for name in PARTS["ldm"].requires}
+        replaced = replaced_parts(cfg)  # the published networks that replace stages' parts
+        networks = {name: load_part(cfg.out, name, device) for name in PARTS["ldm"].requires
+                    if name not in replaced}
         for name, (_, config) in networks.items():
             parts[name] = config
+        parts.update(stand_ins(replaced, cfg.image_size))
         sizes = {name: parts[name].image_size for name in ("slots", "estimator", "identity")}
         if set(sizes.values()) != {cfg.image_size}:
             raise ValueError(f"--image_size={cfg.image_size}, but the pretrained parts work at "
@@ -411,6 +465,8 @@ class LDMStage(Stage):
         self.model = DiffFAE(parts)
         for name, (network, _) in networks.items():
             getattr(self.model, name).load_state_dict(network.state_dict())
+        install(self.model, cfg.deca, cfg.arcface)  # fixed, and left out of the checkpoints
+        self.exact_render = "estimator" not in replaced  # the held-out coefficients fit FLAME
         # the slot decoder ζ stays as pretrained: with slots_weight > 0 it holds the tokens to
         # what it learned to decode
         for frozen in (self.model.vqvae, self.model.estimator, self.model.identity,
@@ -461,9 +517,11 @@ class LDMStage(Stage):
         detail = metrics.face_detail(edited, batch["target"], batch["target_regions"])
         z0 = self.model.encode_latent(batch["target"])
         latent_face = F.avg_pool2d(face.float(), edited.shape[-1] // z0.shape[-1]) > 0.5
-        exact = combine_coefficients(true_coefficients(batch, "source"),
-                                     true_coefficients(batch, "query"))  # Eq. 3, exactly
-        exact_f_r = self.model.encode_latent(self.model.render(exact)[0])
+        exact_f_r = None  # with --deca the held-out portraits' coefficients are not FLAME 2020's
+        if self.exact_render:
+            exact = combine_coefficients(true_coefficients(batch, "source"),
+                                         true_coefficients(batch, "query"))  # Eq. 3, exactly
+            exact_f_r = self.model.encode_latent(self.model.render(exact)[0])
         return {"psnr": float(metrics.psnr(edited, batch["target"]).mean()),
                 "psnr_face": float(metrics.psnr(edited, batch["target"], mask=face).mean()),
                 **{name: float(values.nanmedian()) for name, values in detail.items()},
