@@ -21,7 +21,6 @@ the other options apply to every frame. Runs on the CPU, with one thread unless 
 says otherwise: two threads spin-wait on a shared 2-core machine (docs/timings.md).
 """
 import argparse
-import math
 import os
 import time
 import warnings
@@ -31,74 +30,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from assets.head import EXPRESSION_NAMES
-from assets.synthetic import NUMBER_RANGES
-from difffae import EDIT_ATTRIBUTES, NUMBERS
+from difffae import EDIT_ATTRIBUTES
 from runtime.checkpoint import load_model
-from runtime.cli import (DEFAULT_CHECKPOINT, SWAPPABLE, Parser, check_device, check_output,
-                         check_sampling, fail, read_checkpoint, run)
+from runtime.cli import (DEFAULT_CHECKPOINT, NUMBER_HELP, Parser, check_device, check_output,
+                         check_sampling, fail, parse_edit, parse_numbers, parse_swap,
+                         read_checkpoint, run)
 from runtime.images import MAX_SIZE, ImageError, load_image, save_image
 from samplers import SAMPLERS
 
 MAX_REFINE = 1000  # steps of the fit; it settles within 300 (docs/fitting.md)
-NUMBER_HELP = ("yaw, pitch, roll, jaw in degrees; light=x,y,z (a direction in camera space: "
-               "+x to the image's right, +y up, +z towards the camera); or an expression name "
-               "of the built-in head = its coefficient (e.g. smile=1.2)")
-
-
-def parse_swap(items):
-    """["hair=a.png", ...] → {"hair": "a.png", ...}."""
-    swap = {}
-    for item in items:
-        region, _, path = item.partition("=")
-        if not path:
-            raise ValueError(f"--swap {item}: expected REGION=IMAGE, e.g. hair=other.png")
-        if region not in SWAPPABLE:
-            raise ValueError(f"cannot swap {region!r}: expected one of {', '.join(SWAPPABLE)}")
-        if region in swap:
-            raise ValueError(f"--swap {region} given twice ({swap[region]}, {path}): give each "
-                             f"region once")
-        swap[region] = path
-    return swap
-
-
-def parse_numbers(items):
-    """["yaw=20", "light=1,0,1", ...] → {"yaw": 20.0, "light": [1.0, 0.0, 1.0], ...}."""
-    known = (*NUMBERS, *EXPRESSION_NAMES)
-    numbers = {}
-    for item in items:
-        name, _, text = item.partition("=")
-        try:
-            values = [float(v) for v in text.split(",")]
-        except ValueError:
-            raise ValueError(f"--set {item}: expected NAME=NUMBER or light=X,Y,Z") from None
-        if name not in known:
-            raise ValueError(f"unknown number {name!r}: expected one of {', '.join(known)}")
-        if name in numbers:
-            raise ValueError(f"--set {name} given twice: give each number once")
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError(f"--set {item}: expected a finite number")
-        light = name == "light"
-        if len(values) != (3 if light else 1) or (light and not any(values)):
-            raise ValueError(f"--set {item}: expected NAME=NUMBER or light=X,Y,Z (not 0,0,0)")
-        numbers[name] = values if light else values[0]
-        low, high = NUMBER_RANGES.get(name, (-math.inf, math.inf))
-        if not low <= values[0] <= high:
-            warnings.warn(f"--set {item}: outside what the synthetic portraits hold "
-                          f"({low:g} to {high:g}): a model trained on them never saw "
-                          f"such a face")
-    return numbers
-
-
-def parse_edit(text):
-    attributes = tuple(a.strip() for a in text.split(",") if a.strip())
-    unknown = [a for a in attributes if a not in EDIT_ATTRIBUTES]
-    if unknown or not attributes:
-        raise ValueError(f"--edit {text}: expected a comma-separated subset of "
-                         f"{','.join(EDIT_ATTRIBUTES)}")
-    return attributes
-
-
 def zoom(image, factor):
     """Nearest-neighbour enlargement of a (3, H, W) image, for looking at 64 px results."""
     if factor == 1:

@@ -1,16 +1,22 @@
 """What the programs (sample.py, tools/evaluate.py, tools/bench.py) share on the command line:
 the bundled model's path, one-line errors with exit status 2, a parser that takes `--multi-word`
-and `--multi_word` alike, and the checks of arguments that must fail before any long work
-(device, output files, sampling options, checkpoints).
+and `--multi_word` alike, the checks of arguments that must fail before any long work
+(device, output files, sampling options, checkpoints), and sample.py's parsers of an edit's
+attributes, region swaps and numbers.
 """
 import argparse
+import math
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
+from assets.head import EXPRESSION_NAMES
+from assets.synthetic import NUMBER_RANGES
+from difffae import EDIT_ATTRIBUTES, NUMBERS
 from layers import REGION_NAMES
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "difffae-tiny.pt"
@@ -107,3 +113,63 @@ def read_checkpoint(load, path, option, *args):
         return load(path, *args)
     except ValueError as error:
         raise ValueError(f"{option} {error}") from None
+
+
+# -- sample.py's edit options -------------------------------------------------------------------
+
+NUMBER_HELP = ("yaw, pitch, roll, jaw in degrees; light=x,y,z (a direction in camera space: "
+               "+x to the image's right, +y up, +z towards the camera); or an expression name "
+               "of the built-in head = its coefficient (e.g. smile=1.2)")
+
+
+def parse_swap(items):
+    """["hair=a.png", ...] → {"hair": "a.png", ...}."""
+    swap = {}
+    for item in items:
+        region, _, path = item.partition("=")
+        if not path:
+            raise ValueError(f"--swap {item}: expected REGION=IMAGE, e.g. hair=other.png")
+        if region not in SWAPPABLE:
+            raise ValueError(f"cannot swap {region!r}: expected one of {', '.join(SWAPPABLE)}")
+        if region in swap:
+            raise ValueError(f"--swap {region} given twice ({swap[region]}, {path}): give each "
+                             f"region once")
+        swap[region] = path
+    return swap
+
+
+def parse_numbers(items):
+    """["yaw=20", "light=1,0,1", ...] → {"yaw": 20.0, "light": [1.0, 0.0, 1.0], ...}."""
+    known = (*NUMBERS, *EXPRESSION_NAMES)
+    numbers = {}
+    for item in items:
+        name, _, text = item.partition("=")
+        try:
+            values = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise ValueError(f"--set {item}: expected NAME=NUMBER or light=X,Y,Z") from None
+        if name not in known:
+            raise ValueError(f"unknown number {name!r}: expected one of {', '.join(known)}")
+        if name in numbers:
+            raise ValueError(f"--set {name} given twice: give each number once")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"--set {item}: expected a finite number")
+        light = name == "light"
+        if len(values) != (3 if light else 1) or (light and not any(values)):
+            raise ValueError(f"--set {item}: expected NAME=NUMBER or light=X,Y,Z (not 0,0,0)")
+        numbers[name] = values if light else values[0]
+        low, high = NUMBER_RANGES.get(name, (-math.inf, math.inf))
+        if not low <= values[0] <= high:
+            warnings.warn(f"--set {item}: outside what the synthetic portraits hold "
+                          f"({low:g} to {high:g}): a model trained on them never saw "
+                          f"such a face")
+    return numbers
+
+
+def parse_edit(text):
+    attributes = tuple(a.strip() for a in text.split(",") if a.strip())
+    unknown = [a for a in attributes if a not in EDIT_ATTRIBUTES]
+    if unknown or not attributes:
+        raise ValueError(f"--edit {text}: expected a comma-separated subset of "
+                         f"{','.join(EDIT_ATTRIBUTES)}")
+    return attributes
