@@ -42,6 +42,12 @@ def test_overrides_are_typed_and_unknown_keys_rejected():
         build_configs(["--stage", "vqvae", "--steps=many"])
     with pytest.raises(ValueError, match="norm_groups"):  # the part's own validation
         build_configs(["--stage", "vqvae", "--vqvae.base_channels=12"])
+    # a config's options apply together: its checks between fields see the final values, in
+    # any order (the tiny preset has γ = 5 and a floor of 1, which γ = 0 alone would refuse)
+    for order in (1, -1):
+        _, parts = build_configs(["--stage", "ldm", *["--diffusion.min_snr_gamma=0",
+                                                      "--diffusion.snr_floor=0"][::order]])
+        assert (parts["diffusion"].min_snr_gamma, parts["diffusion"].snr_floor) == (0, 0)
 
 
 @pytest.fixture(scope="module")

@@ -323,15 +323,15 @@ def build_chain(argv):
              if text is not None and key not in ("stage", "preset", "smoke")}
     chain = []
     for train, parts in defaults.values():
-        for key, text in given.items():
+        configs = {"": train, **parts}
+        changes = {name: {} for name in configs}  # all of a config's at once, so that the
+        for key, text in given.items():  # checks between its fields see the final values
             part, _, field = key.rpartition(".")
-            if not part:
-                value = _parse_value(text, getattr(train, field), key)
-                train = dataclasses.replace(train, **{field: value})
-            elif part in parts:
-                value = _parse_value(text, getattr(parts[part], field), key)
-                parts[part] = dataclasses.replace(parts[part], **{field: value})
-        chain.append((train, parts))
+            if part in configs:
+                changes[part][field] = _parse_value(text, getattr(configs[part], field), key)
+        configs = {name: dataclasses.replace(config, **changes[name])
+                   for name, config in configs.items()}
+        chain.append((configs.pop(""), configs))
     replaced = {stage for stage, option in PRETRAINED.items() if getattr(chain[-1][0], option)}
     return [(train, parts) for train, parts in chain if train.stage not in replaced]
 
