@@ -13,12 +13,12 @@ Objective (§4.3, Eq. 1, 7, 8; every step in DiffFAE.loss), with z_0 the scaled 
     z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε,   t ~ U{0..T−1},   ε ~ N(0, I)
     L = ‖ε − ε̂‖² + δ·‖A_cross − M_Q‖²,   δ = 0.1
 Not in the paper, each an option measured in docs/ablations.md: Min-SNR weights (Hang et al.
-2023) with a floor on the x̂_0 weight (min_snr_gamma, snr_floor); the UNet predicting v or x̂_0
-(prediction), of z_0 − f_r (render_residual), trained at EDM's noise levels (noise_levels); a
-share `truth_fraction` of the pairs taking I_R from the exact coefficients (synthetic data), so
-that the UNet learns that I_R can be trusted; and `slots_weight` keeping the slots stage's loss
-on, so that slot k stays the token of region k (trained by L alone, the slot called
-"background" took the face, and the region swaps went with it).
+2023) with a floor on the x̂_0 weight (min_snr_gamma, snr_floor); the UNet predicting v
+(Salimans & Ho 2022) or x̂_0 instead of ε (prediction); a share `truth_fraction` of the pairs
+taking I_R from the exact coefficients (synthetic data), so that the UNet learns that I_R can
+be trusted; and `slots_weight` keeping the slots stage's loss on, so that slot k stays the token
+of region k (trained by L alone, the slot called "background" took the face, and the region
+swaps went with it).
 A_cross: the UNet's cross-attention maps per slot token, averaged over heads and layers; M_Q: the
 slot-attention masks of the query (detached: the target of the consistency term, not a second
 route for the masks to drift towards the attention).
@@ -42,8 +42,8 @@ from estimator import CoefficientEstimator, IdentityEncoder, refine
 from flame import FLAME, head_pose_degrees, pose6_to_flame15
 from layers import FACE, REGION_NAMES, require
 from render import Renderer
-from samplers import (NOISE_LEVELS, PREDICTIONS, SAMPLERS, draw_timesteps, eps_from_prediction,
-                      loss_weight, make_timesteps, scaled_linear_alphas_cumprod)
+from samplers import (PREDICTIONS, SAMPLERS, eps_from_prediction, loss_weight, make_timesteps,
+                      scaled_linear_alphas_cumprod)
 from slots import RegionSlots, masks_at, pretraining_loss
 from unet import UNet, average_cross_attention
 from vqvae import VQVAE
@@ -68,8 +68,6 @@ class DiffusionConfig:
                                    # the fit through the renderer (estimator.refine; no paper)
     refine_steps: int = 20         # render_from "refined": the fit's steps
     prediction: str = "eps"        # what the UNet predicts: "eps" (the paper), "v" or "x0"
-    render_residual: bool = False  # the UNet denoises z_0 − f_r, not z_0 (not in the paper)
-    noise_levels: str = "uniform"  # training t: "uniform" (the paper) or EDM's "lognormal"
     sample_steps: int = 20
     sampler: str = "dpm++2m"       # "ddim" (Song et al. 2021) or "dpm++2m" (Lu et al. 2022)
 
@@ -93,9 +91,8 @@ class DiffusionConfig:
                 f"expected >= 0")
         require(1 <= self.sample_steps <= self.timesteps, f"DiffusionConfig.sample_steps="
                 f"{self.sample_steps}: expected 1..{self.timesteps}")
-        for name, allowed in (("prediction", PREDICTIONS), ("noise_levels", NOISE_LEVELS)):
-            require(getattr(self, name) in allowed, f"DiffusionConfig.{name}="
-                    f"{getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        require(self.prediction in PREDICTIONS, f"DiffusionConfig.prediction="
+                f"{self.prediction!r}: expected one of {', '.join(PREDICTIONS)}")
         require(self.sampler in SAMPLERS, f"DiffusionConfig.sampler={self.sampler!r}: expected "
                 f"one of {', '.join(SAMPLERS)}")
 
@@ -277,15 +274,12 @@ class DiffFAE(nn.Module):
     def denoise(self, z_t, t, cond):
         """ε_θ([z_t ; f_r], t, F, f_id): the predicted noise (B, C, h, w), made from the UNet's
         v or x̂_0 where it predicts those (samplers.eps_from_prediction), and the UNet's
-        cross-attention maps (unet.UNet.forward with return_attn). With render_residual, the
-        diffusion is that of y_0 = z_0 − f_r: the UNet sees y_t = z_t − √ᾱ_t·f_r, and ε is
-        the same for y and z, so that x̂_0 = f_r + ŷ_0 is f_r until the UNet says otherwise."""
-        d, f_r, alpha_bar = self.diffusion, cond["f_r"], self.alphas_cumprod[t]
+        cross-attention maps (unet.UNet.forward with return_attn)."""
+        alpha_bar = self.alphas_cumprod[t]
         alpha_bar = alpha_bar.view(-1, 1, 1, 1) if alpha_bar.dim() else alpha_bar
-        y_t = z_t - alpha_bar.sqrt() * f_r if d.render_residual else z_t
-        out, maps = self.unet(torch.cat([y_t, f_r], dim=1), t, cond["slots"], cond["id"],
+        out, maps = self.unet(torch.cat([z_t, cond["f_r"]], dim=1), t, cond["slots"], cond["id"],
                               return_attn=True)
-        return eps_from_prediction(out, y_t, alpha_bar, d.prediction), maps
+        return eps_from_prediction(out, z_t, alpha_bar, self.diffusion.prediction), maps
 
     # -- training ----------------------------------------------------------------------------
     @property
@@ -349,8 +343,8 @@ class DiffFAE(nn.Module):
         # 2. RSC (§4.2): the slot tokens F of I_S, the cross-attention's context (Eq. 6)
         regions = self.slots(source)
         # 3. forward diffusion (Eq. 1): t ~ U{0..T−1}, ε ~ N(0, I), z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε
-        if t is None:  # (not in the paper: EDM's log-normal noise levels, d.noise_levels)
-            t = draw_timesteps(self.alphas_cumprod, batch, d.noise_levels)
+        if t is None:
+            t = torch.randint(d.timesteps, (batch,), device=z0.device)
         if noise is None:
             noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype)
         alpha_bar = self.alphas_cumprod[t].view(batch, 1, 1, 1)
@@ -366,7 +360,7 @@ class DiffFAE(nn.Module):
         # 5. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖², weighted by w_t
         #    (samplers.loss_weight): not in the paper, the plain loss of v or x̂_0 where the UNet
         #    predicts those (d.prediction), or with γ > 0 the x̂_0 error weighted by
-        #    clamp(SNR_t, floor, γ), SNR_t = ᾱ_t/(1−ᾱ_t); with render_residual, of z_0 − f_r
+        #    clamp(SNR_t, floor, γ), SNR_t = ᾱ_t/(1−ᾱ_t)
         eps, attn = self.denoise(z_t, t, cond)
         ldm = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)  # (B,)
         ldm = (ldm * loss_weight(alpha_bar.flatten(), d.prediction, d.min_snr_gamma,

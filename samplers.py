@@ -21,9 +21,8 @@ What the network predicts (DiffusionConfig.prediction): the samplers take ε̂, 
 eps_from_prediction makes it from a prediction of ε, of v = √ᾱ·ε − √(1−ᾱ)·x_0 (Salimans & Ho
 2022) or of x_0. With unit-variance data, EDM's preconditioning (Karras et al. 2022, Table 1,
 σ_data = 1, σ = √((1−ᾱ)/ᾱ), x = x_t/√ᾱ) is v-prediction: c_in·x = x_t, c_skip·x = √ᾱ·x_t,
-c_out = √(1−ᾱ), so x̂_0 = √ᾱ·x_t − √(1−ᾱ)·v̂ with F = −v; its loss weight 1/c_out² is the
-plain v-loss, and what remains of EDM is where training draws its noise levels
-(draw_timesteps "lognormal").
+c_out = √(1−ᾱ), so x̂_0 = √ᾱ·x_t − √(1−ᾱ)·v̂ with F = −v, and its loss weight 1/c_out² is
+the plain v-loss; what remains of EDM is its log-normal draw of the training noise levels.
 
 Letters: x latents of any shape, T timesteps.
 """
@@ -76,24 +75,6 @@ def loss_weight(alpha_bar_t, prediction, min_snr_gamma=0.0, snr_floor=0.0):
     if min_snr_gamma > 0:
         return snr.clamp(min=snr_floor, max=min_snr_gamma) / snr
     return {"eps": torch.ones_like(snr), "v": 1 / alpha_bar_t, "x0": 1 / snr}[prediction]
-
-
-# EDM's noise levels for training, ln σ ~ N(−1.2, 1.2²) at σ_data = 0.5 (Karras et al. 2022,
-# Table 1), for unit-variance data: σ twice as large
-LOGNORMAL = (-1.2 + math.log(2), 1.2)
-
-
-def draw_timesteps(alphas_cumprod, batch, levels="uniform"):
-    """Training timesteps (batch,) from the global generator: "uniform", t ~ U{0..T−1} (DDPM);
-    or "lognormal", EDM's ln σ ~ N(mean, std²) rounded up to the first step at least that
-    noisy, σ_t = √((1−ᾱ_t)/ᾱ_t)."""
-    assert levels in NOISE_LEVELS, f"levels {levels!r}: expected one of {NOISE_LEVELS}"
-    device = alphas_cumprod.device
-    if levels == "uniform":
-        return torch.randint(len(alphas_cumprod), (batch,), device=device)
-    log_sigma = 0.5 * torch.log((1 - alphas_cumprod) / alphas_cumprod)  # (T,) increasing
-    drawn = LOGNORMAL[0] + LOGNORMAL[1] * torch.randn(batch, device=device)
-    return torch.searchsorted(log_sigma, drawn.to(log_sigma.dtype)).clamp(max=len(log_sigma) - 1)
 
 
 def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None):
@@ -170,7 +151,6 @@ def sample_dpmpp_2m(model_fn, x, alphas_cumprod, timesteps, callback=None, eta=0
 
 
 PREDICTIONS = ("eps", "v", "x0")
-NOISE_LEVELS = ("uniform", "lognormal")
 # The samplers by name (DiffusionConfig.sampler, sample.py --sampler): one signature,
 # sampler(model_fn, x_T, alphas_cumprod, timesteps, callback=None, eta=0.0, generator=None).
 SAMPLERS = {"ddim": sample_ddim, "dpm++2m": sample_dpmpp_2m}

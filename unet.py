@@ -65,7 +65,6 @@ class UNetConfig:
     context_dim: int = 192  # slot size, DiffFAE App. B
     id_dim: int = 512  # ArcFace embedding size
     norm_groups: int = 32  # GroupNorm groups (Wu & He 2018; LDM)
-    render_every_level: bool = False  # f_r (the last out_channels of x) added at every level
 
     def __post_init__(self):
         self.attention_resolutions = tuple(self.attention_resolutions)
@@ -316,11 +315,6 @@ class UNet(nn.Module):
                 self.up[level].append(UNetStage(channels + skip_channels.pop(), levels[level],
                                                 temb_dim, config, level in attend))
                 channels = levels[level]
-        # not in the paper: f_r, average-pooled to each level, enters it again through a
-        # zero-initialised 1×1 conv (after the level's blocks, on the way down and up)
-        self.render_in = nn.ModuleList(
-            zero_init(nn.Conv2d(config.out_channels, c, 1)) for c in levels
-        ) if config.render_every_level else None
         self.norm_out = nn.GroupNorm(config.norm_groups, channels, eps=UNET_NORM_EPS)
         self.conv_out = zero_init(nn.Conv2d(channels, config.out_channels, 3, padding=1))
 
@@ -337,13 +331,6 @@ class UNet(nn.Module):
         assert t.shape == (batch,), f"t {tuple(t.shape)}"
         temb = self.time_mlp(timestep_embedding(t.to(x.dtype), config.base_channels))
         attn = []
-        render = x[:, -config.out_channels:]  # f_r (B, C_out, H, W)
-
-        def add_render(h, level):  # h (B, C_l, H_l, W_l) + 1×1 conv of f_r pooled to H_l
-            if self.render_in is None:
-                return h
-            return h + self.render_in[level](F.avg_pool2d(render, 2 ** level))
-
         h = self.conv_in(x)  # (B, base, H, W)
         skips = [h]
         for level, stages in enumerate(self.down):
@@ -351,7 +338,6 @@ class UNet(nn.Module):
                 h, maps = stage(h, temb, id_embed, context)
                 attn.extend(maps)
                 skips.append(h)
-            h = skips[-1] = add_render(h, level)
             if level < len(self.downsample):
                 h = self.downsample[level](h)  # (B, C_l, H_l/2, W_l/2)
                 skips.append(h)
@@ -363,7 +349,6 @@ class UNet(nn.Module):
                 h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H_l, W_l)
                 h, maps = stage(h, temb, id_embed, context)
                 attn.extend(maps)
-            h = add_render(h, level)
             if level > 0:
                 h = self.upsample[level - 1](h)  # (B, C_l, 2·H_l, 2·W_l)
         eps = self.conv_out(F.silu(self.norm_out(h)))  # (B, out_channels, H, W)

@@ -208,46 +208,41 @@ def test_min_snr_weights_each_image_by_its_timestep(ldm_stage, batch, gamma, flo
     assert gamma == 0 or weight.min() < 1  # the draw includes a weighted (low-noise) step
 
 
-@pytest.mark.parametrize("prediction, residual", [("v", False), ("v", True), ("x0", True),
-                                                  ("eps", True)])
-def test_the_loss_of_v_or_x0_and_of_the_render_residual_by_hand(ldm_stage, batch, prediction,
-                                                                residual):
-    """With γ = 0 the loss is the plain ‖out − target‖² of the UNet's raw output, computed here
-    from its definition: target ε, v = √ᾱ·ε − √(1−ᾱ)·y_0 or y_0, where y_0 = z_0 − f_r with the
-    render residual (the UNet then sees y_t = √ᾱ·y_0 + √(1−ᾱ)·ε), else z_0. And the sampler's
-    x̂_0 is f_r + ŷ_0: for x_0-prediction of the residual, f_r itself when the UNet says 0."""
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_the_loss_of_v_or_x0_prediction_by_hand(ldm_stage, batch, prediction):
+    """With γ = 0 the loss is the plain ‖out − target‖² of the UNet's raw output, its target
+    computed here from its definition: v = √ᾱ·ε − √(1−ᾱ)·z_0 (Salimans & Ho 2022) or z_0; and
+    the sampler's x̂_0 is the UNet's x̂_0 itself: 0 when its last conv is zeroed."""
     model, d = ldm_stage.model, ldm_stage.model.diffusion
     t = torch.tensor([10, 900])
     noise = torch.randn(model.encode_latent(batch["query"]).shape,
                         generator=torch.Generator().manual_seed(5))
     coefficients = true_coefficients(batch, "query")
-    kept = d.prediction, d.render_residual, d.min_snr_gamma, d.acr_weight, d.slots_weight
-    d.prediction, d.render_residual, d.min_snr_gamma, d.acr_weight, d.slots_weight = (
-        prediction, residual, 0.0, 0.0, 0.0)
+    kept = d.prediction, d.min_snr_gamma, d.snr_floor, d.acr_weight, d.slots_weight
+    d.prediction, d.min_snr_gamma, d.snr_floor, d.acr_weight, d.slots_weight = (
+        prediction, 0.0, 0.0, 0.0, 0.0)
+    conv_out = model.unet.conv_out
+    saved = [p.detach().clone() for p in conv_out.parameters()]
     try:
         loss = handed(model, batch, coefficients, t=t, noise=noise)["loss"]
         with torch.no_grad():
             z0 = model.encode_latent(batch["query"])
             cond = model.conditions(batch["source"], model.render(coefficients)[0])
             a = model.alphas_cumprod[t].view(-1, 1, 1, 1)
-            y0 = z0 - cond["f_r"] if residual else z0
-            y_t = a.sqrt() * y0 + (1 - a).sqrt() * noise
-            out = model.unet(torch.cat([y_t, cond["f_r"]], 1), t, cond["slots"], cond["id"])
-            target = {"eps": noise, "v": a.sqrt() * noise - (1 - a).sqrt() * y0, "x0": y0}
-            assert loss.item() == pytest.approx((out - target[prediction]).pow(2).mean().item(),
-                                                rel=1e-4)
-            if prediction == "x0":
-                conv_out = model.unet.conv_out
-                saved = [p.detach().clone() for p in conv_out.parameters()]
-                for p in conv_out.parameters():
-                    p.zero_()
-                z_t = torch.randn_like(z0)
-                x0 = predict_x0(z_t, model.denoise(z_t, 500, cond)[0], model.alphas_cumprod[500])
-                for p, value in zip(conv_out.parameters(), saved):
-                    p.copy_(value)
-                torch.testing.assert_close(x0, cond["f_r"], rtol=0, atol=1e-5)
+            z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            out = model.unet(torch.cat([z_t, cond["f_r"]], 1), t, cond["slots"], cond["id"])
+            target = {"v": a.sqrt() * noise - (1 - a).sqrt() * z0, "x0": z0}[prediction]
+            assert loss.item() == pytest.approx((out - target).pow(2).mean().item(), rel=1e-4)
+            for p in conv_out.parameters():
+                p.zero_()
+            x0 = predict_x0(z_t, model.denoise(z_t, t, cond)[0], a)
+            expected = a.sqrt() * z_t if prediction == "v" else torch.zeros_like(z0)
+            torch.testing.assert_close(x0, expected, rtol=0, atol=1e-4)
     finally:
-        d.prediction, d.render_residual, d.min_snr_gamma, d.acr_weight, d.slots_weight = kept
+        d.prediction, d.min_snr_gamma, d.snr_floor, d.acr_weight, d.slots_weight = kept
+        with torch.no_grad():
+            for p, value in zip(conv_out.parameters(), saved):
+                p.copy_(value)
 
 
 def test_loss_draws_t_then_noise_when_not_given(ldm_stage, batch):

@@ -17,8 +17,7 @@ Checked against these and other closed forms:
   is DDIM's;
 - eps_from_prediction turns the optimal v = √ᾱ·ε − √(1−ᾱ)·x_0 and the optimal x̂_0 (the
   posterior mean) into the optimal ε; loss_weight makes w·‖ε̂ − ε‖² the plain v- and x_0-losses,
-  or the x̂_0 error weighted by clamp(SNR, floor, γ); draw_timesteps' "lognormal" levels have
-  EDM's ln σ quantiles (Karras et al. 2022);
+  or the x̂_0 error weighted by clamp(SNR, floor, γ);
 - dtypes are kept; make_timesteps, the scaled-linear schedule (β recovered from ᾱ ratios), the
   samplers' asserts and DiffusionConfig's checks;
 - combine_coefficients takes exactly the query's keys of each attribute (DiffFAE Eq. 3);
@@ -34,9 +33,8 @@ import torch
 from flame import head_pose_degrees
 from difffae import DiffusionConfig
 from difffae import EDIT_ATTRIBUTES, combine_coefficients, set_numbers
-from samplers import (LOGNORMAL, SAMPLERS, ddim_step, draw_timesteps, eps_from_prediction,
-                      loss_weight, make_timesteps, predict_x0, sample_ddim, sample_dpmpp_2m,
-                      scaled_linear_alphas_cumprod)
+from samplers import (SAMPLERS, ddim_step, eps_from_prediction, loss_weight, make_timesteps,
+                      predict_x0, sample_ddim, sample_dpmpp_2m, scaled_linear_alphas_cumprod)
 from assets.head import EXPRESSION_NAMES
 
 T = 1000
@@ -125,25 +123,6 @@ def test_loss_weight_is_the_plain_loss_of_each_target_or_the_weighted_x0_error(g
             expected = (x0_guess - x0).pow(2).mean(1) * snr.clamp(min=floor, max=gamma)
         got = loss_weight(a.flatten(), prediction, gamma, floor) * error
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=0)
-
-
-def test_lognormal_noise_levels_have_edms_quantiles():
-    """ln σ_t of the drawn steps against N(mean, std²) at the schedule's own steps: the draw is
-    rounded up to a step, so P(t ≤ s) = Φ((ln σ_s − mean)/std) exactly, up to sampling error."""
-    torch.manual_seed(0)
-    n = 40_000
-    t = draw_timesteps(AB.float(), n, "lognormal")
-    assert t.dtype == torch.int64 and 0 <= t.min() and t.max() <= T - 1
-    log_sigma = 0.5 * torch.log((1 - AB) / AB)
-    for s in (0, 50, 200, 500, 999):
-        expected = 0.5 * (1 + math.erf((log_sigma[s] - LOGNORMAL[0]) / LOGNORMAL[1] / 2 ** 0.5))
-        if s == T - 1:
-            expected = 1.0  # the tail beyond σ_max is drawn as the last step
-        assert (t <= s).double().mean().item() == pytest.approx(expected, abs=0.01)
-    torch.manual_seed(0)
-    uniform = draw_timesteps(AB, 5)
-    torch.manual_seed(0)
-    assert torch.equal(uniform, torch.randint(T, (5,)))  # "uniform": DDPM's draw
 
 
 # ---------------------------------------------------------------------------------------------

@@ -196,12 +196,14 @@ STAGE_ONLY = {"slots_supervision": "slots", "frames_weight": "estimator", "froze
 # The stages whose network the ldm stage can load from a published file instead, and the option
 # naming that file (pretrained/): given the file, `--stage all` does not run the stage.
 PRETRAINED = {"estimator": "deca", "identity": "arcface"}
-# Fields a stage fills in from the data (the image size, FLAME's coefficient counts, the VQ
-# latent's and the slots' shapes): not options.
+# Fields that are not options: those a stage fills in from the data (the image size, FLAME's
+# coefficient counts, the VQ latent's and the slots' shapes), and the noise schedule, LDM's as
+# the paper's, which every model and sampler here is trained and tested with.
 FILLED = {"slots": ("image_size", "target_channels", "target_size"),
           "estimator": ("image_size", "n_shape", "n_exp", "n_albedo"),
           "identity": ("image_size",),
-          "unet": ("in_channels", "out_channels", "context_dim", "id_dim")}
+          "unet": ("in_channels", "out_channels", "context_dim", "id_dim"),
+          "diffusion": ("timesteps", "beta_start", "beta_end")}
 
 
 def _refuse(message):
