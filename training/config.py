@@ -118,7 +118,8 @@ PRESETS = {
         # (+1.1 dB at 2,500 steps); half the pairs' I_R from the exact coefficients, so that
         # the UNet trusts I_R (docs/ablations.md). (The other half's I_R from the estimator's
         # reading refined through the renderer, --diffusion.render_from=refined, gave +0.8 dB
-        # on the face, docs/fitting.md; the shipped model predates it.)
+        # on the face, docs/fitting.md, and v-prediction, --diffusion.prediction=v, +0.8 dB on
+        # the edit, docs/ablations.md; the shipped model predates both.)
         "ldm": {"train": {"steps": 16000, "batch_size": 8, "lr": 4e-4, "ema_decay": 0.999,
                           "eval_every": 1000, "eval_items": 64},
                 "unet": {"base_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1,
@@ -156,7 +157,8 @@ PRESETS = {
                                "arcface_scale": 16.0, "arcface_margin": 0.2},
                      "identity": {"image_size": 64, "base_channels": 32, "norm_groups": 16,
                                   "embedding_dim": 128}},
-        # half the pairs with exact renders: x0 follows I_R 1.5-2.5x as far (docs/ablations.md)
+        # half the pairs with exact renders: x0 follows I_R 1.5-2.5x as far; v-prediction: +0.8
+        # dB on the edit at 3,000 steps of the tiny preset (docs/ablations.md)
         "ldm": {"train": {**GPU_RUN, "batch_size": 64, "lr": 2e-4, "time_limit": 150,
                           "ema_decay": 0.999, "eval_items": 64},
                 "unet": {"base_channels": 64, "channel_mult": (1, 2, 2), "num_res_blocks": 2,
@@ -164,7 +166,7 @@ PRESETS = {
                          "norm_groups": 32},
                 "diffusion": {"sample_steps": 20, "sampler": "dpm++2m", "min_snr_gamma": 5.0,
                               "snr_floor": 1.0, "truth_fraction": 0.5, "slots_weight": 1.0,
-                              "slots_supervision": 1.0}},
+                              "slots_supervision": 1.0, "prediction": "v"}},
     },
 }
 
