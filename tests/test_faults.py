@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import train
-from training.config import build_configs, FILLED, PRESETS, stage_defaults, STAGE_ONLY, STAGES
+from training.config import (build_configs, NOT_OPTIONS, PRESETS, stage_defaults, STAGE_ONLY,
+                             STAGES)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny, with evaluations and dead-code restarts (a short usage memory leaves codes dead) often
@@ -195,7 +196,7 @@ def test_help_lists_every_option_with_its_type_and_default(capsys):
                 only = STAGE_ONLY.get(field.name) if not prefix else None
                 if field.name in ("stage", "preset"):
                     continue
-                if field.name in FILLED.get(prefix[:-1], ()):
+                if field.name in NOT_OPTIONS.get(prefix[:-1], ()):
                     assert f"--{prefix}{field.name} " not in text  # filled in by the stage
                     continue
                 if only is not None and argv and only not in argv:

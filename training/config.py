@@ -201,7 +201,7 @@ PRETRAINED = {"estimator": "deca", "identity": "arcface"}
 # Fields that are not options: those a stage fills in from the data (the image size, FLAME's
 # coefficient counts, the VQ latent's and the slots' shapes), and the noise schedule, LDM's as
 # the paper's, which every model and sampler here is trained and tested with.
-FILLED = {"slots": ("image_size", "target_channels", "target_size"),
+NOT_OPTIONS = {"slots": ("image_size", "target_channels", "target_size"),
           "estimator": ("image_size", "n_shape", "n_exp", "n_albedo"),
           "identity": ("image_size",),
           "unet": ("in_channels", "out_channels", "context_dim", "id_dim"),
@@ -276,7 +276,7 @@ def make_parser(trains, parts):
         comments = field_comments(type(config))
         for field in dataclasses.fields(config):
             stage = STAGE_ONLY.get(field.name) if not prefix else None
-            if (field.name in ("stage", "preset", *FILLED.get(prefix[:-1], ()))
+            if (field.name in ("stage", "preset", *NOT_OPTIONS.get(prefix[:-1], ()))
                     or stage is not None and stage not in by_stage):
                 continue
             value = getattr(config, field.name)
