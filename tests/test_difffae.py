@@ -5,6 +5,7 @@ inference export, and the sample.py program with its error messages
 
 Pretrained parts are random networks saved in the stages' checkpoint format, at 32 px: these
 tests check the plumbing and the numbers that do not depend on training."""
+import contextlib
 import json
 import dataclasses
 import os
@@ -85,6 +86,36 @@ def handed(model, batch, coefficients, **options):
         d.truth_fraction = kept
 
 
+@contextlib.contextmanager
+def diffusion_settings(model, **fields):
+    """model.diffusion with `fields` set for the block, then as it was."""
+    d = model.diffusion
+    kept = {name: getattr(d, name) for name in fields}
+    for name, value in fields.items():
+        setattr(d, name, value)
+    try:
+        yield d
+    finally:
+        for name, value in kept.items():
+            setattr(d, name, value)
+
+
+@contextlib.contextmanager
+def zeroed_output(model):
+    """The UNet's last conv zeroed for the block (as LDM initialises it), then restored."""
+    conv_out = model.unet.conv_out
+    saved = [p.detach().clone() for p in conv_out.parameters()]
+    with torch.no_grad():
+        for p in conv_out.parameters():
+            p.zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(conv_out.parameters(), saved):
+                p.copy_(value)
+
+
 def test_loss_terms_and_which_parts_train(ldm_stage, batch):
     """At fixed t and ε, L is linear in δ and in the slots weight w: L(δ, w) − L(0, 0) =
     δ·L_attn + w·(the slots stage's own loss on the sources, slots.pretraining_loss); and at a
@@ -99,12 +130,8 @@ def test_loss_terms_and_which_parts_train(ldm_stage, batch):
     coefficients = true_coefficients(batch, "query")
 
     def loss(acr, slots):
-        kept = d.acr_weight, d.slots_weight
-        d.acr_weight, d.slots_weight = acr, slots
-        try:
+        with diffusion_settings(model, acr_weight=acr, slots_weight=slots):
             return handed(model, batch, coefficients, t=t, noise=noise)
-        finally:
-            d.acr_weight, d.slots_weight = kept
 
     base = loss(0.0, 0.0)["loss"]
     with torch.no_grad():
@@ -182,21 +209,9 @@ def test_min_snr_weights_each_image_by_its_timestep(ldm_stage, batch, gamma, flo
     t = torch.tensor([10, 900])  # a low-noise step (weighted when γ > 0) and a noisy one
     noise = torch.randn(model.encode_latent(batch["query"]).shape,
                         generator=torch.Generator().manual_seed(3))
-    conv_out = model.unet.conv_out
-    saved = [p.detach().clone() for p in conv_out.parameters()]
-    preset = model.diffusion.min_snr_gamma, model.diffusion.snr_floor
-    with torch.no_grad():
-        for p in conv_out.parameters():
-            p.zero_()
-    model.diffusion.min_snr_gamma, model.diffusion.snr_floor = gamma, floor
-    try:
+    with zeroed_output(model), diffusion_settings(model, min_snr_gamma=gamma, snr_floor=floor):
         out = model.loss(batch["source"], batch["query"], true_coefficients(batch, "query"),
                          batch["source_regions"], t=t, noise=noise)
-    finally:
-        with torch.no_grad():
-            for p, value in zip(conv_out.parameters(), saved):
-                p.copy_(value)
-        model.diffusion.min_snr_gamma, model.diffusion.snr_floor = preset
     alpha_bar = model.alphas_cumprod[t].double()
     snr = alpha_bar / (1 - alpha_bar)
     weight = snr.clamp(max=gamma) / snr if gamma else torch.ones_like(snr)
@@ -213,36 +228,26 @@ def test_the_loss_of_v_or_x0_prediction_by_hand(ldm_stage, batch, prediction):
     """With γ = 0 the loss is the plain ‖out − target‖² of the UNet's raw output, its target
     computed here from its definition: v = √ᾱ·ε − √(1−ᾱ)·z_0 (Salimans & Ho 2022) or z_0; and
     the sampler's x̂_0 is the UNet's x̂_0 itself: 0 when its last conv is zeroed."""
-    model, d = ldm_stage.model, ldm_stage.model.diffusion
+    model = ldm_stage.model
     t = torch.tensor([10, 900])
     noise = torch.randn(model.encode_latent(batch["query"]).shape,
                         generator=torch.Generator().manual_seed(5))
     coefficients = true_coefficients(batch, "query")
-    kept = d.prediction, d.min_snr_gamma, d.snr_floor, d.acr_weight, d.slots_weight
-    d.prediction, d.min_snr_gamma, d.snr_floor, d.acr_weight, d.slots_weight = (
-        prediction, 0.0, 0.0, 0.0, 0.0)
-    conv_out = model.unet.conv_out
-    saved = [p.detach().clone() for p in conv_out.parameters()]
-    try:
+    settings = dict(prediction=prediction, min_snr_gamma=0.0, snr_floor=0.0, acr_weight=0.0,
+                    slots_weight=0.0)
+    with diffusion_settings(model, **settings), torch.no_grad():
         loss = handed(model, batch, coefficients, t=t, noise=noise)["loss"]
-        with torch.no_grad():
-            z0 = model.encode_latent(batch["query"])
-            cond = model.conditions(batch["source"], model.render(coefficients)[0])
-            a = model.alphas_cumprod[t].view(-1, 1, 1, 1)
-            z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
-            out = model.unet(torch.cat([z_t, cond["f_r"]], 1), t, cond["slots"], cond["id"])
-            target = {"v": a.sqrt() * noise - (1 - a).sqrt() * z0, "x0": z0}[prediction]
-            assert loss.item() == pytest.approx((out - target).pow(2).mean().item(), rel=1e-4)
-            for p in conv_out.parameters():
-                p.zero_()
+        z0 = model.encode_latent(batch["query"])
+        cond = model.conditions(batch["source"], model.render(coefficients)[0])
+        a = model.alphas_cumprod[t].view(-1, 1, 1, 1)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        out = model.unet(torch.cat([z_t, cond["f_r"]], 1), t, cond["slots"], cond["id"])
+        target = {"v": a.sqrt() * noise - (1 - a).sqrt() * z0, "x0": z0}[prediction]
+        assert loss.item() == pytest.approx((out - target).pow(2).mean().item(), rel=1e-4)
+        with zeroed_output(model):
             x0 = predict_x0(z_t, model.denoise(z_t, t, cond)[0], a)
-            expected = a.sqrt() * z_t if prediction == "v" else torch.zeros_like(z0)
-            torch.testing.assert_close(x0, expected, rtol=0, atol=1e-4)
-    finally:
-        d.prediction, d.min_snr_gamma, d.snr_floor, d.acr_weight, d.slots_weight = kept
-        with torch.no_grad():
-            for p, value in zip(conv_out.parameters(), saved):
-                p.copy_(value)
+        expected = a.sqrt() * z_t if prediction == "v" else torch.zeros_like(z0)
+        torch.testing.assert_close(x0, expected, rtol=0, atol=1e-4)
 
 
 def test_loss_draws_t_then_noise_when_not_given(ldm_stage, batch):
