@@ -97,6 +97,26 @@ class Fixed(nn.Module):
         return super().train(False)
 
 
+def stand_ins(replaced, image_size):
+    """Configs of the small stand-ins that DiffFAE builds for the `replaced` parts ({stage:
+    file}) before install swaps the published networks in: sized to pass DiffFAE's checks (the
+    built-in head's coefficient counts; ArcFace's 512 numbers of f_id), saved with the model
+    and built again when it loads."""
+    from estimator import EstimatorConfig, IdentityConfig
+    from flame import FLAME
+    from pretrained.arcface import EMBEDDING_DIM
+    small = {"image_size": image_size, "base_channels": 8, "channel_mult": (1, 1, 1, 1),
+             "blocks_per_stage": 1, "norm_groups": 8}
+    configs = {}
+    if "estimator" in replaced:
+        head = FLAME()  # the built-in head, which DiffFAE builds
+        configs["estimator"] = EstimatorConfig(**small, n_shape=head.n_shape, n_exp=head.n_exp,
+                                               n_albedo=head.n_albedo)
+    if "identity" in replaced:
+        configs["identity"] = IdentityConfig(**small, embedding_dim=EMBEDDING_DIM)
+    return configs
+
+
 def install(model, deca="", arcface=""):
     """DiffFAE `model` with the paper's parts in place of the stand-ins it was built with:
     given `deca` (a deca_model.tar), DECA's encoder as model.estimator and FLAME 2020 with the

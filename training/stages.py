@@ -19,12 +19,10 @@ from torch.utils.data import default_collate
 
 from assets.synthetic import SyntheticPortraits, pool_path, true_coefficients
 from difffae import DiffFAE, combine_coefficients, render_face
-from estimator import (COEFFICIENT_SCALE, CoefficientEstimator, EstimatorConfig,
-                       IdentityConfig, IdentityEncoder, fittable, load_arcface, load_deca,
-                       photometric_loss)
+from estimator import (COEFFICIENT_SCALE, CoefficientEstimator, IdentityEncoder, fittable,
+                       load_arcface, load_deca, photometric_loss)
 from layers import FACE, REGION_NAMES
-from pretrained import install
-from pretrained.arcface import EMBEDDING_DIM
+from pretrained import install, stand_ins
 from pretrained.deca import load_deca_flame
 from runtime.checkpoint import PARTS, rebuild
 from runtime.guard import atomic_save, previous_checkpoint, read_stage_checkpoint
@@ -104,24 +102,6 @@ def check_pretrained(cfg):
     if "identity" in replaced:
         load_arcface(cfg.arcface)
     return replaced
-
-
-def stand_ins(replaced, image_size):
-    """Configs of the small stand-ins that DiffFAE builds for the `replaced` parts before
-    pretrained.install swaps the published networks in: sized to pass DiffFAE's checks (the
-    built-in head's coefficient counts; ArcFace's 512 numbers of f_id), saved with the model
-    and built again when it loads."""
-    small = {"image_size": image_size, "base_channels": 8, "channel_mult": (1, 1, 1, 1),
-             "blocks_per_stage": 1, "norm_groups": 8}
-    configs = {}
-    if "estimator" in replaced:
-        from flame import FLAME
-        head = FLAME()  # the built-in head, which DiffFAE builds
-        configs["estimator"] = EstimatorConfig(**small, n_shape=head.n_shape, n_exp=head.n_exp,
-                                               n_albedo=head.n_albedo)
-    if "identity" in replaced:
-        configs["identity"] = IdentityConfig(**small, embedding_dim=EMBEDDING_DIM)
-    return configs
 
 
 def load_part(out, stage, device):
