@@ -59,7 +59,6 @@ landmarks for that.
 Shape letters: B batch, C channels, S input side, H/W feature height/width, P coefficient count,
 D embedding size, N classes, K = 9 SH coefficients.
 """
-import importlib
 import math
 from dataclasses import dataclass
 
@@ -283,12 +282,14 @@ def csim(a, b):
 
 def load_deca(path):
     """DECA's own coarse encoder from deca_model.tar: a fixed estimator (pretrained/deca.py)."""
-    return importlib.import_module("pretrained.deca").load_deca(path)  # it imports this file
+    from pretrained.deca import load_deca as load  # imported here: it imports this file
+    return load(path)
 
 
 def load_arcface(path):
     """ArcFace's iResNet-100 from backbone.pth: a fixed identity encoder (pretrained/arcface.py)."""
-    return importlib.import_module("pretrained.arcface").load_arcface(path)
+    from pretrained.arcface import load_arcface as load
+    return load(path)
 
 
 # -- The fit: the reading refined through the renderer (not in the paper) --------------------
