@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from scipy.spatial.transform import Rotation
 
 from assets.head import EXPRESSION_NAMES
-from estimator import CoefficientEstimator, IdentityEncoder, refine
+from estimator import CoefficientEstimator, IdentityEncoder
+from fitting.fit import refine
+from fitting.landmarks import landmark_vertices, project_landmarks
 from flame import FLAME, head_pose_degrees, pose6_to_flame15
 from layers import FACE, REGION_NAMES, require
 from render import Renderer
@@ -65,7 +67,7 @@ class DiffusionConfig:
     slots_supervision: float = 0.0  # weight of that loss's region term (synthetic data)
     render_from: str = "estimated"  # the other pairs' I_R: the estimator's reading ("estimated",
                                    # as in an edit) or that reading "refined" by refine_steps of
-                                   # the fit through the renderer (estimator.refine; no paper)
+                                   # the fit (fitting/fit.py; not in the paper)
     refine_steps: int = 20         # render_from "refined": the fit's steps
     prediction: str = "eps"        # what the UNet predicts: "eps" (the paper), "v" or "x0"
     sample_steps: int = 20
@@ -204,6 +206,9 @@ class DiffFAE(nn.Module):
         self.flame = FLAME()
         self.renderer = Renderer(self.flame.faces, self.flame.face_uvs, self.image_size,
                                  cull_backfaces=True)
+        # the vertices the estimator's landmark detector finds (none without one)
+        self.register_buffer("landmark_ids", landmark_vertices(
+            self.flame, configs["estimator"].n_landmarks), persistent=False)
         self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod(
             d.timesteps, d.beta_start, d.beta_end).float(), persistent=False)
         # LDM's scale_factor: 0 until set_latent_scale measures it where training starts; saved
@@ -240,11 +245,11 @@ class DiffFAE(nn.Module):
         return d.refine_steps if d.render_from == "refined" else 0
 
     def fit_coefficients(self, images, steps=None, losses=None, slots=None):
-        """The estimator's coefficients of `images` (B, 3, H, W), refined by `steps` steps of
-        the photometric loss through the renderer on the face slot's pixels (fitting.refine;
-        not in the paper). steps = 0 is the estimator alone, None the model's default.
-        `losses` receives the loss. slots: the region encoder whose face slot weighs the
-        pixels, self.slots by default."""
+        """The estimator's coefficients of `images` (B, 3, H, W), refined (fitting/fit.py; not
+        in the paper): to its detector's landmarks if it has one, then by `steps` steps of
+        the photometric loss through the renderer on the face slot's pixels. steps = 0 is the
+        estimator alone, None the model's default. `losses` receives the photometric loss.
+        slots: the region encoder whose face slot weighs the pixels, self.slots by default."""
         steps = self.default_refine_steps if steps is None else steps
         estimates = self.estimator(images)
         if steps == 0 and losses is None:
@@ -252,7 +257,12 @@ class DiffFAE(nn.Module):
         slots = self.slots if slots is None else slots
         with torch.no_grad():  # the masks are fixed during the fit
             face = masks_at(slots(images)["masks"], images.shape[-2:])[:, FACE:FACE + 1]
-        return refine(estimates, images, face, self.render, steps, losses=losses)
+        detector = getattr(self.estimator, "landmarks", None)  # DECA's encoder has none
+        landmarks = None
+        if detector is not None:
+            landmarks = (detector(images), lambda coefficients: project_landmarks(
+                self.flame, coefficients, self.landmark_ids, self.image_size))
+        return refine(estimates, images, face, self.render, steps, landmarks, losses=losses)
 
     def conditions(self, source, rendered, regions=None):
         """Everything the UNet is conditioned on: f_r (B, C, h, w), the slot tokens F (B, K, D)

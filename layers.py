@@ -49,19 +49,20 @@ def require(ok, message):
         raise ValueError(message)
 
 
-def check_network(cfg, *positive):
-    """Checks shared by the network configs: the named fields and base_channels, norm_groups are
-    positive ints; channel_mult (made a tuple) is non-empty positive ints; norm_groups divides
-    every level's width base_channels·mult."""
+def check_network(cfg, *positive, base="base_channels", mult="channel_mult"):
+    """Checks shared by the network configs: the named fields and `base`, norm_groups are
+    positive ints; `mult` (made a tuple) is non-empty positive ints; norm_groups divides
+    every level's width base·mult."""
     name = type(cfg).__name__
-    for field in positive + ("base_channels", "norm_groups"):
+    for field in positive + (base, "norm_groups"):
         value = getattr(cfg, field)
         require(isinstance(value, int) and value >= 1,
                 f"{name}.{field}={value!r}: expected a positive int")
-    cfg.channel_mult = tuple(cfg.channel_mult)
-    require(cfg.channel_mult and all(isinstance(m, int) and m >= 1 for m in cfg.channel_mult),
-            f"{name}.channel_mult={cfg.channel_mult!r}: expected positive ints")
-    for width in (cfg.base_channels * m for m in cfg.channel_mult):
+    multipliers = tuple(getattr(cfg, mult))
+    setattr(cfg, mult, multipliers)
+    require(multipliers and all(isinstance(m, int) and m >= 1 for m in multipliers),
+            f"{name}.{mult}={multipliers!r}: expected positive ints")
+    for width in (getattr(cfg, base) * m for m in multipliers):
         require(width % cfg.norm_groups == 0,
                 f"{name}.norm_groups={cfg.norm_groups} does not divide the level width {width}")
 

@@ -70,7 +70,7 @@ def arguments():
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     parser.add_argument("--refine", type=int, default=None, metavar="N",
                         help="refine the estimator's coefficients by N steps of the photometric "
-                        "fit through the renderer (estimator.refine; default: the model's own, "
+                        "fit through the renderer (fitting.fit.refine; default: the model's own, "
                         "0, the estimator alone, unless it was trained on refined renders: see "
                         "docs/fitting.md)")
     parser.add_argument("--panel", action="store_true",

@@ -12,6 +12,7 @@ from torch.utils.data import default_collate
 
 from assets.synthetic import SyntheticPortraits, true_coefficients
 from difffae import EDIT_ATTRIBUTES, combine_coefficients
+from fitting.landmarks import landmark_vertices
 from flame import pose6_to_flame15
 from layers import FACE, REGION_NAMES
 from runtime.checkpoint import load_model
@@ -107,6 +108,7 @@ def test_program_scores_every_table_against_its_definition(exported, pretrained,
         assert row["gain"] == pytest.approx(row["psnr_region_swap"] - row["psnr_region_no_swap"])
     assert set(results["swaps"]) == set(SWAPPABLE)
     check_slots(results["slots"], items, pretrained)
+    check_coefficients(results["coefficients"]["estimator"], load_model(exported), items)
     assert not results["independent_judge"]
     for line in ("| copy_source |", "| hair |", "| slots_ckpt |", "| pose: difffae |",
                  "not an independent judge (give --judge-identity)"):
@@ -154,6 +156,43 @@ def check_methods(methods, model, items, pretrained):
     assert methods["copy_source"]["apd"] == pytest.approx(expected, rel=1e-5)
     expected = (read["light"] - truth["light"]).abs().mean().item()
     assert methods["copy_source"]["ald"] == pytest.approx(expected, rel=1e-5)
+
+
+def check_coefficients(row, model, items):
+    """The coefficients table's camera and landmark errors of the estimator's reading, by hand:
+    FLAME's vertices projected with x = (s·(X + t_x) + 1)·W/2, y = (1 − s·(Y + t_y))·W/2."""
+    exact = combine_coefficients(true_coefficients(items, "source"),
+                                 true_coefficients(items, "query"))
+    with torch.no_grad():
+        read = combine_coefficients(model.estimator(items["source"]),
+                                    model.estimator(items["query"]))
+    ids = landmark_vertices(model.flame, evaluate.N_LANDMARKS)
+    points = []
+    for c in (read, exact):
+        with torch.no_grad():
+            v = model.flame(c["shape"], c["expression"], pose6_to_flame15(c["pose"]))[:, ids]
+        s, t = c["cam"][:, None, :1], c["cam"][:, None, 1:]
+        ndc = s * (v[..., :2] + t)  # (B, K, 2)
+        points.append(torch.stack([ndc[..., 0] + 1, 1 - ndc[..., 1]], -1) * SIZE / 2)
+    expected = (points[0] - points[1]).norm(dim=-1).mean().item()
+    assert row["landmarks_px"] == pytest.approx(expected, rel=1e-4)
+    s = exact["cam"][:, 0]
+    shift = ((read["cam"][:, 1:] - exact["cam"][:, 1:]) ** 2).sum(1).sqrt() * s * SIZE / 2
+    assert row["cam_shift_px"] == pytest.approx(shift.mean().item(), rel=1e-5)
+    scale = ((read["cam"][:, 0] - s) / s).abs() * 100
+    assert row["cam_scale_pct"] == pytest.approx(scale.mean().item(), rel=1e-5)
+    assert row["pose_deg_max"] == row["pose_deg_median"] == pytest.approx(row["pose_deg"])
+
+
+def test_quantile_rows_are_the_quantiles_of_every_pair():
+    totals = {}
+    for part in (torch.arange(1.0, 6.0), torch.arange(6.0, 11.0)):  # 1, ..., 10 in two batches
+        evaluate.add(totals, ("coefficients", "x"), {key: part for key in (
+            "pose_deg", "pose_deg_median", "pose_deg_p90", "pose_deg_max")})
+    row = evaluate.nest(totals)["coefficients"]["x"]
+    # linear interpolation between the order statistics: q·(n − 1) places into the sorted list
+    assert row == pytest.approx({"pose_deg": 5.5, "pose_deg_median": 5.5, "pose_deg_p90": 9.1,
+                                 "pose_deg_max": 10.0})
 
 
 def check_slots(slot_rows, items, pretrained):

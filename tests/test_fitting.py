@@ -1,4 +1,4 @@
-"""estimator.refine: the photometric loss against its closed form, and the fit through the renderer
+"""fitting/fit.py: the photometric loss against its closed form, and the fit through the renderer
 recovering a head rotation it was not given, on a synthetic render whose coefficients are known;
 DiffFAE.fit_coefficients and edit(refine_steps) on the bundled model."""
 import math
@@ -13,7 +13,7 @@ from runtime.checkpoint import load_model
 from runtime.cli import DEFAULT_CHECKPOINT
 from difffae import render_face
 from flame import FLAME
-from estimator import FITTED, photometric_loss, refine
+from fitting.fit import FITTED, photometric_loss, refine
 from layers import FACE
 from render import Renderer
 from assets.synthetic import SyntheticPortraits, true_coefficients

@@ -14,7 +14,7 @@ from training import config, datasets
 from training import stages
 import train
 from training.config import build_configs
-from estimator import photometric_loss
+from fitting.fit import photometric_loss
 from layers import FACE
 from slots import masks_at
 from assets.synthetic import SyntheticPortraits, export_synthetic, true_coefficients

@@ -45,12 +45,19 @@ Reported: PSNR inside R (R's pixels in the swap target) with and without the swa
 and the change of face PSNR (swap vs no swap, each against its own target).
 
 Coefficients. The errors of the coefficients the edit used against the exact ones, for the
-estimator alone and, with `--refine N`, refined by N steps of the photometric fit
-(estimator.refine):
-    pose_deg       the geodesic angle between the head rotations (metrics.rotation_error)
+estimator alone and, with `--refine N`, refined by the fit (fitting.fit.refine: to the
+landmarks of the estimator's detector if it has one, then N photometric steps):
+    pose_deg       the geodesic angle between the head rotations (metrics.rotation_error): mean,
+                   median, 90th percentile and largest over the pairs
     jaw_deg        |Δ jaw opening| in degrees
     expression_mm  the mean vertex distance of the expression meshes (ψ and the jaw)
     light          mean |Δl| over the 27 SH coefficients
+    shape          mean |Δβ| over the shape coefficients
+    cam_scale_pct  |Δs| / s in per cent: the head's size in the picture
+    cam_shift_px   |Δ(t_x, t_y)| as pixels in the picture: s·|Δt|·W/2
+    landmarks_px   the mean distance in pixels between N_LANDMARKS vertices of the face
+                   (fitting.landmarks.landmark_vertices) projected by each: where I_R puts the
+                   eyes, nose and mouth against where they are
 With --refine the methods table's paste_render and difffae rows use the refined coefficients,
 and paste_render_estimator pastes the estimator's.
 
@@ -71,7 +78,6 @@ with psnr, ssim, the region PSNRs and the face detail measures of every frame, t
 (drive.flicker, per clip) and the seconds per frame.
 """
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -84,6 +90,7 @@ from runtime.checkpoint import load_model, rebuild
 from runtime.images import save_image
 from training.datasets import to_device
 from difffae import EDIT_ATTRIBUTES, combine_coefficients
+from fitting.landmarks import landmark_vertices, project_landmarks
 from flame import FLAME, flame15_to_pose6, pose6_to_flame15
 from layers import FACE, REGION_NAMES
 from runtime.cli import (DEFAULT_CHECKPOINT, SWAPPABLE, Parser, check_device, check_output,
@@ -95,9 +102,14 @@ from assets.synthetic import SyntheticPortraits, true_coefficients
 CHUNK = 50       # pairs per batch
 GRID_ROWS = 6
 MEDIANS = ("face_detail_ratio", "face_detail_correlation")  # reported as medians over images
+# the pose error's spread: (metric, quantile over the images)
+POSE_QUANTILES = {"pose_deg_median": 0.5, "pose_deg_p90": 0.9, "pose_deg_max": 1.0}
+QUANTILES = {**{metric: 0.5 for metric in MEDIANS}, **POSE_QUANTILES}
 IMAGE_METRICS = ("psnr", "ssim", *(f"psnr_{name}" for name in REGION_NAMES), *MEDIANS)
 JUDGE_METRICS = ("apd", "aed", "ald", "csim")
-COEFFICIENT_METRICS = ("pose_deg", "jaw_deg", "expression_mm", "light")
+COEFFICIENT_METRICS = ("pose_deg", *POSE_QUANTILES, "jaw_deg", "expression_mm", "light", "shape",
+                       "cam_scale_pct", "cam_shift_px", "landmarks_px")
+N_LANDMARKS = 68  # the coefficients table's landmarks_px: fitting.landmarks.landmark_vertices
 CLIP_METRICS = ("psnr", "ssim", "psnr_face", *MEDIANS, "flicker", "seconds_per_frame")
 # Checkpoints of training stages that stand in for a part: the judge's, and slots to score
 JUDGES = ("--judge-estimator", "--judge-identity")
@@ -162,22 +174,32 @@ def judge_scores(judge, output, regions, truth, source, source_regions):
             "csim": (embedded[0] * embedded[1]).sum(1)}
 
 
-def coefficient_scores(flame, coefficients, truth):
-    """The coefficients table's errors (B,) of a coefficient dict against the exact one."""
+def coefficient_scores(flame, coefficients, truth, image_size):
+    """The coefficients table's errors (B,) of a coefficient dict against the exact one (module
+    docstring)."""
     jaw = (coefficients["pose"][:, 3] - truth["pose"][:, 3]).abs().rad2deg()
-    return {"pose_deg": metrics.rotation_error(coefficients["pose"], truth["pose"]),
-            "jaw_deg": jaw,
+    pose = metrics.rotation_error(coefficients["pose"], truth["pose"])
+    cam, true_cam = coefficients["cam"], truth["cam"]
+    ids = landmark_vertices(flame, N_LANDMARKS)
+    located = [project_landmarks(flame, c, ids, image_size) for c in (coefficients, truth)]
+    return {"pose_deg": pose, **{metric: pose for metric in POSE_QUANTILES}, "jaw_deg": jaw,
             "expression_mm": metrics.expression_distance(flame, coefficients, truth),
-            "light": (coefficients["light"] - truth["light"]).abs().flatten(1).mean(1)}
+            "light": (coefficients["light"] - truth["light"]).abs().flatten(1).mean(1),
+            "shape": (coefficients["shape"] - truth["shape"]).abs().mean(1),
+            "cam_scale_pct": 100 * ((cam[:, 0] - true_cam[:, 0]) / true_cam[:, 0]).abs(),
+            # a shift of t moves the image by s·t·W/2 pixels (render.project)
+            "cam_shift_px": (cam[:, 1:] - true_cam[:, 1:]).norm(dim=1) * true_cam[:, 0]
+            * image_size / 2,
+            "landmarks_px": (located[0] - located[1]).norm(dim=-1).mean(1)}
 
 
 def add(totals, path, scores):
     """Sums and counts per metric under `path` (a tuple of table keys), or every value for the
-    MEDIANS; NaN (a region an image lacks) is left out."""
+    QUANTILES; NaN (a region an image lacks) is left out."""
     for metric, values in scores.items():
         values = values.detach().double().cpu()
         seen = ~values.isnan()
-        if metric in MEDIANS:
+        if metric in QUANTILES:
             totals.setdefault((*path, metric), []).extend(values[seen].tolist())
             continue
         total = totals.setdefault((*path, metric), [0.0, 0])
@@ -215,7 +237,7 @@ def score_pairs(totals, model, judge, batch, targets, run, row="difffae", extra_
             rows["paste_render_estimator"] = torch.where(mask > 0.5, rendered, source)
         for name, coefficients in used.items():
             add(totals, ("coefficients", name),
-                coefficient_scores(judge["flame"], coefficients, exact))
+                coefficient_scores(judge["flame"], coefficients, exact, model.image_size))
     for name, output in rows.items():
         add(totals, ("methods", name), {**image_scores(output, target, regions), **judge_scores(
             judge, output, regions, exact, source, source_regions)})
@@ -265,8 +287,9 @@ def nest(totals):
         node = results
         for key in path:
             node = node.setdefault(key, {})
-        if metric in MEDIANS:
-            node[metric] = statistics.median(total) if total else float("nan")
+        if metric in QUANTILES:
+            values = torch.tensor(total, dtype=torch.float64)
+            node[metric] = float(values.quantile(QUANTILES[metric])) if total else float("nan")
         else:
             node[metric] = total[0] / total[1] if total[1] else float("nan")
     return results

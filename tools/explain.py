@@ -8,7 +8,7 @@ Rows of `figure`, top to bottom:
    and the edit's pose, expression, light and camera (difffae.render_face) | f_r decoded: the VQ
    latent of I_R that the UNet is given (DiffFAE.encode_latent), read back through the decoder |
    the coefficients estimated on the source and on the query, and those the edit used.
-   When the edit refined its coefficients (`--refine N`, estimator.refine), a second line shows
+   When the edit refined its coefficients (`--refine N`, fitting.fit.refine), a second line shows
    I_R as the estimator alone drew it, beside the photometric loss before and after the fit.
 2. Regions, RSC (§4.2, Eq. 6): the source's slot masks M_k (slots.RegionSlots), each over the
    source in its region's colour | their argmax | the query's masks M_Q | the image each token
@@ -210,10 +210,10 @@ def _physical_row(sheet, seen, trace, result, source, query, edit, numbers, item
              ((3, 0), "f_r, decoded", seen["f_r"][item]),
              ((4, 0), "coefficients (explain.numbers_of)", sheet.text(lines))]
     unrefined, losses = trace.get("unrefined_render"), trace.get("fit_losses")
-    if unrefined is not None:  # the refinement through the renderer (estimator.refine)
+    if unrefined is not None:  # the refinement through the renderer (fitting.fit.refine)
         cells += [((2, 1), "I_R, estimator alone", unrefined[item]),
                   ((3, 1), "the fit", sheet.note(
-                      "photometric loss", "on the face slot", "(estimator.refine),",
+                      "photometric loss", "on the face slot", "(fitting.fit.refine),",
                       f"{len(losses) - 1} Adam steps:", f"{losses[0]:.4f} before",
                       f"{losses[-1]:.4f} after", "(the batch's mean)"))]
     sheet.row("1  Physical, SPC (Eq. 2-3): coefficients -> difffae.render_face -> I_R; "

@@ -19,8 +19,10 @@ from torch.utils.data import default_collate
 
 from assets.synthetic import SyntheticPortraits, pool_path, true_coefficients
 from difffae import DiffFAE, combine_coefficients, render_face
-from estimator import (COEFFICIENT_SCALE, CoefficientEstimator, IdentityEncoder, fittable,
-                       load_arcface, load_deca, photometric_loss)
+from estimator import (COEFFICIENT_SCALE, CoefficientEstimator, IdentityEncoder, load_arcface,
+                       load_deca)
+from fitting.fit import fittable, photometric_loss
+from fitting.landmarks import landmark_vertices, project_landmarks
 from layers import FACE, REGION_NAMES
 from pretrained import install, stand_ins
 from pretrained.deca import load_deca_flame
@@ -267,8 +269,11 @@ class EstimatorStage(Stage):
     jaw (a vertex loss, so that each coefficient counts by how far it moves the face; our
     choice), plus a photometric loss: the predicted coefficients re-rendered through FLAME and
     render.py against the image on ground-truth face pixels (DECA's photometric term, Feng et
-    al. 2021 Eq. 8). Measures the head-pose error in degrees, the jaw error, the expression
-    distance in mm (metrics.expression_distance) and the light, camera, shape and albedo errors.
+    al. 2021 Eq. 8). With a landmark detector (n_landmarks > 0), also its L1 distance in
+    pixels to the true landmarks: the landmark vertices of the true mesh, projected (integral
+    regression, Sun et al. 2018). Measures the head-pose error in degrees, the jaw error, the
+    expression distance in mm (metrics.expression_distance), the light, camera, shape and
+    albedo errors, and the landmarks' mean distance in pixels.
     With --data=PATH, a vox-png folder of frames without coefficients, it also learns from those
     frames through the photometric loss alone (frames_term), beside the synthetic pairs
     (train.WithFrames): DECA's way of learning from unlabelled images."""
@@ -287,7 +292,9 @@ class EstimatorStage(Stage):
                       "renderer": Renderer(flame.faces, flame.face_uvs, cfg.image_size,
                                            cull_backfaces=True).to(device),
                       "scale": {k: torch.as_tensor(v, dtype=torch.float32, device=device)
-                                for k, v in COEFFICIENT_SCALE.items()}}
+                                for k, v in COEFFICIENT_SCALE.items()},
+                      "landmark_ids": landmark_vertices(
+                          flame, parts["estimator"].n_landmarks).to(device)}
         if cfg.data != "synthetic":  # frames without coefficients: the face slot's mask
             self.fixed["slots"], slots_config = load_part(cfg.out, "slots", device)
             if slots_config.image_size != cfg.image_size:
@@ -298,6 +305,11 @@ class EstimatorStage(Stage):
     def render(self, coefficients):
         """Re-renders predicted (or true) coefficients: the image I_R and its mask."""
         return render_face(self.fixed["flame"], self.fixed["renderer"], coefficients)
+
+    def true_landmarks(self, coefficients):
+        """The landmark vertices of the exact mesh, projected: (B, K, 2) pixels."""
+        return project_landmarks(self.fixed["flame"], coefficients,
+                                 self.fixed["landmark_ids"], self.estimator.cfg.image_size)
 
     def forward(self, batch, step):
         images = images_of(batch)
@@ -313,6 +325,9 @@ class EstimatorStage(Stage):
         moved = (metrics.expression_vertices(self.fixed["flame"], predicted)
                  - metrics.expression_vertices(self.fixed["flame"], truth))  # (2B, V, 3)
         terms["expression_mesh_loss"] = (moved / EXPRESSION_MESH_SCALE).pow(2).sum(2).mean()
+        if self.estimator.landmarks is not None:
+            error = self.estimator.landmarks(images) - self.true_landmarks(truth)  # (2B, K, 2)
+            terms["landmark_loss"] = error.abs().mean()
         regression = sum(terms.values())
         # the photometric term on the sources only: rendering is the costly part of a step
         n = len(batch["source"])
@@ -327,7 +342,7 @@ class EstimatorStage(Stage):
                 **{k: v.detach() for k, v in terms.items()}}
 
     def frames_term(self, batch):
-        """The photometric loss of frames that carry no coefficients, as estimator.refine fits an
+        """The photometric loss of frames that carry no coefficients, as fitting.fit.refine fits an
         edit's: the estimator's reading re-rendered, against the frame on the render's pixels
         that the slots stage's region encoder calls face (no face parser is needed). Like the
         fit, it does not move the jaw and the expression: when it did, they ended 2,000 steps
@@ -352,6 +367,9 @@ class EstimatorStage(Stage):
             self.fixed["flame"], predicted, truth).mean())
         for key in ("expression", "light", "cam", "shape", "albedo"):
             result[f"{key}_mae"] = float((predicted[key] - truth[key]).abs().mean())
+        if self.estimator.landmarks is not None:
+            result["landmarks_px"] = float((self.estimator.landmarks(images)
+                                            - self.true_landmarks(truth)).norm(dim=-1).mean())
         n = GRID_ITEMS
         render, _ = self.render({k: v[:n] for k, v in predicted.items()})
         true_render, _ = self.render({k: v[:n] for k, v in truth.items()})
