@@ -69,10 +69,10 @@ def arguments():
                         "ancestral")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     parser.add_argument("--refine", type=int, default=None, metavar="N",
-                        help="refine the estimator's coefficients by N steps of the photometric "
-                        "fit through the renderer (fitting.fit.refine; default: the model's own, "
-                        "0, the estimator alone, unless it was trained on refined renders: see "
-                        "docs/fitting.md)")
+                        help="refine the estimator's coefficients: to its detector's landmarks if "
+                        "it has one, then N steps of the photometric fit through the renderer "
+                        "(fitting/fit.py; default: the model's own, 0, the estimator alone, "
+                        "unless it was trained on refined renders: see docs/fitting.md)")
     parser.add_argument("--panel", action="store_true",
                         help="write source | query | I_R | result instead of the result alone")
     parser.add_argument("--explain", metavar="FIG", help="also write FIG, a PNG of what SPC, RSC, "
