@@ -40,7 +40,7 @@ from scipy.spatial.transform import Rotation
 from assets.head import EXPRESSION_NAMES
 from estimator import CoefficientEstimator, IdentityEncoder
 from fitting.fit import refine
-from fitting.landmarks import landmark_vertices, project_landmarks
+from fitting.landmarks import landmark_term
 from flame import FLAME, head_pose_degrees, pose6_to_flame15
 from layers import FACE, REGION_NAMES, require
 from render import Renderer
@@ -206,9 +206,6 @@ class DiffFAE(nn.Module):
         self.flame = FLAME()
         self.renderer = Renderer(self.flame.faces, self.flame.face_uvs, self.image_size,
                                  cull_backfaces=True)
-        # the vertices the estimator's landmark detector finds (none without one)
-        self.register_buffer("landmark_ids", landmark_vertices(
-            self.flame, configs["estimator"].n_landmarks), persistent=False)
         self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod(
             d.timesteps, d.beta_start, d.beta_end).float(), persistent=False)
         # LDM's scale_factor: 0 until set_latent_scale measures it where training starts; saved
@@ -257,11 +254,7 @@ class DiffFAE(nn.Module):
         slots = self.slots if slots is None else slots
         with torch.no_grad():  # the masks are fixed during the fit
             face = masks_at(slots(images)["masks"], images.shape[-2:])[:, FACE:FACE + 1]
-        detector = getattr(self.estimator, "landmarks", None)  # DECA's encoder has none
-        landmarks = None
-        if detector is not None:
-            landmarks = (detector(images), lambda coefficients: project_landmarks(
-                self.flame, coefficients, self.landmark_ids, self.image_size))
+        landmarks = landmark_term(self.estimator, self.flame, images)
         return refine(estimates, images, face, self.render, steps, landmarks, losses=losses)
 
     def conditions(self, source, rendered, regions=None):

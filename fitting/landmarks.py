@@ -60,6 +60,19 @@ def project_landmarks(flame, coefficients, vertex_ids, image_size):
         return project(vertices[:, vertex_ids], c["cam"], image_size)[..., :2]
 
 
+def landmark_term(estimator, flame, images):
+    """What fitting.fit.refine takes as `landmarks`: (detected (B, K, 2), locate), where
+    locate(coefficients) projects the same K vertices of `flame`, from the estimator's detector;
+    None without one (DECA's encoder has none)."""
+    detector = getattr(estimator, "landmarks", None)
+    if detector is None:
+        return None
+    with torch.no_grad():  # a fixed target of the fit
+        detected = detector(images)
+    vertex_ids = landmark_vertices(flame, detected.shape[1])
+    return detected, lambda c: project_landmarks(flame, c, vertex_ids, images.shape[-1])
+
+
 class LandmarkDetector(nn.Module):
     """Image (B, 3, S, S) in [-1, 1] -> landmarks (B, K, 2) in pixels (module docstring).
 

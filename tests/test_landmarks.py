@@ -157,10 +157,10 @@ def test_the_model_fits_its_reading_to_its_detectors_landmarks(scene):
     batch, _ = scene
     images = torch.nn.functional.interpolate(batch["query"], size=model.image_size,
                                              mode="bilinear", antialias=True)
-    model.landmark_ids = landmark_vertices(model.flame, K)
+    ids = landmark_vertices(model.flame, K)
 
     def locate(c):
-        return project_landmarks(model.flame, c, model.landmark_ids, model.image_size)
+        return project_landmarks(model.flame, c, ids, model.image_size)
 
     reading = model.estimator(images)
     where = locate(reading).detach()
