@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flame import pose6_to_flame15
+from flame import lbs, pose6_to_flame15
 from render import project, vertex_normals
 
 FRONT_FACING = 0.5   # cos of the largest angle between a landmark's normal and the view axis
@@ -50,14 +50,43 @@ def landmark_vertices(flame, k):
     return torch.tensor(chosen)
 
 
+class LandmarkMesh:
+    """FLAME's vertices `vertex_ids` (K,) alone, placed as flame.FLAME places them (to rounding)
+    at a fraction of the cost: the fit's landmark steps need K of the mesh's V vertices.
+
+    Linear blend skinning (flame.lbs) reads the whole mesh only to regress the joints,
+    J·(T̄ + Σ_k S_k·c_k), which is linear in the coefficients c: J·T̄ and each J·S_k are
+    computed once here and carried as J extra points after the K vertices, with a regressor
+    that picks exactly them out. lbs then blends and skins K + J points instead of V."""
+
+    def __init__(self, flame, vertex_ids):
+        regressor, k = flame.J_regressor, len(vertex_ids)  # (J, V)
+        joints, parts = len(regressor), flame.posedirs.shape[0]
+        self.flame, self.k = flame, k
+        self.template = torch.cat([flame.v_template[vertex_ids], regressor @ flame.v_template])
+        self.dirs = torch.cat([flame.blenddirs[vertex_ids],
+                               torch.einsum("jv,vck->jck", regressor, flame.blenddirs)])
+        posedirs = flame.posedirs.view(parts, -1, 3)[:, vertex_ids]  # the joints take none
+        self.posedirs = F.pad(posedirs, (0, 0, 0, joints)).reshape(parts, -1)
+        self.regressor = F.pad(torch.eye(joints, device=regressor.device), (k, 0))  # (J, K + J)
+        self.weights = F.pad(flame.weights[vertex_ids], (0, 0, 0, joints))  # joints: unskinned
+
+    def project(self, coefficients, image_size):
+        """The landmarks of `coefficients` (the estimator's dict) in pixels (B, K, 2), x right,
+        y down, as render.project places the mesh."""
+        # float32 under autocast too, as in difffae.render_face: bf16 keeps 8 bits, 0.1 px at
+        # 30 px
+        with torch.autocast(coefficients["shape"].device.type, enabled=False):
+            c = {key: value.float() for key, value in coefficients.items()}
+            blend = torch.cat([c["shape"], c["expression"]], 1)
+            points = lbs(blend, pose6_to_flame15(c["pose"]), self.template, self.dirs,
+                         self.posedirs, self.regressor, self.flame.parents, self.weights)[0]
+            return project(points[:, :self.k], c["cam"], image_size)[..., :2]
+
+
 def project_landmarks(flame, coefficients, vertex_ids, image_size):
-    """The landmarks of `coefficients` (the estimator's dict) in pixels (B, K, 2), x right, y
-    down, as render.project places the mesh."""
-    # float32 under autocast too, as in difffae.render_face: bf16 keeps 8 bits, 0.1 px at 30 px
-    with torch.autocast(coefficients["shape"].device.type, enabled=False):
-        c = {key: value.float() for key, value in coefficients.items()}
-        vertices = flame(c["shape"], c["expression"], pose6_to_flame15(c["pose"]))  # (B, V, 3)
-        return project(vertices[:, vertex_ids], c["cam"], image_size)[..., :2]
+    """LandmarkMesh(flame, vertex_ids).project(coefficients, image_size)."""
+    return LandmarkMesh(flame, vertex_ids).project(coefficients, image_size)
 
 
 def landmark_term(estimator, flame, images):
@@ -69,8 +98,8 @@ def landmark_term(estimator, flame, images):
         return None
     with torch.no_grad():  # a fixed target of the fit
         detected = detector(images)
-    vertex_ids = landmark_vertices(flame, detected.shape[1])
-    return detected, lambda c: project_landmarks(flame, c, vertex_ids, images.shape[-1])
+    mesh = LandmarkMesh(flame, landmark_vertices(flame, detected.shape[1]))
+    return detected, lambda c: mesh.project(c, images.shape[-1])
 
 
 class LandmarkDetector(nn.Module):

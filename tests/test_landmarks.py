@@ -1,6 +1,7 @@
-"""fitting/landmarks.py and the landmark fit: the projection by a known camera, the choice of
-vertices, the soft-argmax in closed form, the fit recovering a turned head from exact landmarks,
-the estimator stage's landmark term, and DiffFAE.fit_coefficients with a detector."""
+"""fitting/landmarks.py and the landmark fit: the projection by a known camera, the landmark
+mesh against the whole one, the choice of vertices, the soft-argmax in closed form, the fit
+recovering a turned head from exact landmarks, the estimator stage's landmark term, and
+DiffFAE.fit_coefficients with a detector."""
 import math
 
 import pytest
@@ -12,10 +13,10 @@ from assets.synthetic import SyntheticPortraits, true_coefficients
 from estimator import COEFFICIENT_SCALE, CoefficientEstimator, EstimatorConfig
 from fitting.fit import (LANDMARK_FITTED, LANDMARK_PRIOR, FIT_LR, descend, landmark_loss,
                          refine)
-from fitting.landmarks import (FOREHEAD_LIMIT, FRONT_FACING, LandmarkDetector, landmark_vertices,
-                               project_landmarks, soft_argmax)
-from flame import FLAME
-from render import vertex_normals
+from fitting.landmarks import (FOREHEAD_LIMIT, FRONT_FACING, LandmarkDetector, LandmarkMesh,
+                               landmark_vertices, project_landmarks, soft_argmax)
+from flame import FLAME, pose6_to_flame15
+from render import project, vertex_normals
 from runtime.checkpoint import load_model
 from runtime.cli import DEFAULT_CHECKPOINT
 from training import metrics, stages
@@ -50,6 +51,21 @@ def test_landmarks_are_projected_by_a_known_camera(flame):
         x = (s * (template[:, 0] + tx) + 1) * SIZE / 2
         y = (1 - s * (template[:, 1] + ty)) * SIZE / 2
         assert torch.allclose(points[b].double(), torch.stack([x, y], 1), atol=1e-4)
+
+
+def test_the_landmark_mesh_places_its_vertices_as_flame_does(flame):
+    """LandmarkMesh skins K vertices and the regressed joints alone: at random shape,
+    expression and pose (jaw and neck included) its landmarks are the whole mesh's, projected."""
+    generator = torch.Generator().manual_seed(3)
+    ids = landmark_vertices(flame, K)
+    c = {"shape": torch.randn(3, flame.n_shape, generator=generator),
+         "expression": torch.randn(3, flame.n_exp, generator=generator),
+         "pose": 0.3 * torch.randn(3, 6, generator=generator),
+         "cam": torch.tensor([[8.0, 0.01, -0.02]]).repeat(3, 1)}
+    whole = flame(c["shape"], c["expression"], pose6_to_flame15(c["pose"]))[:, ids]  # (3, K, 3)
+    expected = project(whole, c["cam"], SIZE)[..., :2]
+    torch.testing.assert_close(LandmarkMesh(flame, ids).project(c, SIZE), expected, rtol=0,
+                               atol=1e-4)
 
 
 def test_landmark_vertices_cover_the_front_of_the_face(flame):

@@ -38,7 +38,7 @@ class FrozenCache:
     the more exact."""
 
     BATCH = 64  # pairs per forward pass while computing
-    KEYS = ("z0", "f_r", "id", "source_z", "f_r_truth")
+    KEYS = ("z0", "f_r", "m_r", "id", "source_z", "f_r_truth", "m_r_truth")
 
     def __init__(self, model, pool, pool_file, device, master, fit_slots=None):
         self.fit_slots = fit_slots  # the region encoder of the fit, with render_from "refined"
