@@ -122,8 +122,7 @@ def test_softmax_statistics_stay_float32(trained, batch):
     with torch.no_grad(), bf16():
         slots = model.slots(batch["source"])
         decoded = model.slots.decode(slots["slots"])
-        whole = torch.ones_like(batch["query"][:, :1])  # the query itself as I_R, all drawn
-        cond = model.conditions(batch["source"], batch["query"], whole)
+        cond = model.conditions(batch["source"], batch["query"])
         _, maps = model.denoise(torch.randn_like(cond["f_r"]), 500, cond)
     for name, probs, dim in [("M_Q", slots["masks"], 1), ("alphas", decoded["alphas"], 1),
                              *[("A_cross", m, -1) for m in maps]]:
@@ -139,8 +138,7 @@ def test_latent_scale_latents_and_sampler_stay_float32(trained, batch):
     with torch.no_grad(), bf16():
         model.set_latent_scale(batch["query"])
         latent = model.encode_latent(batch["query"])
-        whole = torch.ones_like(batch["query"][:, :1])  # the query itself as I_R, all drawn
-        cond = model.conditions(batch["source"], batch["query"], whole)
+        cond = model.conditions(batch["source"], batch["query"])
         sample = model.sample(cond, steps=3, sampler="dpm++2m")
     assert model.latent_scale.dtype == torch.float32
     assert torch.equal(model.latent_scale, scale)  # measured with autocast off, as in training

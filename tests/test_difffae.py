@@ -22,7 +22,7 @@ from training.config import build_configs
 from runtime.images import save_image
 from runtime.checkpoint import (PARTS, TRAINING_ONLY, CheckpointError, configs_of, export_inference,
                         load_model, read_checkpoint)
-from difffae import DiffFAE, DiffusionConfig, latent_mask
+from difffae import DiffFAE, DiffusionConfig
 from layers import FACE, REGION_NAMES
 from samplers import predict_x0
 from slots import masks_at, pretraining_loss
@@ -137,7 +137,7 @@ def test_loss_terms_and_which_parts_train(ldm_stage, batch):
     with torch.no_grad():
         z0 = model.encode_latent(batch["query"])
         alpha_bar = model.alphas_cumprod[t].view(-1, 1, 1, 1)
-        cond = model.conditions(batch["source"], *model.render(coefficients))
+        cond = model.conditions(batch["source"], model.render(coefficients)[0])
         eps, _ = model.denoise(alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise, t, cond)
     assert base.item() == pytest.approx((eps - noise).pow(2).mean().item(), rel=1e-5)
     with torch.no_grad():
@@ -238,7 +238,7 @@ def test_the_loss_of_v_or_x0_prediction_by_hand(ldm_stage, batch, prediction):
     with diffusion_settings(model, **settings), torch.no_grad():
         loss = handed(model, batch, coefficients, t=t, noise=noise)["loss"]
         z0 = model.encode_latent(batch["query"])
-        cond = model.conditions(batch["source"], *model.render(coefficients))
+        cond = model.conditions(batch["source"], model.render(coefficients)[0])
         a = model.alphas_cumprod[t].view(-1, 1, 1, 1)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
         out = model.unet(torch.cat([z_t, cond["f_r"]], 1), t, cond["slots"], cond["id"])
@@ -264,7 +264,7 @@ def test_face_weight_makes_the_loss_a_weighted_mean(ldm_stage, batch):
     with torch.no_grad():
         z0 = model.encode_latent(batch["query"])
         alpha_bar = model.alphas_cumprod[t].view(-1, 1, 1, 1)
-        cond = model.conditions(batch["source"], *model.render(coefficients))
+        cond = model.conditions(batch["source"], model.render(coefficients)[0])
         eps, _ = model.denoise(alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise, t, cond)
         error = (eps - noise).pow(2).mean(1)  # (B, h, w)
         face = masks_at(model.slots(batch["query"])["masks"], z0.shape[-2:])[:, FACE]
@@ -277,41 +277,21 @@ def test_face_weight_makes_the_loss_a_weighted_mean(ldm_stage, batch):
     assert (face.amax((1, 2)) - face.amin((1, 2))).min() > 0.01  # ω is not a constant
 
 
-@pytest.mark.parametrize("prediction", ["v", "x0"])
-def test_the_residual_denoises_the_latent_less_the_render(ldm_stage, batch, prediction):
-    """diffusion.residual: the UNet is handed r_t = z_t − √ᾱ·g, g = m_r·f_r, and its target is
-    that of z_0 − g with the same ε: v = √ᾱ·ε − √(1−ᾱ)·(z_0 − g), or z_0 − g. A UNet that
-    predicts nothing (last conv zeroed) gives x̂_0 = g + √ᾱ·r_t (v) or g (x̂_0): the render's
-    latent where the head is drawn, and nothing elsewhere."""
+def test_f_r_is_the_latent_of_the_render_clipped_to_white(ldm_stage, batch):
+    """I_R's shading may pass white where a portrait's pixels are clipped: f_r is the latent of
+    I_R clipped to [-1, 1], the same in an edit's conditions and in the training step's."""
     model = ldm_stage.model
-    t = torch.tensor([10, 900])
-    noise = torch.randn(model.encode_latent(batch["query"]).shape,
-                        generator=torch.Generator().manual_seed(7))
-    coefficients = true_coefficients(batch, "query")
-    settings = dict(prediction=prediction, min_snr_gamma=0.0, snr_floor=0.0, acr_weight=0.0,
-                    slots_weight=0.0, residual=True)
-    with diffusion_settings(model, **settings), torch.no_grad():
-        loss = handed(model, batch, coefficients, t=t, noise=noise)["loss"]
-        z0 = model.encode_latent(batch["query"])
-        cond = model.conditions(batch["source"], *model.render(coefficients))
-        g = cond["m_r"] * cond["f_r"]
-        assert 0 < g.abs().sum() < cond["f_r"].abs().sum()  # f_r kept on the head only
-        a = model.alphas_cumprod[t].view(-1, 1, 1, 1)
-        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        r_t = z_t - a.sqrt() * g
-        out = model.unet(torch.cat([r_t, cond["f_r"]], 1), t, cond["slots"], cond["id"])
-        target = {"v": a.sqrt() * noise - (1 - a).sqrt() * (z0 - g), "x0": z0 - g}[prediction]
-        assert loss.item() == pytest.approx((out - target).pow(2).mean().item(), rel=1e-4)
-        with zeroed_output(model):
-            x0 = predict_x0(z_t, model.denoise(z_t, t, cond)[0], a)
-        expected = g + a.sqrt() * r_t if prediction == "v" else g
-        torch.testing.assert_close(x0, expected, rtol=0, atol=1e-4)
-
-
-def test_latent_mask_is_the_share_of_each_cell_drawn():
-    mask = torch.zeros(1, 1, 8, 8)
-    mask[..., :4, :2] = 1  # the top-left cell of a 2×2 latent half covered, the others empty
-    assert latent_mask(mask, (2, 2)).flatten().tolist() == [0.5, 0.0, 0.0, 0.0]
+    bright = batch["query"] * 1.5 + 0.6  # a seventh of the values beyond white
+    assert (bright > 1).float().mean() > 0.1
+    with torch.no_grad():
+        f_r = model.conditions(batch["source"], bright)["f_r"]
+        torch.testing.assert_close(f_r, model.encode_latent(bright.clamp(-1, 1)))
+        assert not torch.allclose(f_r, model.encode_latent(bright), atol=1e-3)
+        rendered = model.render(true_coefficients(batch, "query"))[0]
+        frozen = model.frozen_inputs(batch["source"], batch["query"],
+                                     true_coefficients(batch, "query"), every=True)
+        torch.testing.assert_close(frozen["f_r_truth"] * model.latent_scale,
+                                   model.encode_render(rendered))
 
 
 def test_loss_draws_t_then_noise_when_not_given(ldm_stage, batch):
@@ -718,7 +698,7 @@ def test_i_r_from_refined_coefficients_uses_the_pretrained_face_masks(pretrained
 
     stage.prepare(pool, master=True)
     with torch.no_grad():
-        exact_f_r = model.vqvae.encode(model.render(fitted)[0])
+        exact_f_r = model.encode_render(model.render(fitted)[0]) / model.latent_scale
     assert torch.allclose(stage.cache(torch.tensor([1, 4]))["f_r"], exact_f_r, atol=1e-4)
     model.diffusion.refine_steps = 4
     assert frozen_cache.FrozenCache.fingerprint(model, fit_slots) not in stage.cache.path.name

@@ -353,8 +353,7 @@ def test_x0_report_measures_how_far_x0_follows_the_render(a):
     exact_f_r = z0 + 0.2 * torch.randn_like(z0)
     exact_f_r[~face.expand_as(z0)] += 100  # off the face: not counted
     cond = {"f_r": f_r}
-    report = stages.x0_report(_Follows(a), cond, z0, face, {"f_r": exact_f_r},
-                              timesteps=(999, 50))
+    report = stages.x0_report(_Follows(a), cond, z0, face, exact_f_r, timesteps=(999, 50))
     weight = face.expand_as(z0)
     assert report["exact_f_r_face_rms"] == pytest.approx(
         float((exact_f_r - z0)[weight].pow(2).mean().sqrt()))

@@ -183,7 +183,8 @@ def bench_diffusion(device, flame):
     size = model.image_size
     images = torch.rand(2, 3, size, size, device=device) * 2 - 1
     with torch.no_grad():
-        cond = model.conditions(images[:1], *model.render(model.estimator(images[:1])))
+        rendered, _ = model.render(model.estimator(images[:1]))
+        cond = model.conditions(images[:1], rendered)
         z = torch.randn_like(cond["f_r"])
         (forward,) = time_ms([lambda: model.denoise(z, 500, cond)], device, per=1)
     parameters = sum(p.numel() for p in model.unet.parameters()) / 1e6

@@ -172,11 +172,11 @@ def drive(model, source, frames, edit=EDIT_ATTRIBUTES, swap=None, numbers=None, 
     for k in tqdm(range(len(frames)), desc="frames", unit="frame", disable=not progress):
         coefficients = edit_coefficients(
             source_estimate, {key: value[k:k + 1] for key, value in query.items()}, edit, numbers)
-        rendered, mask = model.render(coefficients)
+        rendered, _ = model.render(coefficients)
         if cond is None:  # the source's slot tokens F and f_id: once for the clip
-            cond = model.swap_slots(model.conditions(source, rendered, mask), swap)
-        else:  # only I_R's f_r and m_r change from frame to frame
-            cond = {**cond, **model.render_condition(rendered, mask)}
+            cond = model.swap_slots(model.conditions(source, rendered), swap)
+        else:  # only f_r changes from frame to frame
+            cond = {**cond, "f_r": model.encode_render(rendered)}
         latent = model.sample(cond, steps, sampler, seed if same_noise else seed + k, eta)
         images.append(model.decode_latent(latent))
         renders.append(rendered)

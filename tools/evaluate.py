@@ -221,7 +221,7 @@ def score_pairs(totals, model, judge, batch, targets, run, row="difffae", extra_
     if extra_rows:
         sampling = {key: value for key, value in run.items() if key != "refine_steps"}
         rendered, mask = model.render(exact)
-        cond = model.conditions(source, rendered, mask)
+        cond = model.conditions(source, rendered)
         pasted = torch.where(mask > 0.5, rendered, source)
         rows.update(exact_render=model.decode_latent(model.sample(cond, **sampling)),
                     copy_source=source,

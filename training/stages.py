@@ -515,28 +515,27 @@ class LDMStage(Stage):
         detail = metrics.face_detail(edited, batch["target"], batch["target_regions"])
         z0 = self.model.encode_latent(batch["target"])
         latent_face = F.avg_pool2d(face.float(), edited.shape[-1] // z0.shape[-1]) > 0.5
-        exact_cond = None  # with --deca the held-out portraits' coefficients are not FLAME 2020's
+        exact_f_r = None  # with --deca the held-out portraits' coefficients are not FLAME 2020's
         if self.exact_render:
             exact = combine_coefficients(true_coefficients(batch, "source"),
                                          true_coefficients(batch, "query"))  # Eq. 3, exactly
-            exact_cond = self.model.render_condition(*self.model.render(exact))
+            exact_f_r = self.model.encode_render(self.model.render(exact)[0])
         return {"psnr": float(metrics.psnr(edited, batch["target"]).mean()),
                 "psnr_face": float(metrics.psnr(edited, batch["target"], mask=face).mean()),
                 **{name: float(values.nanmedian()) for name, values in detail.items()},
-                **x0_report(self.model, trace["cond"], z0, latent_face, exact_cond)}
+                **x0_report(self.model, trace["cond"], z0, latent_face, exact_f_r)}
 
 
-def x0_report(model, cond, z0, face, exact=None, timesteps=X0_REPORT_STEPS, seed=0):
+def x0_report(model, cond, z0, face, exact_f_r=None, timesteps=X0_REPORT_STEPS, seed=0):
     """How well the denoiser knows the answer at each noise level, on the face: for each t,
     z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε for two noise draws ε, and x̂_0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t.
     Returns {"x0_face_rms_t{t}": rms of x̂_0 − z_0 (first draw), "x0_spread_t{t}": rms of the
     difference of the two draws' x̂_0, "f_r_face_rms": rms of f_r − z_0}, each over the face's
     latent pixels (face (B, 1, h, w), a 0/1 mask) and the channels; z_0 (B, C, h, w) the
-    target's scaled latent, cond the edit's conditions (DiffFAE.conditions). Given exact, the
-    exact render's f_r and m_r (DiffFAE.render_condition), also "exact_f_r_face_rms" and how far
-    x̂_0 follows I_R, "x0_follows_f_r_t{t}" = ⟨Δx̂_0, Δf_r⟩/⟨Δf_r, Δf_r⟩ over the face, Δ the
-    change from cond's I_R to the exact one at the same z_t: 1 if x̂_0 moves with f_r, 0 if it
-    ignores it."""
+    target's scaled latent, cond the edit's conditions (DiffFAE.conditions). Given exact_f_r,
+    the latent of the exact render, also "exact_f_r_face_rms" and how far x̂_0 follows I_R,
+    "x0_follows_f_r_t{t}" = ⟨Δx̂_0, Δf_r⟩/⟨Δf_r, Δf_r⟩ over the face, Δ the change from cond's
+    f_r to exact_f_r at the same z_t: 1 if x̂_0 moves with f_r, 0 if it ignores it."""
     generator = torch.Generator(device=z0.device).manual_seed(seed)
     weight = face.expand_as(z0).float()
 
@@ -547,9 +546,9 @@ def x0_report(model, cond, z0, face, exact=None, timesteps=X0_REPORT_STEPS, seed
         return float((dot(error, error) / weight.sum().clamp(min=1)).sqrt())
 
     report = {"f_r_face_rms": rms(cond["f_r"] - z0)}
-    if exact is not None:
-        report["exact_f_r_face_rms"] = rms(exact["f_r"] - z0)
-        moved, exact_cond = exact["f_r"] - cond["f_r"], {**cond, **exact}
+    if exact_f_r is not None:
+        report["exact_f_r_face_rms"] = rms(exact_f_r - z0)
+        moved, exact_cond = exact_f_r - cond["f_r"], {**cond, "f_r": exact_f_r}
     for t in (t for t in timesteps if t < len(model.alphas_cumprod)):
         steps = torch.full((len(z0),), t, device=z0.device)
         alpha_bar = model.alphas_cumprod[t]
@@ -558,7 +557,7 @@ def x0_report(model, cond, z0, face, exact=None, timesteps=X0_REPORT_STEPS, seed
         x0 = [predict_x0(z, model.denoise(z, steps, cond)[0], alpha_bar) for z in z_t]
         report[f"x0_face_rms_t{t}"] = rms(x0[0] - z0)
         report[f"x0_spread_t{t}"] = rms(x0[0] - x0[1])
-        if exact is not None:
+        if exact_f_r is not None:
             followed = predict_x0(z_t[0], model.denoise(z_t[0], steps, exact_cond)[0], alpha_bar)
             report[f"x0_follows_f_r_t{t}"] = float(dot(followed - x0[0], moved)
                                                    / dot(moved, moved).clamp(min=1e-12))
