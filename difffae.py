@@ -263,15 +263,7 @@ class DiffFAE(nn.Module):
         and f_id (B, Di); with the rest of RegionSlots' output (the source's slot masks).
         regions: self.slots(source) when the caller has it already."""
         regions = self.slots(source) if regions is None else regions
-        return {**regions, "f_r": self.encode_render(rendered), "id": self.identity(source)}
-
-    def encode_render(self, rendered):
-        """f_r: the scaled VQ latent (B, C, h, w) of I_R (B, 3, H, W) clipped to white, as a
-        camera clips it (not in the paper): a portrait's pixels are clipped, the render's
-        shading is not, and 23 % of the exact render's face pixels lie above white on held-out
-        pairs. Clipped, its latent lies 26 % nearer the target's inside the face (rms 0.33 →
-        0.24, docs/ablations.md)."""
-        return self.encode_latent(rendered.clamp(-1, 1))
+        return {**regions, "f_r": self.encode_latent(rendered), "id": self.identity(source)}
 
     def swap_slots(self, cond, swap):
         """cond with the slot tokens of the regions in swap ({"hair" | "clothes" |
@@ -325,14 +317,12 @@ class DiffFAE(nn.Module):
             reading = self.fit_coefficients(query, d.refine_steps, slots=fit_slots)
         else:
             reading = self.estimator(query)
-        def f_r(coefficients):  # unscaled, of I_R clipped to white as encode_render clips it
-            return self.vqvae.encode(self.render(coefficients)[0].clamp(-1, 1)).float()
-
-        inputs = {"z0": self.vqvae.encode(query).float(), "f_r": f_r(reading),
+        inputs = {"z0": self.vqvae.encode(query).float(),
+                  "f_r": self.vqvae.encode(self.render(reading)[0]).float(),
                   "id": self.identity(source)}
         if every or d.truth_fraction:
             assert coefficients is not None, "truth_fraction needs the exact coefficients"
-            inputs["f_r_truth"] = f_r(coefficients)
+            inputs["f_r_truth"] = self.vqvae.encode(self.render(coefficients)[0]).float()
         if every or d.slots_weight:
             inputs["source_z"] = self.vqvae.encode(source).float()
         return inputs

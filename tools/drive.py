@@ -176,7 +176,7 @@ def drive(model, source, frames, edit=EDIT_ATTRIBUTES, swap=None, numbers=None, 
         if cond is None:  # the source's slot tokens F and f_id: once for the clip
             cond = model.swap_slots(model.conditions(source, rendered), swap)
         else:  # only f_r changes from frame to frame
-            cond = {**cond, "f_r": model.encode_render(rendered)}
+            cond = {**cond, "f_r": model.encode_latent(rendered)}
         latent = model.sample(cond, steps, sampler, seed if same_noise else seed + k, eta)
         images.append(model.decode_latent(latent))
         renders.append(rendered)

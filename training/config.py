@@ -121,8 +121,9 @@ PRESETS = {
         # (+1.1 dB at 2,500 steps); half the pairs' I_R from the exact coefficients, so that
         # the UNet trusts I_R (docs/ablations.md). (The other half's I_R from the estimator's
         # reading refined through the renderer, --diffusion.render_from=refined, gave +0.8 dB
-        # on the face, docs/fitting.md, and v-prediction, --diffusion.prediction=v, +0.8 dB on
-        # the edit, docs/ablations.md; the shipped model predates both.)
+        # on the face, docs/fitting.md; v-prediction, --diffusion.prediction=v, +0.8 dB on the
+        # edit; the face weighted 5x, --diffusion.face_weight=4, +1.3 dB on the face handed the
+        # exact render, docs/ablations.md; the shipped model predates all three.)
         "ldm": {"train": {"steps": 16000, "batch_size": 8, "lr": 4e-4, "ema_decay": 0.999,
                           "eval_every": 1000, "eval_items": 64},
                 "unet": {"base_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1,

@@ -39,7 +39,6 @@ class FrozenCache:
 
     BATCH = 64  # pairs per forward pass while computing
     KEYS = ("z0", "f_r", "id", "source_z", "f_r_truth")
-    VERSION = 2  # of what DiffFAE.frozen_inputs computes (2: I_R clipped to white)
 
     def __init__(self, model, pool, pool_file, device, master, fit_slots=None):
         self.fit_slots = fit_slots  # the region encoder of the fit, with render_from "refined"
@@ -61,10 +60,10 @@ class FrozenCache:
 
     @staticmethod
     def fingerprint(model, fit_slots=None):
-        """12 hex digits of SHA-256 over VERSION, the frozen parts' tensors and frozen_inputs'
-        options (with render_from "refined", also the fit's steps and fit_slots' tensors)."""
+        """12 hex digits of SHA-256 over the frozen parts' tensors and frozen_inputs' options
+        (with render_from "refined", also the fit's steps and fit_slots' tensors)."""
         d = model.diffusion
-        options = (FrozenCache.VERSION, d.render_from)
+        options = (d.render_from,)
         modules = {part: getattr(model, part)
                    for part in ("vqvae", "estimator", "identity", "flame", "renderer")}
         if d.render_from == "refined":

@@ -519,7 +519,7 @@ class LDMStage(Stage):
         if self.exact_render:
             exact = combine_coefficients(true_coefficients(batch, "source"),
                                          true_coefficients(batch, "query"))  # Eq. 3, exactly
-            exact_f_r = self.model.encode_render(self.model.render(exact)[0])
+            exact_f_r = self.model.encode_latent(self.model.render(exact)[0])
         return {"psnr": float(metrics.psnr(edited, batch["target"]).mean()),
                 "psnr_face": float(metrics.psnr(edited, batch["target"], mask=face).mean()),
                 **{name: float(values.nanmedian()) for name, values in detail.items()},
