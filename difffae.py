@@ -361,7 +361,7 @@ class DiffFAE(nn.Module):
             exact = exact.to(z0.device).view(-1, 1, 1, 1)
             f_r = torch.where(exact, frozen["f_r_truth"], f_r)
         cond = {**regions, "f_r": f_r * scale, "id": frozen["id"]}  # f_id: AdaIN, Eq. 4-5
-        # 5. the query's slot masks M_Q, ACR's target, and a fixed one: no gradient reaches RSC
+        # 5. M_Q, the query's slot masks: ACR's target and the face weight's mask, both fixed
         with torch.no_grad():
             query_masks = self.slots(query)["masks"]  # (B, K, h', w')
         # 6. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖², weighted by w_t

@@ -62,7 +62,7 @@ class LandmarkMesh:
     def __init__(self, flame, vertex_ids):
         regressor, k = flame.J_regressor, len(vertex_ids)  # (J, V)
         joints, parts = len(regressor), flame.posedirs.shape[0]
-        self.flame, self.k = flame, k
+        self.parents, self.k = flame.parents, k
         self.template = torch.cat([flame.v_template[vertex_ids], regressor @ flame.v_template])
         self.dirs = torch.cat([flame.blenddirs[vertex_ids],
                                torch.einsum("jv,vck->jck", regressor, flame.blenddirs)])
@@ -80,7 +80,7 @@ class LandmarkMesh:
             c = {key: value.float() for key, value in coefficients.items()}
             blend = torch.cat([c["shape"], c["expression"]], 1)
             points = lbs(blend, pose6_to_flame15(c["pose"]), self.template, self.dirs,
-                         self.posedirs, self.regressor, self.flame.parents, self.weights)[0]
+                         self.posedirs, self.regressor, self.parents, self.weights)[0]
             return project(points[:, :self.k], c["cam"], image_size)[..., :2]
 
 
