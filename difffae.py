@@ -361,28 +361,24 @@ class DiffFAE(nn.Module):
             exact = exact.to(z0.device).view(-1, 1, 1, 1)
             f_r = torch.where(exact, frozen["f_r_truth"], f_r)
         cond = {**regions, "f_r": f_r * scale, "id": frozen["id"]}  # f_id: AdaIN, Eq. 4-5
-        # 5. M_Q, the query's slot masks: ACR's target and the face weight's mask, both fixed
-        with torch.no_grad():
-            query_masks = self.slots(query)["masks"]  # (B, K, h', w')
-        # 6. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖², weighted by w_t
-        #    (samplers.loss_weight). Not in the paper: the UNet predicting v (+0.8 dB on the
-        #    edit at 3,000 steps) or x̂_0 (d.prediction), with γ = 0 its target's plain loss; with
-        #    γ > 0 the x̂_0 error weighted by clamp(SNR_t, floor, γ), SNR_t = ᾱ_t/(1−ᾱ_t); with
-        #    face_weight a > 0, a weighted mean over the latent, ω = 1 + a·M_Q[face] (+1.3 dB on
-        #    the face handed the exact render at 3,000 steps with a = 4, docs/ablations.md)
+        # 5. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖², weighted by w_t
+        #    (samplers.loss_weight). Not in the paper: v or x̂_0 predicted (d.prediction; v: +0.8
+        #    dB on the edit), Min-SNR's x̂_0 weight clamp(SNR_t, floor, γ) for γ > 0, and a mean
+        #    over the latent weighted by ω = 1 + a·M_Q[face] (face_weight a; docs/ablations.md)
+        with torch.no_grad():  # M_Q, the query's slot masks (B, K, h', w'): fixed, as in step 6
+            query_masks = self.slots(query)["masks"]
         eps, attn = self.denoise(z_t, t, cond)
-        error = (eps.float() - noise.float()).pow(2).mean(1, keepdim=True)  # (B, 1, h, w)
         omega = 1 + d.face_weight * masks_at(query_masks.float(), z0.shape[-2:])[:, FACE:FACE + 1]
-        ldm = (error * omega).flatten(1).sum(1) / omega.flatten(1).sum(1)  # (B,)
+        ldm = ((eps.float() - noise.float()).pow(2) * omega).mean((1, 2, 3)) / omega.mean((1, 2, 3))
         ldm = (ldm * loss_weight(alpha_bar.flatten(), d.prediction, d.min_snr_gamma,
                                  d.snr_floor)).mean()
-        # 7. ACR (Eq. 7): L_attn = ‖A_cross − M_Q‖²
+        # 6. ACR (Eq. 7): L_attn = ‖A_cross − M_Q‖²
         attention = average_cross_attention(attn, query_masks.shape[-2:])  # (B, K, h', w')
         acr = F.mse_loss(attention.float(), query_masks.float())
-        # 8. L = L_LDM + δ·L_attn (Eq. 8)
+        # 7. L = L_LDM + δ·L_attn (Eq. 8)
         losses = {"loss": ldm + d.acr_weight * acr, "ldm_loss": ldm.detach(),
                   "acr_loss": acr.detach()}
-        # 9. not in the paper: the slots stage's loss kept on (slots.pretraining_loss), so
+        # 8. not in the paper: the slots stage's loss kept on (slots.pretraining_loss), so
         #    that slot k stays the token of region k; ζ, its decoder, stays as pretrained
         if d.slots_weight:
             assert source_regions is not None or not d.slots_supervision, "source_regions"

@@ -47,7 +47,7 @@ def landmark_vertices(flame, k):
         far = candidates[distance.argmax()]
         chosen.append(int(far))
         distance = torch.minimum(distance, (v[candidates] - v[far]).norm(dim=1))
-    return torch.tensor(chosen)
+    return torch.tensor(chosen, dtype=torch.long)
 
 
 class LandmarkMesh:
@@ -82,11 +82,6 @@ class LandmarkMesh:
             points = lbs(blend, pose6_to_flame15(c["pose"]), self.template, self.dirs,
                          self.posedirs, self.regressor, self.parents, self.weights)[0]
             return project(points[:, :self.k], c["cam"], image_size)[..., :2]
-
-
-def project_landmarks(flame, coefficients, vertex_ids, image_size):
-    """LandmarkMesh(flame, vertex_ids).project(coefficients, image_size)."""
-    return LandmarkMesh(flame, vertex_ids).project(coefficients, image_size)
 
 
 def landmark_term(estimator, flame, images):

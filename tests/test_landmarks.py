@@ -2,6 +2,7 @@
 mesh against the whole one, the choice of vertices, the soft-argmax in closed form, the fit
 recovering a turned head from exact landmarks, the estimator stage's landmark term, and
 DiffFAE.fit_coefficients with a detector."""
+import functools
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from estimator import COEFFICIENT_SCALE, CoefficientEstimator, EstimatorConfig
 from fitting.fit import (LANDMARK_FITTED, LANDMARK_PRIOR, FIT_LR, descend, landmark_loss,
                          refine)
 from fitting.landmarks import (FOREHEAD_LIMIT, FRONT_FACING, LandmarkDetector, LandmarkMesh,
-                               landmark_vertices, project_landmarks, soft_argmax)
+                               landmark_vertices, soft_argmax)
 from flame import FLAME, pose6_to_flame15
 from render import project, vertex_normals
 from runtime.checkpoint import load_model
@@ -45,7 +46,7 @@ def test_landmarks_are_projected_by_a_known_camera(flame):
     cam = torch.tensor([[7.5, 0.01, -0.02], [9.0, -0.03, 0.05]])
     zero = {"shape": torch.zeros(2, flame.n_shape), "expression": torch.zeros(2, flame.n_exp),
             "pose": torch.zeros(2, 6), "cam": cam}
-    points = project_landmarks(flame, zero, ids, SIZE)  # (2, K, 2)
+    points = LandmarkMesh(flame, ids).project(zero, SIZE)  # (2, K, 2)
     template = flame.v_template[ids].double()  # (K, 3)
     for b, (s, tx, ty) in enumerate(cam.double().tolist()):
         x = (s * (template[:, 0] + tx) + 1) * SIZE / 2
@@ -118,10 +119,8 @@ def test_the_landmark_fit_recovers_a_turned_head(flame, scene):
     as well, but not always with the true rotation: shape pays for some of it (docs/fitting.md).
     The jaw and the albedo are not moved."""
     _, truth = scene
-    ids = landmark_vertices(flame, 68)
-
-    def locate(c):
-        return project_landmarks(flame, c, ids, SIZE)
+    locate = functools.partial(LandmarkMesh(flame, landmark_vertices(flame, 68)).project,
+                               image_size=SIZE)
 
     detected = locate(truth)
     generator = torch.Generator().manual_seed(0)
@@ -152,8 +151,8 @@ def test_the_estimator_stage_teaches_the_detector_the_true_landmarks(tmp_path):
     batch = default_collate(items)
     truth = {k: torch.cat([true_coefficients(batch, image)[k] for image in ("source", "query")])
              for k in COEFFICIENT_SCALE}
-    located = project_landmarks(stage.fixed["flame"], truth, landmark_vertices(
-        stage.fixed["flame"], K), SIZE)  # (4, K, 2)
+    located = LandmarkMesh(stage.fixed["flame"], landmark_vertices(stage.fixed["flame"], K)
+                           ).project(truth, SIZE)  # (4, K, 2)
     offset = torch.tensor([1.5, -0.5])
 
     class Shifted(nn.Module):  # the true landmarks, moved by `offset`
@@ -173,10 +172,8 @@ def test_the_model_fits_its_reading_to_its_detectors_landmarks(scene):
     batch, _ = scene
     images = torch.nn.functional.interpolate(batch["query"], size=model.image_size,
                                              mode="bilinear", antialias=True)
-    ids = landmark_vertices(model.flame, K)
-
-    def locate(c):
-        return project_landmarks(model.flame, c, ids, model.image_size)
+    locate = functools.partial(LandmarkMesh(model.flame, landmark_vertices(model.flame, K)).project,
+                               image_size=model.image_size)
 
     reading = model.estimator(images)
     where = locate(reading).detach()

@@ -90,7 +90,7 @@ from runtime.checkpoint import load_model, rebuild
 from runtime.images import save_image
 from training.datasets import to_device
 from difffae import EDIT_ATTRIBUTES, combine_coefficients
-from fitting.landmarks import landmark_vertices, project_landmarks
+from fitting.landmarks import LandmarkMesh, landmark_vertices
 from flame import FLAME, flame15_to_pose6, pose6_to_flame15
 from layers import FACE, REGION_NAMES
 from runtime.cli import (DEFAULT_CHECKPOINT, SWAPPABLE, Parser, check_device, check_output,
@@ -180,8 +180,8 @@ def coefficient_scores(flame, coefficients, truth, image_size):
     jaw = (coefficients["pose"][:, 3] - truth["pose"][:, 3]).abs().rad2deg()
     pose = metrics.rotation_error(coefficients["pose"], truth["pose"])
     cam, true_cam = coefficients["cam"], truth["cam"]
-    ids = landmark_vertices(flame, N_LANDMARKS)
-    located = [project_landmarks(flame, c, ids, image_size) for c in (coefficients, truth)]
+    mesh = LandmarkMesh(flame, landmark_vertices(flame, N_LANDMARKS))
+    located = [mesh.project(c, image_size) for c in (coefficients, truth)]
     return {"pose_deg": pose, **{metric: pose for metric in POSE_QUANTILES}, "jaw_deg": jaw,
             "expression_mm": metrics.expression_distance(flame, coefficients, truth),
             "light": (coefficients["light"] - truth["light"]).abs().flatten(1).mean(1),

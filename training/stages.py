@@ -22,7 +22,7 @@ from difffae import DiffFAE, combine_coefficients, render_face
 from estimator import (COEFFICIENT_SCALE, CoefficientEstimator, IdentityEncoder, load_arcface,
                        load_deca)
 from fitting.fit import fittable, photometric_loss
-from fitting.landmarks import landmark_vertices, project_landmarks
+from fitting.landmarks import LandmarkMesh, landmark_vertices
 from layers import FACE, REGION_NAMES
 from pretrained import install, stand_ins
 from pretrained.deca import load_deca_flame
@@ -288,13 +288,14 @@ class EstimatorStage(Stage):
             n_exp=flame.n_exp, n_albedo=flame.n_albedo)
         self.estimator = CoefficientEstimator(parts["estimator"])
         # fixed parts kept outside the state dict (no weights to save)
-        self.fixed = {"flame": flame.to(device),
+        flame = flame.to(device)
+        self.fixed = {"flame": flame,
                       "renderer": Renderer(flame.faces, flame.face_uvs, cfg.image_size,
                                            cull_backfaces=True).to(device),
                       "scale": {k: torch.as_tensor(v, dtype=torch.float32, device=device)
                                 for k, v in COEFFICIENT_SCALE.items()},
-                      "landmark_ids": landmark_vertices(
-                          flame, parts["estimator"].n_landmarks).to(device)}
+                      "landmarks": LandmarkMesh(flame, landmark_vertices(
+                          flame, parts["estimator"].n_landmarks))}
         if cfg.data != "synthetic":  # frames without coefficients: the face slot's mask
             self.fixed["slots"], slots_config = load_part(cfg.out, "slots", device)
             if slots_config.image_size != cfg.image_size:
@@ -308,8 +309,7 @@ class EstimatorStage(Stage):
 
     def true_landmarks(self, coefficients):
         """The landmark vertices of the exact mesh, projected: (B, K, 2) pixels."""
-        return project_landmarks(self.fixed["flame"], coefficients,
-                                 self.fixed["landmark_ids"], self.estimator.cfg.image_size)
+        return self.fixed["landmarks"].project(coefficients, self.estimator.cfg.image_size)
 
     def forward(self, batch, step):
         images = images_of(batch)
