@@ -2,7 +2,8 @@
 
 DiffFAE (Wang et al. 2024, §4.3, §5.1) needs four pretrained parts before its diffusion model:
     vqvae → slots (reads the VQ-VAE) → estimator, identity → ldm (reads all four).
-`--stage all` runs them in that order, skipping the finished ones, then writes `--export`.
+`--stage all` runs them, skipping the finished ones, then writes `--export`; on a CPU the estimator
+and identity stages run in a second process beside vqvae → slots (run_chain).
 This is the loop they share, after nanoGPT's train.py. training/stages.py says what each stage
 optimises and measures (the ldm stage's step is DiffFAE.loss), training/config.py holds the
 presets and the options (`python train.py --stage ldm --help`), training/datasets.py what the
@@ -19,6 +20,7 @@ writes; `batch_size` is the total over the processes); bf16 autocast on CUDA (an
 import contextlib
 import dataclasses
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -170,9 +172,9 @@ def setup_device(cfg):
     return ddp, rank, device
 
 
-def train(cfg, parts):
-    """Trains one stage up to cfg.steps (or for cfg.time_limit seconds) from its checkpoint.
-    Returns the last step done."""
+def train(cfg, parts, between_steps=None):
+    """Trains one stage up to cfg.steps (or for cfg.time_limit seconds) from its checkpoint,
+    calling between_steps(), if given, after each step. Returns the last step done."""
     ddp, rank, device = setup_device(cfg)
     master, path = rank == 0, checkpoint_path(cfg)  # only rank 0 writes
     stages.require_earlier_checkpoints(cfg)  # before the pool: a missing one fails at once
@@ -201,7 +203,8 @@ def train(cfg, parts):
             ema.load_state_dict(ema_state)
         loader = make_loader(cfg, dataset, start, rank, dist.get_world_size() if ddp else 1)
         run = {"stage": stage, "model": model, "optimizer": optimizer, "ema": ema,
-               "config": config, "path": path, "ddp": ddp, "device": device}
+               "config": config, "path": path, "ddp": ddp, "device": device,
+               "between_steps": between_steps}
         return loop(cfg, run, loader, start, master)
 
 
@@ -241,6 +244,8 @@ def loop(cfg, run, loader, start, master):
             stage.after_step(batch, step)
             done, last = step + 1, step + 1 == cfg.steps or guard.timed_out
             progress.update(1)
+            if run["between_steps"]:
+                run["between_steps"]()
             # log
             if master and (done % cfg.log_every == 0 or last):
                 memory = {"cuda_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -326,37 +331,113 @@ def finished(cfg, done, chain):
     print(line)
 
 
+def run_stage(cfg, parts, between_steps=None):
+    """Trains one stage of the chain, saying which it is and where it ended."""
+    limit = f", at most {cfg.time_limit:g} s this run" if cfg.time_limit else ""
+    if first_process():
+        print(f"{cfg.stage}: stage {STAGES.index(cfg.stage) + 1} of {len(STAGES)}, to step "
+              f"{cfg.steps}{limit}", flush=True)
+    finished(cfg, train(cfg, parts, between_steps), chain=True)
+
+
+def split_lanes(pending):
+    """(here, beside, after): the chain's unfinished stages as this process runs them, first
+    `here`, meanwhile `beside` in a second process, then `after` once both are done. The first
+    unfinished stage runs here; a later one goes beside when it reads no unfinished stage (on
+    synthetic data the estimator and the identity encoder read neither the VQ-VAE nor the
+    slots)."""
+    waiting = {cfg.stage for cfg, _ in pending}
+    beside = [(cfg, parts) for cfg, parts in pending[1:]
+              if not waiting.intersection(stages.requirements(cfg))]
+    names = {cfg.stage for cfg, _ in beside}
+    here, after = [], []
+    for cfg, parts in pending:
+        if cfg.stage not in names:
+            lane = after if after or names.intersection(stages.requirements(cfg)) else here
+            lane.append((cfg, parts))
+    return here, beside, after
+
+
+def run_beside(lane, log, threads):
+    """The second lane of the chain, in a process of its own: its stages in order on `threads`
+    threads, all it prints appended to `log`."""
+    with open(log, "a") as file:
+        os.dup2(file.fileno(), sys.stdout.fileno())
+        os.dup2(file.fileno(), sys.stderr.fileno())
+    torch.set_num_threads(threads)
+    with exit_on_error():
+        for cfg, parts in lane:
+            run_stage(cfg, parts)
+
+
 def run_chain(chain):
-    """Each stage of `chain` in order (finished ones skipped), then the export of --export."""
+    """Each stage of `chain` not yet finished, then the export of --export. On a CPU with two
+    threads or more, in one process, the stages that do not depend on each other run side by
+    side (split_lanes), each lane on half the threads, and this one on all of them as soon as
+    the other lane is done; on a GPU, under torchrun, or with OMP_NUM_THREADS=1, one after
+    another. A stage draws the same batches in either lane; only the rounding of its sums can
+    change with the number of threads."""
+    pending = []
     for cfg, parts in chain:
         state = read_stage_checkpoint(checkpoint_path(cfg))
         if state is not None and state["step"] >= cfg.steps:
             if first_process():
                 print(f"{cfg.stage}: finished ({checkpoint_path(cfg)} at step {state['step']} "
                       f"of {cfg.steps}), skipped")
-            continue
-        limit = f", at most {cfg.time_limit:g} s this run" if cfg.time_limit else ""
-        if first_process():
-            print(f"{cfg.stage}: stage {STAGES.index(cfg.stage) + 1} of {len(STAGES)}, to step "
-                  f"{cfg.steps}{limit}", flush=True)
-        finished(cfg, train(cfg, parts), chain=True)
+        else:
+            pending.append((cfg, parts))
+    threads = torch.get_num_threads()
+    alone = "RANK" in os.environ or torch.cuda.is_available() or torch.backends.mps.is_available()
+    here, beside, after = split_lanes(pending) if threads > 1 and not alone else (pending, [], [])
+    if beside:
+        run_side_by_side(here, beside, threads)
+    else:
+        after = here + after
+    for cfg, parts in after:
+        run_stage(cfg, parts)
     cfg = chain[-1][0]
     if cfg.export and first_process():
         export(cfg, cfg.export)
 
 
-def main(argv=None):
+def run_side_by_side(here, beside, threads):
+    """Runs `beside` in a second process while this one runs `here`, each on half the threads,
+    this one taking them all when the other is done. Ctrl-C stops both, each with a checkpoint,
+    and so does an error here; an error there is reported once the stages here are done."""
+    out = Path(beside[0][0].out)
+    make_dataset(beside[0][0], True)  # the pool, rendered once before two processes read it
+    log = out / f"{'+'.join(cfg.stage for cfg, _ in beside)}.log"
+    print(f"{', '.join(cfg.stage for cfg, _ in beside)}: in a second process beside "
+          f"{', '.join(cfg.stage for cfg, _ in here)}, {threads // 2} thread(s) each; its "
+          f"output is appended to {log}", flush=True)
+    other = multiprocessing.get_context("spawn").Process(
+        target=run_beside, args=(beside, log, threads // 2), name="beside")
+    other.start()
+    torch.set_num_threads(threads - threads // 2)
+
+    def widen():  # once the other lane is done, this one takes every thread
+        if other.exitcode is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
     try:
-        chain = build_chain(sys.argv[1:] if argv is None else argv)
-        if chain[-1][0].export:  # before hours of training, not after them
-            check_output(chain[-1][0].export, "--export", ".pt")
-        cfg, parts = chain[0]
-        if len(chain) > 1:
-            run_chain(chain)
-        elif cfg.export:
-            export(cfg, cfg.export)
-        else:
-            finished(cfg, train(cfg, parts), chain=False)
+        for cfg, parts in here:
+            run_stage(cfg, parts, between_steps=widen)
+    except BaseException:
+        other.terminate()  # SIGTERM: it checkpoints and stops
+        raise
+    finally:
+        other.join()
+        torch.set_num_threads(threads)
+    if other.exitcode:
+        raise Stopped(f"error: the stages beside ({', '.join(c.stage for c, _ in beside)}) "
+                      f"stopped with status {other.exitcode}; their output is in {log}",
+                      other.exitcode)
+
+
+@contextlib.contextmanager
+def exit_on_error():
+    """Ends the process with one line and a non-zero status on the errors a user acts on."""
+    try:
+        yield
     except ValueError as error:  # ConfigError, MissingCheckpoint and the configs' own checks
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -373,6 +454,20 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv=None):
+    with exit_on_error():
+        chain = build_chain(sys.argv[1:] if argv is None else argv)
+        if chain[-1][0].export:  # before hours of training, not after them
+            check_output(chain[-1][0].export, "--export", ".pt")
+        cfg, parts = chain[0]
+        if len(chain) > 1:
+            run_chain(chain)
+        elif cfg.export:
+            export(cfg, cfg.export)
+        else:
+            finished(cfg, train(cfg, parts), chain=False)
 
 
 if __name__ == "__main__":

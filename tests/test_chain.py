@@ -1,5 +1,6 @@
 """train.py across runs: --stage all under --smoke, one run per stage folder, damaged checkpoints
 and pools, resumes that change options, and the time limit. Real processes throughout."""
+import dataclasses
 import os
 import signal
 import subprocess
@@ -8,7 +9,9 @@ import time
 
 import torch
 
+import train
 from test_train import ROOT, SMALL, run
+from training.config import build_chain
 
 VQ = ["--stage", "vqvae", "--ckpt_every=1"]
 
@@ -17,17 +20,65 @@ def test_the_smoke_chain_trains_every_stage_exports_and_the_export_edits(tmp_pat
     out, model = tmp_path / "runs", tmp_path / "model.pt"
     command = [sys.executable, "train.py", "--stage", "all", "--smoke=true", f"--out={out}",
                f"--export={model}"]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=170)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=170,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert done.returncode == 0, done.stderr[-3000:]
+    # two threads: the estimator and the identity encoder train beside the VQ-VAE and the slots
+    beside = (out / "estimator+identity.log").read_text()
     for number, stage in enumerate(("vqvae", "slots", "estimator", "identity", "ldm"), 1):
-        assert f"{stage}: stage {number} of 5" in done.stdout
+        said = beside if stage in ("estimator", "identity") else done.stdout
+        assert f"{stage}: stage {number} of 5" in said
         assert torch.load(out / stage / "ckpt.pt", weights_only=True)["step"] >= 3
+    # on its one thread the second process trains what a run of that stage alone trains
+    alone = subprocess.run([sys.executable, "train.py", "--stage", "estimator", "--smoke=true",
+                            f"--out={tmp_path / 'alone'}"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    weights = [torch.load(folder / "estimator" / "ckpt.pt", weights_only=True)["model"]
+               for folder in (out, tmp_path / "alone")]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
     again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert again.returncode == 0 and again.stdout.count("skipped") == 5, again.stdout
     edit = subprocess.run([sys.executable, "sample.py", "examples/src.png", "examples/qry.png",
                            "--ckpt", str(model), "--out", str(tmp_path / "edit.png")],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert edit.returncode == 0 and (tmp_path / "edit.png").stat().st_size > 0, edit.stderr
+
+
+def stages_of(lanes):
+    return [[cfg.stage for cfg, _ in lane] for lane in lanes]
+
+
+def test_split_lanes_runs_beside_what_reads_no_unfinished_stage(tmp_path):
+    chain = build_chain(["--stage", "all", "--smoke=true", f"--out={tmp_path}"])
+    assert stages_of(train.split_lanes(chain)) == [
+        ["vqvae", "slots"], ["estimator", "identity"], ["ldm"]]
+    assert stages_of(train.split_lanes(chain[1:])) == [
+        ["slots"], ["estimator", "identity"], ["ldm"]]
+    assert stages_of(train.split_lanes(chain[2:])) == [
+        ["estimator"], ["identity"], ["ldm"]]
+    assert stages_of(train.split_lanes(chain[4:])) == [["ldm"], [], []]
+    # on frames the estimator finds the face with the slots: only the identity encoder is free
+    frames = [(dataclasses.replace(cfg, data=str(tmp_path)), parts) for cfg, parts in chain]
+    assert stages_of(train.split_lanes(frames)) == [
+        ["vqvae", "slots", "estimator"], ["identity"], ["ldm"]]
+
+
+def test_a_failure_beside_stops_the_chain_with_one_line_after_this_lane(tmp_path):
+    (tmp_path / "identity").mkdir(parents=True)  # held by a live process: this one
+    (tmp_path / "identity" / "lock").write_text(
+        f'{{"pid": {os.getpid()}, "host": "{os.uname().nodename}", "since": 0}}')
+    done = subprocess.run([sys.executable, "train.py", "--stage", "all", "--smoke=true",
+                           f"--out={tmp_path}"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    log = tmp_path / "estimator+identity.log"
+    assert done.returncode == 2 and "is in use by process" in log.read_text()
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: the stages beside (estimator, identity) stopped with status 2; their output "
+        f"is in {log}")
+    for stage in ("vqvae", "slots", "estimator"):  # both lanes went as far as they could
+        assert (tmp_path / stage / "ckpt.pt").exists()
+    assert not (tmp_path / "ldm").exists()
 
 
 def test_a_second_run_into_a_locked_folder_is_refused_and_the_first_finishes(tmp_path):

@@ -74,13 +74,18 @@ def require_earlier_checkpoints(cfg):
     """Refuses, in one line and before any work, a stage whose earlier stages are not trained,
     or whose published networks (--deca, --arcface) cannot be used."""
     replaced = check_pretrained(cfg)
-    frames = cfg.stage == "estimator" and cfg.data != "synthetic"  # faces found by the slots
-    for stage in PARTS[cfg.stage].requires + (("slots",) if frames else ()):
+    for stage in requirements(cfg):
         if stage in replaced:
             continue
         path = Path(cfg.out) / stage / "ckpt.pt"
         if not path.exists() and not previous_checkpoint(path).exists():
             raise missing(path, stage, cfg.out)
+
+
+def requirements(cfg):
+    """The earlier stages whose networks this stage reads."""
+    frames = cfg.stage == "estimator" and cfg.data != "synthetic"  # faces found by the slots
+    return PARTS[cfg.stage].requires + (("slots",) if frames else ())
 
 
 def replaced_parts(cfg):
