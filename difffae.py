@@ -73,6 +73,7 @@ class DiffusionConfig:
     face_weight: float = 0.0       # a: the face's latents weigh 1 + a in L_LDM (not in the paper)
     sample_steps: int = 20
     sampler: str = "dpm++2m"       # "ddim" (Song et al. 2021) or "dpm++2m" (Lu et al. 2022)
+    temperature: float = 1.0       # τ: sampling starts from z_T ~ N(0, τ²·I); 1: the paper
 
     def __post_init__(self):
         require(self.timesteps >= 2, f"DiffusionConfig.timesteps={self.timesteps}: expected >= 2")
@@ -98,6 +99,8 @@ class DiffusionConfig:
                 f"{self.prediction!r}: expected one of {', '.join(PREDICTIONS)}")
         require(self.sampler in SAMPLERS, f"DiffusionConfig.sampler={self.sampler!r}: expected "
                 f"one of {', '.join(SAMPLERS)}")
+        require(self.temperature >= 0, f"DiffusionConfig.temperature={self.temperature}: "
+                f"expected >= 0")
 
 
 # -- The coefficients of an edit (SPC, Eq. 3) and editing by numbers (not in the paper) ------------
@@ -391,14 +394,20 @@ class DiffFAE(nn.Module):
     # -- inference ---------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, cond, steps=None, sampler=None, seed=0, eta=0.0, callback=None):
-        """Latent (B, C, h, w) from z_T ~ N(0, I) (seeded) under the given conditions, by a
+        """Latent (B, C, h, w) from z_T ~ N(0, τ²·I) (seeded) under the given conditions, by a
         sampler of samplers.SAMPLERS; callback receives its dict per step plus "attn", the
-        UNet's cross-attention maps of that step."""
+        UNet's cross-attention maps of that step.
+
+        Not in the paper: the temperature τ < 1 (as Glow's reduced-temperature sampling, Kingma
+        & Dhariwal 2018) trades the variety of the samples for their fidelity to the
+        conditions; for data that is Gaussian given them, the deterministic samplers' output
+        then lies τ times as far from its mean (tests/test_difffae.py). τ = 0 starts every edit
+        from z_T = 0, the same for every seed. docs/ablations.md measures it."""
         d, sampler = self.diffusion, self.diffusion.sampler if sampler is None else sampler
         assert sampler in SAMPLERS, f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}"
         generator = torch.Generator(device=cond["f_r"].device).manual_seed(seed)
-        x_T = torch.randn(cond["f_r"].shape, generator=generator, device=cond["f_r"].device,
-                          dtype=cond["f_r"].dtype)
+        x_T = d.temperature * torch.randn(cond["f_r"].shape, generator=generator,
+                                          device=cond["f_r"].device, dtype=cond["f_r"].dtype)
         maps = {}
 
         def model_fn(x, t):

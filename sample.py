@@ -34,7 +34,7 @@ from difffae import EDIT_ATTRIBUTES
 from runtime.checkpoint import load_model
 from runtime.cli import (DEFAULT_CHECKPOINT, NUMBER_HELP, Parser, check_device, check_output,
                          check_sampling, fail, parse_edit, parse_numbers, parse_swap,
-                         read_checkpoint, run)
+                         read_checkpoint, run, set_temperature)
 from runtime.images import MAX_SIZE, ImageError, load_image, save_image
 from samplers import SAMPLERS
 
@@ -68,6 +68,10 @@ def arguments():
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 "
                         "ancestral")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    parser.add_argument("--temperature", type=float, default=None, metavar="TAU",
+                        help="scale of the initial noise: below 1 an edit keeps closer to what "
+                        "it is handed, 0 makes it the same for every seed (default: the "
+                        "model's, 1 for the bundled one)")
     parser.add_argument("--refine", type=int, default=None, metavar="N",
                         help="refine the estimator's coefficients: to its detector's landmarks if "
                         "it has one, then N steps of the photometric fit through the renderer "
@@ -120,6 +124,7 @@ def edit(args, attributes, swap_paths, numbers):
     """Loads the model and the images, edits, and writes --out (and --explain)."""
     model = read_checkpoint(load_model, args.ckpt, "--ckpt", args.device)
     check_sampling(model, args.steps, args.sampler, args.eta)
+    set_temperature(model, args.temperature)
     side = args.zoom * model.image_size * (4 if args.panel else 1)
     if side > MAX_SIZE:
         raise ValueError(f"--zoom {args.zoom}: the output would be {side} px wide; expected at "

@@ -106,6 +106,15 @@ def check_sampling(model, steps, sampler, eta=0.0):
                          f"deterministic)")
 
 
+def set_temperature(model, temperature):
+    """--temperature, if given, as the model's sampling temperature (DiffFAE.sample)."""
+    if temperature is None:
+        return
+    if not 0 <= temperature < float("inf"):
+        raise ValueError(f"--temperature {temperature}: expected a number >= 0")
+    model.diffusion.temperature = temperature
+
+
 def read_checkpoint(load, path, option, *args):
     """load(path, *args) with any problem of the file as one line naming the option and the file
     (load raises ValueError '<file>: <problem>')."""

@@ -334,6 +334,32 @@ def test_same_seed_same_edit_and_sampler_choice(ldm_stage, batch):
         model.edit(source, query, steps=3, sampler="euler")
 
 
+def test_temperature_scales_the_distance_from_the_mean_sample(ldm_stage, monkeypatch):
+    # Data Gaussian given the conditions, x_0 ~ N(μ, s²): the optimal ε is affine in z_t and
+    # the probability-flow ODE carries z_T to μ + s·(z_T − √ᾱ_T·μ)/√v_T, v_t = ᾱ_t·s² + 1 − ᾱ_t
+    model, (mu, s) = ldm_stage.model, (0.5, 0.3)
+    alphas = model.alphas_cumprod.double()
+
+    def gaussian(z, t, cond):  # E[ε | z_t] for that data
+        a = alphas[t]
+        return (1 - a).sqrt() * (z.double() - a.sqrt() * mu) / (a * s * s + 1 - a), {}
+    monkeypatch.setattr(model, "denoise", gaussian)
+    cond = {"f_r": torch.zeros(2, 4, 8, 8, dtype=torch.float64)}
+    out = {}
+    for tau in (1.0, 0.4, 0.0):
+        with diffusion_settings(model, temperature=tau):
+            out[tau] = model.sample(cond, steps=200, seed=3)
+    # affine samplers of an affine ε: the temperature scales the distance from τ = 0's output
+    torch.testing.assert_close(out[0.4] - out[0.0], 0.4 * (out[1.0] - out[0.0]), rtol=0,
+                               atol=1e-9)
+    z_T, a_T = torch.randn(cond["f_r"].shape, generator=torch.Generator().manual_seed(3),
+                           dtype=torch.float64), alphas[model.diffusion.timesteps - 1]
+    flow = mu + s * (z_T - a_T.sqrt() * mu) / (a_T * s * s + 1 - a_T).sqrt()
+    # as near as the samplers' last step allows (tests/test_samplers.py: under 0.025 at 200)
+    torch.testing.assert_close(out[1.0], flow, rtol=0, atol=0.025)
+    torch.testing.assert_close(out[0.0], torch.full_like(flow, mu), rtol=0, atol=0.025)
+
+
 def test_ldm_stage_trains_resumes_with_its_ema_and_exports(pretrained, tmp_path):
     """A run split 2 + 2 steps ends with the weights and EMA of an uninterrupted 4-step run."""
     for folder in ("whole", "split"):

@@ -94,7 +94,7 @@ from fitting.landmarks import LandmarkMesh, landmark_vertices
 from flame import FLAME, flame15_to_pose6, pose6_to_flame15
 from layers import FACE, REGION_NAMES
 from runtime.cli import (DEFAULT_CHECKPOINT, SWAPPABLE, Parser, check_device, check_output,
-                 check_sampling, fail, read_checkpoint, run)
+                 check_sampling, fail, read_checkpoint, run, set_temperature)
 from samplers import SAMPLERS
 from slots import masks_at
 from assets.synthetic import SyntheticPortraits, true_coefficients
@@ -432,6 +432,8 @@ def arguments():
     parser.add_argument("--sampler", choices=SAMPLERS, help="(default: the model's own)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 "
                         "DDPM-like (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, metavar="TAU", help="scale of the "
+                        "initial noise (default: the model's own)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the data and the noise (default: %(default)s)")
     parser.add_argument("--refine", type=int, default=None, metavar="N", help="refine the "
@@ -479,6 +481,7 @@ def load_everything(args):
         raise ValueError(f"the checkpoints work at different image sizes: {sizes}")
     for m in models.values():
         check_sampling(m, args.steps, args.sampler, args.eta)
+        set_temperature(m, args.temperature)
     model = models["difffae"]
     judge = {"estimator": networks.get("--judge-estimator", model.estimator),
              "identity": networks.get("--judge-identity", model.identity),
@@ -497,7 +500,8 @@ def report(args, results, seconds, independent):
               f"(give {' and '.join(own)})")
     refined = f", coefficients refined by {args.refine} steps" if args.refine else ""
     eta = f" (η = {args.eta:g})" if args.sampler == "ddim" else ""
-    print(f"\n{args.n} pairs, {args.sampler}{eta} {args.steps} steps{refined}, {seconds:.0f} s")
+    print(f"\n{args.n} pairs, {args.sampler}{eta} {args.steps} steps at temperature "
+          f"{args.temperature:g}{refined}, {seconds:.0f} s")
     write_json(args, {**results, "n": args.n, "independent_judge": all(independent.values())})
 
 
@@ -530,6 +534,7 @@ def clips_program(args):
         check_output(args.json, "--json")
     model = read_checkpoint(load_model, args.ckpt, "--ckpt", args.device)
     check_sampling(model, args.steps, args.sampler)
+    set_temperature(model, args.temperature)
     args.sampler = args.sampler or model.diffusion.sampler
     args.steps = args.steps or model.diffusion.sample_steps
     started = time.time()
@@ -551,6 +556,7 @@ def main(argv=None):
         diffusion = models["difffae"].diffusion  # the model's own sampling where none is given
         args.sampler = args.sampler or diffusion.sampler
         args.steps = args.steps or diffusion.sample_steps
+        args.temperature = diffusion.temperature
         if args.refine is None:
             args.refine = models["difffae"].default_refine_steps
         started = time.time()

@@ -123,7 +123,8 @@ PRESETS = {
         # reading refined through the renderer, --diffusion.render_from=refined, gave +0.8 dB
         # on the face, docs/fitting.md; v-prediction, --diffusion.prediction=v, +0.8 dB on the
         # edit; the face weighted 5x, --diffusion.face_weight=4, +1.3 dB on the face handed the
-        # exact render, docs/ablations.md; the shipped model predates all three.)
+        # exact render, and sampling at --diffusion.temperature=0, +1.4 dB on the edit,
+        # docs/ablations.md; the shipped model predates all four.)
         "ldm": {"train": {"steps": 16000, "batch_size": 8, "lr": 4e-4, "ema_decay": 0.999,
                           "eval_every": 1000, "eval_items": 64},
                 "unet": {"base_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1,
