@@ -33,8 +33,8 @@ from PIL import Image
 from difffae import EDIT_ATTRIBUTES
 from runtime.checkpoint import load_model
 from runtime.cli import (DEFAULT_CHECKPOINT, NUMBER_HELP, Parser, check_device, check_output,
-                         check_sampling, fail, parse_edit, parse_numbers, parse_swap,
-                         read_checkpoint, run, set_temperature)
+                         check_sampling, check_temperature, fail, parse_edit, parse_numbers,
+                         parse_swap, read_checkpoint, run, set_temperature)
 from runtime.images import MAX_SIZE, ImageError, load_image, save_image
 from samplers import SAMPLERS
 
@@ -99,6 +99,7 @@ def check_arguments(args):
     """Every argument that needs no model, checked before loading one; returns the edit's
     attributes, the swap images' paths and the numbers."""
     check_device(args.device)
+    check_temperature(args.temperature)
     if args.drive:
         from tools import drive  # a tool beside the edit: the clip, its smoothing, the GIF
         drive.check_options(args)

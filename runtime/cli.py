@@ -106,13 +106,16 @@ def check_sampling(model, steps, sampler, eta=0.0):
                          f"deterministic)")
 
 
+def check_temperature(temperature):
+    """--temperature: None (the model's own) or a number >= 0."""
+    if temperature is not None and not 0 <= temperature < float("inf"):
+        raise ValueError(f"--temperature {temperature}: expected a number >= 0")
+
+
 def set_temperature(model, temperature):
     """--temperature, if given, as the model's sampling temperature (DiffFAE.sample)."""
-    if temperature is None:
-        return
-    if not 0 <= temperature < float("inf"):
-        raise ValueError(f"--temperature {temperature}: expected a number >= 0")
-    model.diffusion.temperature = temperature
+    if temperature is not None:
+        model.diffusion.temperature = temperature
 
 
 def read_checkpoint(load, path, option, *args):

@@ -54,6 +54,8 @@ def test_a_damaged_checkpoint_is_one_line_and_status_2(tmp_path):
     (("--explain", "examples/src.png/deeper/x.png"), "--explain examples/src.png/deeper/x.png"),
     (("--refine", "-1"), "--refine -1: expected 0 to 1000 steps"),
     (("--refine", "100000"), "--refine 100000: expected 0 to 1000 steps"),
+    (("--temperature", "-0.5"), "--temperature -0.5: expected a number >= 0"),
+    (("--temperature", "nan"), "--temperature nan: expected a number >= 0"),
     (("--smooth", "3"), "--smooth 3.0: an option of --drive; give a clip"),
     (("--fps", "5"), "--fps 5.0: an option of --drive; give a clip"),
     (("--set", "yaw=10", "--set", "yaw=20"), "--set yaw given twice: give each number once"),

@@ -94,7 +94,7 @@ from fitting.landmarks import LandmarkMesh, landmark_vertices
 from flame import FLAME, flame15_to_pose6, pose6_to_flame15
 from layers import FACE, REGION_NAMES
 from runtime.cli import (DEFAULT_CHECKPOINT, SWAPPABLE, Parser, check_device, check_output,
-                 check_sampling, fail, read_checkpoint, run, set_temperature)
+                 check_sampling, check_temperature, fail, read_checkpoint, run, set_temperature)
 from samplers import SAMPLERS
 from slots import masks_at
 from assets.synthetic import SyntheticPortraits, true_coefficients
@@ -462,6 +462,7 @@ def load_everything(args):
         raise ValueError(f"--n {args.n}: expected at least 1 pair")
     if args.refine is not None and args.refine < 0:
         raise ValueError(f"--refine {args.refine}: expected a number of steps >= 0")
+    check_temperature(args.temperature)
     check_device(args.device)
     for path, option, suffix in ((args.json, "--json", None), (args.grid, "--grid", ".png")):
         if path:
@@ -530,6 +531,7 @@ def clips_program(args):
     if pairs_only:
         raise ValueError(f"{', '.join(pairs_only)}: for the pairs; not used with --clips")
     check_device(args.device)
+    check_temperature(args.temperature)
     if args.json:
         check_output(args.json, "--json")
     model = read_checkpoint(load_model, args.ckpt, "--ckpt", args.device)
