@@ -67,8 +67,8 @@ def arguments():
                         help="(default: the model's, dpm++2m for the bundled one)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 "
                         "ancestral")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (none "
-                        "is drawn at temperature 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (no effect "
+                        "at temperature 0)")
     parser.add_argument("--temperature", type=float, default=None, metavar="TAU",
                         help="scale of the initial noise: below 1 an edit keeps closer to what "
                         "it is handed, 0 makes it the same for every seed (default: the "
