@@ -370,6 +370,39 @@ def run_beside(lane, log, threads):
             run_stage(cfg, parts)
 
 
+def run_side_by_side(here, beside, threads):
+    """Runs `beside` in a second process while this one runs `here`, each on half the threads,
+    this one taking them all when the other is done. Ctrl-C stops both, each with a checkpoint,
+    and so does an error here; an error there is reported once the stages here are done."""
+    out = Path(beside[0][0].out)
+    make_dataset(beside[0][0], True)  # the pool, rendered once before two processes read it
+    log = out / f"{'+'.join(cfg.stage for cfg, _ in beside)}.log"
+    print(f"{', '.join(cfg.stage for cfg, _ in beside)}: in a second process beside "
+          f"{', '.join(cfg.stage for cfg, _ in here)}, {threads // 2} thread(s) each; its "
+          f"output is appended to {log}", flush=True)
+    other = multiprocessing.get_context("spawn").Process(
+        target=run_beside, args=(beside, log, threads // 2), name="beside")
+    other.start()
+    torch.set_num_threads(threads - threads // 2)
+
+    def widen():  # once the other lane is done, this one takes every thread
+        if other.exitcode is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    try:
+        for cfg, parts in here:
+            run_stage(cfg, parts, between_steps=widen)
+    except BaseException:
+        other.terminate()  # SIGTERM: it checkpoints and stops
+        raise
+    finally:
+        other.join()
+        torch.set_num_threads(threads)
+    if other.exitcode:  # negative: killed by that signal, which a shell reports as 128 + it
+        status = other.exitcode if other.exitcode > 0 else 128 - other.exitcode
+        raise Stopped(f"error: the stages beside ({', '.join(c.stage for c, _ in beside)}) "
+                      f"stopped with status {status}; their output is in {log}", status)
+
+
 def run_chain(chain):
     """Each stage of `chain` not yet finished, then the export of --export. On a CPU with two
     threads or more, in one process, the stages that do not depend on each other run side by
@@ -398,39 +431,6 @@ def run_chain(chain):
     cfg = chain[-1][0]
     if cfg.export and first_process():
         export(cfg, cfg.export)
-
-
-def run_side_by_side(here, beside, threads):
-    """Runs `beside` in a second process while this one runs `here`, each on half the threads,
-    this one taking them all when the other is done. Ctrl-C stops both, each with a checkpoint,
-    and so does an error here; an error there is reported once the stages here are done."""
-    out = Path(beside[0][0].out)
-    make_dataset(beside[0][0], True)  # the pool, rendered once before two processes read it
-    log = out / f"{'+'.join(cfg.stage for cfg, _ in beside)}.log"
-    print(f"{', '.join(cfg.stage for cfg, _ in beside)}: in a second process beside "
-          f"{', '.join(cfg.stage for cfg, _ in here)}, {threads // 2} thread(s) each; its "
-          f"output is appended to {log}", flush=True)
-    other = multiprocessing.get_context("spawn").Process(
-        target=run_beside, args=(beside, log, threads // 2), name="beside")
-    other.start()
-    torch.set_num_threads(threads - threads // 2)
-
-    def widen():  # once the other lane is done, this one takes every thread
-        if other.exitcode is not None and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-    try:
-        for cfg, parts in here:
-            run_stage(cfg, parts, between_steps=widen)
-    except BaseException:
-        other.terminate()  # SIGTERM: it checkpoints and stops
-        raise
-    finally:
-        other.join()
-        torch.set_num_threads(threads)
-    if other.exitcode:
-        raise Stopped(f"error: the stages beside ({', '.join(c.stage for c, _ in beside)}) "
-                      f"stopped with status {other.exitcode}; their output is in {log}",
-                      other.exitcode)
 
 
 @contextlib.contextmanager
