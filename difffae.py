@@ -320,12 +320,14 @@ class DiffFAE(nn.Module):
             reading = self.fit_coefficients(query, d.refine_steps, slots=fit_slots)
         else:
             reading = self.estimator(query)
-        inputs = {"z0": self.vqvae.encode(query).float(),
-                  "f_r": self.vqvae.encode(self.render(reading)[0]).float(),
+        def f_r(coefficients):  # the latent of I_R, unscaled
+            return self.vqvae.encode(self.render(coefficients)[0]).float()
+
+        inputs = {"z0": self.vqvae.encode(query).float(), "f_r": f_r(reading),
                   "id": self.identity(source)}
         if every or d.truth_fraction:
             assert coefficients is not None, "truth_fraction needs the exact coefficients"
-            inputs["f_r_truth"] = self.vqvae.encode(self.render(coefficients)[0]).float()
+            inputs["f_r_truth"] = f_r(coefficients)
         if every or d.slots_weight:
             inputs["source_z"] = self.vqvae.encode(source).float()
         return inputs

@@ -15,7 +15,8 @@ A checkpoint carries the config and every RNG state, and what step s draws depen
 One code path for one process and for torchrun (DDP: gloo on the CPU, nccl on CUDA; rank 0
 writes; `batch_size` is the total over the processes); bf16 autocast on CUDA (and on the CPU with
 `--bf16_cpu=true`). Adam (DiffFAE §5.1) after a linear warm-up, gradient clipping, and with
-`ema_decay` > 0 an exponential moving average of the weights, used for evaluation and export.
+`ema_decay` > 0 an exponential moving average of the weights (training/ema.py), used for
+evaluation and export.
 """
 import contextlib
 import dataclasses
@@ -38,6 +39,7 @@ from runtime.guard import (Guard, Stopped, folder_lock, read_stage_checkpoint, r
 from training import stages
 from training.config import ConfigError, PRETRAINED, STAGES, build_chain
 from training.datasets import make_dataset, to_device
+from training.ema import EMA
 
 
 # -- Batches: step s's depends only on (seed, rank, s) ---------------------------------------------
@@ -70,53 +72,10 @@ def make_loader(cfg, dataset, start, rank, processes):
                       generator=torch.Generator().manual_seed(cfg.seed + rank))
 
 
-# -- Checkpoints (runtime.guard writes them), resume, the EMA --------------------------------------
+# -- Checkpoints (runtime.guard writes them) and resume --------------------------------------------
 
 def checkpoint_path(cfg):
     return Path(cfg.out) / (f"{cfg.stage}-{cfg.tag}" if cfg.tag else cfg.stage) / "ckpt.pt"
-
-
-@torch.no_grad()
-def copy_into(tensors, values):
-    for name, value in values.items():
-        tensors[name].copy_(value)
-
-
-class EMA:
-    """Exponential moving average of the trained parameters (Polyak averaging, as LDM's LitEma):
-        θ_ema ← d·θ_ema + (1 − d)·θ,   d = min(decay, (1 + n)/(10 + n)) after n updates,
-    the warm-up letting early averages forget the random initialisation."""
-
-    def __init__(self, module, decay):
-        self.decay, self.updates = decay, 0
-        self.shadow = {name: p.detach().clone() for name, p in module.named_parameters()
-                       if p.requires_grad}
-
-    @torch.no_grad()
-    def update(self, module):
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for name, parameter in module.named_parameters():
-            if name in self.shadow:  # a loop over tensors, not elements
-                self.shadow[name].lerp_(parameter.detach(), 1 - decay)
-
-    def state_dict(self):
-        return {"updates": self.updates, "shadow": self.shadow}
-
-    def load_state_dict(self, state):
-        self.updates = state["updates"]
-        copy_into(self.shadow, state["shadow"])
-
-    @contextlib.contextmanager
-    def applied(self, module):
-        """Within the block the module carries the EMA weights; its own come back after."""
-        parameters = dict(module.named_parameters())
-        saved = {name: parameters[name].detach().clone() for name in self.shadow}
-        copy_into(parameters, self.shadow)
-        try:
-            yield module
-        finally:
-            copy_into(parameters, saved)
 
 
 def check_resume(config, saved, path, master):
