@@ -39,6 +39,8 @@ from runtime.images import MAX_SIZE, ImageError, load_image, save_image
 from samplers import SAMPLERS
 
 MAX_REFINE = 1000  # steps of the fit; it settles within 300 (docs/fitting.md)
+
+
 def zoom(image, factor):
     """Nearest-neighbour enlargement of a (3, H, W) image, for looking at 64 px results."""
     if factor == 1:

@@ -114,7 +114,8 @@ def test_program_scores_every_table_against_its_definition(exported, pretrained,
                  "not an independent judge (give --judge-identity)"):
         assert line in printed, line
     from PIL import Image
-    assert Image.open(tmp_path / "grid.png").size == (9 * SIZE, 2 * SIZE)
+    assert Image.open(tmp_path / "grid.png").size == (10 * SIZE * evaluate.GRID_ZOOM,
+                                                      2 * SIZE * evaluate.GRID_ZOOM)
 
 
 def check_methods(methods, model, items, pretrained):

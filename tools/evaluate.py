@@ -65,8 +65,9 @@ Slots. IoU of the slot masks on the sources with the true regions (metrics.slot_
 (slots assigned to regions once for the set) and fixed (slot k = region k, the binding the
 method uses), for each model's region encoder and a slots-stage checkpoint (`--slots-ckpt`).
 
-With --grid PNG it also writes a picture: source | query | I_R | DiffFAE | ground truth, then
-the source with the hair, clothes and background of the next item ("other").
+With --grid PNG it also writes a picture: source | query | I_R | DiffFAE | DiffFAE handed the
+exact I_R (exact_render) | ground truth, then the source with the hair, clothes and background of
+the next item ("other").
 
 Clips. `--clips K` scores K synthetic driving clips instead (SyntheticPortraits.clip: person B
 moving, the target A in each of B's frames), each driven by drive.drive in these ways:
@@ -100,7 +101,8 @@ from slots import masks_at
 from assets.synthetic import SyntheticPortraits, true_coefficients
 
 CHUNK = 50       # pairs per batch
-GRID_ROWS = 6
+GRID_ROWS = 8
+GRID_ZOOM = 2    # the grid's enlargement (nearest): an eye is two or three pixels at 64 px
 MEDIANS = ("face_detail_ratio", "face_detail_correlation")  # reported as medians over images
 # the pose error's spread: (metric, quantile over the images)
 POSE_QUANTILES = {"pose_deg_median": 0.5, "pose_deg_p90": 0.9, "pose_deg_max": 1.0}
@@ -334,14 +336,19 @@ def picture(model, path, steps, sampler, seed, device):
     source, other = batch["source"][:GRID_ROWS], batch["source"][1:GRID_ROWS + 1]
     query = batch["query"][:GRID_ROWS]
     edited = model.edit(source, query, steps=steps, sampler=sampler, seed=seed)
-    columns = [source, query, edited["render"], edited["image"], batch["target"][:GRID_ROWS],
-               other]
+    exact = combine_coefficients(true_coefficients(batch, "source"),
+                                 true_coefficients(batch, "query"))
+    cond = model.conditions(source, model.render(exact)[0][:GRID_ROWS])
+    handed = model.decode_latent(model.sample(cond, steps=steps, sampler=sampler, seed=seed))
+    columns = [source, query, edited["render"], edited["image"], handed,
+               batch["target"][:GRID_ROWS], other]
     for region in SWAPPABLE:
         swapped = model.edit(source, swap={region: other}, steps=steps, sampler=sampler,
                              seed=seed)
         columns.append(swapped["image"])
-    rows = [torch.cat(list(images), dim=2) for images in zip(*columns)]  # (3, H, 9·W) each
-    save_image(torch.cat(rows, dim=1), path)
+    rows = [torch.cat(list(images), dim=2) for images in zip(*columns)]  # (3, H, 10·W) each
+    grid = torch.cat(rows, dim=1)[None]
+    save_image(torch.nn.functional.interpolate(grid, scale_factor=GRID_ZOOM)[0], path)
 
 
 @torch.no_grad()
