@@ -14,11 +14,13 @@ Objective (§4.3, Eq. 1, 7, 8; every step in DiffFAE.loss), with z_0 the scaled 
     L = ‖ε − ε̂‖² + δ·‖A_cross − M_Q‖²,   δ = 0.1
 Not in the paper, each an option measured in docs/ablations.md: Min-SNR weights (Hang et al.
 2023) with a floor on the x̂_0 weight (min_snr_gamma, snr_floor); the UNet predicting v
-(Salimans & Ho 2022) or x̂_0 instead of ε (prediction); a share `truth_fraction` of the pairs
-taking I_R from the exact coefficients (synthetic data), so that the UNet learns that I_R can
-be trusted; and `slots_weight` keeping the slots stage's loss on, so that slot k stays the token
-of region k (trained by L alone, the slot called "background" took the face, and the region
-swaps went with it).
+(Salimans & Ho 2022) or x̂_0 instead of ε (prediction); the face's latents weighing more in
+L_LDM (face_weight); a share `truth_fraction` of the pairs taking I_R from the exact
+coefficients (synthetic data), so that the UNet learns that I_R can be trusted, and the others
+from the estimator's reading refined through the renderer (render_from); `slots_weight` keeping
+the slots stage's loss on, so that slot k stays the token of region k (trained by L alone, the
+slot called "background" took the face, and the region swaps went with it); and sampling from
+a colder first noise (temperature).
 A_cross: the UNet's cross-attention maps per slot token, averaged over heads and layers; M_Q: the
 slot-attention masks of the query (detached: the target of the consistency term, not a second
 route for the masks to drift towards the attention).
@@ -369,7 +371,8 @@ class DiffFAE(nn.Module):
         # 5. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖², weighted by w_t
         #    (samplers.loss_weight). Not in the paper: v or x̂_0 predicted (d.prediction; v: +0.8
         #    dB on the edit), Min-SNR's x̂_0 weight clamp(SNR_t, floor, γ) for γ > 0, and a mean
-        #    over the latent weighted by ω = 1 + a·M_Q[face] (face_weight a; docs/ablations.md)
+        #    over the latent weighted by ω = 1 + a·M_Q[face] (face_weight a; a = 4: +0.7 dB on
+        #    the face handed the exact render, sampled from z_T = 0; docs/ablations.md)
         with torch.no_grad():  # M_Q, the query's slot masks (B, K, h', w'): fixed, as in step 6
             query_masks = self.slots(query)["masks"]
         eps, attn = self.denoise(z_t, t, cond)

@@ -32,7 +32,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
 SMALL = [f"--image_size={SIZE}", "--batch_size=2", "--pool=8", "--identities=4",
          "--eval_items=4", "--log_every=1", "--warmup=1", "--diffusion.sample_steps=2",
-         "--diffusion.render_from=estimated"]  # the paper's I_R; "refined" has tests of its own
+         # the paper's I_R, ε-prediction, plain loss and first noise; the preset's choices
+         # (render_from "refined", v, the face weight, τ = 0) have tests of their own
+         "--diffusion.render_from=estimated", "--diffusion.prediction=eps",
+         "--diffusion.face_weight=0", "--diffusion.temperature=1"]
 
 
 @pytest.fixture(scope="module")
