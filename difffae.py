@@ -425,8 +425,20 @@ class DiffFAE(nn.Module):
                                  generator)
 
     @torch.no_grad()
+    def read(self, source, query=None, refine_steps=None, losses=None):
+        """[the source's coefficients, the query's (None without a query)] as an edit uses
+        them: the estimator's reading refined by refine_steps of fit_coefficients (0: the
+        reading, as in the paper; None: the model's default_refine_steps), the source and the
+        query fitted together (half the steps' overhead; each image's fit is its own).
+        `losses` as fit_coefficients'."""
+        images = source if query is None else torch.cat([source, query])
+        fitted, n = self.fit_coefficients(images, refine_steps, losses), len(source)
+        return [{k: v[:n] for k, v in fitted.items()},
+                None if query is None else {k: v[n:] for k, v in fitted.items()}]
+
     def edit(self, source, query=None, edit=EDIT_ATTRIBUTES, swap=None, numbers=None,
-             steps=None, sampler=None, seed=0, eta=0.0, refine_steps=None, trace=None):
+             steps=None, sampler=None, seed=0, eta=0.0, refine_steps=None, readings=None,
+             trace=None):
         """The source person (B, 3, H, W in [-1, 1]) with the query's pose / expression /
         lighting, any subset of EDIT_ATTRIBUTES (those not edited keep the source's).
 
@@ -434,8 +446,9 @@ class DiffFAE(nn.Module):
         tokens by the other image's (expandable editing, App. G). numbers: explicit coefficient
         values applied last (editing.set_numbers); with no query, only numbers change the
         source. refine_steps: the coefficients of the source and the query are refined by that
-        many steps of fit_coefficients (0: the estimator's reading, as in the paper; None: the
-        model's default_refine_steps). trace: a dict that receives the edit's own tensors, for
+        many steps of fit_coefficients (DiffFAE.read); readings: what read gave for this source
+        and query, when the caller has it (one pair edited several ways reads it once).
+        trace: a dict that receives the edit's own tensors, for
         explain.figure to draw: "cond",
         "estimates" (as used), "fit_losses" (the photometric loss before each fitting step and
         after the last), "unrefined_render" (I_R from the estimator alone; None without
@@ -443,14 +456,9 @@ class DiffFAE(nn.Module):
         Returns {"image", "render" (I_R), "mask", "coefficients"}.
         """
         refine_steps = self.default_refine_steps if refine_steps is None else refine_steps
-        readings = [self.estimator(source), None if query is None else self.estimator(query)]
-        estimates, losses = readings, None if trace is None else []
-        if refine_steps:  # source and query fitted together: half the steps' overhead
-            images = source if query is None else torch.cat([source, query])
-            fitted = self.fit_coefficients(images, refine_steps, losses)
-            n = len(source)
-            estimates = [{k: v[:n] for k, v in fitted.items()},
-                         None if query is None else {k: v[n:] for k, v in fitted.items()}]
+        losses = None if trace is None else []  # stays empty without refinement
+        estimates = readings if readings is not None else self.read(
+            source, query, refine_steps, losses if refine_steps else None)
         coefficients = edit_coefficients(*estimates, edit, numbers)
         rendered, mask = self.render(coefficients)
         cond = self.swap_slots(self.conditions(source, rendered), swap)
@@ -458,7 +466,8 @@ class DiffFAE(nn.Module):
         if trace is not None:  # "steps" fills as the sampler steps
             unrefined = None
             if refine_steps:  # I_R as the estimator alone would have drawn it
-                unrefined = self.render(edit_coefficients(*readings, edit, numbers))[0]
+                unrefined = self.render(edit_coefficients(*self.read(source, query, 0), edit,
+                                                          numbers))[0]
             trace.update(cond=cond, estimates=estimates, fit_losses=losses,
                          unrefined_render=unrefined, steps=[], sampler=sampler)
             callback = trace["steps"].append

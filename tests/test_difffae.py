@@ -337,6 +337,23 @@ def test_same_seed_same_edit_and_sampler_choice(ldm_stage, batch):
         model.edit(source, query, steps=3, sampler="euler")
 
 
+def test_an_edit_handed_its_readings_is_the_same_edit(ldm_stage, batch):
+    """DiffFAE.read once, then edits handed its result (as evaluate.py edits a pair several
+    ways): the same images as edits that read for themselves, with and without the query.
+    Without one, the edit fits the source alone, yet each image's fit is its own (up to the
+    rounding of batched kernels: a few 1e-5 on a few edge pixels)."""
+    model, source, query = ldm_stage.model.eval(), batch["source"], batch["query"]
+    readings = model.read(source, query, refine_steps=2)
+    for other, given in ((query, readings), (None, [readings[0], None])):
+        read_itself = model.edit(source, other, steps=2, refine_steps=2)
+        handed = model.edit(source, other, steps=2, refine_steps=2, readings=given)
+        for key in ("image", "render"):
+            torch.testing.assert_close(handed[key], read_itself[key], atol=1e-3, rtol=0)
+    refined = model.edit(source, query, steps=2, readings=readings)["render"]
+    unread = model.edit(source, query, steps=2, refine_steps=0)["render"]
+    assert not torch.allclose(unread, refined, atol=1e-3)  # the fit moved I_R
+
+
 def test_temperature_scales_the_distance_from_the_mean_sample(ldm_stage, monkeypatch):
     # Data Gaussian given the conditions, x_0 ~ N(μ, s²): the optimal ε is affine in z_t and
     # the probability-flow ODE carries z_T to μ + s·(z_T − √ᾱ_T·μ)/√v_T, v_t = ᾱ_t·s² + 1 − ᾱ_t

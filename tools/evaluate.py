@@ -218,7 +218,9 @@ def score_pairs(totals, model, judge, batch, targets, run, row="difffae", extra_
     known = {image: true_coefficients(batch, image) for image in ("source", "query")}
     exact = combine_coefficients(known["source"], known["query"])  # Eq. 3, exactly
     target, regions = batch["target"], batch["target_regions"]
-    edited = model.edit(source, query, **run)
+    readings = model.read(source, query, run["refine_steps"])  # once, for every edit below
+    alone = [readings[0], None]  # the source's, for the edits without a query
+    edited = model.edit(source, query, readings=readings, **run)
     rows = {row: edited["image"]}
     if extra_rows:
         sampling = {key: value for key, value in run.items() if key != "refine_steps"}
@@ -246,15 +248,15 @@ def score_pairs(totals, model, judge, batch, targets, run, row="difffae", extra_
     if not extra_rows:
         return
     # the source alone: scored against itself, and the "no swap" of the swap table
-    itself = model.edit(source, **run)["image"]
+    itself = model.edit(source, readings=alone, **run)["image"]
     add(totals, ("methods", "self_reconstruction"), {
         **image_scores(itself, source, source_regions),
         **judge_scores(judge, itself, source_regions, known["source"], source, source_regions)})
     for attribute in EDIT_ATTRIBUTES:
         mix = targets[f"attribute {attribute}"]
         truth = combine_coefficients(known["source"], known["query"], (attribute,))
-        outputs = {"difffae": model.edit(source, query, edit=(attribute,), **run)["image"],
-                   "copy_source": source}
+        outputs = {"difffae": model.edit(source, query, edit=(attribute,), readings=readings,
+                                         **run)["image"], "copy_source": source}
         for name, output in outputs.items():
             add(totals, ("single_attribute", attribute, name), {
                 **image_scores(output, mix["image"], mix["regions"]),
@@ -263,7 +265,7 @@ def score_pairs(totals, model, judge, batch, targets, run, row="difffae", extra_
     for region in SWAPPABLE:
         mix = targets[f"swap {region}"]
         inside = (mix["regions"] == REGION_NAMES.index(region))[:, None]  # (B, 1, H, W)
-        swapped = model.edit(source, swap={region: query}, **run)["image"]
+        swapped = model.edit(source, swap={region: query}, readings=alone, **run)["image"]
         add(totals, ("swaps", region), {
             "psnr_region_swap": metrics.psnr(swapped, mix["image"], mask=inside),
             "psnr_region_no_swap": metrics.psnr(itself, mix["image"], mask=inside),
@@ -335,7 +337,8 @@ def picture(model, path, steps, sampler, seed, device):
     batch = to_device(default_collate(data.__getitems__(range(GRID_ROWS + 1))), device)
     source, other = batch["source"][:GRID_ROWS], batch["source"][1:GRID_ROWS + 1]
     query = batch["query"][:GRID_ROWS]
-    edited = model.edit(source, query, steps=steps, sampler=sampler, seed=seed)
+    readings = model.read(source, query)
+    edited = model.edit(source, query, steps=steps, sampler=sampler, seed=seed, readings=readings)
     exact = combine_coefficients(true_coefficients(batch, "source"),
                                  true_coefficients(batch, "query"))
     cond = model.conditions(source, model.render(exact)[0][:GRID_ROWS])
@@ -344,7 +347,7 @@ def picture(model, path, steps, sampler, seed, device):
                batch["target"][:GRID_ROWS], other]
     for region in SWAPPABLE:
         swapped = model.edit(source, swap={region: other}, steps=steps, sampler=sampler,
-                             seed=seed)
+                             seed=seed, readings=[readings[0], None])
         columns.append(swapped["image"])
     rows = [torch.cat(list(images), dim=2) for images in zip(*columns)]  # (3, H, 10·W) each
     grid = torch.cat(rows, dim=1)[None]
