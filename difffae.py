@@ -369,10 +369,9 @@ class DiffFAE(nn.Module):
             f_r = torch.where(exact, frozen["f_r_truth"], f_r)
         cond = {**regions, "f_r": f_r * scale, "id": frozen["id"]}  # f_id: AdaIN, Eq. 4-5
         # 5. ε-prediction (Eq. 1): L_LDM = ‖ε − ε_θ([z_t ; f_r], t, F, f_id)‖², weighted by w_t
-        #    (samplers.loss_weight). Not in the paper: v or x̂_0 predicted (d.prediction; v: +0.8
-        #    dB on the edit), Min-SNR's x̂_0 weight clamp(SNR_t, floor, γ) for γ > 0, and a mean
-        #    over the latent weighted by ω = 1 + a·M_Q[face] (face_weight a; a = 4: +0.7 dB on
-        #    the face handed the exact render, sampled from z_T = 0; docs/ablations.md)
+        #    (samplers.loss_weight). Not in the paper (docs/ablations.md): v or x̂_0 predicted
+        #    (v: +0.8 dB on the edit), Min-SNR's x̂_0 weight clamp(SNR_t, floor, γ) for γ > 0, a
+        #    mean weighted by ω = 1 + a·M_Q[face] (a = 4: +0.7 dB on the exact-render face)
         with torch.no_grad():  # M_Q, the query's slot masks (B, K, h', w'): fixed, as in step 6
             query_masks = self.slots(query)["masks"]
         eps, attn = self.denoise(z_t, t, cond)

@@ -219,7 +219,6 @@ def score_pairs(totals, model, judge, batch, targets, run, row="difffae", extra_
     exact = combine_coefficients(known["source"], known["query"])  # Eq. 3, exactly
     target, regions = batch["target"], batch["target_regions"]
     readings = model.read(source, query, run["refine_steps"])  # once, for every edit below
-    alone = [readings[0], None]  # the source's, for the edits without a query
     edited = model.edit(source, query, readings=readings, **run)
     rows = {row: edited["image"]}
     if extra_rows:
@@ -247,7 +246,7 @@ def score_pairs(totals, model, judge, batch, targets, run, row="difffae", extra_
             judge, output, regions, exact, source, source_regions)})
     if not extra_rows:
         return
-    # the source alone: scored against itself, and the "no swap" of the swap table
+    alone = readings[:1] + [None]  # the source alone: scored against itself, the swaps' "no swap"
     itself = model.edit(source, readings=alone, **run)["image"]
     add(totals, ("methods", "self_reconstruction"), {
         **image_scores(itself, source, source_regions),
