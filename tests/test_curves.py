@@ -17,6 +17,15 @@ def test_to_pixels_maps_the_ranges_onto_the_box():
     assert curves.to_pixels([0, 50, 100], [1.0, 3.0, 2.0], box) == [
         (10, 70), (60, 20), (110, 45)]
     assert curves.to_pixels([7], [5.0], box) == [(60, 45)]  # one point: the middle
+    assert curves.to_pixels([0, 100], [1.0, 2.0], box, limits=(0.0, 4.0)) == [
+        (10, 57.5), (110, 45)]
+
+
+def test_a_flat_curve_gets_the_least_axis_a_steep_one_its_own_range():
+    assert curves.axis_range("psnr_face", [17.9, 18.1]) == pytest.approx((17.0, 19.0))
+    assert curves.axis_range("face_detail_ratio", [0.45, 0.51]) == pytest.approx((0.38, 0.58))
+    assert curves.axis_range("psnr", [15.0, 17.0, 16.0]) == (15.0, 17.0)  # already 2 dB
+    assert curves.axis_range("miou", [0.2, 0.9]) == (0.2, 0.9)
 
 
 def test_read_evaluations_keeps_the_last_line_of_a_step_and_filters_by_every(tmp_path):
@@ -33,15 +42,16 @@ def test_read_evaluations_keeps_the_last_line_of_a_step_and_filters_by_every(tmp
 
 
 def test_the_points_are_drawn_where_to_pixels_puts_them():
-    evaluations = [(1000, {"a": 1.0, "b": 5.0}), (2000, {"a": 4.0, "b": 2.0}),
-                   (3000, {"a": 2.0, "b": 3.0})]
+    evaluations = [(1000, {"a": 1.0, "b": 0.50}), (2000, {"a": 4.0, "b": 0.52}),
+                   (3000, {"a": 2.0, "b": 0.51})]  # b is flat: its axis is widened
     image = curves.figure(evaluations, ["a", "b"])
     assert image.size == (2 * curves.PANEL[0], curves.PANEL[1])
     box = (curves.MARGIN[0], curves.MARGIN[1], curves.PANEL[0] - curves.MARGIN[2],
            curves.PANEL[1] - curves.MARGIN[3])
     for index, metric in enumerate("ab"):
         values = [result[metric] for _, result in evaluations]
-        for x, y in curves.to_pixels([1000, 2000, 3000], values, box):
+        limits = curves.axis_range(metric, values)
+        for x, y in curves.to_pixels([1000, 2000, 3000], values, box, limits):
             assert image.getpixel((round(x) + index * curves.PANEL[0], round(y))) == curves.LINE
 
 

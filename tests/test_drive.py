@@ -101,13 +101,14 @@ def test_a_bad_clip_is_one_line_naming_it_before_any_sampling(make, message, tmp
 
 
 def test_a_clip_frame_is_the_still_edit_of_that_frame(model, examples):
-    """The same frame twice gives the same output, and that output is DiffFAE.edit's: the
-    source's conditions computed once and the shared noise change nothing. (The edit fits the
-    source beside the query, the clip each frame alone: the same fits but for the rounding of
-    batched kernels.)"""
+    """The same frame twice gives the same output, and that output is DiffFAE.edit's given the
+    same readings: the source's conditions computed once and the shared noise change nothing.
+    (The clip fits each frame alone, where an edit fits the query beside the source: the fit
+    amplifies the batched kernels' rounding, so those readings differ, docs/driving.md.)"""
     frames = torch.cat([examples["qry"], examples["other"], examples["qry"]])
     steady = drive.drive(model, examples["src"], frames, steps=STEPS)
-    still = model.edit(examples["src"], examples["qry"], steps=STEPS)
+    readings = [model.fit_coefficients(examples[name]) for name in ("src", "qry")]
+    still = model.edit(examples["src"], examples["qry"], steps=STEPS, readings=readings)
     assert torch.equal(steady["image"][0], steady["image"][2])
     torch.testing.assert_close(steady["image"][0], still["image"][0], atol=1e-3, rtol=0)
     torch.testing.assert_close(steady["render"][2], still["render"][0], atol=1e-3, rtol=0)
@@ -184,16 +185,18 @@ def test_sample_drive_writes_the_gif_and_the_frames(model, examples, tmp_path, c
     out, folder = tmp_path / "out.gif", tmp_path / "frames"
     sample.main([os.path.join(ROOT, "examples", "src.png"), "--drive", str(tmp_path / "clip.gif"),
                  "--out", str(out), "--frames", str(folder), "--steps", str(STEPS), "--panel",
-                 "--smooth", "0"])
+                 "--smooth", "0", "--temperature", "1"])  # as the model fixture samples
     assert "3 frames" in capsys.readouterr().out
     with Image.open(out) as opened:
         assert opened.size == (4 * model.image_size, model.image_size)
         assert opened.n_frames == 3
     written = drive.read_clip(folder, model.image_size)  # an output folder drives again
     assert written.shape[0] == 3 and torch.equal(written[0], written[2])
-    # the result column of the first PNG is the still edit of the GIF's first frame, to 8 bits
+    # the result column of the first PNG is the still edit of the GIF's first frame, to 8 bits,
+    # each image fitted alone as the clip's are
     query = drive.read_clip(tmp_path / "clip.gif", model.image_size)[:1]
-    still = model.edit(examples["src"], query, steps=STEPS)["image"][0]  # (3, S, S)
+    readings = [model.fit_coefficients(image) for image in (examples["src"], query)]
+    still = model.edit(examples["src"], query, steps=STEPS, readings=readings)["image"][0]
     with Image.open(folder / "0000000.png") as opened:
         panel = torch.from_numpy(np.array(opened.convert("RGB"))).permute(2, 0, 1)  # (3, S, 4S)
     result = panel[:, :, 3 * model.image_size:].float() / 127.5 - 1

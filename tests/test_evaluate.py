@@ -258,13 +258,15 @@ def test_help_shows_the_defaults():
 
 
 def test_clips_are_scored_against_their_definitions(tmp_path, capsys):
-    """evaluate.py --clips with the bundled model, its rows recomputed from the definitions."""
+    """evaluate.py --clips with the bundled model, its rows recomputed from the definitions. It
+    samples from noise (τ = 1) here: from the bundle's z_T = 0 every seed is the same."""
     path = tmp_path / "clips.json"
     run_main(capsys, "--clips", 1, "--clip-frames", 3, "--steps", 2, "--smooth", 1,
-             "--json", path)
+             "--temperature", 1, "--json", path)
     rows = json.loads(path.read_text())["clips"]
     assert set(rows) == {"independent_seeds", "same_noise", "same_noise_smooth_1", "copy_source"}
     model = load_model(evaluate.DEFAULT_CHECKPOINT)
+    model.diffusion.temperature = 1.0
     clip = SyntheticPortraits(model.image_size, "test", length=1).clip(0, 3)
     source, target = clip["source"][None], clip["target"]
     still = rows["copy_source"]  # a still output: flicker = mean |Δ target|

@@ -142,8 +142,10 @@ def expected(image, side):
 
 def test_the_layout_holds_with_and_without_swaps(model, images, edits):
     side = 128  # 64 px images enlarged twice
-    line = explain.CAPTION + side + explain.GAP  # rows 1, 2 and 4 have one line, row 3 four
-    tops = [0, explain.TITLE + line, 2 * (explain.TITLE + line), 3 * explain.TITLE + 6 * line]
+    line = explain.CAPTION + side + explain.GAP  # rows 2 and 4 have one line, row 3 four
+    first = 2 if model.default_refine_steps else 1  # row 1: a second line for the fit
+    tops = [0, explain.TITLE + first * line, 2 * explain.TITLE + (first + 1) * line,
+            3 * explain.TITLE + (first + 5) * line]
     figures = {}
     for name, (arguments, trace, result) in edits.items():
         figure = explain.figure(model, trace, result, images["src"], **arguments)
@@ -153,6 +155,9 @@ def test_the_layout_holds_with_and_without_swaps(model, images, edits):
         assert torch.equal(panel(figure, tops[0], 0, 0, side), expected(images["src"][0], side))
         assert torch.equal(panel(figure, tops[0], 2, 0, side),
                            expected(result["render"][0], side))
+        if first == 2:  # I_R of the estimator alone, under the refined one
+            assert torch.equal(panel(figure, tops[0], 2, 1, side),
+                               expected(trace["unrefined_render"][0], side))
         assert torch.equal(panel(figure, tops[3], 6, 0, side), expected(result["image"][0], side))
         seen = explain.explanation(model, trace, arguments.get("query"))
         for line_number, attention in enumerate(seen["attention"].values()):  # "all" panels

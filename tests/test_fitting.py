@@ -102,14 +102,19 @@ def test_the_model_refines_its_own_reading():
     losses = []
     model.fit_coefficients(query, steps=5, losses=losses)
     assert len(losses) == 6 and losses[-1] < losses[0]
+    # the bundle was trained on refined renders: its edits refine as many steps by default
+    assert model.diffusion.render_from == "refined"
+    assert model.default_refine_steps == model.diffusion.refine_steps > 0
     plain = model.edit(source, query, steps=2)
-    same = model.edit(source, query, steps=2, refine_steps=0)
+    same = model.edit(source, query, steps=2, refine_steps=model.diffusion.refine_steps)
     assert torch.equal(plain["image"], same["image"])
-    trace = {}
+    raw_trace, trace = {}, {}
+    raw = model.edit(source, query, steps=2, refine_steps=0, trace=raw_trace)
+    assert raw_trace["unrefined_render"] is None and raw_trace["fit_losses"] == []
+    assert not torch.equal(raw["coefficients"]["pose"], plain["coefficients"]["pose"])
     refined = model.edit(source, query, steps=2, refine_steps=3, trace=trace)
-    assert not torch.equal(refined["coefficients"]["pose"], plain["coefficients"]["pose"])
-    # the trace holds I_R as the estimator alone drew it: the plain edit's
-    assert torch.equal(trace["unrefined_render"], plain["render"])
+    # the trace holds I_R as the estimator alone drew it: the unrefined edit's
+    assert torch.equal(trace["unrefined_render"], raw["render"])
     assert len(trace["fit_losses"]) == 4
     plain_figure = explain.figure(model, {**trace, "unrefined_render": None}, refined, source,
                                   query)

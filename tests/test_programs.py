@@ -15,8 +15,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def program(*args, **kwargs):
+    """sample.py as a process. Its Ctrl-C is restored to the default even where the tests run
+    with SIGINT ignored (a shell's background job: its children inherit the ignoring, and Python
+    then leaves KeyboardInterrupt off)."""
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), *map(str, args)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             **kwargs)
 
 

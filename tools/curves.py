@@ -2,11 +2,12 @@
 
 Every stage writes its held-out evaluation into its log.jsonl every `eval_every` steps (train.py),
 one line {"step": s, "eval": {metric: value}}. This draws the chosen metrics against the step,
-one panel each, side by side: the values as dots joined by lines, the first and last labelled,
-the vertical axis from the least value to the greatest. `--every N` keeps only the evaluations
-at multiples of N steps. The ldm stage's metrics (training/stages.py): psnr and psnr_face of
-its edits, face_detail_ratio and face_detail_correlation, and x0_follows_f_r_t<t>, how far
-x̂_0 at step t follows the render I_R.
+one panel each, side by side: the values as dots joined by lines, the first and last labelled.
+The vertical axis runs from the least value to the greatest, widened about its middle to at least
+2 dB for a PSNR and 0.2 for any other metric, so that a flat curve's noise draws as noise and
+not as a trend. `--every N` keeps only the evaluations at multiples of N steps. The ldm stage's
+metrics (training/stages.py): psnr and psnr_face of its edits, face_detail_ratio and
+face_detail_correlation, and x0_follows_f_r_t<t>, how far x̂_0 at step t follows the render I_R.
 """
 import json
 from pathlib import Path
@@ -17,7 +18,8 @@ from runtime.cli import Parser, check_output, fail, run
 
 PANEL = (260, 170)  # px of one panel
 MARGIN = (44, 26, 12, 24)  # px of a panel left, top, right, bottom of its plot box
-DEFAULT_METRICS = ("psnr_face", "face_detail_ratio", "face_detail_correlation",
+MIN_SPAN_DB, MIN_SPAN = 2.0, 0.2  # the least height of a panel's axis: a PSNR's, any other's
+DEFAULT_METRICS = ("psnr", "psnr_face", "face_detail_ratio", "face_detail_correlation",
                    "x0_follows_f_r_t400")
 INK, PAPER, GRID, LINE = (20, 20, 20), (255, 255, 255), (225, 225, 225), (200, 70, 20)
 
@@ -36,31 +38,43 @@ def read_evaluations(path, every=0):
     return sorted(evaluations.items())
 
 
-def to_pixels(steps, values, box):
-    """(x, y) of each (step, value) in box = (left, top, right, bottom): the first step at the
-    left edge, the last at the right, the least value at the bottom, the greatest at the top (a
-    single step or a constant value in the middle)."""
-    left, top, right, bottom = box
+def axis_range(metric, values):
+    """(low, high) of a panel's vertical axis: the values' range, widened about its middle to
+    MIN_SPAN_DB for a PSNR (a metric named psnr...) and to MIN_SPAN for any other."""
+    low, high = min(values), max(values)
+    span = MIN_SPAN_DB if metric.startswith("psnr") else MIN_SPAN
+    middle = (low + high) / 2
+    return min(low, middle - span / 2), max(high, middle + span / 2)
 
-    def scale(value, low, high, start, end):
-        return (start + end) / 2 if high == low else start + (value - low) / (high - low) * (
-            end - start)
+
+def to_pixels(steps, values, box, limits=None):
+    """(x, y) of each (step, value) in box = (left, top, right, bottom): the first step at the
+    left edge, the last at the right, limits = (low, high) of the values at the bottom and the
+    top (by default the least value and the greatest; a single step or a constant value in the
+    middle)."""
+    left, top, right, bottom = box
+    low, high = limits or (min(values), max(values))
+
+    def scale(value, least, most, start, end):
+        return (start + end) / 2 if most == least else start + (value - least) / (
+            most - least) * (end - start)
     return [(scale(s, min(steps), max(steps), left, right),
-             scale(v, min(values), max(values), bottom, top)) for s, v in zip(steps, values)]
+             scale(v, low, high, bottom, top)) for s, v in zip(steps, values)]
 
 
 def panel(metric, steps, values):
-    """One metric's curve, titled, with its range and first and last steps marked."""
+    """One metric's curve, titled, with its axis' ends and first and last steps marked."""
     image = Image.new("RGB", PANEL, PAPER)
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
     box = (MARGIN[0], MARGIN[1], PANEL[0] - MARGIN[2], PANEL[1] - MARGIN[3])
     draw.rectangle(box, outline=GRID)
     draw.text((MARGIN[0], 6), metric, fill=INK, font=font)
-    for value, y in ((max(values), box[1]), (min(values), box[3])):
+    low, high = axis_range(metric, values)
+    for value, y in ((high, box[1]), (low, box[3])):
         draw.text((4, y - 6), f"{value:.3g}", fill=INK, font=font)
     for step, x, anchor in ((steps[0], box[0], "la"), (steps[-1], box[2], "ra")):
         draw.text((x, box[3] + 5), f"{step:,}", fill=INK, font=font, anchor=anchor)
-    points = to_pixels(steps, values, box)
+    points = to_pixels(steps, values, box, (low, high))
     if len(points) > 1:
         draw.line(points, fill=LINE, width=2)
     for x, y in points:

@@ -9,7 +9,8 @@ Rows of `figure`, top to bottom:
    latent of I_R that the UNet is given (DiffFAE.encode_latent), read back through the decoder |
    the coefficients estimated on the source and on the query, and those the edit used.
    When the edit refined its coefficients (`--refine N`, fitting.fit.refine), a second line shows
-   I_R as the estimator alone drew it, beside the photometric loss before and after the fit.
+   I_R as the estimator alone drew it, beside the photometric loss before and after the fit's
+   photometric steps (after its landmark steps, when the estimator has a detector).
 2. Regions, RSC (§4.2, Eq. 6): the source's slot masks M_k (slots.RegionSlots), each over the
    source in its region's colour | their argmax | the query's masks M_Q | the image each token
    came from (a region swap, App. G, takes a token from another image).
@@ -106,7 +107,7 @@ def explanation(model, trace, query=None):
     """The maps and images the figure draws, from a trace that DiffFAE.edit filled: {"masks"
     (B, K, h, w) the source's, "query_masks" M_Q or None, "attention" {step: A_cross (B, K, h,
     w)}, "timesteps", "x0" {step: decoded x̂_0 (B, 3, H, W)} at the steps of the trajectory and
-    the attention, "f_r" decoded (B, 3, H, W)}.
+    the attention, "f_r" decoded (B, 3, H, W), "detector": whether a fit starts from landmarks}.
     Masks and maps are softmaxes over the K tokens: each sums to 1 at every pixel."""
     cond, steps = trace["cond"], trace["steps"]  # steps: the sampler's dict of each step
     size = cond["masks"].shape[-2:]  # Eq. 7 compares A_cross and M_Q at the masks' size
@@ -119,7 +120,8 @@ def explanation(model, trace, query=None):
             "timesteps": [step["t"] for step in steps],
             "x0": {i: model.decode_latent(step["x0"]) for i, step in enumerate(steps)
                    if i in shown},
-            "f_r": model.decode_latent(cond["f_r"])}
+            "f_r": model.decode_latent(cond["f_r"]),
+            "detector": model.estimator.landmarks is not None}
 
 
 # -- Drawing ---------------------------------------------------------------------------------------
@@ -213,6 +215,7 @@ def _physical_row(sheet, seen, trace, result, source, query, edit, numbers, item
     if unrefined is not None:  # the refinement through the renderer (fitting.fit.refine)
         cells += [((2, 1), "I_R, estimator alone", unrefined[item]),
                   ((3, 1), "the fit", sheet.note(
+                      *(["landmarks, then"] if seen["detector"] else []),
                       "photometric loss", "on the face slot", "(fitting.fit.refine),",
                       f"{len(losses) - 1} Adam steps:", f"{losses[0]:.4f} before",
                       f"{losses[-1]:.4f} after", "(the batch's mean)"))]

@@ -91,14 +91,12 @@ PRESETS = {
     "tiny": {
         # sized for a 2-core CPU; each choice below is measured in docs/ablations.md
         # the Laplacian detail term doubles the face's detail at 2,000 steps; 16,000 steps keep
-        # 0.7 dB and 60 % more detail than 8,000 (weighing the face's pixels 5x,
-        # --vqvae.face_weight=4, gave +1.6 dB and 60 % more detail on the face and eyes in every
-        # held-out face, for 0.5 dB on the whole image: docs/ablations.md; the shipped model
-        # predates it, and this preset is that model's)
+        # 0.7 dB and 60 % more detail than 8,000; the face's pixels weigh 5x: +1.6 dB and 60 %
+        # more detail on the face, eyes in every held-out face, for 0.5 dB on the whole image
         "vqvae": {"train": {"steps": 16000, "batch_size": 8, "lr": 4e-4},
                   "vqvae": {"base_channels": 16, "channel_mult": (1, 2, 4), "num_res_blocks": 1,
                             "norm_groups": 8, "codebook_size": 1024, "restart_every": 25,
-                            "detail_weight": 1.0}},
+                            "detail_weight": 1.0, "face_weight": 4.0}},
         # region-supervised slots (not in the paper): unsupervised ones do not separate the
         # regions in this budget
         "slots": {"train": {"steps": 2500, "batch_size": 8, "lr": 4e-4, "slots_supervision": 1.0},
@@ -106,11 +104,11 @@ PRESETS = {
                             "num_res_blocks": 1, "norm_groups": 8, "attn_heads": 4,
                             "feature_dim": 64, "slot_dim": 64, "mlp_hidden": 128,
                             "decoder_channels": 32, "decoder_layers": 3}},
-        # (a landmark detector beside it, --estimator.n_landmarks=68, lets the fit put I_R 0.87 px
-        # from the face's landmarks instead of 1.39 px, docs/fitting.md; the shipped model
-        # predates it)
+        # a landmark detector beside the regressor: the fit puts I_R 0.87 px from the face's
+        # landmarks instead of 1.39 px (docs/fitting.md)
         "estimator": {"train": {"steps": 8000, "batch_size": 8, "lr": 4e-4},
-                      "estimator": {"image_size": 64, "base_channels": 48, "norm_groups": 8}},
+                      "estimator": {"image_size": 64, "base_channels": 48, "norm_groups": 8,
+                                    "n_landmarks": 68}},
         # ArcFace's s = 64, m = 0.5 suit 85k classes; a smaller margin suits 2,000 identities
         "identity": {"train": {"steps": 2000, "batch_size": 16, "lr": 4e-4,
                                "arcface_scale": 16.0, "arcface_margin": 0.2},
@@ -119,12 +117,10 @@ PRESETS = {
         # the slots stage's loss kept on, so that the slots stay on their regions; Min-SNR
         # weights (γ = 5) instead of the paper's plain loss, with their x0-weight floored at 1
         # (+1.1 dB at 2,500 steps); half the pairs' I_R from the exact coefficients, so that
-        # the UNet trusts I_R (docs/ablations.md). (The other half's I_R from the estimator's
-        # reading refined through the renderer, --diffusion.render_from=refined, gave +0.8 dB
-        # on the face, docs/fitting.md; v-prediction, --diffusion.prediction=v, +0.8 dB on the
-        # edit; the face weighted 5x, --diffusion.face_weight=4, +1.3 dB on the face handed the
-        # exact render, and sampling at --diffusion.temperature=0, +1.4 dB on the edit,
-        # docs/ablations.md; the shipped model predates all four.)
+        # the UNet trusts I_R, and the other half's from the estimator's reading refined
+        # through the renderer (+0.8 dB on the face, docs/fitting.md); v-prediction (+0.8 dB on
+        # the edit), the face's latents weighted 5x (+1.3 dB on the face handed the exact
+        # render) and sampling from z_T = 0 (+1.4 dB on the edit): docs/ablations.md
         "ldm": {"train": {"steps": 16000, "batch_size": 8, "lr": 4e-4, "ema_decay": 0.999,
                           "eval_every": 1000, "eval_items": 64},
                 "unet": {"base_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1,
@@ -132,7 +128,8 @@ PRESETS = {
                          "norm_groups": 16},
                 "diffusion": {"sample_steps": 20, "sampler": "dpm++2m", "min_snr_gamma": 5.0,
                               "snr_floor": 1.0, "truth_fraction": 0.5, "slots_weight": 1.0,
-                              "slots_supervision": 1.0}},
+                              "slots_supervision": 1.0, "render_from": "refined",
+                              "prediction": "v", "face_weight": 4.0, "temperature": 0.0}},
     },
     "paper": {  # DiffFAE §5.1: Adam, lr 1e-4, batch 16 (over all GPUs), 256 px; LDM's EMA
         stage: {"train": {"image_size": 256, "batch_size": 16, "lr": 1e-4, "steps": 100_000,
@@ -164,8 +161,9 @@ PRESETS = {
                                "arcface_scale": 16.0, "arcface_margin": 0.2},
                      "identity": {"image_size": 64, "base_channels": 32, "norm_groups": 16,
                                   "embedding_dim": 128}},
-        # half the pairs with exact renders: x0 follows I_R 1.5-2.5x as far; v-prediction: +0.8
-        # dB on the edit at 3,000 steps of the tiny preset (docs/ablations.md)
+        # the tiny preset's diffusion settings (measured there) but the refined renders, whose
+        # fits of the 16,000-pair pool are untimed on a GPU and could overrun the run's phase:
+        # half the pairs with exact renders; v-prediction, the face weighted 5x, z_T = 0
         "ldm": {"train": {**GPU_RUN, "batch_size": 64, "lr": 2e-4, "time_limit": 150,
                           "ema_decay": 0.999, "eval_items": 64},
                 "unet": {"base_channels": 64, "channel_mult": (1, 2, 2), "num_res_blocks": 2,
@@ -173,7 +171,8 @@ PRESETS = {
                          "norm_groups": 32},
                 "diffusion": {"sample_steps": 20, "sampler": "dpm++2m", "min_snr_gamma": 5.0,
                               "snr_floor": 1.0, "truth_fraction": 0.5, "slots_weight": 1.0,
-                              "slots_supervision": 1.0, "prediction": "v"}},
+                              "slots_supervision": 1.0, "prediction": "v", "face_weight": 4.0,
+                              "temperature": 0.0}},
     },
 }
 
