@@ -232,8 +232,7 @@ def score_pairs(totals, model, judge, batch, targets, run, row="difffae", extra_
                     ground_truth=target,
                     vq_ceiling=model.decode_latent(model.encode_latent(target)),
                     copy_ceiling=model.decode_latent(model.encode_latent(pasted)))
-        used = {"estimator": combine_coefficients(model.estimator(source),
-                                                  model.estimator(query))}
+        used = {"estimator": combine_coefficients(*model.read(source, query, 0))}
         if run["refine_steps"]:
             used[f"refined ({run['refine_steps']} steps)"] = edited["coefficients"]
             rendered, mask = model.render(used["estimator"])
